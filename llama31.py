@@ -451,7 +451,8 @@ class Llama:
                         generator: Optional[torch.Generator] = None) -> Iterator[List[Optional[int]]]:
         """Yield, at every step, one new token per row (None for a row still reading its prompt
         or already stopped). Rows are right-padded and decoding starts at the shortest prompt's
-        end; a longer row keeps its own prompt tokens until they run out, as in Meta's generate."""
+        end; a longer row keeps its own prompt tokens until they run out, as in Meta's generate.
+        Unlike Meta's, a short row stops after max_gen_len new tokens too, not at the batch's end."""
         self._check_sampling(prompt_tokens, temperature, top_p, max_gen_len)
         model, args = self.model, self.model.args
         max_gen_len = max_gen_len or args.max_seq_len - 1
@@ -465,6 +466,7 @@ class Llama:
         in_prompt = torch.arange(total_len, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
         stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=device)
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
+        n_new = torch.zeros(bsz, dtype=torch.long, device=device)
 
         model.setup_caches(bsz, total_len)
         try:
@@ -479,9 +481,10 @@ class Llama:
                 tokens[:, cur_pos] = next_token
                 fresh = ~in_prompt[:, cur_pos] & ~done  # rows that produced a token they still want
                 stopped = fresh & torch.isin(next_token, stop_tokens)
-                done |= stopped
-                emit = (fresh & ~stopped).tolist()
-                yield [t if e else None for t, e in zip(next_token.tolist(), emit)]
+                emit = fresh & ~stopped
+                n_new += emit
+                done |= stopped | (n_new >= max_gen_len)  # every row gets at most max_gen_len new tokens
+                yield [t if e else None for t, e in zip(next_token.tolist(), emit.tolist())]
                 prev_pos = cur_pos
                 if done.all():
                     break

@@ -1,0 +1,112 @@
+"""Sampling through the public Llama.build path on a random-weight Meta-layout checkpoint."""
+
+import pytest
+import torch
+
+from llama31 import Llama
+
+
+@pytest.fixture(scope="module")
+def llama(ckpt_dir):
+    return Llama.build(ckpt_dir, max_seq_len=128, max_batch_size=4, device="cpu")
+
+
+PROMPTS = ["Hello", "The capital of France is", "def fibonacci(n):\n    return", "一二三"]
+
+
+def encode(llama, prompts):
+    return [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+
+
+def test_ragged_batch_gives_the_same_tokens_as_each_prompt_alone(llama):
+    prompts = encode(llama, PROMPTS)
+    assert len({len(p) for p in prompts}) > 1
+    batch = llama.generate(prompts, max_gen_len=12, temperature=0)
+    alone = [llama.generate([p], max_gen_len=12, temperature=0)[0] for p in prompts]
+    assert batch == alone
+    assert all(len(t) == 12 for t in batch)  # random weights rarely pick one of the 3 stop ids
+
+
+def test_greedy_is_deterministic(llama):
+    prompts = encode(llama, PROMPTS[:2])
+    assert llama.generate(prompts, 10, temperature=0) == llama.generate(prompts, 10, temperature=0)
+
+
+def test_seeded_top_p_is_reproducible_and_seed_dependent(llama):
+    prompts = encode(llama, PROMPTS[:2])
+
+    def run(seed):
+        return llama.generate(prompts, 16, temperature=1.0, top_p=0.9,
+                              generator=torch.Generator().manual_seed(seed))
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_top_p_near_zero_equals_greedy(llama):
+    prompts = encode(llama, PROMPTS)
+    greedy = llama.generate(prompts, 10, temperature=0)
+    nucleus = llama.generate(prompts, 10, temperature=1.0, top_p=1e-9, generator=torch.Generator().manual_seed(0))
+    assert nucleus == greedy
+
+
+def test_top_p_sampling_differs_from_greedy_at_full_nucleus(llama):
+    prompts = encode(llama, PROMPTS[:1])
+    greedy = llama.generate(prompts, 16, temperature=0)
+    sampled = llama.generate(prompts, 16, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    assert sampled != greedy
+
+
+def test_generation_stops_at_a_stop_token_per_row(llama, monkeypatch):
+    prompts = encode(llama, PROMPTS[:2])
+    free = llama.generate(prompts, 10, temperature=0)
+    stop = free[0][4]  # pretend the 5th token of row 0 ends the document
+    monkeypatch.setattr(llama.tokenizer, "stop_tokens", [stop])
+    stopped = llama.generate(prompts, 10, temperature=0)
+    assert stopped[0] == free[0][:free[0].index(stop)]
+    row1 = free[1][:free[1].index(stop)] if stop in free[1] else free[1]
+    assert stopped[1] == row1
+
+
+def test_echo_returns_prompt_then_completion(llama):
+    prompts = encode(llama, PROMPTS[:2])
+    plain = llama.generate(prompts, 5, temperature=0)
+    echoed = llama.generate(prompts, 5, temperature=0, echo=True)
+    assert echoed == [p + c for p, c in zip(prompts, plain)]
+
+
+def test_max_gen_len_is_bounded_by_max_seq_len(llama):
+    prompt = encode(llama, ["Hello"])
+    out = llama.generate(prompt, max_gen_len=10_000, temperature=0)
+    assert len(prompt[0]) + len(out[0]) <= 128
+    assert len(out[0]) == 128 - len(prompt[0]) or out[0][-1] not in llama.tokenizer.stop_tokens
+
+
+def test_text_completion_decodes_the_same_tokens(llama):
+    tokens = llama.generate(encode(llama, PROMPTS[:2]), 8, temperature=0)
+    texts = llama.text_completion(PROMPTS[:2], 8, temperature=0)
+    assert texts == [llama.tokenizer.decode(t) for t in tokens]
+    echoed = llama.text_completion(PROMPTS[:2], 8, temperature=0, echo=True)
+    assert echoed == [p + t for p, t in zip(PROMPTS[:2], texts)]
+
+
+def test_generation_frees_the_kv_cache(llama):
+    llama.generate(encode(llama, ["Hi"]), 3, temperature=0)
+    assert all(layer.attention.cache is None for layer in llama.model.layers)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[]), "no prompts"),
+    (dict(prompts=[[]]), "prompt 0 is empty"),
+    (dict(prompts=[[1] * 128]), "prompt 0 has 128 tokens but max_seq_len is 128"),
+    (dict(prompts=[[1]] * 5), "max_batch_size"),
+    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(max_gen_len=0), "max_gen_len must be at least 1"),
+])
+def test_bad_sampling_arguments_are_clear_errors(llama, kwargs, message):
+    args = dict(prompts=[[128000, 9906]], temperature=0.6, top_p=0.9, max_gen_len=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        llama.generate(args.pop("prompts"), **args)

@@ -1,0 +1,132 @@
+"""Layers and the model trunk, each checked against a formula written out independently here."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_model
+from llama31 import ModelArgs, RMSNorm, apply_rope, precompute_rope, scale_rope_freqs
+
+
+def llama31_scaled_freq(freq, factor=8.0, low=1.0, high=4.0, old_len=8192):
+    """The Llama 3.1 rule for one frequency, in plain Python floats."""
+    wavelen = 2 * math.pi / freq
+    if wavelen < old_len / high:
+        return freq
+    if wavelen > old_len / low:
+        return freq / factor
+    smooth = (old_len / wavelen - low) / (high - low)
+    return (1 - smooth) * freq / factor + smooth * freq
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_rope_scaling_matches_the_published_rule(factor):
+    head_dim, theta = 128, 500000.0
+    freqs = [1.0 / theta ** (2 * i / head_dim) for i in range(head_dim // 2)]
+    got = scale_rope_freqs(torch.tensor(freqs, dtype=torch.float64), factor, 1.0, 4.0, 8192)
+    want = [llama31_scaled_freq(f, factor) for f in freqs]
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+    # the rule leaves high frequencies alone and divides the lowest by the factor
+    assert got[0].item() == freqs[0] and got[-1].item() == pytest.approx(freqs[-1] / factor)
+
+
+def test_rope_tables_hold_the_scaled_angle_at_each_position():
+    args = ModelArgs(dim=512, n_heads=4, use_scaled_rope=True)  # head_dim 128, as in Llama 3.1
+    cos, sin = precompute_rope(args, 20_000)
+    i, pos = 30, 19_999  # a frequency in the smoothed band (wavelength 2048..8192), a position past 8192
+    f0 = 1.0 / 500000.0 ** (2 * i / 128)
+    assert 2048 < 2 * math.pi / f0 < 8192
+    f = llama31_scaled_freq(f0)
+    assert cos[pos, i].item() == pytest.approx(math.cos(pos * f), abs=2e-3)
+    assert sin[pos, i].item() == pytest.approx(math.sin(pos * f), abs=2e-3)
+
+
+def test_apply_rope_is_complex_multiplication_of_adjacent_pairs():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8)
+    angles = torch.randn(5, 4)
+    got = apply_rope(x, angles.cos(), angles.sin())
+    xc = torch.view_as_complex(x.reshape(2, 5, 3, 4, 2))
+    want = torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles)[None, :, None, :]).flatten(3)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_rmsnorm_matches_hand_formula_and_keeps_dtype():
+    torch.manual_seed(0)
+    norm = RMSNorm(6, eps=1e-5)
+    norm.weight.data = torch.arange(1.0, 7.0)
+    x = torch.randn(3, 6)
+    rms = [math.sqrt(sum(v * v for v in row) / 6 + 1e-5) for row in x.tolist()]
+    want = torch.tensor([[v / r * w for v, w in zip(row, range(1, 7))] for row, r in zip(x.tolist(), rms)])
+    assert torch.allclose(norm(x), want, atol=1e-6)
+    assert norm.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dim, mult, multiple_of, want", [
+    (4096, 1.3, 1024, 14336),    # Llama 3.1 8B
+    (8192, 1.3, 4096, 28672),    # 70B
+    (16384, 1.2, 4096, 53248),   # 405B
+    (2048, 1.5, 256, 8192),      # Llama 3.2 1B
+])
+def test_ffn_hidden_size_follows_metas_rule_for_published_models(dim, mult, multiple_of, want):
+    args = ModelArgs(dim=dim, n_heads=32, ffn_dim_multiplier=mult, multiple_of=multiple_of)
+    assert args.ffn_hidden_dim == want
+
+
+def test_kv_cache_decode_equals_full_forward_at_every_position():
+    model = random_model(max_seq_len=64)
+    tokens = torch.randint(0, 128256, (2, 24))
+    full = model.forward_inference(tokens)
+    model.setup_caches(2, 64)
+    try:
+        steps = [model.forward_inference(tokens[:, :7], 0)]  # a prefill chunk, then one token at a time
+        steps += [model.forward_inference(tokens[:, p:p + 1], p) for p in range(7, 24)]
+    finally:
+        model.clear_caches()
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_kv_cache_prefill_in_chunks_equals_full_forward():
+    model = random_model(max_seq_len=64)
+    tokens = torch.randint(0, 128256, (1, 20))
+    full = model.forward_inference(tokens)
+    model.setup_caches(1, 64)
+    try:
+        chunks = [model.forward_inference(tokens[:, a:b], a) for a, b in [(0, 5), (5, 13), (13, 20)]]
+    finally:
+        model.clear_caches()
+    assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
+
+
+def test_forward_loss_equals_cross_entropy_of_inference_logits():
+    model = random_model(max_seq_len=64)
+    tokens = torch.randint(0, 128256, (2, 17))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
+    targets[0, :3] = -100  # ignored positions
+    logits = model.forward_inference(inputs)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    picked = [-logp[b, t, targets[b, t]] for b in range(2) for t in range(16) if targets[b, t] != -100]
+    want = torch.stack(picked).mean()
+    got = model.forward_loss(inputs, targets)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    got.backward()
+    assert model.layers[0].attention.wq.weight.grad is not None
+
+
+def test_positions_past_max_seq_len_are_an_error():
+    model = random_model(max_seq_len=16)
+    with pytest.raises(ValueError, match="max_seq_len 16"):
+        model.forward_inference(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_configure_optimizers_decays_matrices_only():
+    model = random_model(max_seq_len=16)
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    # the gains of both norms per layer plus the final norm are the only undecayed tensors
+    assert len(no_decay["params"]) == 2 * model.args.n_layers + 1
