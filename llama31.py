@@ -11,6 +11,7 @@ checkpoint to check that both give the same tokens.
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -202,6 +203,16 @@ class TransformerBlock(nn.Module):
 # model: one trunk, used by forward_inference (generation) and forward_loss (training)
 
 
+def document_mask(tokens, bos_id: int):
+    """(B, 1, T, T) boolean attention mask for packed sequences: causal, and a token never sees
+    tokens before the most recent BOS, as in Llama 3's pretraining. Positions are not reset:
+    RoPE makes attention depend on distances only, so a document scores as it would alone."""
+    seqlen = tokens.shape[1]
+    doc = (tokens == bos_id).cumsum(dim=1)  # which document each position belongs to
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=tokens.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -250,9 +261,14 @@ class Transformer(nn.Module):
         return self.output(h).float()
 
     def forward_loss(self, inputs, targets, ignore_index: int = -100, mask=None):
-        """Mean cross-entropy of predicting targets (B, T) from inputs (B, T); the training path."""
+        """Mean cross-entropy of predicting targets (B, T) from inputs (B, T); the training path.
+        mask: None for plain causal attention, or document_mask(inputs, bos_id) for packed data."""
         logits = self.output(self.trunk(inputs, 0, mask)).float()
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+
+    def forward(self, inputs, targets, ignore_index: int = -100, mask=None):
+        # nn.Module's entry point, which DDP and torch.compile wrap, is the training loss
+        return self.forward_loss(inputs, targets, ignore_index, mask)
 
     def setup_caches(self, batch_size: int, max_seq_len: int):
         p = self.output.weight
@@ -515,6 +531,279 @@ class Llama:
 build = Llama.build
 
 # -----------------------------------------------------------------------------
+# training: finetune in one process or under torchrun (DDP); checkpoints that resume exactly
+
+FINETUNE_TYPES = ("all", "rmsnorm", "no_embeddings")
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def select_trainable(model: Transformer, finetune_type: str):
+    """all: every parameter; rmsnorm: only the norm gains; no_embeddings: all but tok_embeddings
+    and output (the two vocab-sized matrices, most of a small model's memory)."""
+    if finetune_type not in FINETUNE_TYPES:
+        raise ConfigError(f"unknown finetune_type {finetune_type!r}; use one of {', '.join(FINETUNE_TYPES)}")
+    for name, p in model.named_parameters():
+        if finetune_type == "rmsnorm":
+            train = name.endswith("norm.weight")
+        elif finetune_type == "no_embeddings":
+            train = not name.startswith(("tok_embeddings.", "output."))
+        else:
+            train = True
+        p.requires_grad_(train)
+
+
+def lr_at(step: int, max_steps: int, max_lr: float, warmup_steps: int, min_lr: float) -> float:
+    """Linear warmup, then cosine decay from max_lr to min_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def flops_per_token(model: Transformer, seqlen: int) -> float:
+    """Training FLOPs per token: 6 per weight that multiplies (the embedding lookup does not),
+    plus attention's scores and weighted sum, 12 * layers * dim * seqlen (PaLM, appendix B)."""
+    a = model.args
+    n = sum(p.numel() for p in model.parameters()) - model.tok_embeddings.weight.numel()
+    return 6 * n + 12 * a.n_layers * a.dim * seqlen
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: Optional[str]):
+    """Rank and world from torchrun's environment; NCCL on CUDA, gloo on CPU. One process when
+    launched with plain python."""
+    import torch.distributed as dist
+
+    info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                    int(os.environ.get("WORLD_SIZE", 1)))
+    device = device or default_device()
+    if device == "cuda":
+        device = f"cuda:{info.local_rank}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if info.world_size > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return info, torch.device(device)
+
+
+def all_reduce_mean(x, info: DistInfo):
+    if info.world_size > 1:
+        import torch.distributed as dist
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        x /= info.world_size
+    return x
+
+
+def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, optimizer, loader, config: dict,
+                          tokenizer_path: Path, keep: int = 2) -> Path:
+    """out_dir/step_NNNNNN/: the model in Meta's layout (fp32, so resuming is exact; build() and
+    reference.py load it), tokenizer.model, and train_state.pt (optimizer, step, data position,
+    RNG). Written under a .tmp name and renamed, then `latest` is switched atomically, so a kill
+    at any moment leaves the previous checkpoint whole and `latest` pointing at it."""
+    final, tmp = out_dir / f"step_{step:06d}", out_dir / f"step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_meta(model, tmp, dtype=torch.float32)
+    shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                "rng": rng, "config": config}, tmp / "train_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest_tmp = out_dir / "latest.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, out_dir / "latest")
+    for old in sorted(out_dir.glob("step_*"))[:-keep]:
+        if old.is_dir() and old != final and not old.name.endswith(".tmp"):
+            shutil.rmtree(old)
+    return final
+
+
+def resolve_resume(resume, out_dir: Path) -> Path:
+    """--resume DIR, or --resume latest (the newest complete checkpoint in out_dir)."""
+    if resume in (True, "latest"):
+        pointer = out_dir / "latest"
+        if not pointer.is_file():
+            raise ConfigError(f"--resume latest: no checkpoint in {out_dir} (no {pointer}); "
+                              f"give a step_NNNNNN directory or start without --resume")
+        path = out_dir / pointer.read_text().strip()
+    else:
+        path = Path(resume)
+    if not (path / "train_state.pt").is_file():
+        raise ConfigError(f"cannot resume from {path}: no train_state.pt there; point --resume at a "
+                          f"step_NNNNNN directory written by finetune")
+    return path
+
+
+# the settings a resumed run must share with the run that saved, for the data and the
+# optimizer state to line up
+RESUME_KEYS = ("B", "T", "world_size", "grad_accum", "finetune_type", "doc_mask")
+
+
+def finetune(ckpt_dir: Optional[str] = None, train_data: str = "data/TinyStories_train_*.bin",
+             val_data: Optional[str] = "data/TinyStories_val*.bin", out_dir: str = "out",
+             finetune_type: str = "all", B: int = 4, T: int = 256, total_batch_size: Optional[int] = None,
+             max_steps: int = 100, stop_after: Optional[int] = None, learning_rate: float = 1e-5,
+             min_lr_ratio: float = 0.1, warmup_steps: int = 10, weight_decay: float = 0.0,
+             grad_clip: float = 1.0, doc_mask: bool = True, compile: bool = False,
+             val_every: int = 50, val_steps: int = 10, save_every: int = 0, resume=None,
+             tokenizer_path: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
+             seed: int = 1337, log_every: int = 1, sample_prompts=None, sample_len: int = 32):
+    """Finetune a Meta-layout checkpoint on .bin token shards.
+
+    One process: python llama31.py finetune --ckpt_dir DIR ...; many: torchrun --nproc_per_node N
+    llama31.py finetune ... . total_batch_size (tokens per optimizer step) sets the gradient
+    accumulation: total_batch_size / (B * T * processes) micro-steps. bf16 autocast on CUDA over
+    fp32 weights. Checkpoints go to out_dir/step_NNNNNN every save_every steps and at the end;
+    --resume latest continues exactly where the last one stopped."""
+    import contextlib
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    info, dev = setup_distributed(device)
+    log = print if info.master else (lambda *a, **k: None)
+    out = Path(out_dir)
+    total_batch_size = total_batch_size or B * T * info.world_size
+    if total_batch_size % (B * T * info.world_size):
+        raise ConfigError(f"total_batch_size {total_batch_size} is not a multiple of B*T*processes = "
+                          f"{B}*{T}*{info.world_size}; change one of them")
+    grad_accum = total_batch_size // (B * T * info.world_size)
+    config = {"B": B, "T": T, "world_size": info.world_size, "grad_accum": grad_accum,
+              "finetune_type": finetune_type, "doc_mask": doc_mask}
+
+    resume_dir = resolve_resume(resume, out) if resume else None
+    source = resume_dir or ckpt_dir
+    if source is None:
+        raise ConfigError("finetune needs --ckpt_dir (a Meta-layout checkpoint) or --resume")
+    tok_path = find_tokenizer_model(tokenizer_path, source)
+    tokenizer = Tokenizer(tok_path)
+    # Weights stay fp32 (the optimizer's master copy); bf16 is autocast's job on CUDA.
+    train_dtype = resolve_dtype(dtype, dev)
+    autocast = (torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32
+                else contextlib.nullcontext())
+    model = load_model(source, max_seq_len=max(T, 2048), device=dev, dtype=torch.float32,
+                       vocab_size=tokenizer.n_words).train()
+    select_trainable(model, finetune_type)
+    train_loader = DistributedShardedDataLoader(train_data, B, T, info.rank, info.world_size)
+    val_loader = DistributedShardedDataLoader(val_data, B, T, info.rank, info.world_size) if val_data else None
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, device_type=dev.type)
+
+    step = 0
+    if resume_dir is not None:
+        state = torch.load(resume_dir / "train_state.pt", map_location="cpu", weights_only=False)
+        diff = {k: (state["config"].get(k), v) for k, v in config.items()
+                if k in RESUME_KEYS and state["config"].get(k) != v}
+        if diff:
+            raise ConfigError(f"{resume_dir} was saved with different settings (saved, now): " +
+                              ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()) +
+                              "; resume with the same settings")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:
+            raise ConfigError(f"optimizer state in {resume_dir} does not fit this model ({e})") from None
+        train_loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if dev.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        step = state["step"]
+        log(f"resumed from {resume_dir} at step {step}")
+    else:
+        torch.manual_seed(seed)
+
+    raw_model = model
+    if compile:
+        model = torch.compile(model)
+    if info.world_size > 1:
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    log(f"finetune ({finetune_type}): {n_trainable / 1e6:.1f}M trainable parameters, {info.world_size} "
+        f"process(es), grad_accum {grad_accum}, {total_batch_size} tokens/step, "
+        f"{train_loader.ntok_total} train tokens, document masking {'on' if doc_mask else 'off'}")
+    peak = peak_flops(dev)
+    fpt = flops_per_token(raw_model, T)
+    bos = tokenizer.bos_id
+    last_stop = min(max_steps, stop_after) if stop_after else max_steps
+    stats = {"train_loss": None, "val_loss": None}
+
+    def evaluate():
+        raw_model.eval()
+        val_loader.reset()
+        total = torch.zeros((), device=dev)
+        with torch.no_grad():
+            for _ in range(val_steps):
+                x, y = (t.to(dev) for t in val_loader.next_batch())
+                with autocast:
+                    total += raw_model.forward_loss(x, y, mask=document_mask(x, bos) if doc_mask else None)
+        raw_model.train()
+        return all_reduce_mean(total / val_steps, info).item()
+
+    while step < last_stop:
+        if val_loader is not None and val_every and step % val_every == 0:
+            stats["val_loss"] = evaluate()
+            log(f"step {step:5d} | val loss {stats['val_loss']:.4f}")
+        t0 = time.time()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=dev)
+        for micro in range(grad_accum):
+            x, y = (t.to(dev) for t in train_loader.next_batch())
+            mask = document_mask(x, bos) if doc_mask else None
+            # all-reduce gradients only on the last micro-step
+            sync = model.no_sync() if info.world_size > 1 and micro < grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    loss = model(x, y, mask=mask) / grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        lr = lr_at(step, max_steps, learning_rate, warmup_steps, learning_rate * min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        stats["train_loss"] = all_reduce_mean(loss_sum, info).item()  # .item() also waits for the GPU
+        dt = time.time() - t0
+        step += 1
+        if step % log_every == 0 or step == last_stop:
+            tps = total_batch_size / dt
+            mfu = f" | mfu {100 * tps * fpt / (peak * info.world_size):.1f}%" if peak else ""
+            log(f"step {step:5d}/{max_steps} | loss {stats['train_loss']:.4f} | lr {lr:.2e} | "
+                f"norm {norm.item():.3f} | {dt * 1000:.0f} ms | {tps:,.0f} tok/s{mfu}")
+        if info.master and (step == last_stop or (save_every and step % save_every == 0)):
+            path = save_train_checkpoint(out, step, raw_model, optimizer, train_loader, config, tok_path)
+            log(f"saved {path}")
+    if val_loader is not None and step == max_steps:
+        stats["val_loss"] = evaluate()
+        log(f"step {step:5d} | val loss {stats['val_loss']:.4f}")
+
+    if info.master and sample_prompts != []:
+        prompts = [sample_prompts] if isinstance(sample_prompts, str) else (sample_prompts or DEFAULT_PROMPTS[:2])
+        llama = Llama(raw_model, tokenizer)
+        for p, c in zip(prompts, llama.text_completion(prompts, sample_len, temperature=0)):
+            log(p + c)
+            log("-" * 80)
+    if info.world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+    return {**stats, "step": step, "model": raw_model}
+
+# -----------------------------------------------------------------------------
 # CLI: python llama31.py --ckpt_dir DIR [--prompts '["..."]'] ...
 
 DEFAULT_PROMPTS = [
@@ -553,11 +842,16 @@ def sample(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, te
 
 
 def main(argv=None):
+    """python llama31.py [--ckpt_dir ...] samples; python llama31.py finetune [...] trains."""
     import fire
 
     argv = sys.argv[1:] if argv is None else argv
+    command, name = (finetune, "llama31.py finetune") if argv[:1] == ["finetune"] else (sample, "llama31.py")
+    if command is finetune:
+        argv = argv[1:]
     try:
-        fire.Fire(sample, command=argv, name="llama31.py")
+        # serialize: print nothing of the return value (finetune returns the model for Python callers)
+        fire.Fire(command, command=argv, name=name, serialize=lambda _: None)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

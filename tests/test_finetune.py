@@ -1,0 +1,161 @@
+"""Finetuning: loss goes down, DDP equals gradient accumulation, resume is exact, saves survive kills."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_checkpoint
+from llama31 import Llama, finetune, write_datafile
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)
+STORIES = ["The cat sat on the mat.", "A dog ran to the park and back.", "The sun is warm today.",
+           "Tom likes red apples very much.", "Birds sing in the tall green tree."]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    make_checkpoint(path, seed=0, dtype=torch.float32, **TINY)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tokenizer):
+    """Two train shards and a val shard of short repetitive stories, BOS ... EOS each."""
+    path = tmp_path_factory.mktemp("data")
+    docs = [tokenizer.encode(s, bos=True, eos=True) for s in STORIES]
+    for name, reps in [("train_000.bin", 60), ("train_001.bin", 60), ("val_000.bin", 20)]:
+        write_datafile(path / name, [t for i in range(reps) for t in docs[i % len(docs)]])
+    return {"train_data": str(path / "train_*.bin"), "val_data": str(path / "val_*.bin")}
+
+
+def run(tiny_ckpt, data, out, **kw):
+    args = dict(ckpt_dir=str(tiny_ckpt), out_dir=str(out), B=2, T=32, max_steps=4, learning_rate=1e-3,
+                warmup_steps=2, val_every=0, val_steps=2, device="cpu", sample_prompts=[], **data)
+    args.update(kw)
+    return finetune(**args)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_loss_goes_down_on_repetitive_data_and_val_loss_is_reported(tiny_ckpt, data, tmp_path, capsys):
+    result = run(tiny_ckpt, data, tmp_path, max_steps=25, val_every=5, log_every=5)
+    log = capsys.readouterr().out
+    val_losses = [float(line.split("val loss")[1]) for line in log.splitlines() if "val loss" in line]
+    assert len(val_losses) == 6  # steps 0, 5, 10, 15, 20 and the end
+    assert val_losses[-1] < 0.5 * val_losses[0]
+    assert result["val_loss"] == pytest.approx(val_losses[-1], abs=1e-4)
+
+
+def test_saved_checkpoint_loads_with_build_and_gives_the_trained_logits(tiny_ckpt, data, tmp_path):
+    result = run(tiny_ckpt, data, tmp_path, max_steps=2)
+    saved = tmp_path / (tmp_path / "latest").read_text().strip()
+    assert saved.name == "step_000002"
+    llama = Llama.build(saved, max_seq_len=64, device="cpu")
+    tokens = torch.tensor([[128000, 791, 8415]])
+    assert torch.equal(llama.model.forward_inference(tokens), result["model"].forward_inference(tokens))
+
+
+@pytest.mark.parametrize("finetune_type, frozen", [
+    ("rmsnorm", lambda k: not k.endswith("norm.weight")),
+    ("no_embeddings", lambda k: k.startswith(("tok_embeddings", "output"))),
+])
+def test_finetune_types_leave_frozen_weights_untouched(tiny_ckpt, data, tmp_path, finetune_type, frozen):
+    before = weights(Llama.build(tiny_ckpt, device="cpu").model)
+    after = weights(run(tiny_ckpt, data, tmp_path, max_steps=2, finetune_type=finetune_type)["model"])
+    for k in before:
+        assert torch.equal(before[k], after[k]) == frozen(k), k
+
+
+def test_resume_continues_exactly(tiny_ckpt, data, tmp_path):
+    straight = run(tiny_ckpt, data, tmp_path / "a", max_steps=6)
+    run(tiny_ckpt, data, tmp_path / "b", max_steps=6, stop_after=3)
+    resumed = run(None, data, tmp_path / "b", max_steps=6, resume="latest")
+    assert resumed["step"] == 6
+    assert resumed["train_loss"] == straight["train_loss"]
+    a, b = weights(straight["model"]), weights(resumed["model"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_ckpt, data, tmp_path):
+    single = run(tiny_ckpt, data, tmp_path / "single", max_steps=3, total_batch_size=2 * 2 * 32)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "ddp_worker.py"), str(tiny_ckpt), data["train_data"], data["val_data"],
+           str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
+    rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    want = weights(single["model"])
+    worst = max((rank0[k] - want[k]).abs().max().item() for k in want)
+    assert worst < 1e-5, worst
+
+
+KILL_ON_SECOND_SAVE = """
+import os, signal, sys, torch
+import llama31
+real_save, calls = torch.save, []
+def save(obj, f, *a, **k):
+    if str(f).endswith("consolidated.00.pth.tmp"):
+        calls.append(f)
+        if len(calls) == 2:  # half-write the second checkpoint's weights, then die
+            open(f, "wb").write(b"partial")
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *a, **k)
+torch.save = save
+llama31.finetune(ckpt_dir=sys.argv[1], train_data=sys.argv[2], val_data=None, out_dir=sys.argv[3], B=2, T=32,
+                 max_steps=4, save_every=1, device="cpu", sample_prompts=[])
+"""
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tiny_ckpt, data, tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", KILL_ON_SECOND_SAVE, str(tiny_ckpt), data["train_data"], str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert (out / "latest").read_text().strip() == "step_000001"
+    Llama.build(out / "step_000001", device="cpu")  # loads cleanly
+    resumed = run(None, data, out, max_steps=4, resume="latest", val_data=None)
+    assert resumed["step"] == 4
+
+
+def test_bad_finetune_input_is_a_clear_error(tiny_ckpt, data, tmp_path):
+    with pytest.raises(ValueError, match="no files match"):
+        run(tiny_ckpt, {**data, "train_data": str(tmp_path / "nothing_*.bin")}, tmp_path)
+    with pytest.raises(ValueError, match="total_batch_size 100 is not a multiple"):
+        run(tiny_ckpt, data, tmp_path, total_batch_size=100)
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        run(None, data, tmp_path / "empty", resume="latest")
+    with pytest.raises(ValueError, match="no train_state.pt"):
+        run(None, data, tmp_path, resume=str(tiny_ckpt))
+    run(tiny_ckpt, data, tmp_path / "saved", max_steps=1)
+    with pytest.raises(ValueError, match="different settings .*B 2 vs 4"):
+        run(None, data, tmp_path / "saved", resume="latest", B=4)
+    with pytest.raises(ValueError, match="unknown finetune_type"):
+        run(tiny_ckpt, data, tmp_path, finetune_type="lora")
+
+
+def test_batch_larger_than_a_shard_is_a_clear_error(tiny_ckpt, data, tmp_path):
+    with pytest.raises(ValueError, match="too small|smaller"):
+        run(tiny_ckpt, data, tmp_path, B=64, T=512)
+
+
+def test_cli_finetune_runs_and_samples(tiny_ckpt, data, tmp_path):
+    r = subprocess.run([sys.executable, "llama31.py", "finetune", "--ckpt_dir", str(tiny_ckpt),
+                        "--train_data", data["train_data"], "--val_data", data["val_data"],
+                        "--out_dir", str(tmp_path), "--B", "2", "--T", "32", "--max_steps", "2",
+                        "--val_every", "1", "--val_steps", "1", "--device", "cpu",
+                        "--sample_prompts", '["The cat"]', "--sample_len", "4"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "val loss" in r.stdout and "step     2/2" in r.stdout and "The cat" in r.stdout
+    assert (tmp_path / "step_000002" / "consolidated.00.pth").is_file()
