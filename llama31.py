@@ -339,9 +339,6 @@ def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, devic
     shards = sorted(ckpt_dir.glob("*.pth"))
     if not shards:
         raise ConfigError(f"no *.pth file in {ckpt_dir}; expected Meta's consolidated.00.pth")
-    if len(shards) > 1:
-        raise ConfigError(f"{ckpt_dir} holds {len(shards)} model-parallel shards; this loader "
-                          f"reads single-file checkpoints (consolidated.00.pth) only")
     device = device or default_device()
     dtype = resolve_dtype(dtype, device)
     if vocab_size is not None and params.get("vocab_size", -1) > 0 and params["vocab_size"] != vocab_size:
@@ -354,15 +351,66 @@ def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, devic
     # Parameters are allocated on the meta device (no memory) and replaced by the loaded tensors.
     with torch.device("meta"):
         model = Transformer(args)
-    try:
-        state = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # a truncated or non-torch file: say which one
-        raise ConfigError(f"could not read {shards[0]} as a torch checkpoint ({e})") from None
+    states = []
+    for shard in shards:
+        try:
+            states.append(torch.load(shard, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:  # a truncated or non-torch file: say which one
+            raise ConfigError(f"could not read {shard} as a torch checkpoint ({e})") from None
+    state = states[0] if len(states) == 1 else merge_shards(states, model, shards)
     check_state_dict(model, state, ckpt_dir)
     for k in list(state):
         state[k] = state[k].to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+# How Meta's model-parallel checkpoints (70B: 8 files, 405B: 16) cut each weight: column-parallel
+# layers by output rows, row-parallel layers by input columns; norms are copied whole to every file.
+COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
+ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
+
+
+def merge_shards(states: List[dict], model: Transformer, paths) -> dict:
+    """One state dict from model-parallel shards, key by key. The shards are memory-mapped, so
+    only the pieces of the tensor being merged are read at any moment."""
+    expected = model.state_dict()
+    head_dim = model.args.head_dim
+    merged = {}
+    for key in states[0]:
+        missing = [str(p) for p, s in zip(paths, states) if key not in s]
+        if missing:
+            raise ConfigError(f"{key} is in {paths[0]} but not in {', '.join(missing)}; the shards "
+                              f"are not from one checkpoint")
+        pieces = [s[key] for s in states]
+        name = key.removesuffix(".weight")
+        if name.endswith(ROW_PARALLEL):
+            dim = 1
+        elif name.endswith(COLUMN_PARALLEL) or name == "output":
+            dim = 0
+        elif name == "tok_embeddings" and key in expected:
+            # Llama 3 splits the vocabulary (rows); Llama 2 split the features (columns)
+            dim = 0 if pieces[0].shape[0] != expected[key].shape[0] else 1
+        else:  # replicated
+            merged[key] = pieces[0]
+            continue
+        merged[key] = torch.cat(pieces, dim=dim)
+        if name.endswith(("attention.wk", "attention.wv")) and key in expected:
+            merged[key] = dedupe_kv_heads(merged[key], expected[key].shape[0] // head_dim, head_dim, key)
+    return merged
+
+
+def dedupe_kv_heads(w, n_kv_heads: int, head_dim: int, key: str):
+    """With more shards than KV heads (405B: 16 files, 8 KV heads) each file holds a copy of the
+    head it shares with its neighbours; keep one copy of each, checking the copies agree."""
+    repeats = w.shape[0] // (n_kv_heads * head_dim)
+    if repeats <= 1 or w.shape[0] != repeats * n_kv_heads * head_dim:
+        return w
+    heads = w.view(n_kv_heads, repeats, head_dim, w.shape[1])
+    if not all(torch.equal(heads[:, 0], heads[:, r]) for r in range(1, repeats)):
+        raise ConfigError(f"{key}: the shards hold {repeats}x the KV heads params.json declares, and the "
+                          f"copies differ; check n_kv_heads in params.json")
+    return heads[:, 0].reshape(n_kv_heads * head_dim, w.shape[1])
 
 
 def check_state_dict(model: nn.Module, state: dict, where):
