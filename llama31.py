@@ -575,6 +575,25 @@ class Llama:
         outs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, echo, generator)
         return [self.tokenizer.decode(t[1:] if echo else t) for t in outs]
 
+    def text_stream(self, prompt: str, max_gen_len: Optional[int] = None, temperature: float = 0.6,
+                    top_p: float = 0.9, generator: Optional[torch.Generator] = None) -> Iterator[str]:
+        """Yield the completion of one prompt piece by piece as tokens arrive; the pieces join to
+        exactly what text_completion returns."""
+        ids, shown = [], ""
+        prompt_tokens = [self.tokenizer.encode(prompt, bos=True, eos=False)]
+        for (token,) in self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, generator):
+            if token is None:
+                continue
+            ids.append(token)
+            text = self.tokenizer.decode(ids)
+            if text.endswith("\ufffd"):  # a character split across tokens: wait for its other bytes
+                continue
+            yield text[len(shown):]
+            shown = text
+        text = self.tokenizer.decode(ids)
+        if text != shown:
+            yield text[len(shown):]
+
 
 build = Llama.build
 
@@ -864,8 +883,9 @@ DEFAULT_PROMPTS = [
 
 def sample(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, temperature: float = 0.6,
            top_p: float = 0.9, max_gen_len: int = 64, max_seq_len: int = 512, max_batch_size: Optional[int] = None,
-           device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1):
-    """Sample completions from a Meta-layout checkpoint and print them."""
+           device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1, stream: bool = True):
+    """Sample completions from a Meta-layout checkpoint and print them: one prompt at a time as
+    tokens arrive (--stream, the default), or all prompts as one batch (--nostream)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
@@ -882,11 +902,17 @@ def sample(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, te
     print(f"loaded {ckpt_dir} on {device} ({llama.model.output.weight.dtype}) in {time.time() - t0:.1f}s",
           file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(seed)
-    completions = llama.text_completion(prompts, max_gen_len, temperature, top_p, generator=generator)
-    for prompt, completion in zip(prompts, completions):
-        print(prompt + completion)
-        print("-" * 80)
-    return None
+    if stream:
+        for prompt in prompts:
+            print(prompt, end="", flush=True)
+            for piece in llama.text_stream(prompt, max_gen_len, temperature, top_p, generator):
+                print(piece, end="", flush=True)
+            print("\n" + "-" * 80)
+    else:
+        completions = llama.text_completion(prompts, max_gen_len, temperature, top_p, generator=generator)
+        for prompt, completion in zip(prompts, completions):
+            print(prompt + completion)
+            print("-" * 80)
 
 
 def main(argv=None):

@@ -110,3 +110,13 @@ def test_bad_sampling_arguments_are_clear_errors(llama, kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         llama.generate(args.pop("prompts"), **args)
+
+
+def test_streamed_pieces_join_to_the_batch_completion(llama):
+    for prompt in PROMPTS:
+        pieces = list(llama.text_stream(prompt, 24, temperature=0))
+        want = llama.text_completion([prompt], 24, temperature=0)[0]
+        assert "".join(pieces) == want
+        assert len(pieces) > 1
+        if "\ufffd" not in want:  # split multi-byte characters are held back until whole
+            assert not any("\ufffd" in p for p in pieces)

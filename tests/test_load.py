@@ -117,6 +117,14 @@ def test_cli_samples_from_a_checkpoint(ckpt_dir):
     assert blocks[0] == "The capital of France is" + want + "\n"
 
 
+def test_cli_batch_mode_prints_the_same_as_streaming(ckpt_dir):
+    args = ["--ckpt_dir", str(ckpt_dir), "--prompts", '["Hello", "一二三"]', "--max_gen_len", "12",
+            "--temperature", "0", "--device", "cpu"]
+    streamed, batched = run_cli(*args), run_cli(*args, "--nostream")
+    assert streamed.returncode == batched.returncode == 0
+    assert streamed.stdout == batched.stdout
+
+
 def test_cli_errors_are_one_line(tmp_path):
     r = run_cli("--ckpt_dir", str(tmp_path / "missing"))
     assert r.returncode == 2
