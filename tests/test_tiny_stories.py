@@ -344,6 +344,15 @@ def test_help_documents_the_options_and_outputs():
         assert text in out
 
 
+@pytest.mark.parametrize("kwargs, problem", [({"workers": 0}, "--workers must be at least 1"),
+                                             ({"tokenizer_path": "missing.model"}, "missing.model does not exist")])
+def test_bad_options_fail_before_downloading(serve, tmp_path, kwargs, problem):
+    server = serve(make_archive())
+    with pytest.raises(ConfigError, match=problem):
+        prepare(server.url, tmp_path / "ts", **kwargs)
+    assert server.ranges == []
+
+
 def test_cli_reports_a_server_error_as_one_line(serve, tmp_path, capsys):
     server = serve(b"", status=404)
     with pytest.raises(SystemExit) as e:
