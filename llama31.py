@@ -1,5 +1,6 @@
 """
-Llama 3.1 in one file of PyTorch: the model, loading Meta's checkpoints, and sampling.
+Llama 3.1 in one file of PyTorch: the model, loading Meta's checkpoints, sampling, and the
+token-shard data loader.
 
     python llama31.py --ckpt_dir Meta-Llama-3.1-8B          # sample from an official checkpoint
 
@@ -8,6 +9,7 @@ official consolidated.00.pth loads with no renaming. reference.py runs Meta's ow
 checkpoint to check that both give the same tokens.
 """
 
+import glob
 import json
 import math
 import os
@@ -18,6 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -596,6 +599,149 @@ class Llama:
 
 
 build = Llama.build
+
+# -----------------------------------------------------------------------------
+# data: token shards on disk (.bin) and the loader that hands each DDP rank its batches
+#
+# A shard is a header of 256 little-endian int32 (magic 20240801, version 7, token count, then
+# zeros) followed by the tokens as little-endian uint32, the layout llm.c uses for Llama 3.
+
+DATA_MAGIC = 20240801
+DATA_VERSION = 7
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+def write_datafile(path, tokens) -> int:
+    """Write tokens (any 1-D sequence of ints in [0, 2**32)) as a shard; return the count.
+    The bytes go to a temporary name that is renamed when complete, so a crash never leaves a
+    half-written shard under the real name."""
+    toks = np.asarray(tokens)
+    if toks.size == 0:
+        toks = toks.astype(np.uint32)
+    if toks.ndim != 1 or not np.issubdtype(toks.dtype, np.integer):
+        raise ConfigError(f"tokens for {path} must be a 1-D sequence of ints, got {toks.dtype} "
+                          f"with shape {toks.shape}")
+    if toks.dtype != np.uint32 and toks.size and (toks.min() < 0 or toks.max() >= 2**32):
+        raise ConfigError(f"tokens for {path} must lie in [0, 2**32) to be stored as uint32, "
+                          f"got values from {toks.min()} to {toks.max()}")
+    if len(toks) >= 2**31:  # the header keeps the count as an int32
+        raise ConfigError(f"{len(toks)} tokens are too many for one shard ({path}); split them "
+                          f"into shards of fewer than 2**31 tokens")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = DATA_MAGIC, DATA_VERSION, len(toks)
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            toks.astype("<u4", copy=False).tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(toks)
+
+
+def read_datafile_header(path) -> int:
+    """Check a shard's header (magic, version, token count against the file size); return the
+    token count. Every problem is a ConfigError that names the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    redo = "re-create it with tiny_stories.py (or write_datafile)"
+    if len(raw) < HEADER_BYTES:
+        raise ConfigError(f"{path} is {size} bytes, too short for the {HEADER_BYTES}-byte header of a "
+                          f"token shard; {redo}")
+    magic, version, ntok = (int(v) for v in np.frombuffer(raw, dtype="<i4")[:3])
+    if magic != DATA_MAGIC:
+        raise ConfigError(f"{path} has magic {magic}, not {DATA_MAGIC}, so it is not a token shard; {redo}")
+    if version != DATA_VERSION:
+        raise ConfigError(f"{path} is shard format version {version}, but this loader reads version "
+                          f"{DATA_VERSION} (uint32 tokens); {redo}")
+    expected = HEADER_BYTES + 4 * ntok
+    if ntok < 0 or size != expected:
+        raise ConfigError(f"{path} header says {ntok} tokens ({expected} bytes) but the file is {size} "
+                          f"bytes, so it is truncated or corrupt; {redo}")
+    return ntok
+
+
+class DistributedShardedDataLoader:
+    """Batches (x, y), int64 (B, T) with y = x shifted by one token, from the shards matching a
+    glob pattern (taken in sorted order), for rank process_rank of num_processes DDP ranks.
+
+    Each step, the ranks together consume B*T*num_processes tokens from the current position:
+    rank r reads the B*T + 1 tokens starting at position + r*B*T. So no two ranks share a
+    window, and num_processes ranks for one step see what one rank sees in num_processes steps.
+    When a step would run past the end of its shard, every rank moves to the next shard (after
+    the last, back to the first) and the shard's remaining tail is skipped: a window never spans
+    two shards. Shards are memory-mapped, so only the pages a batch touches are read."""
+
+    def __init__(self, filename_pattern, B: int, T: int, process_rank: int = 0, num_processes: int = 1):
+        if B < 1 or T < 1:
+            raise ConfigError(f"batch size B ({B}) and sequence length T ({T}) must be at least 1")
+        if not 0 <= process_rank < num_processes:
+            raise ConfigError(f"process_rank {process_rank} is not in 0..{num_processes - 1} "
+                              f"(num_processes {num_processes})")
+        self.B, self.T = B, T
+        self.process_rank, self.num_processes = process_rank, num_processes
+        self.step_tokens = B * T * num_processes
+        self.files = sorted(glob.glob(str(filename_pattern)))
+        if not self.files:
+            raise ConfigError(f"no token shards match {filename_pattern}; create them with "
+                              f"tiny_stories.py or fix the pattern")
+        self.shard_ntoks = [read_datafile_header(f) for f in self.files]
+        need = self.step_tokens + 1
+        for f, n in zip(self.files, self.shard_ntoks):
+            if n < need:
+                raise ConfigError(f"{f} holds {n} tokens, fewer than the {need} one step needs "
+                                  f"(B*T*num_processes + 1 = {B}*{T}*{num_processes} + 1); lower B or T, "
+                                  f"or write bigger shards")
+        self.ntok_total = sum(self.shard_ntoks)
+        self.current_shard: Optional[int] = None
+        self.tokens: Optional[np.memmap] = None
+        self.reset()
+
+    def _seek(self, shard: int, position: int):
+        if shard != self.current_shard:
+            self.tokens = np.memmap(self.files[shard], dtype="<u4", mode="r", offset=HEADER_BYTES,
+                                    shape=(self.shard_ntoks[shard],))
+        self.current_shard, self.current_position = shard, position
+
+    def reset(self):
+        """Back to the first token of the first shard."""
+        self._seek(0, 0)
+
+    def next_batch(self):
+        if self.current_position + self.step_tokens + 1 > len(self.tokens):
+            self._seek((self.current_shard + 1) % len(self.files), 0)
+        B, T = self.B, self.T
+        start = self.current_position + self.process_rank * B * T
+        buf = torch.from_numpy(self.tokens[start:start + B * T + 1].astype(np.int64))
+        self.current_position += self.step_tokens
+        return buf[:-1].view(B, T), buf[1:].view(B, T)
+
+    def state_dict(self) -> dict:
+        """Where the next step starts. The same on every rank, so rank 0's copy resumes them all."""
+        return {"shard": self.current_shard, "position": self.current_position,
+                "shard_file": Path(self.files[self.current_shard]).name}
+
+    def load_state_dict(self, state: dict):
+        shard, position = int(state["shard"]), int(state["position"])
+        if not 0 <= shard < len(self.files):
+            raise ConfigError(f"loader state points at shard {shard}, but only {len(self.files)} "
+                              f"shards match now; resume with the same data")
+        name = Path(self.files[shard]).name
+        if state.get("shard_file", name) != name:
+            raise ConfigError(f"loader state was saved at shard {state['shard_file']}, but shard {shard} "
+                              f"is now {self.files[shard]}; resume with the same data")
+        if not 0 <= position <= self.shard_ntoks[shard]:
+            raise ConfigError(f"loader state position {position} lies outside {self.files[shard]} "
+                              f"({self.shard_ntoks[shard]} tokens); resume with the same data")
+        self._seek(shard, position)
+
 
 # -----------------------------------------------------------------------------
 # training: finetune in one process or under torchrun (DDP); checkpoints that resume exactly

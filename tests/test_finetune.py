@@ -46,7 +46,7 @@ def weights(model):
 
 
 def test_loss_goes_down_on_repetitive_data_and_val_loss_is_reported(tiny_ckpt, data, tmp_path, capsys):
-    result = run(tiny_ckpt, data, tmp_path, max_steps=25, val_every=5, log_every=5)
+    result = run(tiny_ckpt, data, tmp_path, max_steps=25, val_every=5, log_every=5, learning_rate=3e-3)
     log = capsys.readouterr().out
     val_losses = [float(line.split("val loss")[1]) for line in log.splitlines() if "val loss" in line]
     assert len(val_losses) == 6  # steps 0, 5, 10, 15, 20 and the end
@@ -129,7 +129,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tiny_ckpt, dat
 
 
 def test_bad_finetune_input_is_a_clear_error(tiny_ckpt, data, tmp_path):
-    with pytest.raises(ValueError, match="no files match"):
+    with pytest.raises(ValueError, match="no token shards match .*nothing_"):
         run(tiny_ckpt, {**data, "train_data": str(tmp_path / "nothing_*.bin")}, tmp_path)
     with pytest.raises(ValueError, match="total_batch_size 100 is not a multiple"):
         run(tiny_ckpt, data, tmp_path, total_batch_size=100)
@@ -145,7 +145,7 @@ def test_bad_finetune_input_is_a_clear_error(tiny_ckpt, data, tmp_path):
 
 
 def test_batch_larger_than_a_shard_is_a_clear_error(tiny_ckpt, data, tmp_path):
-    with pytest.raises(ValueError, match="too small|smaller"):
+    with pytest.raises(ValueError, match="train_000.bin holds 576 tokens, fewer than the 32769 one step needs"):
         run(tiny_ckpt, data, tmp_path, B=64, T=512)
 
 
