@@ -869,8 +869,8 @@ def resolve_resume(resume, out_dir: Path) -> Path:
 RESUME_KEYS = ("B", "T", "world_size", "grad_accum", "finetune_type", "doc_mask")
 
 
-def finetune(ckpt_dir: Optional[str] = None, train_data: str = "data/TinyStories_train_*.bin",
-             val_data: Optional[str] = "data/TinyStories_val*.bin", out_dir: str = "out",
+def finetune(ckpt_dir: Optional[str] = None, train_data: str = "tinystories/TinyStories_train_*.bin",
+             val_data: Optional[str] = "tinystories/TinyStories_val.bin", out_dir: str = "out",
              finetune_type: str = "all", B: int = 4, T: int = 256, total_batch_size: Optional[int] = None,
              max_steps: int = 100, stop_after: Optional[int] = None, learning_rate: float = 1e-5,
              min_lr_ratio: float = 0.1, warmup_steps: int = 10, weight_decay: float = 0.0,
