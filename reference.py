@@ -6,10 +6,10 @@ llama31.py against it.
     python reference.py compare --ckpt_dir DIR    # run both greedily, report the first divergence
 
 The model (`llama_models.llama3.model.Transformer`), its tokenizer and its sampling loop
-(`Llama3.generate`) are Meta's. Only loading is done here rather than by `Llama3.build`, because
-build needs torchrun-style environment variables, changes torch's global defaults, and loads
-every model in bf16 even on CPU (its shard loader sets the default tensor type to bf16), which
-would make fp32 cross-checks impossible. Loading here uses the same dtype rule as llama31.py
+(`Llama3.generate`) are Meta's. Loading alone is done here instead of by `Llama3.build`: build
+needs torchrun's environment variables, leaves torch's global defaults changed, and loads every
+model in bf16 even on CPU (its shard loader sets the default tensor type to bf16), which would
+make fp32 cross-checks impossible. Loading here uses the same dtype rule as llama31.py
 (bf16 on CUDA, fp32 elsewhere) and puts torch's defaults back afterwards.
 """
 
@@ -118,6 +118,9 @@ def load_reference(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_b
     if len(shards) != 1:
         raise ConfigError(f"{ckpt_dir} holds {len(shards)} *.pth files; reference.py reads a single "
                           f"consolidated.00.pth, like llama31.py")
+    if params.get("use_scaled_rope") and params.get("rope_scale_factor", 8.0) != 8.0:
+        raise ConfigError(f"{ckpt_dir / 'params.json'} asks for RoPE scale factor {params['rope_scale_factor']}, "
+                          f"but llama-models 0.3.0 always scales by 8 (Llama 3.1); it cannot check this model")
     device = torch.device(device or default_device())
     dtype = resolve_dtype(dtype, device)
     tokenizer = MetaTokenizer(find_tokenizer_model(tokenizer_path, ckpt_dir))
@@ -315,7 +318,7 @@ def main(argv=None):
     import fire
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    command, name = (compare, "reference.py compare") if argv[:1] == ["compare"] else (sample, "reference.py")
+    command, name = (compare, "compare") if argv[:1] == ["compare"] else (sample, "reference.py")
     if command is compare:
         argv = argv[1:]
     made = False

@@ -297,3 +297,11 @@ def test_reference_restores_torch_defaults(ckpt_dir, model_parallel):
     assert next(ref.model.parameters()).dtype == torch.bfloat16
     assert torch.get_default_dtype() == torch.float32
     assert torch.get_default_device() == torch.device("cpu")
+
+
+def test_reference_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, model_parallel, capsys):
+    with pytest.raises(SystemExit) as e:
+        reference.main(["--ckpt_dir", str(tmp_path / "nope"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2
+    assert err[-1].startswith("error: checkpoint directory") and "does not exist" in err[-1]
