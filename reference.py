@@ -220,10 +220,8 @@ def compare_models(llama: Llama, ref, prompt_tokens: List[List[int]], max_gen_le
         while same < min(len(a), len(b)) and a[same] == b[same]:
             same += 1
         diverged = a != b
-        # read the common prefix plus one more token, so the last logits are those that diverged
-        seq = list(prompt) + a[:same] + (a[same:same + 1] if not diverged else [])
-        seq = seq[:llama.model.args.max_seq_len]
-        lo, lt = teacher_forced_logits(llama, ref, seq)
+        # read prompt + common prefix: the logits at its last position chose the differing tokens
+        lo, lt = teacher_forced_logits(llama, ref, list(prompt) + a[:same])
         n = len(prompt) - 1  # the logits at position n predict the first completion token
         rep = PromptReport(i, len(prompt), a, b, (lo[n:] - lt[n:]).abs().max().item())
         if diverged:

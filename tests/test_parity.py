@@ -7,14 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers  # a test requirement: a missing one should fail, not skip, the parity suite
 from conftest import random_model
 
 import llama31
 import reference
 from llama31 import (ConfigError, Llama, from_hf_state_dict, permute_for_hf, permute_from_hf, precompute_rope,
                      save_hf, save_meta, to_hf_state_dict)
-
-transformers = pytest.importorskip("transformers")
 
 # Every attention layout Llama uses, each with the real 128256-token vocabulary and norms at 1
 SHAPES = {
