@@ -460,6 +460,140 @@ def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16):
 
 
 # -----------------------------------------------------------------------------
+# checkpoint I/O: HF transformers' layout (config.json + model.safetensors, LlamaForCausalLM)
+
+# our name -> HF's; per-layer names are relative to layers.N. / model.layers.N.
+HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+HF_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+HF_MAX_POSITION_EMBEDDINGS = 131072  # what Meta's HF configs declare for the 128k-context models
+
+
+def permute_for_hf(w, n_heads: int):
+    """Reorder the output rows of wq or wk for HF. We rotate consecutive pairs (2i, 2i+1) of each
+    head; HF rotates (i, i + head_dim/2). Moving row 2i+s to s*head_dim/2 + i gives HF's rotation
+    the same pairs, so q.k, and everything after it, is unchanged."""
+    out_dim, in_dim = w.shape
+    return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def permute_from_hf(w, n_heads: int):
+    """The inverse of permute_for_hf."""
+    out_dim, in_dim = w.shape
+    return w.reshape(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def _hf_name(name: str) -> str:
+    if name in HF_NAMES:
+        return HF_NAMES[name]
+    _, n, rest = name.split(".", 2)  # layers.N.rest
+    return f"model.layers.{n}.{HF_LAYER_NAMES[rest]}"
+
+
+def to_hf_state_dict(state: dict, args: ModelArgs) -> dict:
+    """Our state dict (Meta's names) -> LlamaForCausalLM's names, q/k rows permuted."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith("attention.wq.weight"):
+            v = permute_for_hf(v, args.n_heads)
+        elif k.endswith("attention.wk.weight"):
+            v = permute_for_hf(v, args.n_kv_heads)
+        out[_hf_name(k)] = v
+    return out
+
+
+def from_hf_state_dict(state: dict, args: ModelArgs) -> dict:
+    """LlamaForCausalLM's state dict -> ours; names we don't know are reported in one message."""
+    names = {f"layers.{i}.{k}" for i in range(args.n_layers) for k in HF_LAYER_NAMES} | HF_NAMES.keys()
+    ours = {_hf_name(k): k for k in names}
+    # old HF checkpoints carry the RoPE table as a buffer; it is recomputed, not loaded
+    unknown = sorted(k for k in state if k not in ours and not k.endswith("rotary_emb.inv_freq"))
+    if unknown:
+        raise ConfigError(f"{len(unknown)} HF tensor names this model does not have, e.g. {', '.join(unknown[:3])}; "
+                          f"is this a LlamaForCausalLM checkpoint with {args.n_layers} layers?")
+    out = {}
+    for k, v in state.items():
+        if k not in ours:
+            continue
+        name = ours[k]
+        if name.endswith("attention.wq.weight"):
+            v = permute_from_hf(v, args.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            v = permute_from_hf(v, args.n_kv_heads)
+        out[name] = v
+    return out
+
+
+def hf_config(args: ModelArgs, dtype=torch.bfloat16, bos_token_id: int = 128000,
+              eos_token_id=128001) -> dict:
+    """config.json for LlamaForCausalLM, in the form Meta's Llama 3.1 repos on the HF Hub use
+    (rope_theta and rope_scaling at the top level, which transformers 4.x and 5.x both read).
+    Llama 3 token ids by default; instruct models also stop at <|eom_id|> and <|eot_id|>, so
+    pass eos_token_id=[128001, 128008, 128009] for those."""
+    rope_scaling = None
+    if args.use_scaled_rope:
+        rope_scaling = {"rope_type": "llama3", "factor": args.rope_scale_factor,
+                        "low_freq_factor": args.rope_low_freq_factor,
+                        "high_freq_factor": args.rope_high_freq_factor,
+                        "original_max_position_embeddings": args.rope_original_max_len}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": HF_MAX_POSITION_EMBEDDINGS if args.use_scaled_rope else args.rope_original_max_len,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": rope_scaling,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+
+
+def save_hf(model: Transformer, out_dir, dtype=torch.bfloat16, **config_overrides):
+    """Write config.json + model.safetensors that transformers' LlamaForCausalLM.from_pretrained
+    reads. config_overrides go into config.json (e.g. eos_token_id for an instruct model)."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ConfigError("saving in HF's layout needs safetensors: pip install safetensors") from None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    # safetensors writes only contiguous tensors
+    state = {k: v.contiguous() for k, v in to_hf_state_dict(state, model.args).items()}
+    tmp = out_dir / "model.safetensors.tmp"
+    save_file(state, tmp, metadata={"format": "pt"})  # transformers checks for format "pt"
+    os.replace(tmp, out_dir / "model.safetensors")
+    config = {**hf_config(model.args, dtype), **config_overrides}
+    tmp = out_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, out_dir / "config.json")
+
+
+# -----------------------------------------------------------------------------
 # generation: batched prompts of different lengths, greedy or top-p
 
 
