@@ -117,7 +117,8 @@ def load_reference(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_b
     shards = sorted(ckpt_dir.glob("*.pth"))
     if len(shards) != 1:
         raise ConfigError(f"{ckpt_dir} holds {len(shards)} *.pth files; reference.py reads a single "
-                          f"consolidated.00.pth, like llama31.py")
+                          f"consolidated.00.pth (Meta's code reads model-parallel files only with one torchrun "
+                          f"process per file)")
     if params.get("use_scaled_rope") and params.get("rope_scale_factor", 8.0) != 8.0:
         raise ConfigError(f"{ckpt_dir / 'params.json'} asks for RoPE scale factor {params['rope_scale_factor']}, "
                           f"but llama-models 0.3.0 always scales by 8 (Llama 3.1); it cannot check this model")
