@@ -51,6 +51,9 @@ class ModelArgs:
     rope_original_max_len: int = 8192
     max_seq_len: int = 2048  # length of the RoPE table, and so the longest sequence we run
     max_batch_size: int = 4
+    # Not in Meta's params.json; HF, GGUF and Llama 3.2 checkpoints need them.
+    ffn_dim: Optional[int] = None  # explicit SwiGLU width; None uses Meta's rule below
+    tie_embeddings: bool = False  # the output projection is the token embedding matrix
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -77,6 +80,8 @@ class ModelArgs:
 
     @property
     def ffn_hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
         # Meta's rule: 2/3 of 4*dim, times the optional multiplier, rounded up to multiple_of
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
@@ -224,6 +229,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
         # Plain attributes, not buffers: they are not in checkpoints, must stay fp32 when the
         # model is cast to bf16, and must be real even when the model is built on the meta device.
         self.rope_cos, self.rope_sin = precompute_rope(args, args.max_seq_len, device="cpu")
@@ -331,41 +338,87 @@ def read_params(ckpt_dir: Path) -> dict:
 
 
 def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, device=None, dtype=None,
-               vocab_size: Optional[int] = None) -> Transformer:
-    """Load a Meta-layout checkpoint onto `device` in `dtype` with about one copy of the weights
-    in memory: the file is memory-mapped and its tensors become the parameters directly when the
-    dtype and device already match (otherwise they are converted one at a time)."""
+               vocab_size: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
+    """Load a checkpoint directory onto `device` in `dtype`: Meta's layout (params.json +
+    consolidated.NN.pth) or HF's (config.json + *.safetensors). vocab_size, when given, is the
+    tokenizer's and must match the checkpoint's. rope_scale_factor overrides the RoPE scaling
+    factor for checkpoints that don't state one (Meta's params.json never does)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise ConfigError(f"checkpoint directory {ckpt_dir} does not exist")
+    device = device or default_device()
+    dtype = resolve_dtype(dtype, device)
+    overrides = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    if (ckpt_dir / "config.json").is_file() and not (ckpt_dir / "params.json").is_file():
+        args, state = read_hf(ckpt_dir, device, dtype, rope_scale_factor, **overrides)
+        where = ckpt_dir / "config.json"
+    else:
+        args, state = read_meta(ckpt_dir, rope_scale_factor, **overrides)
+        where = ckpt_dir / "params.json"
+    if args.vocab_size <= 0 and vocab_size is not None:  # old params.json files say -1
+        args.vocab_size = vocab_size
+    if vocab_size is not None and args.vocab_size != vocab_size:
+        raise ConfigError(f"{where} says vocab_size {args.vocab_size} but the tokenizer has {vocab_size} "
+                          f"tokens; use the tokenizer that came with the checkpoint")
+    return assemble(args, state, ckpt_dir, where.name, device, dtype)
+
+
+def assemble(args: ModelArgs, state: dict, where, source: str, device, dtype) -> Transformer:
+    """A model whose parameters are the tensors of `state`, converted one at a time. The model is
+    built on the meta device (no memory), so peak memory stays near one copy of the weights;
+    tensors already in the right dtype and device (a memory-mapped file) are used as they are."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if isinstance(state, list):  # Meta's model-parallel files
+        state = merge_shards(state, model, where)
+    if args.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    check_state_dict(model, state, where, source)
+    for k in list(state):
+        state[k] = state[k].to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    if args.tie_embeddings:  # assign=True gave each name its own Parameter; share one again
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+# RoPE scaling factors of published models whose Meta params.json doesn't say: Llama 3.2 1B and
+# 3B were trained with 32 (Meta's llama-models reference hard-codes Llama 3.1's 8 for them).
+KNOWN_ROPE_FACTORS = {(2048, 16): 32.0, (3072, 28): 32.0}
+
+
+def resolve_rope_factor(declared: Optional[float], override: Optional[float], dim: int, n_layers: int,
+                        where) -> float:
+    if override is not None and declared is not None and float(override) != float(declared):
+        raise ConfigError(f"{where} sets RoPE scale factor {declared} but rope_scale_factor={override} was "
+                          f"asked for; drop the override or fix {Path(where).name}")
+    if override is not None:
+        return float(override)
+    if declared is not None:
+        return float(declared)
+    return KNOWN_ROPE_FACTORS.get((dim, n_layers), 8.0)
+
+
+def read_meta(ckpt_dir: Path, rope_scale_factor=None, **overrides):
+    """ModelArgs and the memory-mapped state dict(s) of a Meta-layout checkpoint."""
     params = read_params(ckpt_dir)
     shards = sorted(ckpt_dir.glob("*.pth"))
     if not shards:
         raise ConfigError(f"no *.pth file in {ckpt_dir}; expected Meta's consolidated.00.pth")
-    device = device or default_device()
-    dtype = resolve_dtype(dtype, device)
-    if vocab_size is not None and params.get("vocab_size", -1) > 0 and params["vocab_size"] != vocab_size:
-        raise ConfigError(f"{ckpt_dir / 'params.json'} says vocab_size {params['vocab_size']} but the "
-                          f"tokenizer has {vocab_size} tokens; use the tokenizer.model that came with it")
-    if params.get("vocab_size", -1) <= 0 and vocab_size is not None:
-        params = {**params, "vocab_size": vocab_size}
-    args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-
-    # Parameters are allocated on the meta device (no memory) and replaced by the loaded tensors.
-    with torch.device("meta"):
-        model = Transformer(args)
+    args = ModelArgs.from_params(params, **overrides)
+    if args.use_scaled_rope:
+        args.rope_scale_factor = resolve_rope_factor(params.get("rope_scale_factor"), rope_scale_factor,
+                                                     args.dim, args.n_layers, ckpt_dir / "params.json")
+    elif rope_scale_factor is not None:
+        raise ConfigError(f"rope_scale_factor={rope_scale_factor} given, but {ckpt_dir / 'params.json'} does "
+                          f"not use scaled RoPE (use_scaled_rope false); drop the override")
     states = []
     for shard in shards:
         try:
             states.append(torch.load(shard, map_location="cpu", mmap=True, weights_only=True))
         except Exception as e:  # a truncated or non-torch file: say which one
             raise ConfigError(f"could not read {shard} as a torch checkpoint ({e})") from None
-    state = states[0] if len(states) == 1 else merge_shards(states, model, shards)
-    check_state_dict(model, state, ckpt_dir)
-    for k in list(state):
-        state[k] = state[k].to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return args, states[0] if len(states) == 1 else states
 
 
 # How Meta's model-parallel checkpoints (70B: 8 files, 405B: 16) cut each weight: column-parallel
@@ -374,9 +427,10 @@ COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward
 ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 
 
-def merge_shards(states: List[dict], model: Transformer, paths) -> dict:
+def merge_shards(states: List[dict], model: Transformer, ckpt_dir) -> dict:
     """One state dict from model-parallel shards, key by key. The shards are memory-mapped, so
     only the pieces of the tensor being merged are read at any moment."""
+    paths = sorted(Path(ckpt_dir).glob("*.pth"))
     expected = model.state_dict()
     head_dim = model.args.head_dim
     merged = {}
@@ -416,7 +470,7 @@ def dedupe_kv_heads(w, n_kv_heads: int, head_dim: int, key: str):
     return heads[:, 0].reshape(n_kv_heads * head_dim, w.shape[1])
 
 
-def check_state_dict(model: nn.Module, state: dict, where):
+def check_state_dict(model: nn.Module, state: dict, where, source: str = "params.json"):
     """Name every missing, unexpected or wrongly shaped tensor in one message."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(expected.keys() - state.keys())
@@ -433,9 +487,9 @@ def check_state_dict(model: nn.Module, state: dict, where):
     if unexpected:
         problems.append(f"unexpected {len(unexpected)}: {head(unexpected)}")
     if wrong:
-        problems.append(f"shape mismatch (checkpoint vs params.json) {len(wrong)}: {head(wrong)}")
+        problems.append(f"shape mismatch (checkpoint vs {source}) {len(wrong)}: {head(wrong)}")
     if problems:
-        raise ConfigError(f"weights in {where} do not match its params.json: " + "; ".join(problems))
+        raise ConfigError(f"weights in {where} do not match its {source}: " + "; ".join(problems))
 
 
 def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16):
@@ -450,6 +504,12 @@ def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16):
               "rope_theta": a.rope_theta, "use_scaled_rope": a.use_scaled_rope}
     if a.use_scaled_rope and a.rope_scale_factor != 8.0:
         params["rope_scale_factor"] = a.rope_scale_factor
+    if a.ffn_dim is not None:
+        params["ffn_dim"] = a.ffn_dim
+        if int(8 * a.dim / 3) <= a.ffn_dim:  # Meta's rule gives ffn_dim exactly with these two
+            params["multiple_of"], params["ffn_dim_multiplier"] = a.ffn_dim, None
+    if a.tie_embeddings:  # output.weight is still written, as Meta's Llama 3.2 files have it
+        params["tie_embeddings"] = True
     state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
     tmp = ckpt_dir / "consolidated.00.pth.tmp"
     torch.save(state, tmp)
@@ -514,8 +574,7 @@ def to_hf_state_dict(state: dict, args: ModelArgs) -> dict:
 
 def from_hf_state_dict(state: dict, args: ModelArgs) -> dict:
     """LlamaForCausalLM's state dict -> ours; names we don't know are reported in one message."""
-    names = {f"layers.{i}.{k}" for i in range(args.n_layers) for k in HF_LAYER_NAMES} | HF_NAMES.keys()
-    ours = {_hf_name(k): k for k in names}
+    ours = hf_names(args)
     # old HF checkpoints carry the RoPE table as a buffer; it is recomputed, not loaded
     unknown = sorted(k for k in state if k not in ours and not k.endswith("rotary_emb.inv_freq"))
     if unknown:
@@ -532,6 +591,91 @@ def from_hf_state_dict(state: dict, args: ModelArgs) -> dict:
             v = permute_from_hf(v, args.n_kv_heads)
         out[name] = v
     return out
+
+
+def hf_names(args: ModelArgs) -> dict:
+    """HF name -> our name, for every tensor of a model of this shape."""
+    ours = {f"layers.{i}.{k}" for i in range(args.n_layers) for k in HF_LAYER_NAMES} | HF_NAMES.keys()
+    return {_hf_name(k): k for k in ours}
+
+
+def args_from_hf_config(config: dict, where, rope_scale_factor=None, **overrides) -> ModelArgs:
+    """ModelArgs from a LlamaForCausalLM config.json (transformers 4.x `rope_scaling` + `rope_theta`,
+    or 5.x `rope_parameters`)."""
+    arch = config.get("architectures") or [config.get("model_type")]
+    if config.get("model_type") != "llama" or arch[0] != "LlamaForCausalLM":
+        raise ConfigError(f"{where} describes a {arch[0]} ({config.get('model_type')}) model; this loader "
+                          f"reads Llama-architecture checkpoints (LlamaForCausalLM)")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ConfigError(f"{where} uses RoPE scaling {rope_type!r}; only Llama 3's ('llama3') is supported")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim", dim // n_heads) != dim // n_heads:
+        raise ConfigError(f"{where} has head_dim {config['head_dim']}, not hidden_size / num_attention_heads "
+                          f"= {dim // n_heads}; such models are not supported")
+    scaled = rope_type == "llama3"
+    if not scaled and rope_scale_factor is not None:
+        raise ConfigError(f"rope_scale_factor={rope_scale_factor} given, but {where} uses no RoPE "
+                          f"scaling; drop the override")
+    args = ModelArgs(
+        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
+        ffn_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-5),
+        rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)), use_scaled_rope=scaled,
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)), **overrides)
+    if scaled:
+        args.rope_scale_factor = resolve_rope_factor(rope.get("factor"), rope_scale_factor, args.dim,
+                                                     args.n_layers, where)
+        args.rope_low_freq_factor = rope.get("low_freq_factor", args.rope_low_freq_factor)
+        args.rope_high_freq_factor = rope.get("high_freq_factor", args.rope_high_freq_factor)
+        args.rope_original_max_len = rope.get("original_max_position_embeddings", args.rope_original_max_len)
+    return args
+
+
+def read_hf(ckpt_dir: Path, device, dtype, rope_scale_factor=None, **overrides):
+    """ModelArgs and state dict (our names) of an HF-layout checkpoint, read lazily with
+    safetensors: one file open at a time, each tensor converted to our layout, device and dtype
+    as it is read."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise ConfigError("reading HF checkpoints needs safetensors: pip install safetensors") from None
+    where = ckpt_dir / "config.json"
+    try:
+        config = json.loads(where.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} is not valid JSON ({e})") from None
+    args = args_from_hf_config(config, where, rope_scale_factor, **overrides)
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [f for f in files if not (ckpt_dir / f).is_file()]
+        if missing:
+            raise ConfigError(f"{index.name} names {', '.join(missing)}, missing from {ckpt_dir}; "
+                              f"download every shard")
+    elif (ckpt_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ConfigError(f"{ckpt_dir} has config.json but no model.safetensors(.index.json); "
+                          f"save the model with safetensors (HF's default)")
+    names = hf_names(args)
+    state = {}
+    for file in files:
+        with safe_open(ckpt_dir / file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.endswith("rotary_emb.inv_freq"):  # recomputed, not loaded
+                    continue
+                if key not in names:
+                    raise ConfigError(f"{ckpt_dir / file} holds {key}, which a LlamaForCausalLM with "
+                                      f"{args.n_layers} layers does not have")
+                name, w = names[key], f.get_tensor(key)
+                if name.endswith("attention.wq.weight"):
+                    w = permute_from_hf(w, args.n_heads)
+                elif name.endswith("attention.wk.weight"):
+                    w = permute_from_hf(w, args.n_kv_heads)
+                state[name] = w.to(device=device, dtype=dtype)
+    return args, state
 
 
 def hf_config(args: ModelArgs, dtype=torch.bfloat16, bos_token_id: int = 128000,
@@ -564,7 +708,7 @@ def hf_config(args: ModelArgs, dtype=torch.bfloat16, bos_token_id: int = 128000,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": args.tie_embeddings,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
