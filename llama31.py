@@ -716,9 +716,12 @@ def hf_config(args: ModelArgs, dtype=torch.bfloat16, bos_token_id: int = 128000,
     }
 
 
-def save_hf(model: Transformer, out_dir, dtype=torch.bfloat16, **config_overrides):
-    """Write config.json + model.safetensors that transformers' LlamaForCausalLM.from_pretrained
-    reads. config_overrides go into config.json (e.g. eos_token_id for an instruct model)."""
+def save_hf(model: Transformer, out_dir, dtype=torch.bfloat16, max_shard_bytes: int = 5 * 2**30,
+            **config_overrides):
+    """Write config.json + safetensors that transformers' LlamaForCausalLM.from_pretrained (and
+    vLLM) read: model.safetensors, or model-0000i-of-0000n.safetensors + an index past
+    max_shard_bytes. config_overrides go into config.json (e.g. eos_token_id for an instruct
+    model). Tied embeddings are written once, as HF expects."""
     try:
         from safetensors.torch import save_file
     except ImportError:
@@ -726,15 +729,31 @@ def save_hf(model: Transformer, out_dir, dtype=torch.bfloat16, **config_override
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    if model.args.tie_embeddings:
+        del state["output.weight"]
     # safetensors writes only contiguous tensors
     state = {k: v.contiguous() for k, v in to_hf_state_dict(state, model.args).items()}
-    tmp = out_dir / "model.safetensors.tmp"
-    save_file(state, tmp, metadata={"format": "pt"})  # transformers checks for format "pt"
-    os.replace(tmp, out_dir / "model.safetensors")
-    config = {**hf_config(model.args, dtype), **config_overrides}
-    tmp = out_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, out_dir / "config.json")
+    shards, size = [{}], 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        save_file(shard, out_dir / f"{name}.tmp", metadata={"format": "pt"})  # transformers wants "pt"
+        os.replace(out_dir / f"{name}.tmp", out_dir / name)
+    files = {"config.json": {**hf_config(model.args, dtype), **config_overrides}}
+    if len(shards) > 1:
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        files["model.safetensors.index.json"] = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    for name, content in files.items():
+        (out_dir / f"{name}.tmp").write_text(json.dumps(content, indent=2) + "\n")
+        os.replace(out_dir / f"{name}.tmp", out_dir / name)
 
 
 # -----------------------------------------------------------------------------
@@ -759,15 +778,17 @@ class Llama:
 
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
-              device=None, dtype=None) -> "Llama":
-        """Load tokenizer and weights. tokenizer_path defaults to ckpt_dir/tokenizer.model, then to
-        the copy inside Meta's llama-models package. device: cuda, mps or cpu (default: the best
-        available); dtype: bf16/fp32/fp16 (default bf16 on CUDA, fp32 elsewhere)."""
+              device=None, dtype=None, rope_scale_factor: Optional[float] = None) -> "Llama":
+        """Load tokenizer and weights (Meta's or HF's layout). tokenizer_path defaults to
+        ckpt_dir/tokenizer.model, then to the copy inside Meta's llama-models package. device:
+        cuda, mps or cpu (default: the best available); dtype: bf16/fp32/fp16 (default bf16 on
+        CUDA, fp32 elsewhere); rope_scale_factor: for checkpoints that don't state theirs."""
         ckpt_dir = Path(ckpt_dir)
         if not ckpt_dir.is_dir():
             raise ConfigError(f"checkpoint directory {ckpt_dir} does not exist")
         tokenizer = Tokenizer(find_tokenizer_model(tokenizer_path, ckpt_dir))
-        model = load_model(ckpt_dir, max_seq_len, max_batch_size, device, dtype, vocab_size=tokenizer.n_words)
+        model = load_model(ckpt_dir, max_seq_len, max_batch_size, device, dtype, vocab_size=tokenizer.n_words,
+                           rope_scale_factor=rope_scale_factor)
         return Llama(model, tokenizer)
 
     def _check_sampling(self, prompt_tokens, temperature, top_p, max_gen_len):
@@ -1307,9 +1328,10 @@ DEFAULT_PROMPTS = [
 
 def sample(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, temperature: float = 0.6,
            top_p: float = 0.9, max_gen_len: int = 64, max_seq_len: int = 512, max_batch_size: Optional[int] = None,
-           device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1, stream: bool = True):
-    """Sample completions from a Meta-layout checkpoint and print them: one prompt at a time as
-    tokens arrive (--stream, the default), or all prompts as one batch (--nostream)."""
+           device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1, stream: bool = True,
+           rope_scale_factor: Optional[float] = None):
+    """Sample completions from a checkpoint (Meta's or HF's layout) and print them: one prompt at a
+    time as tokens arrive (--stream, the default), or all prompts as one batch (--nostream)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
@@ -1322,7 +1344,8 @@ def sample(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, te
                   file=sys.stderr)
     device = device or default_device()
     t0 = time.time()
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size or len(prompts), device, dtype)
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size or len(prompts), device, dtype,
+                        rope_scale_factor)
     print(f"loaded {ckpt_dir} on {device} ({llama.model.output.weight.dtype}) in {time.time() - t0:.1f}s",
           file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(seed)
