@@ -1362,14 +1362,31 @@ def sample(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, te
             print("-" * 80)
 
 
+def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
+           rope_scale_factor: Optional[float] = None):
+    """Convert a checkpoint (Meta's layout, model-parallel files included, or HF's) to HF's layout
+    (--format hf: config.json + safetensors, for transformers and vLLM) or to Meta's single-file
+    layout (--format meta: params.json + consolidated.00.pth)."""
+    if format not in ("hf", "meta"):
+        raise ConfigError(f"unknown format {format!r}; use hf or meta")
+    if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
+        raise ConfigError("out_dir is ckpt_dir; write the converted checkpoint to a new directory")
+    model = load_model(ckpt_dir, device="cpu", dtype=dtype, rope_scale_factor=rope_scale_factor)
+    (save_hf if format == "hf" else save_meta)(model, out_dir, dtype=resolve_dtype(dtype, "cpu"))
+    print(f"wrote {out_dir} ({format}, {dtype})", file=sys.stderr)
+
+
+COMMANDS = {"finetune": finetune, "export": export}
+
+
 def main(argv=None):
-    """python llama31.py [--ckpt_dir ...] samples; python llama31.py finetune [...] trains."""
+    """python llama31.py [--ckpt_dir ...] samples; python llama31.py finetune|export [...]."""
     import fire
 
     argv = sys.argv[1:] if argv is None else argv
-    command, name = (finetune, "llama31.py finetune") if argv[:1] == ["finetune"] else (sample, "llama31.py")
-    if command is finetune:
-        argv = argv[1:]
+    command, name = sample, "llama31.py"
+    if argv[:1] and argv[0] in COMMANDS:
+        command, name, argv = COMMANDS[argv[0]], f"llama31.py {argv[0]}", argv[1:]
     try:
         # serialize: print nothing of the return value (finetune returns the model for Python callers)
         fire.Fire(command, command=argv, name=name, serialize=lambda _: None)

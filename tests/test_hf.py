@@ -112,3 +112,17 @@ def test_missing_shard_named_in_the_index_is_a_clear_error(tmp_path):
     (tmp_path / victim).unlink()
     with pytest.raises(ValueError, match=f"names {victim}, missing from"):
         load_model(tmp_path, device="cpu")
+
+
+def test_cli_export_writes_an_hf_checkpoint_transformers_reads(tmp_path, ckpt_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "llama31.py", "export", "--ckpt_dir", str(ckpt_dir),
+                        "--out_dir", str(tmp_path / "hf"), "--dtype", "fp32"],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ours = load_model(ckpt_dir, 64, device="cpu").forward_inference(TOKENS)
+    assert (ours - hf_logits(tmp_path / "hf")).abs().max().item() <= 1e-4
