@@ -380,7 +380,8 @@ def check_state_dict(model: nn.Module, state: dict, where, source: str = "its pa
     if unexpected:
         problems.append(f"unexpected {len(unexpected)}: {head(unexpected)}")
     if wrong:
-        problems.append(f"shape mismatch (checkpoint vs {source.removeprefix('its ')}) {len(wrong)}: {head(wrong)}")
+        against = source.removeprefix("its ")
+        problems.append(f"shape mismatch (checkpoint vs {against}) {len(wrong)}: {head(wrong)}")
     if problems:
         raise ConfigError(f"weights in {where} do not match {source}: " + "; ".join(problems))
 
@@ -589,7 +590,8 @@ class ChatFormat:
             return cls("chatml", m.group(1) if m else None)
         return None
 
-    def encode_dialog(self, tokenizer: Tokenizer, dialog: List[dict], add_generation_prompt: bool = True) -> List[int]:
+    def encode_dialog(self, tokenizer: Tokenizer, dialog: List[dict],
+                      add_generation_prompt: bool = True) -> List[int]:
         """Token ids of a dialog [{"role": ..., "content": ...}, ...], ending with the assistant's
         header so the model writes the next turn. Special tokens come from ids, never from message
         text, so a message cannot inject one."""
@@ -603,7 +605,8 @@ class ChatFormat:
         if self.style == "chatml":
             ids = []
             for m in dialog:
-                ids += [sp["<|im_start|>"]] + text(f"{m['role']}\n{m['content']}") + [sp["<|im_end|>"]] + text("\n")
+                ids += [sp["<|im_start|>"]] + text(f"{m['role']}\n{m['content']}") + [sp["<|im_end|>"]]
+                ids += text("\n")
             if add_generation_prompt:
                 ids += [sp["<|im_start|>"]] + text("assistant\n")
             return ids
@@ -613,7 +616,8 @@ class ChatFormat:
 
             ids = [tokenizer.bos_id]
             for m in dialog:  # as llama-models: content as given; a tool's answer is "ipython"
-                ids += header("ipython" if m["role"] == "tool" else m["role"]) + text(m["content"]) + [sp["<|eot_id|>"]]
+                role = "ipython" if m["role"] == "tool" else m["role"]
+                ids += header(role) + text(m["content"]) + [sp["<|eot_id|>"]]
             if add_generation_prompt:
                 ids += header("assistant")
             return ids

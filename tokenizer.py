@@ -137,7 +137,7 @@ def meta_vocab(model_path) -> Vocab:
 def bytes_to_unicode() -> Dict[int, str]:
     """GPT-2's byte -> printable character table: byte-level vocabularies spell every token with
     these 256 characters (printable Latin-1 bytes stand for themselves, the rest map to 256+)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
     table, n = {}, 0
     for b in range(256):
         if b in printable:
@@ -182,7 +182,8 @@ def gguf_vocab(meta: dict, name: str = "gguf") -> Vocab:
         raise ConfigError(f"{name}: the vocabulary spells some tokens twice")
     # tiktoken merges the pair whose result has the lowest id; that is the file's merge order only
     # if merge results never go down in id, as in vocabularies trained by BPE (and Llama 3's).
-    merged = [ranks.get(bytes(byte_of[ch] for ch in m.replace(" ", "", 1))) for m in meta.get("tokenizer.ggml.merges", [])]
+    merges = meta.get("tokenizer.ggml.merges", [])
+    merged = [ranks.get(bytes(byte_of[ch] for ch in m.replace(" ", "", 1))) for m in merges]
     if any(r is None for r in merged) or any(a > b for a, b in zip(merged, merged[1:])):
         raise ConfigError(f"{name}: the merges are not in token-id order, which this tiktoken-based "
                           f"tokenizer needs")
