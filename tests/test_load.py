@@ -136,3 +136,12 @@ def test_cli_rejects_bad_top_p_in_one_line(ckpt_dir):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == "error: top_p must be in (0, 1], got 1.5"
     assert "Traceback" not in r.stderr
+
+
+def test_cli_chat_sends_prompts_as_user_turns(ckpt_dir):
+    r = run_cli("--ckpt_dir", str(ckpt_dir), "--chat", "--prompts", '["Hi there"]', "--max_gen_len", "5",
+                "--temperature", "0", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    llama = Llama.build(ckpt_dir, max_seq_len=512, device="cpu")
+    reply = llama.chat_completion([[{"role": "user", "content": "Hi there"}]], 5, temperature=0)[0]["content"]
+    assert r.stdout == f"> Hi there\n{reply}\n" + "-" * 80 + "\n"
