@@ -1400,22 +1400,45 @@ def resolve_resume(resume, out_dir: Path) -> Path:
 RESUME_KEYS = ("B", "T", "world_size", "grad_accum", "finetune_type", "doc_mask")
 
 
-def finetune(ckpt_dir: Optional[str] = None, train_data: str = "tinystories/TinyStories_train_*.bin",
-             val_data: Optional[str] = "tinystories/TinyStories_val.bin", out_dir: str = "out",
-             finetune_type: str = "all", B: int = 4, T: int = 256, total_batch_size: Optional[int] = None,
-             max_steps: int = 100, stop_after: Optional[int] = None, learning_rate: float = 1e-5,
+# Defaults of a real run, and of the demo (no --ckpt_dir: SmolLM2 on data/sample.txt, a minute on a CPU)
+RUN_DEFAULTS = dict(train_data="tinystories/TinyStories_train_*.bin", val_data="tinystories/TinyStories_val.bin",
+                    B=4, T=256, max_steps=100, learning_rate=1e-5)
+DEMO_DEFAULTS = dict(B=2, T=64, max_steps=20, learning_rate=1e-4)
+DEMO_TEXT = Path(__file__).resolve().parent / "data" / "sample.txt"
+
+
+def text_to_shards(text_path: Path, tokenizer: Tokenizer, out_dir: Path, n_val: int = 2):
+    """Blank-line-separated documents of a text file as BOS ... EOS token shards: the last n_val
+    documents become the val shard, the rest the train shard. Returns the two paths."""
+    docs = [d.strip() for d in text_path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    if len(docs) <= n_val:
+        raise ConfigError(f"{text_path} has {len(docs)} documents (blank-line separated); need more than {n_val}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / "sample_train.bin", out_dir / "sample_val.bin"
+    for path, part in zip(paths, (docs[:-n_val], docs[-n_val:])):
+        write_datafile(path, [t for d in part for t in [tokenizer.bos_id, *tokenizer.encode(d, bos=False, eos=False),
+                                                          tokenizer.eos_id]])
+    return paths
+
+
+def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, val_data: Optional[str] = None,
+             out_dir: str = "out", finetune_type: str = "all", B: Optional[int] = None, T: Optional[int] = None,
+             total_batch_size: Optional[int] = None, max_steps: Optional[int] = None,
+             stop_after: Optional[int] = None, learning_rate: Optional[float] = None,
              min_lr_ratio: float = 0.1, warmup_steps: int = 10, weight_decay: float = 0.0,
              grad_clip: float = 1.0, doc_mask: bool = True, compile: bool = False,
              val_every: int = 50, val_steps: int = 10, save_every: int = 0, resume=None,
              tokenizer_path: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
              seed: int = 1337, log_every: int = 1, sample_prompts=None, sample_len: int = 32):
-    """Finetune a Meta-layout checkpoint on .bin token shards.
+    """Finetune a checkpoint (Meta's or HF's layout, or a .gguf file) on .bin token shards.
 
     One process: python llama31.py finetune --ckpt_dir DIR ...; many: torchrun --nproc_per_node N
     llama31.py finetune ... . total_batch_size (tokens per optimizer step) sets the gradient
     accumulation: total_batch_size / (B * T * processes) micro-steps. bf16 autocast on CUDA over
     fp32 weights. Checkpoints go to out_dir/step_NNNNNN every save_every steps and at the end;
-    --resume latest continues exactly where the last one stopped."""
+    --resume latest continues exactly where the last one stopped. With neither --ckpt_dir nor
+    --resume, a demo: the SmolLM2 GGUF briefly finetuned on data/sample.txt, then sampled.
+    train_data, val_data, B, T, max_steps, learning_rate default to RUN_DEFAULTS (DEMO_DEFAULTS)."""
     import contextlib
 
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1423,6 +1446,15 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: str = "tinystories/Tiny
     info, dev = setup_distributed(device)
     log = print if info.master else (lambda *a, **k: None)
     out = Path(out_dir)
+    demo = ckpt_dir is None and not resume
+    given = dict(train_data=train_data, val_data=val_data, B=B, T=T, max_steps=max_steps, learning_rate=learning_rate)
+    defaults = DEMO_DEFAULTS if demo else RUN_DEFAULTS
+    given = {k: defaults.get(k) if v is None else v for k, v in given.items()}
+    train_data, val_data, B, T, max_steps, learning_rate = given.values()
+    if demo:
+        ckpt_dir = find_demo_gguf()
+        log(f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
+            f"{DEMO_TEXT.name}; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
     total_batch_size = total_batch_size or B * T * info.world_size
     if total_batch_size % (B * T * info.world_size):
         raise ConfigError(f"total_batch_size {total_batch_size} is not a multiple of B*T*processes = "
@@ -1435,15 +1467,27 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: str = "tinystories/Tiny
     source = resume_dir or ckpt_dir
     if source is None:
         raise ConfigError("finetune needs --ckpt_dir (a Meta-layout checkpoint) or --resume")
-    tok_path = find_tokenizer_model(tokenizer_path, source)
-    tokenizer = Tokenizer(tok_path)
     # Weights stay fp32 (the optimizer's master copy); bf16 is autocast's job on CUDA.
     train_dtype = resolve_dtype(dtype, dev)
     autocast = (torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32
                 else contextlib.nullcontext())
-    model = load_model(source, max_seq_len=max(T, 2048), device=dev, dtype=torch.float32,
-                       vocab_size=tokenizer.n_words).train()
+    chat_format = None
+    if Path(source).suffix == ".gguf":
+        # A GGUF carries its own tokenizer, which a Meta-layout checkpoint cannot hold: no saving.
+        model, tokenizer, chat_format = load_gguf(source, max(T, 2048), 4, dev, torch.float32)
+        tok_path = None
+        if save_every:
+            raise ConfigError(f"{source} is a GGUF model, and checkpoints of GGUF models are not written; "
+                              f"drop --save_every, or finetune a Meta or HF checkpoint")
+    else:
+        tok_path = find_tokenizer_model(tokenizer_path, source)
+        tokenizer = Tokenizer(tok_path)
+        model = load_model(source, max_seq_len=max(T, 2048), device=dev, dtype=torch.float32,
+                           vocab_size=tokenizer.n_words)
+    model.train()
     select_trainable(model, finetune_type)
+    if demo:
+        train_data, val_data = text_to_shards(DEMO_TEXT, tokenizer, out / "demo_data")
     train_loader = DistributedShardedDataLoader(train_data, B, T, info.rank, info.world_size)
     val_loader = DistributedShardedDataLoader(val_data, B, T, info.rank, info.world_size) if val_data else None
     optimizer = model.configure_optimizers(weight_decay, learning_rate, device_type=dev.type)
@@ -1528,16 +1572,19 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: str = "tinystories/Tiny
             mfu = f" | mfu {100 * tps * fpt / (peak * info.world_size):.1f}%" if peak else ""
             log(f"step {step:5d}/{max_steps} | loss {stats['train_loss']:.4f} | lr {lr:.2e} | "
                 f"norm {norm.item():.3f} | {dt * 1000:.0f} ms | {tps:,.0f} tok/s{mfu}")
-        if info.master and (step == last_stop or (save_every and step % save_every == 0)):
+        if info.master and tok_path is not None and (step == last_stop or (save_every and step % save_every == 0)):
             path = save_train_checkpoint(out, step, raw_model, optimizer, train_loader, config, tok_path)
             log(f"saved {path}")
     if val_loader is not None and step == max_steps:
         stats["val_loss"] = evaluate()
         log(f"step {step:5d} | val loss {stats['val_loss']:.4f}")
+    if tok_path is None:
+        log(f"note: not saved: {source} is a GGUF model, whose finetuned weights are not written back")
 
     if info.master and sample_prompts != []:
-        prompts = [sample_prompts] if isinstance(sample_prompts, str) else (sample_prompts or DEFAULT_PROMPTS[:2])
-        llama = Llama(raw_model, tokenizer)
+        default = ["Once upon a time, a little dog"] if demo else DEFAULT_PROMPTS[:2]
+        prompts = [sample_prompts] if isinstance(sample_prompts, str) else (sample_prompts or default)
+        llama = Llama(raw_model, tokenizer, chat_format)
         for p, c in zip(prompts, llama.text_completion(prompts, sample_len, temperature=0)):
             log(p + c)
             log("-" * 80)

@@ -159,3 +159,16 @@ def test_cli_finetune_runs_and_samples(tiny_ckpt, data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "val loss" in r.stdout and "step     2/2" in r.stdout and "The cat" in r.stdout
     assert (tmp_path / "step_000002" / "consolidated.00.pth").is_file()
+
+
+@pytest.mark.slow
+def test_finetune_without_arguments_trains_the_demo_model_on_the_sample_text(tmp_path):
+    r = subprocess.run([sys.executable, "llama31.py", "finetune", "--out_dir", str(tmp_path), "--max_steps", "2",
+                        "--val_steps", "1", "--sample_len", "8", "--device", "cpu"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "SmolLM2-135M-Instruct on sample.txt" in r.stdout
+    val = [float(line.split("val loss")[1]) for line in r.stdout.splitlines() if "val loss" in line]
+    assert len(val) == 2 and all(0 < v < 10 for v in val)  # a real model: far below ln(49152) = 10.8
+    assert "Once upon a time, a little dog" in r.stdout and "not saved" in r.stdout
+    assert (tmp_path / "demo_data" / "sample_train.bin").is_file() and not list(tmp_path.glob("step_*"))
