@@ -48,7 +48,7 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = 1.3
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    use_scaled_rope: bool = True
+    use_scaled_rope: bool = False  # as in Meta's ModelArgs: Llama 3.0 params.json has no such key
     # Llama 3.1 RoPE frequency scaling; Llama 3.2 1B/3B use the same rule with factor 32
     rope_scale_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
@@ -182,9 +182,15 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
-        # mask None means plain causal attention over a sequence that starts at position 0
+        # mask None means plain causal attention over a sequence that starts at position 0.
+        # With a mask, repeat the KV heads: CUDA's memory-efficient kernel takes masks but not
+        # GQA, and the fallback (math) would store every (T, T) attention matrix.
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is not None and gqa:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+                                           enable_gqa=gqa and mask is None)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -242,7 +248,9 @@ class Transformer(nn.Module):
 
     def _rope(self, start_pos: int, seqlen: int, device):
         if self.rope_cos.device != device:
-            self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
+            # outside inference mode even when generation moves them, or training could not use them
+            with torch.inference_mode(False):
+                self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
         return self.rope_cos[start_pos:start_pos + seqlen], self.rope_sin[start_pos:start_pos + seqlen]
 
     def trunk(self, tokens, start_pos: int = 0, mask=None):
@@ -319,12 +327,36 @@ def default_device() -> str:
     return "cpu"
 
 
+def check_device(device) -> torch.device:
+    """A torch.device that exists on this machine, or a one-line error saying what to use."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cuda, cuda:N, mps or cpu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: MPS is not available here; use --device cpu")
+    return dev
+
+
+def check_number(name: str, value, kind=float, minimum=None):
+    """CLI arguments arrive as whatever fire parsed: say clearly when one is not a number."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
+    if not ok or (minimum is not None and value < minimum):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"--{name} must be {what}{f' >= {minimum}' if minimum is not None else ''}, got {value!r}")
+    return value
+
+
 def resolve_dtype(dtype, device) -> torch.dtype:
     """None picks bf16 on CUDA (where supported) and fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None:
-        cuda_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+        cuda_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.bfloat16 if cuda_bf16 else torch.float32
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -351,7 +383,7 @@ def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, devic
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise ConfigError(f"checkpoint directory {ckpt_dir} does not exist")
-    device = device or default_device()
+    device = check_device(device or default_device())
     dtype = resolve_dtype(dtype, device)
     overrides = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     if (ckpt_dir / "config.json").is_file() and not (ckpt_dir / "params.json").is_file():
@@ -497,6 +529,16 @@ def check_state_dict(model: nn.Module, state: dict, where, source: str = "params
         raise ConfigError(f"weights in {where} do not match its {source}: " + "; ".join(problems))
 
 
+def atomic_write(path: Path, write):
+    """write(tmp) to a temporary name next to path, flush it to disk, then rename it over path:
+    a reader (or a crash) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16):
     """Write params.json + consolidated.00.pth the way Meta ships them (bf16 by default).
     Each file is written to a temporary name and renamed, so a crash never leaves a half file."""
@@ -507,8 +549,9 @@ def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16):
               "vocab_size": a.vocab_size, "multiple_of": a.multiple_of,
               "ffn_dim_multiplier": a.ffn_dim_multiplier, "norm_eps": a.norm_eps,
               "rope_theta": a.rope_theta, "use_scaled_rope": a.use_scaled_rope}
-    if a.use_scaled_rope and a.rope_scale_factor != 8.0:
-        params["rope_scale_factor"] = a.rope_scale_factor
+    if a.use_scaled_rope:  # Meta's files leave these implicit; ours state them, so nothing is guessed
+        params.update(rope_scale_factor=a.rope_scale_factor, rope_low_freq_factor=a.rope_low_freq_factor,
+                      rope_high_freq_factor=a.rope_high_freq_factor, rope_original_max_len=a.rope_original_max_len)
     if a.ffn_dim is not None:
         params["ffn_dim"] = a.ffn_dim
         if int(8 * a.dim / 3) <= a.ffn_dim:  # Meta's rule gives ffn_dim exactly with these two
@@ -516,12 +559,8 @@ def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16):
     if a.tie_embeddings:  # output.weight is still written, as Meta's Llama 3.2 files have it
         params["tie_embeddings"] = True
     state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
-    tmp = ckpt_dir / "consolidated.00.pth.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, ckpt_dir / "consolidated.00.pth")
-    tmp = ckpt_dir / "params.json.tmp"
-    tmp.write_text(json.dumps(params, indent=2) + "\n")
-    os.replace(tmp, ckpt_dir / "params.json")
+    atomic_write(ckpt_dir / "consolidated.00.pth", lambda tmp: torch.save(state, tmp))
+    atomic_write(ckpt_dir / "params.json", lambda tmp: tmp.write_text(json.dumps(params, indent=2) + "\n"))
 
 
 # -----------------------------------------------------------------------------
@@ -748,17 +787,15 @@ def save_hf(model: Transformer, out_dir, dtype=torch.bfloat16, max_shard_bytes: 
         size += nbytes
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, shard in zip(names, shards):
-        save_file(shard, out_dir / f"{name}.tmp", metadata={"format": "pt"})  # transformers wants "pt"
-        os.replace(out_dir / f"{name}.tmp", out_dir / name)
+    for name, shard in zip(names, shards):  # transformers wants metadata format "pt"
+        atomic_write(out_dir / name, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
     files = {"config.json": {**hf_config(model.args, dtype), **config_overrides}}
     if len(shards) > 1:
         total = sum(v.numel() * v.element_size() for v in state.values())
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         files["model.safetensors.index.json"] = {"metadata": {"total_size": total}, "weight_map": weight_map}
     for name, content in files.items():
-        (out_dir / f"{name}.tmp").write_text(json.dumps(content, indent=2) + "\n")
-        os.replace(out_dir / f"{name}.tmp", out_dir / name)
+        atomic_write(out_dir / name, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
 
 
 # -----------------------------------------------------------------------------
@@ -981,6 +1018,17 @@ def sample_top_p(probs, p: float, generator: Optional[torch.Generator] = None):
     return torch.gather(probs_idx, -1, choice).squeeze(-1)
 
 
+def check_sampling_args(temperature, top_p, max_gen_len):
+    check_number("temperature", temperature)
+    check_number("top_p", top_p)
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if max_gen_len is not None and (check_number("max_gen_len", max_gen_len, int) < 1):
+        raise ConfigError(f"max_gen_len must be at least 1, got {max_gen_len}")
+
+
 class Llama:
     """A loaded model with its tokenizer (and how it wants a chat, if known): what sampling needs."""
 
@@ -1014,12 +1062,7 @@ class Llama:
         if len(prompt_tokens) > args.max_batch_size:
             raise ConfigError(f"{len(prompt_tokens)} prompts but max_batch_size is {args.max_batch_size}; "
                               f"raise max_batch_size")
-        if temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
-        if max_gen_len is not None and max_gen_len < 1:
-            raise ConfigError(f"max_gen_len must be at least 1, got {max_gen_len}")
+        check_sampling_args(temperature, top_p, max_gen_len)
         for i, t in enumerate(prompt_tokens):
             if not t:
                 raise ConfigError(f"prompt {i} is empty; give it at least one token")
@@ -1278,7 +1321,9 @@ class DistributedShardedDataLoader:
 # training: finetune in one process or under torchrun (DDP); checkpoints that resume exactly
 
 FINETUNE_TYPES = ("all", "rmsnorm", "no_embeddings")
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# dense bf16 peaks, matched against torch.cuda.get_device_name in this order
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "A10": 125e12}
 
 
 def select_trainable(model: Transformer, finetune_type: str):
@@ -1308,7 +1353,9 @@ def flops_per_token(model: Transformer, seqlen: int) -> float:
     """Training FLOPs per token: 6 per weight that multiplies (the embedding lookup does not),
     plus attention's scores and weighted sum, 12 * layers * dim * seqlen (PaLM, appendix B)."""
     a = model.args
-    n = sum(p.numel() for p in model.parameters()) - model.tok_embeddings.weight.numel()
+    n = sum(p.numel() for p in model.parameters())  # a tied output matrix is counted once
+    if not a.tie_embeddings:
+        n -= model.tok_embeddings.weight.numel()
     return 6 * n + 12 * a.n_layers * a.dim * seqlen
 
 
@@ -1335,16 +1382,18 @@ def setup_distributed(device: Optional[str]):
     launched with plain python."""
     import torch.distributed as dist
 
+    from datetime import timedelta
+
     info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
                     int(os.environ.get("WORLD_SIZE", 1)))
-    device = device or default_device()
-    if device == "cuda":
-        device = f"cuda:{info.local_rank}"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
+    dev = check_device(device or default_device())
+    if dev.type == "cuda":
+        dev = torch.device("cuda", info.local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
     if info.world_size > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return info, torch.device(device)
+        # generous: the other ranks wait in an all-reduce while rank 0 writes a checkpoint
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+    return info, dev
 
 
 def all_reduce_mean(x, info: DistInfo):
@@ -1366,13 +1415,15 @@ def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, optimize
     save_meta(model, tmp, dtype=torch.float32)
     shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                "rng": rng, "config": config}, tmp / "train_state.pt")
+    state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": rng,
+             "config": config}
+    atomic_write(tmp / "train_state.pt", lambda t: torch.save(state, t))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    latest_tmp = out_dir / "latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, out_dir / "latest")
+    atomic_write(out_dir / "latest", lambda t: t.write_text(final.name + "\n"))
+    fd = os.open(out_dir, os.O_RDONLY)  # make the renames themselves durable
+    os.fsync(fd)
+    os.close(fd)
     for old in sorted(out_dir.glob("step_*"))[:-keep]:
         if old.is_dir() and old != final and not old.name.endswith(".tmp"):
             shutil.rmtree(old)
@@ -1395,16 +1446,27 @@ def resolve_resume(resume, out_dir: Path) -> Path:
     return path
 
 
-# the settings a resumed run must share with the run that saved, for the data and the
-# optimizer state to line up
-RESUME_KEYS = ("B", "T", "world_size", "grad_accum", "finetune_type", "doc_mask")
-
-
-# Defaults of a real run, and of the demo (no --ckpt_dir: SmolLM2 on data/sample.txt, a minute on a CPU)
+# The settings of a run. A resumed run takes them from its checkpoint; one given again must
+# not differ (max_steps may, to train longer). Defaults of a real run, and of the demo (no
+# --ckpt_dir: SmolLM2 on data/sample.txt, a minute on a CPU). val_data "" means no validation.
 RUN_DEFAULTS = dict(train_data="tinystories/TinyStories_train_*.bin", val_data="tinystories/TinyStories_val.bin",
-                    B=4, T=256, max_steps=100, learning_rate=1e-5)
-DEMO_DEFAULTS = dict(B=2, T=64, max_steps=20, learning_rate=1e-4)
+                    finetune_type="all", B=4, T=256, total_batch_size=None, max_steps=100, learning_rate=1e-5,
+                    min_lr_ratio=0.1, warmup_steps=10, weight_decay=0.0, grad_clip=1.0, doc_mask=True)
+DEMO_DEFAULTS = {**RUN_DEFAULTS, "B": 2, "T": 64, "max_steps": 20, "learning_rate": 1e-4}
 DEMO_TEXT = Path(__file__).resolve().parent / "data" / "sample.txt"
+
+
+def resolve_settings(given: dict, saved: Optional[dict], demo: bool, where) -> dict:
+    if saved is None:
+        defaults = DEMO_DEFAULTS if demo else RUN_DEFAULTS
+        return {k: defaults[k] if v is None else v for k, v in given.items()}
+    clash = {k: (saved.get(k), v) for k, v in given.items()
+             if v is not None and k != "max_steps" and saved.get(k) != v}
+    if clash:
+        raise ConfigError(f"{where} was saved with different settings (saved, now): " +
+                          ", ".join(f"{k} {a} vs {b}" for k, (a, b) in clash.items()) +
+                          "; resume with the same settings, or leave them out to use the saved ones")
+    return {k: saved[k] if v is None else v for k, v in given.items()}
 
 
 def text_to_shards(text_path: Path, tokenizer: Tokenizer, out_dir: Path, n_val: int = 2):
@@ -1422,53 +1484,74 @@ def text_to_shards(text_path: Path, tokenizer: Tokenizer, out_dir: Path, n_val: 
 
 
 def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, val_data: Optional[str] = None,
-             out_dir: str = "out", finetune_type: str = "all", B: Optional[int] = None, T: Optional[int] = None,
-             total_batch_size: Optional[int] = None, max_steps: Optional[int] = None,
+             out_dir: str = "out", finetune_type: Optional[str] = None, B: Optional[int] = None,
+             T: Optional[int] = None, total_batch_size: Optional[int] = None, max_steps: Optional[int] = None,
              stop_after: Optional[int] = None, learning_rate: Optional[float] = None,
-             min_lr_ratio: float = 0.1, warmup_steps: int = 10, weight_decay: float = 0.0,
-             grad_clip: float = 1.0, doc_mask: bool = True, compile: bool = False,
-             val_every: int = 50, val_steps: int = 10, save_every: int = 0, resume=None,
-             tokenizer_path: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
-             seed: int = 1337, log_every: int = 1, sample_prompts=None, sample_len: int = 32):
+             min_lr_ratio: Optional[float] = None, warmup_steps: Optional[int] = None,
+             weight_decay: Optional[float] = None, grad_clip: Optional[float] = None,
+             doc_mask: Optional[bool] = None, compile: bool = False, val_every: int = 50, val_steps: int = 10,
+             save_every: int = 0, resume=None, tokenizer_path: Optional[str] = None, device: Optional[str] = None,
+             dtype: Optional[str] = None, seed: int = 1337, log_every: int = 1, sample_prompts=None,
+             sample_len: int = 32):
     """Finetune a checkpoint (Meta's or HF's layout, or a .gguf file) on .bin token shards.
 
     One process: python llama31.py finetune --ckpt_dir DIR ...; many: torchrun --nproc_per_node N
     llama31.py finetune ... . total_batch_size (tokens per optimizer step) sets the gradient
     accumulation: total_batch_size / (B * T * processes) micro-steps. bf16 autocast on CUDA over
     fp32 weights. Checkpoints go to out_dir/step_NNNNNN every save_every steps and at the end;
-    --resume latest continues exactly where the last one stopped. With neither --ckpt_dir nor
-    --resume, a demo: the SmolLM2 GGUF briefly finetuned on data/sample.txt, then sampled.
-    train_data, val_data, B, T, max_steps, learning_rate default to RUN_DEFAULTS (DEMO_DEFAULTS)."""
+    --resume latest continues exactly where the last one stopped, with its saved settings.
+    With neither --ckpt_dir nor --resume, a demo: the SmolLM2 GGUF briefly finetuned on
+    data/sample.txt, then sampled. Settings left out default to RUN_DEFAULTS (DEMO_DEFAULTS)."""
     import contextlib
 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    for name, value, kind, low in [("B", B, int, 1), ("T", T, int, 1), ("max_steps", max_steps, int, 1),
+                                   ("total_batch_size", total_batch_size, int, 1),
+                                   ("stop_after", stop_after, int, 1), ("learning_rate", learning_rate, float, 0),
+                                   ("min_lr_ratio", min_lr_ratio, float, 0), ("warmup_steps", warmup_steps, int, 0),
+                                   ("weight_decay", weight_decay, float, 0), ("grad_clip", grad_clip, float, 0),
+                                   ("val_every", val_every, int, 0), ("val_steps", val_steps, int, 1),
+                                   ("save_every", save_every, int, 0), ("log_every", log_every, int, 1)]:
+        if value is not None:
+            check_number(name, value, kind, low)
     info, dev = setup_distributed(device)
     log = print if info.master else (lambda *a, **k: None)
     out = Path(out_dir)
     demo = ckpt_dir is None and not resume
-    given = dict(train_data=train_data, val_data=val_data, B=B, T=T, max_steps=max_steps, learning_rate=learning_rate)
-    defaults = DEMO_DEFAULTS if demo else RUN_DEFAULTS
-    given = {k: defaults.get(k) if v is None else v for k, v in given.items()}
-    train_data, val_data, B, T, max_steps, learning_rate = given.values()
+    resume_dir = resolve_resume(resume, out) if resume else None
+    state = None
+    if resume_dir is not None:
+        state = torch.load(resume_dir / "train_state.pt", map_location="cpu", mmap=True, weights_only=True)
+        if state["config"]["world_size"] != info.world_size:
+            raise ConfigError(f"{resume_dir} was saved by {state['config']['world_size']} process(es); resume "
+                              f"with the same number (now {info.world_size})")
+    given = dict(train_data=train_data, val_data=val_data, finetune_type=finetune_type, B=B, T=T,
+                 total_batch_size=total_batch_size, max_steps=max_steps, learning_rate=learning_rate,
+                 min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                 grad_clip=grad_clip, doc_mask=doc_mask)
+    cfg = resolve_settings(given, state and state["config"], demo, resume_dir)
+    B, T, max_steps = cfg["B"], cfg["T"], cfg["max_steps"]
+    cfg["total_batch_size"] = cfg["total_batch_size"] or B * T * info.world_size
+    if cfg["total_batch_size"] % (B * T * info.world_size):
+        raise ConfigError(f"total_batch_size {cfg['total_batch_size']} is not a multiple of B*T*processes = "
+                          f"{B}*{T}*{info.world_size}; change one of them")
+    grad_accum = cfg["total_batch_size"] // (B * T * info.world_size)
+    step = state["step"] if state else 0
+    last_stop = min(max_steps, stop_after) if stop_after else max_steps
+    if step >= last_stop:
+        raise ConfigError(f"{resume_dir} is at step {step} already, and this run would stop at step {last_stop}; "
+                          f"raise --max_steps to train on")
     if demo:
         ckpt_dir = find_demo_gguf()
         log(f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
             f"{DEMO_TEXT.name}; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
-    total_batch_size = total_batch_size or B * T * info.world_size
-    if total_batch_size % (B * T * info.world_size):
-        raise ConfigError(f"total_batch_size {total_batch_size} is not a multiple of B*T*processes = "
-                          f"{B}*{T}*{info.world_size}; change one of them")
-    grad_accum = total_batch_size // (B * T * info.world_size)
-    config = {"B": B, "T": T, "world_size": info.world_size, "grad_accum": grad_accum,
-              "finetune_type": finetune_type, "doc_mask": doc_mask}
-
-    resume_dir = resolve_resume(resume, out) if resume else None
     source = resume_dir or ckpt_dir
-    if source is None:
-        raise ConfigError("finetune needs --ckpt_dir (a Meta-layout checkpoint) or --resume")
+
     # Weights stay fp32 (the optimizer's master copy); bf16 is autocast's job on CUDA.
     train_dtype = resolve_dtype(dtype, dev)
+    if train_dtype == torch.float16:
+        raise ConfigError("fp16 training needs loss scaling, which this loop does not do; use --dtype bf16 or fp32")
     autocast = (torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32
                 else contextlib.nullcontext())
     chat_format = None
@@ -1485,22 +1568,16 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         model = load_model(source, max_seq_len=max(T, 2048), device=dev, dtype=torch.float32,
                            vocab_size=tokenizer.n_words)
     model.train()
-    select_trainable(model, finetune_type)
+    select_trainable(model, cfg["finetune_type"])
+    train_data, val_data = cfg["train_data"], cfg["val_data"]
     if demo:
         train_data, val_data = text_to_shards(DEMO_TEXT, tokenizer, out / "demo_data")
     train_loader = DistributedShardedDataLoader(train_data, B, T, info.rank, info.world_size)
     val_loader = DistributedShardedDataLoader(val_data, B, T, info.rank, info.world_size) if val_data else None
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, device_type=dev.type)
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], device_type=dev.type)
+    config = {**cfg, "world_size": info.world_size}
 
-    step = 0
-    if resume_dir is not None:
-        state = torch.load(resume_dir / "train_state.pt", map_location="cpu", weights_only=False)
-        diff = {k: (state["config"].get(k), v) for k, v in config.items()
-                if k in RESUME_KEYS and state["config"].get(k) != v}
-        if diff:
-            raise ConfigError(f"{resume_dir} was saved with different settings (saved, now): " +
-                              ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()) +
-                              "; resume with the same settings")
+    if state is not None:
         try:
             optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:
@@ -1509,7 +1586,6 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         torch.set_rng_state(state["rng"]["cpu"])
         if dev.type == "cuda" and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        step = state["step"]
         log(f"resumed from {resume_dir} at step {step}")
     else:
         torch.manual_seed(seed)
@@ -1521,14 +1597,20 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
-    log(f"finetune ({finetune_type}): {n_trainable / 1e6:.1f}M trainable parameters, {info.world_size} "
-        f"process(es), grad_accum {grad_accum}, {total_batch_size} tokens/step, "
-        f"{train_loader.ntok_total} train tokens, document masking {'on' if doc_mask else 'off'}")
+    log(f"finetune ({cfg['finetune_type']}): {n_trainable / 1e6:.1f}M trainable parameters, {info.world_size} "
+        f"process(es), grad_accum {grad_accum}, {cfg['total_batch_size']} tokens/step, "
+        f"{train_loader.ntok_total} train tokens, document masking {'on' if cfg['doc_mask'] else 'off'}")
     peak = peak_flops(dev)
     fpt = flops_per_token(raw_model, T)
-    bos = tokenizer.bos_id
-    last_stop = min(max_steps, stop_after) if stop_after else max_steps
+    bos, doc_mask = tokenizer.bos_id, cfg["doc_mask"]
     stats = {"train_loss": None, "val_loss": None}
+
+    def batch(loader, data):
+        x, y = loader.next_batch()
+        if int(x.max()) >= raw_model.args.vocab_size or int(y.max()) >= raw_model.args.vocab_size:
+            raise ConfigError(f"{data} holds token id {max(int(x.max()), int(y.max()))}, outside this model's "
+                              f"vocabulary of {raw_model.args.vocab_size}; tokenize the data with its tokenizer")
+        return x.to(dev), y.to(dev)
 
     def evaluate():
         raw_model.eval()
@@ -1536,7 +1618,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         total = torch.zeros((), device=dev)
         with torch.no_grad():
             for _ in range(val_steps):
-                x, y = (t.to(dev) for t in val_loader.next_batch())
+                x, y = batch(val_loader, val_data)
                 with autocast:
                     total += raw_model.forward_loss(x, y, mask=document_mask(x, bos) if doc_mask else None)
         raw_model.train()
@@ -1550,7 +1632,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=dev)
         for micro in range(grad_accum):
-            x, y = (t.to(dev) for t in train_loader.next_batch())
+            x, y = batch(train_loader, train_data)
             mask = document_mask(x, bos) if doc_mask else None
             # all-reduce gradients only on the last micro-step
             sync = model.no_sync() if info.world_size > 1 and micro < grad_accum - 1 else contextlib.nullcontext()
@@ -1559,8 +1641,9 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
                     loss = model(x, y, mask=mask) / grad_accum
                 loss.backward()
             loss_sum += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        lr = lr_at(step, max_steps, learning_rate, warmup_steps, learning_rate * min_lr_ratio)
+        norm = torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
+        peak_lr = cfg["learning_rate"]
+        lr = lr_at(step, max_steps, peak_lr, cfg["warmup_steps"], peak_lr * cfg["min_lr_ratio"])
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
@@ -1568,7 +1651,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         dt = time.time() - t0
         step += 1
         if step % log_every == 0 or step == last_stop:
-            tps = total_batch_size / dt
+            tps = cfg["total_batch_size"] / dt
             mfu = f" | mfu {100 * tps * fpt / (peak * info.world_size):.1f}%" if peak else ""
             log(f"step {step:5d}/{max_steps} | loss {stats['train_loss']:.4f} | lr {lr:.2e} | "
                 f"norm {norm.item():.3f} | {dt * 1000:.0f} ms | {tps:,.0f} tok/s{mfu}")
@@ -1633,15 +1716,20 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     chat = demo if chat is None else chat
     if isinstance(prompts, str):
         prompts = [prompts]
-    prompts = list((DEFAULT_CHAT_PROMPTS if chat else DEFAULT_PROMPTS) if prompts is None else prompts)
-    if not prompts:
-        raise ConfigError("no prompts given; pass at least one with --prompts")
+    prompts = (DEFAULT_CHAT_PROMPTS if chat else DEFAULT_PROMPTS) if prompts is None else prompts
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"--prompts must be a string or a list of strings, e.g. '[\"Hello\"]', got {prompts!r}")
+    prompts = list(prompts)
+    check_sampling_args(temperature, top_p, max_gen_len)  # before the (slow) load, not after
+    for name, value in [("max_seq_len", max_seq_len), ("seed", seed)] + \
+            ([("max_batch_size", max_batch_size)] if max_batch_size is not None else []):
+        check_number(name, value, int, 0)
     for i, p in enumerate(prompts):
         if not chat and p != p.rstrip():
             # ' word' is one token, so a prompt ending in a space makes the next token unnatural
             print(f"note: prompt {i} ends with whitespace, which usually hurts a base model's completion",
                   file=sys.stderr)
-    device = device or default_device()
+    device = check_device(device or default_device())
     t0 = time.time()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size or len(prompts), device, dtype,
                         rope_scale_factor)
@@ -1685,6 +1773,9 @@ def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
         raise ConfigError(f"unknown format {format!r}; use hf or meta")
     if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
         raise ConfigError("out_dir is ckpt_dir; write the converted checkpoint to a new directory")
+    if Path(ckpt_dir).is_file():
+        raise ConfigError(f"{ckpt_dir} is a file; export converts checkpoint directories (Meta's or HF's "
+                          f"layout), not GGUF files")
     model = load_model(ckpt_dir, device="cpu", dtype=dtype, rope_scale_factor=rope_scale_factor)
     (save_hf if format == "hf" else save_meta)(model, out_dir, dtype=resolve_dtype(dtype, "cpu"))
     print(f"wrote {out_dir} ({format}, {dtype})", file=sys.stderr)
