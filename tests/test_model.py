@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_model
-from llama31 import ModelArgs, RMSNorm, apply_rope, precompute_rope, scale_rope_freqs
+from llama31 import Linear, ModelArgs, RMSNorm, apply_rope, onednn_enabled, precompute_rope, scale_rope_freqs
 
 
 def llama31_scaled_freq(freq, factor=8.0, low=1.0, high=4.0, old_len=8192):
@@ -130,3 +130,44 @@ def test_configure_optimizers_decays_matrices_only():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     # the gains of both norms per layer plus the final norm are the only undecayed tensors
     assert len(no_decay["params"]) == 2 * model.args.n_layers + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_linear_matches_the_matrix_product(dtype):
+    # one row takes PyTorch's own matrix-vector kernel (oneDNN off); several rows take the usual one
+    torch.manual_seed(0)
+    layer = Linear(256, 1000).to(dtype)
+    x = torch.randn(3, 1, 256).to(dtype)
+    want = (x.double() @ layer.weight.double().T).to(dtype)
+    with onednn_enabled(True):
+        rows = layer(x)
+    one = torch.cat([layer(x[i:i + 1]) for i in range(3)])
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    assert one.dtype == rows.dtype == dtype and one.shape == rows.shape == (3, 1, 1000)
+    assert torch.allclose(one.double(), want.double(), **tol)
+    assert torch.allclose(rows.double(), want.double(), **tol)
+    assert torch.backends.mkldnn.enabled  # switched back on
+
+
+@pytest.mark.slow
+def test_compiled_decoding_matches_eager():
+    model = random_model(max_seq_len=64)
+    tokens = torch.randint(0, 128256, (2, 16))
+
+    def decode(rows):
+        model.setup_caches(rows, 64)
+        try:
+            steps = [model.forward_inference(tokens[:rows, :6], 0, last_only=True)]
+            steps += [model.forward_inference(tokens[:rows, p:p + 1], p) for p in range(6, 16)]
+        finally:
+            model.clear_caches()
+        return torch.cat(steps, dim=1)
+
+    eager = [decode(1), decode(2)]
+    model.compile_decoding()
+    try:
+        compiled = [decode(1), decode(2)]  # one row (multiply-and-sum matmuls), then a batch
+    finally:
+        model.compiled_step = None
+    for e, c in zip(eager, compiled):
+        assert torch.allclose(e, c, atol=1e-4), (e - c).abs().max()

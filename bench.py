@@ -1,0 +1,470 @@
+"""
+Speed and memory of llama31 measured side by side with HF transformers' LlamaForCausalLM: the same
+random weights, the same dtype, one process, runs interleaved so both see the same machine.
+
+    python bench.py                                           # CPU: 90M shape, fp32 and bf16
+    python bench.py --device cuda --shape 8b --dtypes bf16    # GPU: decode of the 8B shape
+    python bench.py --device cuda --shape 1b --dtypes bf16    # GPU: finetune MFU of the 1B shape
+
+Rows (median over --repeats runs after a warm-up; ratio = llama31 / HF):
+  roof      GEMV roofline: y = x @ W.T with the output layer's (vocab, dim) matrix, weight bytes/s,
+            the fastest PyTorch kernel for it (on CPU bf16 both oneDNN's and PyTorch's own)
+  decode    batch-1 greedy tokens/s after the first token: llama31's generate_stream against HF's
+            generate(do_sample=False, min_new_tokens=max_new_tokens), plus a bare HF forward loop;
+            "roof" is the weight + KV-cache bytes read per token times tokens/s over the GEMV roof
+  prefill   prompt tokens/s of one forward that fills the KV cache and returns the last logits
+  finetune  tokens/s of forward + backward + AdamW step (bf16: autocast over fp32 weights, as
+            llama31.py finetune does; MFU on known GPUs)
+  load      peak RSS growth of load_model + touching every weight, in a fresh process, over the
+            checkpoint's file size (the checkpoint is saved in the row's dtype, loaded in it)
+"""
+
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+import llama31
+from llama31 import Llama, ModelArgs, Transformer
+
+# Llama 3.1 shapes; 90m keeps the real vocabulary, so its output layer is the largest matrix
+SHAPES = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=32),  # tests
+    "90m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=128256),
+    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+               ffn_dim_multiplier=1.5, rope_scale_factor=32.0),
+    "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+               ffn_dim_multiplier=1.3),
+}
+SECTIONS = ("roof", "decode", "prefill", "finetune", "load")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def default_dtype(dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def interleaved(cases: dict, repeats: int, warmup: int = 1) -> dict:
+    """Run every case `warmup` times, then `repeats` rounds of one run each, alternating, so slow
+    spells of a shared machine hit all cases alike. Each case returns a number; lists come back."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    results = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            results[name].append(fn())
+    return results
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# the two models on the same weights
+
+
+def build_ours(args: ModelArgs, dtype, device, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(dtype):
+        return Transformer(args).eval()
+
+
+def build_hf(ours: Transformer):
+    """LlamaForCausalLM with SDPA attention holding a copy of ours' weights (converted the way
+    save_hf converts them)."""
+    import transformers
+
+    p = ours.output.weight
+    ids = {} if ours.args.vocab_size > 128001 else {"bos_token_id": None, "eos_token_id": None}  # tiny vocab
+    cfg = transformers.LlamaConfig(**llama31.hf_config(ours.args, p.dtype, **ids))
+    with torch.device(p.device):
+        hf = transformers.LlamaForCausalLM._from_config(cfg, dtype=p.dtype, attn_implementation="sdpa")
+    hf.load_state_dict(llama31.to_hf_state_dict(ours.state_dict(), ours.args))
+    return hf.eval()
+
+
+# -----------------------------------------------------------------------------
+# measurements
+
+
+def gemv_roof(args: ModelArgs, dtype, device, repeats: int, compile: bool = True):
+    """The machine's decode roofline: weight bytes/s of y = x @ W.T for the (vocab, dim) output
+    matrix, the largest one a decode step reads, by the fastest kernel PyTorch has for it: the
+    aten matmul (on CPU in bf16 with oneDNN on and off), and Inductor's multiply-and-sum (what
+    llama31's compiled decode step uses). Also the plain read bandwidth of W, for reference."""
+    torch.manual_seed(0)
+    w = torch.randn(args.vocab_size, args.dim, device=device).to(dtype)
+    x = torch.randn(1, args.dim, device=device).to(dtype)
+    n = max(1, int(2e8 // w.nbytes))  # ~200 MB per timing
+
+    def timer(fn, onednn=True):
+        def run():
+            with llama31.onednn_enabled(onednn):
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                sync(device)
+                return w.nbytes * n / (time.perf_counter() - t0)
+        return run
+
+    cases = {"x @ W.T": timer(lambda: x @ w.T), "read": timer(lambda: w.sum())}
+    if compile:
+        multiply_sum = torch.compile(lambda x, w: (x.float().unsqueeze(-2) * w.float()).sum(-1).type_as(x))
+        cases["compiled multiply-sum"] = timer(lambda: multiply_sum(x, w))
+    if device.type == "cpu" and dtype != torch.float32:
+        cases["x @ W.T, oneDNN off"] = timer(lambda: x @ w.T, onednn=False)
+    res = {k: median(v) for k, v in interleaved(cases, repeats).items()}
+    read = res.pop("read")
+    best = max(res, key=res.get)
+    others = ", ".join(f"{k} {fmt(v, 'B/s')}" for k, v in res.items() if k != best)
+    return res[best], f"{best}; {others}; plain read {fmt(read, 'B/s')}"
+
+
+def decode_bytes_per_token(model: Transformer, context: float) -> float:
+    """Bytes one decode step must read: every weight but the embedding table (one row of it is
+    gathered), plus the KV cache up to the current position."""
+    a = model.args
+    weights = sum(p.nbytes for n, p in model.named_parameters() if not n.startswith("tok_embeddings"))
+    kv = 2 * a.n_layers * a.n_kv_heads * a.head_dim * context * model.output.weight.element_size()
+    return weights + kv
+
+
+class _Ids:
+    """What Llama.generate_stream needs of a tokenizer: no stop tokens, so every run makes exactly
+    new_tokens tokens (HF's side gets min_new_tokens for the same)."""
+    pad_id = 0
+    stop_tokens = []
+
+
+class _Clock:
+    """An HF streamer that only notes when each put() arrives (put 0 is the prompt)."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def put(self, value):
+        sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def decode_rate(times) -> float:
+    """Tokens/s between the first new token and the last."""
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def bench_decode(ours, hf, prompt_len: int, new_tokens: int, repeats: int, seed: int, compile: bool):
+    device = ours.output.weight.device
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, ours.args.vocab_size, (1, prompt_len), generator=g)
+    llama = Llama(ours, _Ids())
+
+    def run_ours():
+        times = []
+        for _ in llama.generate_stream([prompt[0].tolist()], new_tokens, temperature=0):
+            times.append(time.perf_counter())  # each step ends in .tolist(), so the device is done
+        assert len(times) == new_tokens
+        return decode_rate(times)
+
+    ids = prompt.to(device)
+
+    @torch.inference_mode()
+    def run_hf():
+        clock = _Clock(device)
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, streamer=clock, pad_token_id=0)
+        assert out.shape[1] == prompt_len + new_tokens and len(clock.times) == new_tokens + 1
+        return decode_rate(clock.times[1:])
+
+    @torch.inference_mode()
+    def run_hf_loop():
+        # the least HF needs for greedy decoding: model calls on its cache and an argmax
+        from transformers import DynamicCache
+        cache, times, nxt = DynamicCache(config=hf.config), [], ids
+        for _ in range(new_tokens):
+            logits = hf(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            nxt.item()  # what a caller does with each token; also waits for the device
+            times.append(time.perf_counter())
+        return decode_rate(times)
+
+    cases = {"ours": run_ours, "hf": run_hf, "hf_loop": run_hf_loop}
+    if compile:
+        compiled = ours.compile_decoding().compiled_step
+        ours.compiled_step = None
+
+        def run_compiled():
+            ours.compiled_step = compiled
+            try:
+                return run_ours()
+            finally:
+                ours.compiled_step = None
+        cases["compiled"] = run_compiled  # its warm-up run compiles
+    res = interleaved(cases, repeats)
+    return {k: median(v) for k, v in res.items()}
+
+
+def bench_prefill(ours, hf, prompt_len: int, repeats: int, seed: int):
+    device = ours.output.weight.device
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, ours.args.vocab_size, (1, prompt_len), generator=g).to(device)
+
+    def timed(fn):
+        def run():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            return prompt_len / (time.perf_counter() - t0)
+        return run
+
+    def ours_prefill():
+        ours.setup_caches(1, prompt_len)
+        try:
+            ours.forward_inference(ids, 0, last_only=True)
+        finally:
+            ours.clear_caches()
+
+    @torch.inference_mode()
+    def hf_prefill():
+        hf(ids, use_cache=True, logits_to_keep=1)
+
+    res = interleaved({"ours": timed(ours_prefill), "hf": timed(hf_prefill)}, repeats)
+    return {k: median(v) for k, v in res.items()}
+
+
+def bench_finetune(args: ModelArgs, dtype, device, B: int, T: int, repeats: int, seed: int):
+    """Training step tokens/s. Weights fp32 (the optimizer's master copy); bf16/fp16 run the
+    forward under autocast, as llama31.py finetune does."""
+    ours = build_ours(args, torch.float32, device, seed).train()
+    hf = build_hf(ours).train()
+    # fused AdamW on both sides: llama31's configure_optimizers and HF Trainer's default
+    # (adamw_torch_fused) both use it on CUDA and CPU
+    fused = device.type in ("cuda", "cpu")
+    opt_ours = ours.configure_optimizers(0.0, 1e-5, device_type=device.type)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    g = torch.Generator().manual_seed(seed + 2)
+    data = torch.randint(0, args.vocab_size, (B, T + 1), generator=g).to(device)
+    x, y = data[:, :-1], data[:, 1:]
+
+    def step(fn, opt):
+        def run():
+            sync(device)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = fn()
+            loss.backward()
+            opt.step()
+            sync(device)
+            return B * T / (time.perf_counter() - t0)
+        return run
+
+    # HF shifts labels itself: labels=x predicts x[1:] from x[:-1], the same work as ours on (x, y)
+    res = interleaved({"ours": step(lambda: ours(x, y), opt_ours),
+                       "hf": step(lambda: hf(input_ids=x, labels=x).loss, opt_hf)}, repeats)
+    out = {k: median(v) for k, v in res.items()}
+    peak = llama31.peak_flops(device)
+    if peak:
+        fpt = llama31.flops_per_token(ours, T)
+        out["mfu"] = {k: v * fpt / peak for k, v in out.items()}
+    return out
+
+
+def rss_kb(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process in KiB, from /proc on Linux. Not ru_maxrss
+    there: Linux carries it across fork + exec, so a child of a big parent reports the parent's
+    size. Elsewhere ru_maxrss (bytes on macOS) is the best there is."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak
+
+
+def load_worker(ckpt_dir: str, dtype: str):
+    """Child process: RSS before and peak after load_model and touching every weight, as JSON."""
+    with torch.device("meta"):  # pay the one-time import of torch's meta-device machinery first
+        Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=8))
+    before = rss_kb("VmRSS")
+    model = llama31.load_model(ckpt_dir, max_seq_len=256, max_batch_size=1, device="cpu", dtype=dtype)
+    with torch.no_grad():
+        total = sum(float(p.sum()) for p in model.parameters())  # reads every byte of every weight
+    print(json.dumps({"before_kb": before, "peak_kb": rss_kb("VmHWM"), "checksum": total}))
+
+
+def bench_load(args: ModelArgs, dtype_name: str, seed: int):
+    """Save a checkpoint in dtype, load it in dtype in a fresh process; RSS growth / file bytes."""
+    dtype = llama31.DTYPES[dtype_name]
+    model = build_ours(args, dtype, torch.device("cpu"), seed)
+    with tempfile.TemporaryDirectory(prefix="bench_ckpt_") as d:
+        llama31.save_meta(model, d, dtype=dtype)
+        del model
+        gc.collect()
+        size = sum(f.stat().st_size for f in Path(d).glob("*.pth"))
+        code = f"import bench; bench.load_worker({d!r}, {dtype_name!r})"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent)
+        if out.returncode:
+            raise RuntimeError(f"load worker failed:\n{out.stderr}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+    grown = (r["peak_kb"] - r["before_kb"]) * 1024  # ru_maxrss is in KiB on Linux
+    return {"file_bytes": size, "rss_bytes": grown, "ratio": grown / size, "base_bytes": r["before_kb"] * 1024}
+
+
+# -----------------------------------------------------------------------------
+# the table
+
+
+def fmt(x, unit=""):
+    if x is None:
+        return ""
+    if isinstance(x, str):
+        return x
+    if x >= 1e9:
+        return f"{x / 1e9:.1f} G{unit}"
+    if x >= 1e6:
+        return f"{x / 1e6:.1f} M{unit}"
+    if x >= 100:
+        return f"{x:,.0f}{unit and ' ' + unit}"
+    return f"{x:.1f}{unit and ' ' + unit}"
+
+
+def print_table(rows):
+    head = ("metric", "dtype", "llama31", "HF", "ratio", "notes")
+    table = [head] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head) - 1)]
+    for i, r in enumerate(table):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        if i == 0:
+            print("  ".join("-" * w for w in widths) + "  " + "-" * 5)
+
+
+def machine(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len: int = 128,
+         new_tokens: int = 32, prefill_len: int = 256, B: int = 1, T: int = 128, repeats: int = 5,
+         train_repeats: int = 3, sections=",".join(SECTIONS), compile: bool = True, threads: int = 0,
+         seed: int = 0):
+    """Print the benchmark table. dtypes and sections are comma-separated lists (sections: roof,
+    decode, prefill, finetune, load). compile: also time llama31's compiled decode step
+    (--nocompile skips it and its compile time).
+    threads sets torch's CPU threads (0: torch's default)."""
+    import transformers
+
+    def as_list(v):
+        return [s.strip() for s in (v.split(",") if isinstance(v, str) else v) if s.strip()]
+
+    dtypes, sections = as_list(dtypes), as_list(sections)
+    if shape not in SHAPES:
+        raise SystemExit(f"error: unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
+    unknown = [s for s in sections if s not in SECTIONS] + [d for d in dtypes if d not in llama31.DTYPES]
+    if unknown:
+        raise SystemExit(f"error: unknown section or dtype {', '.join(unknown)}; sections: "
+                         f"{', '.join(SECTIONS)}; dtypes: {', '.join(llama31.DTYPES)}")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    transformers.logging.set_verbosity_error()
+    args = ModelArgs(**SHAPES[shape], max_seq_len=max(prompt_len + new_tokens, prefill_len, T), max_batch_size=1)
+    n_params = sum(p.numel() for p in build_ours(args, torch.float32, "meta", seed).parameters())
+    print(f"shape {shape}: {args.n_layers} layers, dim {args.dim}, {args.n_heads}/{args.n_kv_heads} heads, "
+          f"ffn {args.ffn_hidden_dim}, vocab {args.vocab_size}, {n_params / 1e6:.1f}M params")
+    print(f"{machine(dev)}; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"decode: prompt {prompt_len} + {new_tokens} new tokens; prefill {prefill_len} tokens; "
+          f"finetune B={B} T={T}; median of {repeats} ({train_repeats} for finetune)", flush=True)
+
+    rows = []
+    for name in dtypes:
+        dtype = llama31.DTYPES[name]
+        t0 = time.time()
+        roof = None
+        if "roof" in sections:
+            roof, note = gemv_roof(args, dtype, dev, repeats, compile)
+            rows.append((f"GEMV roof {args.vocab_size}x{args.dim}", name, fmt(roof, "B/s"), "", "", note))
+        if "decode" in sections or "prefill" in sections:
+            ours = build_ours(args, dtype, dev, seed)
+            hf = build_hf(ours)
+            if "decode" in sections:
+                r = bench_decode(ours, hf, prompt_len, new_tokens, repeats, seed, compile)
+                bpt = decode_bytes_per_token(ours, prompt_len + new_tokens / 2)
+
+                def of_roof(rate):
+                    return f"{100 * rate * bpt / roof:.0f}% of roof" if roof else ""
+                rows.append(("decode tok/s (HF generate)", name, fmt(r["ours"]), fmt(r["hf"]),
+                             f"{r['ours'] / r['hf']:.2f}x", f"{of_roof(r['ours'])}; HF {of_roof(r['hf'])}; "
+                                                            f"{fmt(bpt, 'B')} read/token"))
+                rows.append(("decode tok/s (HF forward loop)", name, fmt(r["ours"]), fmt(r["hf_loop"]),
+                             f"{r['ours'] / r['hf_loop']:.2f}x", f"HF {of_roof(r['hf_loop'])}"))
+                if compile:
+                    rows.append(("decode tok/s, compiled (HF generate)", name, fmt(r["compiled"]), fmt(r["hf"]),
+                                 f"{r['compiled'] / r['hf']:.2f}x", of_roof(r["compiled"])))
+            if "prefill" in sections:
+                r = bench_prefill(ours, hf, prefill_len, repeats, seed)
+                rows.append((f"prefill tok/s ({prefill_len})", name, fmt(r["ours"]), fmt(r["hf"]),
+                             f"{r['ours'] / r['hf']:.2f}x", ""))
+            del ours, hf
+            gc.collect()
+        if "finetune" in sections:
+            r = bench_finetune(args, dtype, dev, B, T, train_repeats, seed)
+            note = "autocast over fp32 weights" if dtype != torch.float32 else ""
+            if "mfu" in r:
+                note += f"{'; ' if note else ''}MFU {100 * r['mfu']['ours']:.1f}% vs {100 * r['mfu']['hf']:.1f}%"
+            rows.append((f"finetune tok/s (B={B} T={T})", name, fmt(r["ours"]), fmt(r["hf"]),
+                         f"{r['ours'] / r['hf']:.2f}x", note))
+            gc.collect()
+        if "load" in sections:
+            r = bench_load(args, name, seed)
+            rows.append(("load peak RSS / checkpoint", name, f"{r['ratio']:.2f}x", "", "",
+                         f"+{fmt(r['rss_bytes'], 'B')} for a {fmt(r['file_bytes'], 'B')} file "
+                         f"(process had {fmt(r['base_bytes'], 'B')} before)"))
+        print(f"[{name} done in {time.time() - t0:.0f}s]", file=sys.stderr, flush=True)
+    print()
+    print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main, serialize=lambda _: None)

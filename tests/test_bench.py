@@ -1,0 +1,30 @@
+"""bench.py runs end to end and prints every row of its table (a smoke test: tiny shape, one
+repeat; timings are not checked)."""
+
+import bench
+
+
+def test_bench_prints_every_row(capsys):
+    rows = bench.main(shape="tiny", dtypes="fp32", prompt_len=8, new_tokens=3, prefill_len=8, T=8,
+                      repeats=1, train_repeats=1, compile=False)
+    out = capsys.readouterr().out
+    metrics = [r[0] for r in rows]
+    for name in ("GEMV roof", "decode tok/s (HF generate)", "decode tok/s (HF forward loop)", "prefill tok/s",
+                 "finetune tok/s", "load peak RSS / checkpoint"):
+        assert any(m.startswith(name) for m in metrics), name
+        assert name in out
+    for metric, dtype, ours, hf, ratio, _ in rows:
+        assert dtype == "fp32" and ours
+        if hf:  # a row that compares llama31 with HF has a ratio
+            assert ratio.endswith("x") and float(ratio[:-1]) > 0
+    load = next(r for r in rows if r[0].startswith("load"))
+    assert float(load[2].rstrip("x")) >= 0  # a tiny checkpoint barely moves the RSS
+
+
+def test_bench_rejects_unknown_shape_and_section(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit, match="unknown shape"):
+        bench.main(shape="70b")
+    with pytest.raises(SystemExit, match="unknown section or dtype"):
+        bench.main(shape="tiny", sections="decode,speed")
