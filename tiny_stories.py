@@ -131,6 +131,8 @@ def download_file(url: str, path, retries: int = 5, retry_wait: float = 2.0, tim
             continue
         except ConfigError as e:  # an HTTP error status: retrying right away would not help
             raise ConfigError(f"{e}{kept_note(part)}") from None
+        except requests.RequestException as e:  # a malformed URL, an unsupported scheme, ...
+            raise ConfigError(f"cannot download {url} ({e}); check --url") from None
         os.replace(part, path)
         return path
     raise ConfigError(f"downloading {url} failed after {retries + 1} attempts ({problem}){kept_note(part)}")
@@ -254,6 +256,8 @@ def prepare(url: str = URL, out_dir="tinystories", tokenizer_path=None, workers=
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out_dir {out_dir} is a file; give a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     archive = download_file(url, out_dir / ARCHIVE_NAME)
     json_dir = unpack(archive, out_dir / JSON_DIR_NAME)

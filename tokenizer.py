@@ -4,18 +4,41 @@ The Llama 3 tokenizer: tiktoken BPE over Meta's tokenizer.model, plus 256 specia
 tokenizer.model is a text file of "base64(token bytes) rank" lines. Official checkpoint
 directories ship it; Meta's `llama-models` package on PyPI carries the same file, which
 find_tokenizer_model() uses when no path is given.
+
+The same class also serves the byte-level BPE vocabularies that GGUF files carry (Llama 3.x GGUFs
+from llama.cpp/ollama, SmolLM2): Tokenizer.from_gguf builds it from the file's metadata.
 """
 
 import base64
 import importlib.util
 from pathlib import Path
-from typing import AbstractSet, Collection, Iterator, List, Literal, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Optional, Sequence, Union
 
 import tiktoken
 
 # Llama 3's pre-tokenizer split: contractions, letter runs, 1-3 digit groups, punctuation, whitespace
 PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# GPT-2's split: case-sensitive contractions, a space glued to the next word, number or symbol run
+GPT2_PAT_STR = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+# SmolLM2 (llama.cpp's "smollm", as StarCoder): first cut every digit out on its own, then split
+# each remaining piece with GPT-2's pattern. In one regex: a digit is a piece by itself, and
+# whitespace before a digit ends a piece the way the end of the text does, hence (?![^\s\p{N}]).
+SMOLLM_PAT_STR = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
+
+# tokenizer.ggml.pre -> split pattern, for the pre-tokenizers this project has checked
+GGUF_PRE_TOKENIZERS = {
+    "llama-bpe": PAT_STR, "llama3": PAT_STR, "llama-v3": PAT_STR,
+    "smollm": SMOLLM_PAT_STR,
+    "gpt2": GPT2_PAT_STR,
+}
+
+# Names that end a turn (or a document) in the vocabularies we load; sampling stops at them.
+END_OF_TURN_TOKENS = ["<|eot_id|>", "<|eom_id|>", "<|im_end|>"]
+END_OF_TEXT_TOKENS = ["<|end_of_text|>", "<|endoftext|>"]
 
 NUM_RESERVED_SPECIAL_TOKENS = 256
 # The named special tokens, in Meta's order; reserved_special_token_2.. fill the rest of the 256.
@@ -82,29 +105,128 @@ def load_bpe_ranks(path: Path) -> dict:
     return ranks
 
 
+@dataclass
+class Vocab:
+    """Everything a Tokenizer is built from, whichever file it came from."""
+    name: str
+    mergeable_ranks: Dict[bytes, int]  # token bytes -> id; BPE merges the lowest-ranked pair first
+    pat_str: str  # the pre-tokenizer: BPE runs within each match of this regex
+    special_tokens: Dict[str, int]
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    add_bos: bool = True  # whether plain text gets BOS in front (Llama 3 yes, SmolLM2 no)
+    # Tokens matched whole in any text, like llama.cpp's user-defined tokens (not special)
+    always_split: frozenset = field(default_factory=frozenset)
+
+
+def meta_vocab(model_path) -> Vocab:
+    """Meta's tokenizer.model: the BPE ranks, then 256 special tokens in Meta's order."""
+    model_path = Path(model_path)
+    mergeable_ranks = load_bpe_ranks(model_path)
+    num_base_tokens = len(mergeable_ranks)
+    names = NAMED_SPECIAL_TOKENS + [
+        f"<|reserved_special_token_{i}|>"
+        for i in range(2, 2 + NUM_RESERVED_SPECIAL_TOKENS - len(NAMED_SPECIAL_TOKENS))
+    ]
+    special = {name: num_base_tokens + i for i, name in enumerate(names)}
+    return Vocab(model_path.name, mergeable_ranks, PAT_STR, special, bos_id=special["<|begin_of_text|>"],
+                 eos_id=special["<|end_of_text|>"], pad_id=special["<|finetune_right_pad_id|>"])
+
+
+def bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2's byte -> printable character table: byte-level vocabularies spell every token with
+    these 256 characters (printable Latin-1 bytes stand for themselves, the rest map to 256+)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    table, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+GGUF_TOKEN_NORMAL, GGUF_TOKEN_USER_DEFINED = 1, 4
+
+
+def gguf_vocab(meta: dict, name: str = "gguf") -> Vocab:
+    """A byte-level BPE vocabulary from GGUF metadata (the tokenizer.ggml.* keys, as plain values).
+    Normal tokens become tiktoken ranks (rank = token id); every other token (control, user-defined,
+    unused) is special, spelled as its text."""
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ConfigError(f"{name}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2', as in "
+                          f"Llama 3 and SmolLM2) is supported")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ConfigError(f"{name}: pre-tokenizer tokenizer.ggml.pre={pre!r} is not supported; "
+                          f"supported: {', '.join(GGUF_PRE_TOKENIZERS)}")
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or [GGUF_TOKEN_NORMAL] * len(tokens)
+    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
+    ranks, special, user_defined = {}, {}, set()
+    for i, (tok, kind) in enumerate(zip(tokens, types)):
+        if kind == GGUF_TOKEN_NORMAL:
+            try:
+                ranks[bytes(byte_of[ch] for ch in tok)] = i
+            except KeyError:
+                raise ConfigError(f"{name}: token {i} {tok!r} is not spelled in the byte-level alphabet") from None
+        else:
+            special[tok] = i
+            if kind == GGUF_TOKEN_USER_DEFINED:
+                user_defined.add(tok)
+    if len(ranks) + len(special) != len(tokens):
+        raise ConfigError(f"{name}: the vocabulary spells some tokens twice")
+    # tiktoken merges the pair whose result has the lowest id; that is the file's merge order only
+    # if merge results never go down in id, as in vocabularies trained by BPE (and Llama 3's).
+    merges = meta.get("tokenizer.ggml.merges", [])
+    merged = [ranks.get(bytes(byte_of[ch] for ch in m.replace(" ", "", 1))) for m in merges]
+    if any(r is None for r in merged) or any(a > b for a, b in zip(merged, merged[1:])):
+        raise ConfigError(f"{name}: the merges are not in token-id order, which this tiktoken-based "
+                          f"tokenizer needs")
+    bos_id = meta.get("tokenizer.ggml.bos_token_id", special.get("<|begin_of_text|>"))
+    eos_id = meta.get("tokenizer.ggml.eos_token_id", special.get("<|end_of_text|>"))
+    if bos_id is None or eos_id is None:
+        raise ConfigError(f"{name}: no tokenizer.ggml.bos_token_id / eos_token_id")
+    pad_id = meta.get("tokenizer.ggml.padding_token_id", special.get("<|finetune_right_pad_id|>", eos_id))
+    # llama.cpp adds BOS for Llama 3 vocabularies unless the file says otherwise
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", GGUF_PRE_TOKENIZERS[pre] == PAT_STR)
+    return Vocab(name, ranks, GGUF_PRE_TOKENIZERS[pre], special, bos_id=bos_id, eos_id=eos_id,
+                 pad_id=pad_id, add_bos=bool(add_bos), always_split=frozenset(user_defined))
+
+
 class Tokenizer:
+    """tiktoken BPE with special tokens. Tokenizer(path) reads Meta's tokenizer.model;
+    Tokenizer.from_gguf(metadata) reads a GGUF file's vocabulary; Tokenizer(vocab) takes a Vocab."""
+
     def __init__(self, model_path):
-        model_path = Path(model_path)
-        mergeable_ranks = load_bpe_ranks(model_path)
-        num_base_tokens = len(mergeable_ranks)
-        names = NAMED_SPECIAL_TOKENS + [
-            f"<|reserved_special_token_{i}|>"
-            for i in range(2, 2 + NUM_RESERVED_SPECIAL_TOKENS - len(NAMED_SPECIAL_TOKENS))
-        ]
-        self.special_tokens = {name: num_base_tokens + i for i, name in enumerate(names)}
-        self.model = tiktoken.Encoding(name=model_path.name, pat_str=PAT_STR,
-                                       mergeable_ranks=mergeable_ranks, special_tokens=self.special_tokens)
-        self.n_words = num_base_tokens + len(names)
-        self.bos_id = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id = self.special_tokens["<|end_of_text|>"]
-        self.eot_id = self.special_tokens["<|eot_id|>"]
-        self.eom_id = self.special_tokens["<|eom_id|>"]
-        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
+        vocab = model_path if isinstance(model_path, Vocab) else meta_vocab(model_path)
+        self.special_tokens = dict(vocab.special_tokens)
+        self.model = tiktoken.Encoding(name=vocab.name, pat_str=vocab.pat_str,
+                                       mergeable_ranks=vocab.mergeable_ranks, special_tokens=self.special_tokens)
+        self.n_words = len(vocab.mergeable_ranks) + len(self.special_tokens)
+        self.bos_id, self.eos_id, self.pad_id = vocab.bos_id, vocab.eos_id, vocab.pad_id
+        self.add_bos = vocab.add_bos
+        self.always_split = vocab.always_split
+        self.eot_id = self.special_tokens.get("<|eot_id|>")
+        self.eom_id = self.special_tokens.get("<|eom_id|>")
         # A base model ends a document with <|end_of_text|>; an instruct model ends its turn with
-        # <|eot_id|>, or <|eom_id|> when it waits for a tool. Sampling stops at any of them.
-        self.base_stop_tokens = [self.eos_id]
-        self.instruct_stop_tokens = [self.eot_id, self.eom_id]
-        self.stop_tokens = [self.eos_id, self.eom_id, self.eot_id]
+        # <|eot_id|> (<|im_end|> in ChatML), or <|eom_id|> when it waits for a tool. Sampling stops
+        # at any of them.
+        self.base_stop_tokens = _unique([self.eos_id] + self._ids(END_OF_TEXT_TOKENS))
+        self.instruct_stop_tokens = self._ids(END_OF_TURN_TOKENS)
+        self.stop_tokens = _unique([self.eos_id] + self._ids(["<|eom_id|>", "<|eot_id|>", "<|im_end|>"])
+                                   + self._ids(END_OF_TEXT_TOKENS))
+
+    @classmethod
+    def from_gguf(cls, metadata: dict, name: str = "gguf") -> "Tokenizer":
+        return cls(gguf_vocab(metadata, name))
+
+    def _ids(self, names: List[str]) -> List[int]:
+        return [self.special_tokens[n] for n in names if n in self.special_tokens]
 
     def encode(self, s: str, *, bos: bool, eos: bool,
                allowed_special: Union[Literal["all"], AbstractSet[str]] = frozenset(),
@@ -114,6 +236,8 @@ class Tokenizer:
         if not isinstance(s, str):
             raise TypeError(f"Tokenizer.encode takes a str, got {type(s).__name__}")
         ids = [self.bos_id] if bos else []
+        if self.always_split and allowed_special != "all":
+            allowed_special = frozenset(allowed_special) | self.always_split
         for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
             for piece in split_long_runs(s[i:i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):
                 ids.extend(self.model.encode(piece, allowed_special=allowed_special,
@@ -124,6 +248,10 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.model.decode(list(ids))
+
+
+def _unique(ids: List[int]) -> List[int]:
+    return list(dict.fromkeys(ids))
 
 
 def split_long_runs(s: str, max_run: int) -> Iterator[str]:

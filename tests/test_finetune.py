@@ -77,7 +77,8 @@ def test_finetune_types_leave_frozen_weights_untouched(tiny_ckpt, data, tmp_path
 def test_resume_continues_exactly(tiny_ckpt, data, tmp_path):
     straight = run(tiny_ckpt, data, tmp_path / "a", max_steps=6)
     run(tiny_ckpt, data, tmp_path / "b", max_steps=6, stop_after=3)
-    resumed = run(None, data, tmp_path / "b", max_steps=6, resume="latest")
+    # only --resume: data, batch and schedule all come from the checkpoint
+    resumed = finetune(out_dir=str(tmp_path / "b"), resume="latest", device="cpu", sample_prompts=[], val_every=0)
     assert resumed["step"] == 6
     assert resumed["train_loss"] == straight["train_loss"]
     a, b = weights(straight["model"]), weights(resumed["model"])
@@ -85,7 +86,8 @@ def test_resume_continues_exactly(tiny_ckpt, data, tmp_path):
 
 
 def test_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_ckpt, data, tmp_path):
-    single = run(tiny_ckpt, data, tmp_path / "single", max_steps=3, total_batch_size=2 * 2 * 32)
+    # 2 processes x 2 micro-steps (no_sync on the first) vs 1 process x 4 micro-steps
+    single = run(tiny_ckpt, data, tmp_path / "single", max_steps=3, total_batch_size=4 * 2 * 32)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "ddp_worker.py"), str(tiny_ckpt), data["train_data"], data["val_data"],
@@ -112,7 +114,7 @@ def save(obj, f, *a, **k):
             os.kill(os.getpid(), signal.SIGKILL)
     return real_save(obj, f, *a, **k)
 torch.save = save
-llama31.finetune(ckpt_dir=sys.argv[1], train_data=sys.argv[2], val_data=None, out_dir=sys.argv[3], B=2, T=32,
+llama31.finetune(ckpt_dir=sys.argv[1], train_data=sys.argv[2], val_data="", out_dir=sys.argv[3], B=2, T=32,
                  max_steps=4, save_every=1, device="cpu", sample_prompts=[])
 """
 
@@ -124,7 +126,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tiny_ckpt, dat
     assert r.returncode == -9, r.stderr[-2000:]
     assert (out / "latest").read_text().strip() == "step_000001"
     Llama.build(out / "step_000001", device="cpu")  # loads cleanly
-    resumed = run(None, data, out, max_steps=4, resume="latest", val_data=None)
+    resumed = finetune(out_dir=str(out), resume="latest", device="cpu", sample_prompts=[], val_every=0)
     assert resumed["step"] == 4
 
 
@@ -140,6 +142,10 @@ def test_bad_finetune_input_is_a_clear_error(tiny_ckpt, data, tmp_path):
     run(tiny_ckpt, data, tmp_path / "saved", max_steps=1)
     with pytest.raises(ValueError, match="different settings .*B 2 vs 4"):
         run(None, data, tmp_path / "saved", resume="latest", B=4)
+    with pytest.raises(ValueError, match="at step 1 already, and this run would stop at step 1"):
+        run(None, data, tmp_path / "saved", resume="latest", max_steps=1)
+    with pytest.raises(ValueError, match="fp16 training needs loss scaling"):
+        run(tiny_ckpt, data, tmp_path, dtype="fp16")
     with pytest.raises(ValueError, match="unknown finetune_type"):
         run(tiny_ckpt, data, tmp_path, finetune_type="lora")
 
@@ -159,3 +165,34 @@ def test_cli_finetune_runs_and_samples(tiny_ckpt, data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "val loss" in r.stdout and "step     2/2" in r.stdout and "The cat" in r.stdout
     assert (tmp_path / "step_000002" / "consolidated.00.pth").is_file()
+
+
+@pytest.mark.slow
+def test_finetune_without_arguments_trains_the_demo_model_on_the_sample_text(tmp_path):
+    r = subprocess.run([sys.executable, "llama31.py", "finetune", "--out_dir", str(tmp_path), "--max_steps", "2",
+                        "--val_steps", "1", "--sample_len", "8", "--device", "cpu"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "SmolLM2-135M-Instruct on sample.txt" in r.stdout
+    val = [float(line.split("val loss")[1]) for line in r.stdout.splitlines() if "val loss" in line]
+    assert len(val) == 2 and all(0 < v < 10 for v in val)  # a real model: far below ln(49152) = 10.8
+    assert "Once upon a time, a little dog" in r.stdout and "not saved" in r.stdout
+    assert (tmp_path / "demo_data" / "sample_train.bin").is_file() and not list(tmp_path.glob("step_*"))
+
+
+def test_tokens_outside_the_vocabulary_are_a_clear_error(tiny_ckpt, data, tmp_path):
+    write_datafile(tmp_path / "big_000.bin", [128000, 5, 200000] * 100)
+    with pytest.raises(ValueError, match="holds token id 200000, outside this model's vocabulary of 128256"):
+        run(tiny_ckpt, {**data, "train_data": str(tmp_path / "big_*.bin")}, tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--B", "0"], "error: --B must be an integer >= 1, got 0"),
+    (["--learning_rate", "abc"], "error: --learning_rate must be a number >= 0, got 'abc'"),
+    (["--device", "cuda"], "error: device 'cuda': CUDA is not available here"),
+])
+def test_cli_finetune_rejects_bad_arguments_in_one_line(tiny_ckpt, data, tmp_path, args, message):
+    r = subprocess.run([sys.executable, "llama31.py", "finetune", "--ckpt_dir", str(tiny_ckpt), *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(message)

@@ -79,7 +79,10 @@ def test_max_gen_len_is_bounded_by_max_seq_len(llama):
     prompt = encode(llama, ["Hello"])
     out = llama.generate(prompt, max_gen_len=10_000, temperature=0)
     assert len(prompt[0]) + len(out[0]) <= 128
-    assert len(out[0]) == 128 - len(prompt[0]) or out[0][-1] not in llama.tokenizer.stop_tokens
+    # unless a stop token came first, generation ran to the end of the 128 positions
+    stopped = any(t in llama.tokenizer.stop_tokens for t in llama.generate(prompt, 10_000, temperature=0,
+                                                                          echo=True)[0][len(prompt[0]):])
+    assert stopped or len(out[0]) == 128 - len(prompt[0])
 
 
 def test_text_completion_decodes_the_same_tokens(llama):
@@ -113,10 +116,25 @@ def test_bad_sampling_arguments_are_clear_errors(llama, kwargs, message):
 
 
 def test_streamed_pieces_join_to_the_batch_completion(llama):
-    for prompt in PROMPTS:
-        pieces = list(llama.text_stream(prompt, 24, temperature=0))
-        want = llama.text_completion([prompt], 24, temperature=0)[0]
-        assert "".join(pieces) == want
-        assert len(pieces) > 1
-        if "\ufffd" not in want:  # split multi-byte characters are held back until whole
-            assert not any("\ufffd" in p for p in pieces)
+    for prompt in encode(llama, PROMPTS):
+        pairs = list(llama.stream(prompt, 24, temperature=0))
+        tokens = llama.generate([prompt], 24, temperature=0)[0]
+        assert [t for t, _ in pairs if t is not None] == tokens
+        text = "".join(piece for _, piece in pairs)
+        assert text == llama.tokenizer.decode(tokens)
+        if "\ufffd" not in text:  # split multi-byte characters are held back until whole
+            assert not any("\ufffd" in piece for _, piece in pairs)
+
+
+def test_chat_completion_answers_in_llama3_format(llama):
+    dialogs = [[{"role": "user", "content": "Hi"}],
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]]
+    replies = llama.chat_completion(dialogs, max_gen_len=6, temperature=0)
+    sp = llama.tokenizer.special_tokens
+    header = [sp["<|start_header_id|>"]] + llama.tokenizer.encode("assistant", bos=False, eos=False) + \
+        [sp["<|end_header_id|>"]] + llama.tokenizer.encode("\n\n", bos=False, eos=False)
+    for dialog, reply in zip(dialogs, replies):
+        prompt = llama.chat_format.encode_dialog(llama.tokenizer, dialog)
+        assert prompt[0] == 128000 and prompt[-len(header):] == header
+        assert reply == {"role": "assistant",
+                         "content": llama.tokenizer.decode(llama.generate([prompt], 6, temperature=0)[0])}

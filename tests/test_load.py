@@ -136,3 +136,46 @@ def test_cli_rejects_bad_top_p_in_one_line(ckpt_dir):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == "error: top_p must be in (0, 1], got 1.5"
     assert "Traceback" not in r.stderr
+
+
+def test_cli_chat_sends_prompts_as_user_turns(ckpt_dir):
+    r = run_cli("--ckpt_dir", str(ckpt_dir), "--chat", "--prompts", '["Hi there"]', "--max_gen_len", "5",
+                "--temperature", "0", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    llama = Llama.build(ckpt_dir, max_seq_len=512, device="cpu")
+    reply = llama.chat_completion([[{"role": "user", "content": "Hi there"}]], 5, temperature=0)[0]["content"]
+    assert r.stdout == f"> Hi there\n{reply}\n" + "-" * 80 + "\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda"], "error: device 'cuda': CUDA is not available here"),
+    (["--device", "tpu9"], "error: unknown device 'tpu9'"),
+    (["--temperature", "abc"], "error: --temperature must be a number, got 'abc'"),
+    (["--prompts", "123"], "error: --prompts must be a string or a list of strings"),
+])
+def test_cli_rejects_bad_arguments_in_one_line_before_loading(ckpt_dir, args, message):
+    r = run_cli("--ckpt_dir", str(ckpt_dir), *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_params_without_use_scaled_rope_mean_unscaled_as_in_metas_code(ckpt_copy):
+    from llama_models.llama3.args import ModelArgs as MetaArgs
+
+    params = json.loads((ckpt_copy / "params.json").read_text())
+    del params["use_scaled_rope"]  # as in Llama 3.0's params.json
+    (ckpt_copy / "params.json").write_text(json.dumps(params))
+    assert MetaArgs(**params).use_scaled_rope is False
+    assert load_model(ckpt_copy, 64, device="cpu").args.use_scaled_rope is False
+
+
+def test_save_meta_states_every_rope_setting(tmp_path):
+    from conftest import random_model
+    from llama31 import save_meta
+
+    model = random_model(rope_scale_factor=8.0, rope_low_freq_factor=2.0, rope_high_freq_factor=8.0,
+                         rope_original_max_len=4096)
+    save_meta(model, tmp_path)
+    back = load_model(tmp_path, 64, device="cpu").args
+    for k in ("rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"):
+        assert getattr(back, k) == getattr(model.args, k), k
