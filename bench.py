@@ -6,7 +6,8 @@ random weights, the same dtype, one process, runs interleaved so both see the sa
     python bench.py --device cuda --shape 8b --dtypes bf16    # GPU: decode of the 8B shape
     python bench.py --device cuda --shape 1b --dtypes bf16    # GPU: finetune MFU of the 1B shape
 
-Rows (median over --repeats runs after a warm-up; ratio = llama31 / HF):
+Rows (median over --repeats runs after a warm-up; ratio = llama31 / HF, the median of the
+per-round ratios with their range in brackets):
   roof      the decode roofline: weight bytes/s of y = x @ W.T for the output layer's (vocab, dim)
             matrix by the fastest kernel PyTorch has for it (aten's; on CPU in bf16 with oneDNN
             on and off; Inductor's multiply-and-sum), and the plain read bandwidth of W
@@ -51,6 +52,8 @@ SHAPES = {
     "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
                ffn_dim_multiplier=1.3),
 }
+for _shape in SHAPES.values():
+    _shape.update(use_scaled_rope=True, rope_theta=500000.0)  # Llama 3.1's RoPE
 SECTIONS = ("roof", "decode", "prefill", "finetune", "load")
 
 
@@ -84,6 +87,12 @@ def interleaved(cases: dict, repeats: int, warmup: int = 1) -> dict:
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def ratio(r: dict, a: str, b: str) -> str:
+    """Median of the per-round ratios a/b (each round ran both back to back), and their range."""
+    rs = sorted(x / y for x, y in zip(r[a], r[b]))
+    return f"{median(rs):.2f}x" + (f" ({rs[0]:.2f}-{rs[-1]:.2f})" if len(rs) > 1 else "")
 
 
 # -----------------------------------------------------------------------------
@@ -144,8 +153,8 @@ def gemv_roof(args: ModelArgs, dtype, device, repeats: int, compile: bool = True
     res = {k: median(v) for k, v in interleaved(cases, repeats).items()}
     read = res.pop("read")
     best = max(res, key=res.get)
-    others = ", ".join(f"{k} {fmt(v, 'B/s')}" for k, v in res.items() if k != best)
-    return res[best], f"{best}; {others}; plain read {fmt(read, 'B/s')}"
+    notes = [best] + [f"{k} {fmt(v, 'B/s')}" for k, v in res.items() if k != best]
+    return res[best], "; ".join(notes + [f"plain read {fmt(read, 'B/s')}"])
 
 
 def decode_bytes_per_token(model: Transformer, context: float) -> float:
@@ -153,6 +162,8 @@ def decode_bytes_per_token(model: Transformer, context: float) -> float:
     gathered), plus the KV cache up to the current position."""
     a = model.args
     weights = sum(p.nbytes for n, p in model.named_parameters() if not n.startswith("tok_embeddings"))
+    if model.output.weight is model.tok_embeddings.weight:  # tied: the output reads the table
+        weights += model.output.weight.nbytes
     kv = 2 * a.n_layers * a.n_kv_heads * a.head_dim * context * model.output.weight.element_size()
     return weights + kv
 
@@ -230,8 +241,7 @@ def bench_decode(ours, hf, prompt_len: int, new_tokens: int, repeats: int, seed:
             finally:
                 ours.compiled_step = None
         cases["compiled"] = run_compiled  # its warm-up run compiles
-    res = interleaved(cases, repeats)
-    return {k: median(v) for k, v in res.items()}
+    return interleaved(cases, repeats)
 
 
 def bench_prefill(ours, hf, prompt_len: int, repeats: int, seed: int):
@@ -259,8 +269,7 @@ def bench_prefill(ours, hf, prompt_len: int, repeats: int, seed: int):
     def hf_prefill():
         hf(ids, use_cache=True, logits_to_keep=1)
 
-    res = interleaved({"ours": timed(ours_prefill), "hf": timed(hf_prefill)}, repeats)
-    return {k: median(v) for k, v in res.items()}
+    return interleaved({"ours": timed(ours_prefill), "hf": timed(hf_prefill)}, repeats)
 
 
 def bench_finetune(args: ModelArgs, dtype, device, B: int, T: int, repeats: int, seed: int, compile: bool):
@@ -298,12 +307,11 @@ def bench_finetune(args: ModelArgs, dtype, device, B: int, T: int, repeats: int,
         compiled = torch.compile(ours)
         cases["compiled"] = step(lambda: compiled(x, y), ours.configure_optimizers(0.0, 1e-5, device_type=device.type))
     res = interleaved(cases, repeats)
-    out = {k: median(v) for k, v in res.items()}
     peak = llama31.peak_flops(device)
     if peak:
         fpt = llama31.flops_per_token(ours, T)
-        out["mfu"] = {k: v * fpt / peak for k, v in out.items()}
-    return out
+        res["mfu"] = {k: median(v) * fpt / peak for k, v in res.items()}
+    return res
 
 
 def rss_kb(field: str) -> int:
@@ -371,19 +379,19 @@ def decode_rows(args, name, dev, sections, P):
         roof = P.roof.get(name)
 
         def of_roof(who, rate):
-            return f"{who}{100 * rate * bpt / roof:.0f}% of roof" if roof else ""
+            return f"{who}{100 * median(rate) * bpt / roof:.0f}% of roof" if roof else ""
         notes = [of_roof("", r["ours"]), of_roof("HF ", r["hf"]), f"{fmt(bpt, 'B')} read/token"]
-        rows.append(("decode tok/s (HF generate)", name, fmt(r["ours"]), fmt(r["hf"]), f"{r['ours'] / r['hf']:.2f}x",
-                     "; ".join(n for n in notes if n)))
-        rows.append(("decode tok/s (HF forward loop)", name, fmt(r["ours"]), fmt(r["hf_loop"]),
-                     f"{r['ours'] / r['hf_loop']:.2f}x", of_roof("HF ", r["hf_loop"])))
+        rows.append(("decode tok/s (HF generate)", name, fmt(median(r["ours"])), fmt(median(r["hf"])),
+                     ratio(r, "ours", "hf"), "; ".join(n for n in notes if n)))
+        rows.append(("decode tok/s (HF forward loop)", name, fmt(median(r["ours"])), fmt(median(r["hf_loop"])),
+                     ratio(r, "ours", "hf_loop"), of_roof("HF ", r["hf_loop"])))
         if P.compile:
-            rows.append(("decode tok/s, compiled (HF generate)", name, fmt(r["compiled"]), fmt(r["hf"]),
-                         f"{r['compiled'] / r['hf']:.2f}x", of_roof("", r["compiled"])))
+            rows.append(("decode tok/s, compiled (HF generate)", name, fmt(median(r["compiled"])),
+                         fmt(median(r["hf"])), ratio(r, "compiled", "hf"), of_roof("", r["compiled"])))
     if "prefill" in sections:
         r = bench_prefill(ours, hf, P.prefill_len, P.repeats, P.seed)
-        rows.append((f"prefill tok/s ({P.prefill_len})", name, fmt(r["ours"]), fmt(r["hf"]),
-                     f"{r['ours'] / r['hf']:.2f}x", ""))
+        rows.append((f"prefill tok/s ({P.prefill_len})", name, fmt(median(r["ours"])), fmt(median(r["hf"])),
+                     ratio(r, "ours", "hf"), ""))
     return rows
 
 
@@ -394,11 +402,11 @@ def finetune_rows(args, name, dev, sections, P):
 
     def mfu(k):
         return f"MFU {100 * r['mfu'][k]:.1f}% (HF {100 * r['mfu']['hf']:.1f}%)" if "mfu" in r else ""
-    rows = [(f"finetune tok/s (B={P.B} T={P.T})", name, fmt(r["ours"]), fmt(r["hf"]), f"{r['ours'] / r['hf']:.2f}x",
-             "; ".join(n for n in (note, mfu("ours")) if n))]
+    rows = [(f"finetune tok/s (B={P.B} T={P.T})", name, fmt(median(r["ours"])), fmt(median(r["hf"])),
+             ratio(r, "ours", "hf"), "; ".join(n for n in (note, mfu("ours")) if n))]
     if P.compile:
-        rows.append(("finetune tok/s, compiled", name, fmt(r["compiled"]), fmt(r["hf"]),
-                     f"{r['compiled'] / r['hf']:.2f}x", mfu("compiled")))
+        rows.append(("finetune tok/s, compiled", name, fmt(median(r["compiled"])), fmt(median(r["hf"])),
+                     ratio(r, "compiled", "hf"), mfu("compiled")))
     return rows
 
 
@@ -461,7 +469,7 @@ def machine(device) -> str:
 
 def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len: int = 128,
          new_tokens: int = 32, prefill_len: int = 256, B: int = 1, T: int = 128, repeats: int = 5,
-         train_repeats: int = 3, sections=",".join(SECTIONS), compile: bool = True, threads: int = 0,
+         train_repeats: int = 5, sections=",".join(SECTIONS), compile: bool = True, threads: int = 0,
          seed: int = 0):
     """Print the benchmark table. dtypes and sections are comma-separated lists (sections: roof,
     decode, prefill, finetune, load). compile: also time llama31 under torch.compile (decode
@@ -490,6 +498,9 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
     print(f"shape {shape}: {args.n_layers} layers, dim {args.dim}, {args.n_heads}/{args.n_kv_heads} heads, "
           f"ffn {args.ffn_hidden_dim}, vocab {args.vocab_size}, {n_params / 1e6:.1f}M params")
     print(f"{machine(dev)}; torch {torch.__version__}, transformers {transformers.__version__}")
+    if dev.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > 1:
+        print(f"note: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before starting; other "
+              f"processes compete for the cores and timings will be noisy (--threads 1 suffers least)")
     print(f"decode: prompt {prompt_len} + {new_tokens} new tokens; prefill {prefill_len} tokens; "
           f"finetune B={B} T={T}; median of {repeats} ({train_repeats} for finetune)", flush=True)
 

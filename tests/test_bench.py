@@ -16,7 +16,7 @@ def test_bench_prints_every_row(capsys):
     for metric, dtype, ours, hf, ratio, _ in rows:
         assert dtype == "fp32" and ours
         if hf:  # a row that compares llama31 with HF has a ratio
-            assert ratio.endswith("x") and float(ratio[:-1]) > 0
+            assert float(ratio.split("x")[0]) > 0
     load = next(r for r in rows if r[0].startswith("load"))
     assert float(load[2].rstrip("x")) >= 0  # a tiny checkpoint barely moves the RSS
 
