@@ -7,14 +7,19 @@ random weights, the same dtype, one process, runs interleaved so both see the sa
     python bench.py --device cuda --shape 1b --dtypes bf16    # GPU: finetune MFU of the 1B shape
 
 Rows (median over --repeats runs after a warm-up; ratio = llama31 / HF):
-  roof      GEMV roofline: y = x @ W.T with the output layer's (vocab, dim) matrix, weight bytes/s,
-            the fastest PyTorch kernel for it (on CPU bf16 both oneDNN's and PyTorch's own)
+  roof      the decode roofline: weight bytes/s of y = x @ W.T for the output layer's (vocab, dim)
+            matrix by the fastest kernel PyTorch has for it (aten's; on CPU in bf16 with oneDNN
+            on and off; Inductor's multiply-and-sum), and the plain read bandwidth of W
   decode    batch-1 greedy tokens/s after the first token: llama31's generate_stream against HF's
-            generate(do_sample=False, min_new_tokens=max_new_tokens), plus a bare HF forward loop;
-            "roof" is the weight + KV-cache bytes read per token times tokens/s over the GEMV roof
+            generate(do_sample=False, min_new_tokens=max_new_tokens), and against a bare loop of
+            HF forward calls; "% of roof" is (weights but the embedding + KV cache read per
+            token) x tokens/s over the roof
   prefill   prompt tokens/s of one forward that fills the KV cache and returns the last logits
-  finetune  tokens/s of forward + backward + AdamW step (bf16: autocast over fp32 weights, as
-            llama31.py finetune does; MFU on known GPUs)
+  finetune  tokens/s of forward + backward + AdamW step (fused AdamW on both sides, HF Trainer's
+            default; bf16: autocast over fp32 weights, as llama31.py finetune does; MFU on known
+            GPUs)
+  compiled  the same for llama31 under torch.compile (Transformer.compile_decoding for decode,
+            torch.compile(model) as finetune --compile); --nocompile drops these rows
   load      peak RSS growth of load_model + touching every weight, in a fresh process, over the
             checkpoint's file size (the checkpoint is saved in the row's dtype, loaded in it)
 """
@@ -30,6 +35,7 @@ import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -257,9 +263,10 @@ def bench_prefill(ours, hf, prompt_len: int, repeats: int, seed: int):
     return {k: median(v) for k, v in res.items()}
 
 
-def bench_finetune(args: ModelArgs, dtype, device, B: int, T: int, repeats: int, seed: int):
+def bench_finetune(args: ModelArgs, dtype, device, B: int, T: int, repeats: int, seed: int, compile: bool):
     """Training step tokens/s. Weights fp32 (the optimizer's master copy); bf16/fp16 run the
-    forward under autocast, as llama31.py finetune does."""
+    forward under autocast, as llama31.py finetune does. compile: also torch.compile(model), as
+    finetune --compile does (same weights, its own optimizer; its warm-up step compiles)."""
     ours = build_ours(args, torch.float32, device, seed).train()
     hf = build_hf(ours).train()
     # fused AdamW on both sides: llama31's configure_optimizers and HF Trainer's default
@@ -286,8 +293,11 @@ def bench_finetune(args: ModelArgs, dtype, device, B: int, T: int, repeats: int,
         return run
 
     # HF shifts labels itself: labels=x predicts x[1:] from x[:-1], the same work as ours on (x, y)
-    res = interleaved({"ours": step(lambda: ours(x, y), opt_ours),
-                       "hf": step(lambda: hf(input_ids=x, labels=x).loss, opt_hf)}, repeats)
+    cases = {"ours": step(lambda: ours(x, y), opt_ours), "hf": step(lambda: hf(input_ids=x, labels=x).loss, opt_hf)}
+    if compile:
+        compiled = torch.compile(ours)
+        cases["compiled"] = step(lambda: compiled(x, y), ours.configure_optimizers(0.0, 1e-5, device_type=device.type))
+    res = interleaved(cases, repeats)
     out = {k: median(v) for k, v in res.items()}
     peak = llama31.peak_flops(device)
     if peak:
@@ -341,6 +351,73 @@ def bench_load(args: ModelArgs, dtype_name: str, seed: int):
 
 
 # -----------------------------------------------------------------------------
+# the rows of each section, for one dtype (P: main's settings)
+
+
+def roof_rows(args, name, dev, sections, P):
+    roof, note = gemv_roof(args, llama31.DTYPES[name], dev, P.repeats, P.compile)
+    P.roof[name] = roof
+    return [(f"GEMV roof {args.vocab_size}x{args.dim}", name, fmt(roof, "B/s"), "", "", note)]
+
+
+def decode_rows(args, name, dev, sections, P):
+    """Decode and prefill (both or either) on one pair of models."""
+    ours = build_ours(args, llama31.DTYPES[name], dev, P.seed)
+    hf = build_hf(ours)
+    rows = []
+    if "decode" in sections:
+        r = bench_decode(ours, hf, P.prompt_len, P.new_tokens, P.repeats, P.seed, P.compile)
+        bpt = decode_bytes_per_token(ours, P.prompt_len + P.new_tokens / 2)
+        roof = P.roof.get(name)
+
+        def of_roof(who, rate):
+            return f"{who}{100 * rate * bpt / roof:.0f}% of roof" if roof else ""
+        notes = [of_roof("", r["ours"]), of_roof("HF ", r["hf"]), f"{fmt(bpt, 'B')} read/token"]
+        rows.append(("decode tok/s (HF generate)", name, fmt(r["ours"]), fmt(r["hf"]), f"{r['ours'] / r['hf']:.2f}x",
+                     "; ".join(n for n in notes if n)))
+        rows.append(("decode tok/s (HF forward loop)", name, fmt(r["ours"]), fmt(r["hf_loop"]),
+                     f"{r['ours'] / r['hf_loop']:.2f}x", of_roof("HF ", r["hf_loop"])))
+        if P.compile:
+            rows.append(("decode tok/s, compiled (HF generate)", name, fmt(r["compiled"]), fmt(r["hf"]),
+                         f"{r['compiled'] / r['hf']:.2f}x", of_roof("", r["compiled"])))
+    if "prefill" in sections:
+        r = bench_prefill(ours, hf, P.prefill_len, P.repeats, P.seed)
+        rows.append((f"prefill tok/s ({P.prefill_len})", name, fmt(r["ours"]), fmt(r["hf"]),
+                     f"{r['ours'] / r['hf']:.2f}x", ""))
+    return rows
+
+
+def finetune_rows(args, name, dev, sections, P):
+    dtype = llama31.DTYPES[name]
+    r = bench_finetune(args, dtype, dev, P.B, P.T, P.train_repeats, P.seed, P.compile)
+    note = "autocast over fp32 weights" if dtype != torch.float32 else ""
+
+    def mfu(k):
+        return f"MFU {100 * r['mfu'][k]:.1f}% (HF {100 * r['mfu']['hf']:.1f}%)" if "mfu" in r else ""
+    rows = [(f"finetune tok/s (B={P.B} T={P.T})", name, fmt(r["ours"]), fmt(r["hf"]), f"{r['ours'] / r['hf']:.2f}x",
+             "; ".join(n for n in (note, mfu("ours")) if n))]
+    if P.compile:
+        rows.append(("finetune tok/s, compiled", name, fmt(r["compiled"]), fmt(r["hf"]),
+                     f"{r['compiled'] / r['hf']:.2f}x", mfu("compiled")))
+    return rows
+
+
+def load_rows(args, name, dev, sections, P):
+    r = bench_load(args, name, P.seed)
+    return [("load peak RSS / checkpoint", name, f"{r['ratio']:.2f}x", "", "",
+             f"+{fmt(r['rss_bytes'], 'B')} for a {fmt(r['file_bytes'], 'B')} file "
+             f"(process had {fmt(r['base_bytes'], 'B')} before)")]
+
+
+def prefill_rows(args, name, dev, sections, P):
+    return [] if "decode" in sections else decode_rows(args, name, dev, sections, P)  # done with decode
+
+
+SECTION_ROWS = {"roof": roof_rows, "decode": decode_rows, "prefill": prefill_rows, "finetune": finetune_rows,
+                "load": load_rows}
+
+
+# -----------------------------------------------------------------------------
 # the table
 
 
@@ -387,8 +464,8 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
          train_repeats: int = 3, sections=",".join(SECTIONS), compile: bool = True, threads: int = 0,
          seed: int = 0):
     """Print the benchmark table. dtypes and sections are comma-separated lists (sections: roof,
-    decode, prefill, finetune, load). compile: also time llama31's compiled decode step
-    (--nocompile skips it and its compile time).
+    decode, prefill, finetune, load). compile: also time llama31 under torch.compile (decode
+    step, finetune step); --nocompile skips those rows and their compile time.
     threads sets torch's CPU threads (0: torch's default)."""
     import transformers
 
@@ -405,6 +482,8 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
+    P = SimpleNamespace(prompt_len=prompt_len, new_tokens=new_tokens, prefill_len=prefill_len, B=B, T=T,
+                        repeats=repeats, train_repeats=train_repeats, compile=compile, seed=seed, roof={})
     transformers.logging.set_verbosity_error()
     args = ModelArgs(**SHAPES[shape], max_seq_len=max(prompt_len + new_tokens, prefill_len, T), max_batch_size=1)
     n_params = sum(p.numel() for p in build_ours(args, torch.float32, "meta", seed).parameters())
@@ -416,48 +495,15 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
 
     rows = []
     for name in dtypes:
-        dtype = llama31.DTYPES[name]
         t0 = time.time()
-        roof = None
-        if "roof" in sections:
-            roof, note = gemv_roof(args, dtype, dev, repeats, compile)
-            rows.append((f"GEMV roof {args.vocab_size}x{args.dim}", name, fmt(roof, "B/s"), "", "", note))
-        if "decode" in sections or "prefill" in sections:
-            ours = build_ours(args, dtype, dev, seed)
-            hf = build_hf(ours)
-            if "decode" in sections:
-                r = bench_decode(ours, hf, prompt_len, new_tokens, repeats, seed, compile)
-                bpt = decode_bytes_per_token(ours, prompt_len + new_tokens / 2)
-
-                def of_roof(rate):
-                    return f"{100 * rate * bpt / roof:.0f}% of roof" if roof else ""
-                rows.append(("decode tok/s (HF generate)", name, fmt(r["ours"]), fmt(r["hf"]),
-                             f"{r['ours'] / r['hf']:.2f}x", f"{of_roof(r['ours'])}; HF {of_roof(r['hf'])}; "
-                                                            f"{fmt(bpt, 'B')} read/token"))
-                rows.append(("decode tok/s (HF forward loop)", name, fmt(r["ours"]), fmt(r["hf_loop"]),
-                             f"{r['ours'] / r['hf_loop']:.2f}x", f"HF {of_roof(r['hf_loop'])}"))
-                if compile:
-                    rows.append(("decode tok/s, compiled (HF generate)", name, fmt(r["compiled"]), fmt(r["hf"]),
-                                 f"{r['compiled'] / r['hf']:.2f}x", of_roof(r["compiled"])))
-            if "prefill" in sections:
-                r = bench_prefill(ours, hf, prefill_len, repeats, seed)
-                rows.append((f"prefill tok/s ({prefill_len})", name, fmt(r["ours"]), fmt(r["hf"]),
-                             f"{r['ours'] / r['hf']:.2f}x", ""))
-            del ours, hf
+        for section in [s for s in SECTIONS if s in sections]:
+            try:
+                rows += SECTION_ROWS[section](args, name, dev, sections, P)
+            except torch.OutOfMemoryError:  # e.g. finetuning the 8B shape on one GPU
+                rows.append((section, name, "out of memory", "", "", ""))
             gc.collect()
-        if "finetune" in sections:
-            r = bench_finetune(args, dtype, dev, B, T, train_repeats, seed)
-            note = "autocast over fp32 weights" if dtype != torch.float32 else ""
-            if "mfu" in r:
-                note += f"{'; ' if note else ''}MFU {100 * r['mfu']['ours']:.1f}% vs {100 * r['mfu']['hf']:.1f}%"
-            rows.append((f"finetune tok/s (B={B} T={T})", name, fmt(r["ours"]), fmt(r["hf"]),
-                         f"{r['ours'] / r['hf']:.2f}x", note))
-            gc.collect()
-        if "load" in sections:
-            r = bench_load(args, name, seed)
-            rows.append(("load peak RSS / checkpoint", name, f"{r['ratio']:.2f}x", "", "",
-                         f"+{fmt(r['rss_bytes'], 'B')} for a {fmt(r['file_bytes'], 'B')} file "
-                         f"(process had {fmt(r['base_bytes'], 'B')} before)"))
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
         print(f"[{name} done in {time.time() - t0:.0f}s]", file=sys.stderr, flush=True)
     print()
     print_table(rows)

@@ -213,16 +213,30 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
-        # mask None means plain causal attention over a sequence that starts at position 0.
-        # With a mask, repeat the KV heads: CUDA's memory-efficient kernel takes masks but not
-        # GQA, and the fallback (math) would store every (T, T) attention matrix.
         gqa = self.n_kv_heads != self.n_heads
-        if mask is not None and gqa:
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1,
-                                           enable_gqa=gqa and mask is None)
+        if seqlen == 1 and x.device.type == "cpu":
+            y = one_query_attention(q, k, v)
+        else:
+            # mask None means plain causal attention over a sequence that starts at position 0.
+            # With a mask, repeat the KV heads: CUDA's memory-efficient kernel takes masks but not
+            # GQA, and the fallback (math) would store every (T, T) attention matrix.
+            if mask is not None and gqa:
+                k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+                v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1,
+                                               enable_gqa=gqa and mask is None)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+def one_query_attention(q, k, v):
+    """Attention of one new position (q: B, H, 1, hd) over all of k, v (B, KV, S, hd), each KV head
+    serving H / KV query heads, written out as Meta's reference writes it (softmax in fp32). On
+    CPU the fused SDPA kernel costs more than this math for a single query (bench.py decode)."""
+    bsz, n_heads, _, head_dim = q.shape
+    q = q.view(bsz, k.shape[1], -1, head_dim)  # (B, KV, H / KV, hd): query heads grouped by KV head
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
+    y = scores.float().softmax(dim=-1).type_as(q) @ v
+    return y.view(bsz, n_heads, 1, head_dim)
 
 
 class FeedForward(nn.Module):
