@@ -137,14 +137,19 @@ def precompute_rope(args: ModelArgs, end: int, device=None):
     return torch.cos(angles), torch.sin(angles)
 
 
+def rope_pairs(cos, sin):
+    """(T, head_dim // 2) tables -> (T, head_dim): cos repeated for both members of a pair, sin
+    signed (-sin, +sin), the form apply_rope takes. Done once per forward, not once per layer."""
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+
+
 def apply_rope(x, cos, sin):
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head, Meta's layout (HF's differs).
-    x: (B, T, H, head_dim); cos, sin: (T, head_dim // 2)."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by their angle, Meta's layout (HF's
+    differs): (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), in fp32.
+    x: (B, T, H, head_dim); cos, sin: (T, head_dim) from rope_pairs."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) in each pair
+    return torch.addcmul(xf * cos[:, None], swapped, sin[:, None]).type_as(x)
 
 
 class KVCache:
@@ -247,7 +252,11 @@ class FeedForward(nn.Module):
         self.w3 = Linear(dim, hidden_dim)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if torch.is_grad_enabled():
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # inference: in place, so the two (T, hidden) temporaries are never allocated; on CPU each
+        # fresh large tensor costs its pages' faults, which cost more than silu itself
+        return self.w2(F.silu(self.w1(x), inplace=True).mul_(self.w3(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -307,7 +316,7 @@ class Transformer(nn.Module):
             raise ConfigError(f"positions {start_pos}..{start_pos + seqlen - 1} run past max_seq_len "
                               f"{self.args.max_seq_len}; build the model with a larger max_seq_len")
         h = self.tok_embeddings(tokens)
-        cos, sin = self._rope(start_pos, seqlen, h.device)
+        cos, sin = rope_pairs(*self._rope(start_pos, seqlen, h.device))
         for layer in self.layers:
             h = layer(h, cos, sin, mask, start_pos)
         return self.norm(h)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_model
-from llama31 import Linear, ModelArgs, RMSNorm, apply_rope, onednn_enabled, precompute_rope, scale_rope_freqs
+from llama31 import (Linear, ModelArgs, RMSNorm, apply_rope, onednn_enabled, precompute_rope, rope_pairs,
+                     scale_rope_freqs)
 
 
 def llama31_scaled_freq(freq, factor=8.0, low=1.0, high=4.0, old_len=8192):
@@ -47,7 +48,7 @@ def test_apply_rope_is_complex_multiplication_of_adjacent_pairs():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 3, 8)
     angles = torch.randn(5, 4)
-    got = apply_rope(x, angles.cos(), angles.sin())
+    got = apply_rope(x, *rope_pairs(angles.cos(), angles.sin()))
     xc = torch.view_as_complex(x.reshape(2, 5, 3, 4, 2))
     want = torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles)[None, :, None, :]).flatten(3)
     assert torch.allclose(got, want, atol=1e-6)
