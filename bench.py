@@ -19,8 +19,8 @@ per-round ratios with their range in brackets):
   finetune  tokens/s of forward + backward + AdamW step (fused AdamW on both sides, HF Trainer's
             default; bf16: autocast over fp32 weights, as llama31.py finetune does; MFU on known
             GPUs)
-  compiled  the same for llama31 under torch.compile (Transformer.compile_decoding for decode,
-            torch.compile(model) as finetune --compile); --nocompile drops these rows
+  compiled  the same for llama31 under torch.compile (Transformer.compile_inference for decode
+            and prefill, torch.compile(model) as finetune --compile); --nocompile drops these rows
   load      peak RSS growth of load_model + touching every weight, in a fresh process, over the
             checkpoint's file size (the checkpoint is saved in the row's dtype, loaded in it)
 """
@@ -194,6 +194,21 @@ def decode_rate(times) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
+def with_compiled(ours: Transformer, fn):
+    """fn run with ours' inference compiled (Transformer.compile_inference), eager outside it."""
+    if getattr(ours, "_bench_compiled", None) is None:
+        ours._bench_compiled = ours.compile_inference().compiled_logits
+        ours.compiled_logits = None
+
+    def run():
+        ours.compiled_logits = ours._bench_compiled
+        try:
+            return fn()
+        finally:
+            ours.compiled_logits = None
+    return run
+
+
 def bench_decode(ours, hf, prompt_len: int, new_tokens: int, repeats: int, seed: int, compile: bool):
     device = ours.output.weight.device
     g = torch.Generator().manual_seed(seed)
@@ -231,20 +246,11 @@ def bench_decode(ours, hf, prompt_len: int, new_tokens: int, repeats: int, seed:
 
     cases = {"ours": run_ours, "hf": run_hf, "hf_loop": run_hf_loop}
     if compile:
-        compiled = ours.compile_decoding().compiled_step
-        ours.compiled_step = None
-
-        def run_compiled():
-            ours.compiled_step = compiled
-            try:
-                return run_ours()
-            finally:
-                ours.compiled_step = None
-        cases["compiled"] = run_compiled  # its warm-up run compiles
+        cases["compiled"] = with_compiled(ours, run_ours)  # its warm-up run compiles
     return interleaved(cases, repeats)
 
 
-def bench_prefill(ours, hf, prompt_len: int, repeats: int, seed: int):
+def bench_prefill(ours, hf, prompt_len: int, repeats: int, seed: int, compile: bool):
     device = ours.output.weight.device
     g = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(0, ours.args.vocab_size, (1, prompt_len), generator=g).to(device)
@@ -269,7 +275,10 @@ def bench_prefill(ours, hf, prompt_len: int, repeats: int, seed: int):
     def hf_prefill():
         hf(ids, use_cache=True, logits_to_keep=1)
 
-    return interleaved({"ours": timed(ours_prefill), "hf": timed(hf_prefill)}, repeats)
+    cases = {"ours": timed(ours_prefill), "hf": timed(hf_prefill)}
+    if compile:
+        cases["compiled"] = with_compiled(ours, timed(ours_prefill))  # its warm-up run compiles
+    return interleaved(cases, repeats)
 
 
 def bench_finetune(args: ModelArgs, dtype, device, B: int, T: int, repeats: int, seed: int, compile: bool):
@@ -389,9 +398,12 @@ def decode_rows(args, name, dev, sections, P):
             rows.append(("decode tok/s, compiled (HF generate)", name, fmt(median(r["compiled"])),
                          fmt(median(r["hf"])), ratio(r, "compiled", "hf"), of_roof("", r["compiled"])))
     if "prefill" in sections:
-        r = bench_prefill(ours, hf, P.prefill_len, P.repeats, P.seed)
+        r = bench_prefill(ours, hf, P.prefill_len, P.repeats, P.seed, P.compile)
         rows.append((f"prefill tok/s ({P.prefill_len})", name, fmt(median(r["ours"])), fmt(median(r["hf"])),
                      ratio(r, "ours", "hf"), ""))
+        if P.compile:
+            rows.append(("prefill tok/s, compiled", name, fmt(median(r["compiled"])), fmt(median(r["hf"])),
+                         ratio(r, "compiled", "hf"), ""))
     return rows
 
 

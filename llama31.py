@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -172,31 +173,41 @@ class KVCache:
 class Linear(nn.Linear):
     """nn.Linear without a bias (same weight, same name), with a faster path on CPU for a single
     row, where the product is matrix-vector (batch-1 decoding; the last position's logits after
-    a prefill). Eager, oneDNN is off for it: oneDNN's bf16 kernel reads the weights at about half
-    the speed of PyTorch's own. Compiled, it is multiply-and-sum, which Inductor makes a single
-    vectorized pass over the weights, twice as fast as MKL's fp32 kernel. bench.py measures both."""
+    a prefill). Eager, in bf16/fp16 oneDNN is off for it: oneDNN's matrix-vector kernel reads the
+    weights at about half the speed of PyTorch's own (fp32 goes to MKL either way). Compiled, it
+    is multiply-and-sum, which Inductor makes a single vectorized pass over the weights, twice as
+    fast as MKL's fp32 kernel. bench.py measures all three."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
-        if x.device.type != "cpu" or x.numel() != x.shape[-1]:
-            return F.linear(x, self.weight)
-        if torch.compiler.is_compiling():
+        one_row_cpu = x.device.type == "cpu" and x.numel() == x.shape[-1]
+        if one_row_cpu and torch.compiler.is_compiling():
             return (x.float().unsqueeze(-2) * self.weight.float()).sum(-1).type_as(x)
+        if not one_row_cpu or x.dtype == torch.float32:
+            return F.linear(x, self.weight)
         with onednn_enabled(False):
             return F.linear(x, self.weight)
 
 
+# torch's oneDNN switch is one flag for the whole process; this lock keeps a switch and its
+# restore together, so threads that generate at once leave it as they found it
+_onednn_switch = threading.RLock()
+
+
 @contextmanager
 def onednn_enabled(enabled: bool):
-    """Turn PyTorch's use of oneDNN (its CPU matmul kernels for bf16) on or off for a block."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
+    """Turn PyTorch's use of oneDNN (its CPU matmul kernels for bf16) on or off for a block. The
+    flag is process-wide: other threads' matmuls in the block see it too (speed, not results),
+    and their one-row products wait for the block to end."""
+    with _onednn_switch:
+        before = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = enabled
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.enabled = before
 
 
 class Attention(nn.Module):
@@ -299,7 +310,7 @@ class Transformer(nn.Module):
         # Plain attributes, not buffers: they are not in checkpoints, must stay fp32 when the
         # model is cast to bf16, and must be real even when the model is built on the meta device.
         self.rope_cos, self.rope_sin = precompute_rope(args, args.max_seq_len, device="cpu")
-        self.compiled_step = None  # set by compile_decoding()
+        self.compiled_logits = None  # set by compile_inference()
 
     def _rope(self, start_pos: int, seqlen: int, device):
         if self.rope_cos.device != device:
@@ -333,9 +344,8 @@ class Transformer(nn.Module):
         if start_pos and seqlen > 1:  # a chunk after a cached prefix: causal, offset by start_pos
             mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
             mask = mask.tril(diagonal=start_pos)
-        if seqlen == 1 and self.compiled_step is not None:
-            return self.compiled_step(tokens, start_pos)
-        return self.logits(tokens, start_pos, mask, last_only)
+        logits = self.compiled_logits or self.logits
+        return logits(tokens, start_pos, mask, last_only)
 
     def logits(self, tokens, start_pos: int = 0, mask=None, last_only: bool = False):
         h = self.trunk(tokens, start_pos, mask)
@@ -343,17 +353,17 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         return self.output(h).float()
 
-    def compile_decoding(self):
-        """Run forward_inference's one-token steps (the decode loop) through torch.compile:
-        Inductor fuses the norms, RoPE and SwiGLU, and Python runs once per step instead of once
-        per op. The first step compiles (tens of seconds on a CPU); prefill and training stay
-        eager. dynamic=True: one graph serves every position and batch size."""
+    def compile_inference(self):
+        """Run forward_inference (prefill and the decode loop) through torch.compile: Inductor
+        fuses the norms, RoPE and SwiGLU, and Python runs once per call instead of once per op.
+        dynamic=True: one graph serves every position and batch size, one more every prompt
+        length; the first call of each compiles (tens of seconds on a CPU). Training stays eager."""
         options = {}
         if hasattr(torch._inductor.config, "realize_cpu_opcount_threshold"):
             # store each normed activation before a matmul reads it; by default Inductor may
             # recompute it inside the multiply-and-sum loop, once per weight row (bf16: ~12%)
             options["realize_cpu_opcount_threshold"] = 8
-        self.compiled_step = torch.compile(self.logits, dynamic=True, options=options)
+        self.compiled_logits = torch.compile(self.logits, dynamic=True, options=options)
         return self
 
     def forward_loss(self, inputs, targets, ignore_index: int = -100, mask=None):
@@ -1118,7 +1128,7 @@ class Llama:
         inside Meta's llama-models package (a GGUF carries its own). device: cuda, mps or cpu
         (default: the best available); dtype: bf16/fp32/fp16 (default bf16 on CUDA, fp32
         elsewhere); rope_scale_factor: for checkpoints that don't state theirs; compile: run
-        the decode steps through torch.compile (Transformer.compile_decoding)."""
+        prefill and decoding through torch.compile (Transformer.compile_inference)."""
         ckpt_dir = Path(ckpt_dir)
         if ckpt_dir.is_file() or ckpt_dir.suffix == ".gguf":
             if tokenizer_path is not None:
@@ -1132,7 +1142,7 @@ class Llama:
                                rope_scale_factor=rope_scale_factor)
             chat_format = ChatFormat("llama3")
         if compile:
-            model.compile_decoding()
+            model.compile_inference()
         return Llama(model, tokenizer, chat_format)
 
     def _check_sampling(self, prompt_tokens, temperature, top_p, max_gen_len):

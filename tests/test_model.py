@@ -150,25 +150,52 @@ def test_one_row_linear_matches_the_matrix_product(dtype):
     assert torch.backends.mkldnn.enabled  # switched back on
 
 
+@pytest.mark.parametrize("user_setting", [True, False])
+def test_one_row_linear_from_many_threads_leaves_onednn_as_it_was(user_setting):
+    # the switch is process-wide: interleaved switch/restore pairs must not leave it flipped
+    import threading
+
+    layer = Linear(512, 4096).to(torch.bfloat16)
+    x = torch.randn(1, 1, 512).to(torch.bfloat16)
+    want = layer(x)
+
+    def work(out):
+        out.append(all(torch.equal(layer(x), want) for _ in range(100)))
+
+    before, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, user_setting
+    try:
+        results = []
+        threads = [threading.Thread(target=work, args=(results,)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert torch.backends.mkldnn.enabled == user_setting
+    finally:
+        torch.backends.mkldnn.enabled = before
+    assert results == [True] * 6
+
+
 @pytest.mark.slow
-def test_compiled_decoding_matches_eager():
+def test_compiled_inference_matches_eager():
     model = random_model(max_seq_len=64)
     tokens = torch.randint(0, 128256, (2, 16))
 
     def decode(rows):
         model.setup_caches(rows, 64)
         try:
-            steps = [model.forward_inference(tokens[:rows, :6], 0, last_only=True)]
+            steps = [model.forward_inference(tokens[:rows, :4], 0),  # prefill, every position
+                     model.forward_inference(tokens[:rows, 4:6], 4, last_only=True)]  # a chunk after a prefix
             steps += [model.forward_inference(tokens[:rows, p:p + 1], p) for p in range(6, 16)]
         finally:
             model.clear_caches()
         return torch.cat(steps, dim=1)
 
     eager = [decode(1), decode(2)]
-    model.compile_decoding()
+    model.compile_inference()
     try:
         compiled = [decode(1), decode(2)]  # one row (multiply-and-sum matmuls), then a batch
     finally:
-        model.compiled_step = None
+        model.compiled_logits = None
     for e, c in zip(eager, compiled):
         assert torch.allclose(e, c, atol=1e-4), (e - c).abs().max()
