@@ -239,8 +239,10 @@ class Attention(nn.Module):
             if mask is not None and gqa:
                 k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
                 v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1,
-                                               enable_gqa=gqa and mask is None)
+            causal = False
+            if mask is None and seqlen > 1:  # an `if`: compiled, seqlen is symbolic and SDPA wants a bool
+                causal = True
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa and mask is None)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
