@@ -193,9 +193,12 @@ def test_compiled_inference_matches_eager():
 
     eager = [decode(1), decode(2)]
     model.compile_inference()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     try:
         compiled = [decode(1), decode(2)]  # one row (multiply-and-sum matmuls), then a batch
     finally:
         model.compiled_logits = None
+    assert not counters["graph_break"], dict(counters["graph_break"])  # whole graphs, no eager pieces
     for e, c in zip(eager, compiled):
         assert torch.allclose(e, c, atol=1e-4), (e - c).abs().max()
