@@ -76,29 +76,20 @@ def test_ffn_hidden_size_follows_metas_rule_for_published_models(dim, mult, mult
     assert args.ffn_hidden_dim == want
 
 
-def test_kv_cache_decode_equals_full_forward_at_every_position():
+@pytest.mark.parametrize("rows, pieces", [
+    (2, [(0, 7)] + [(p, p + 1) for p in range(7, 24)]),  # a prefill, then one token at a time
+    (1, [(0, 5), (5, 13), (13, 20)]),  # a prefill in chunks, each after a cached prefix
+], ids=["decode", "chunks"])
+def test_kv_cache_pieces_equal_full_forward(rows, pieces):
     model = random_model(max_seq_len=64)
-    tokens = torch.randint(0, 128256, (2, 24))
+    tokens = torch.randint(0, 128256, (rows, pieces[-1][1]))
     full = model.forward_inference(tokens)
-    model.setup_caches(2, 64)
+    model.setup_caches(rows, 64)
     try:
-        steps = [model.forward_inference(tokens[:, :7], 0)]  # a prefill chunk, then one token at a time
-        steps += [model.forward_inference(tokens[:, p:p + 1], p) for p in range(7, 24)]
+        steps = [model.forward_inference(tokens[:, a:b], a) for a, b in pieces]
     finally:
         model.clear_caches()
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
-
-
-def test_kv_cache_prefill_in_chunks_equals_full_forward():
-    model = random_model(max_seq_len=64)
-    tokens = torch.randint(0, 128256, (1, 20))
-    full = model.forward_inference(tokens)
-    model.setup_caches(1, 64)
-    try:
-        chunks = [model.forward_inference(tokens[:, a:b], a) for a, b in [(0, 5), (5, 13), (13, 20)]]
-    finally:
-        model.clear_caches()
-    assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
 
 
 def test_forward_loss_equals_cross_entropy_of_inference_logits():
