@@ -242,7 +242,8 @@ class Attention(nn.Module):
             causal = False
             if mask is None and seqlen > 1:  # an `if`: compiled, seqlen is symbolic and SDPA wants a bool
                 causal = True
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa and mask is None)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=gqa and mask is None)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
