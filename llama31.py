@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import ConfigError, Tokenizer, find_tokenizer_model
+from tokenizer import PAT_STR, ConfigError, Tokenizer, find_tokenizer_model
 
 
 # -----------------------------------------------------------------------------
@@ -883,6 +883,48 @@ def save_hf(model: Transformer, out_dir, dtype=torch.bfloat16, max_shard_bytes: 
         files["model.safetensors.index.json"] = {"metadata": {"total_size": total}, "weight_map": weight_map}
     for name, content in files.items():
         atomic_write(out_dir / name, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
+
+
+# Llama 3's dialog format as a Jinja chat template, the same tokens ChatFormat("llama3") writes
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>"
+    "{{ 'ipython' if m['role'] == 'tool' else m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def save_hf_tokenizer(tokenizer_path: Path, out_dir, max_seq_len: int = HF_MAX_POSITION_EMBEDDINGS) -> List[str]:
+    """Beside an HF checkpoint: generation_config.json (stop at every Llama 3 stop token, as
+    Llama.generate does) and, when transformers is installed, tokenizer.json + tokenizer_config.json
+    converted from Meta's tokenizer.model by transformers' own tiktoken converter, so AutoTokenizer
+    loads it (BOS added, Llama 3's chat template). Returns the names of the files written."""
+    out_dir, tok = Path(out_dir), Tokenizer(tokenizer_path)
+    sp = tok.special_tokens
+    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+    generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_tokens, "do_sample": True,
+                  "temperature": 0.6, "top_p": 0.9}
+    files = {"generation_config.json": generation}
+    try:
+        from tokenizers import processors
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+    except ImportError:
+        print("note: transformers is not installed, so no tokenizer.json was written; "
+              "pip install transformers, or use the tokenizer.model beside the weights", file=sys.stderr)
+    else:
+        names = sorted(sp, key=sp.get)
+        hf_tok = TikTokenConverter(vocab_file=str(tokenizer_path), pattern=PAT_STR,
+                                   extra_special_tokens=names).converted()
+        hf_tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tok.bos_id)])
+        atomic_write(out_dir / "tokenizer.json", lambda tmp: hf_tok.save(str(tmp)))
+        files["tokenizer_config.json"] = {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+            "model_max_length": max_seq_len, "chat_template": LLAMA3_CHAT_TEMPLATE,
+            # keep decode exact: no space clean-up, which tiktoken does not do
+            "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}
+    for name, content in files.items():
+        atomic_write(out_dir / name, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
+    return list(files) + (["tokenizer.json"] if "tokenizer_config.json" in files else [])
 
 
 # -----------------------------------------------------------------------------
@@ -1873,6 +1915,33 @@ def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
     model = load_model(ckpt_dir, device="cpu", dtype=dtype, rope_scale_factor=rope_scale_factor)
     (save_hf if format == "hf" else save_meta)(model, out_dir, dtype=resolve_dtype(dtype, "cpu"))
     print(f"wrote {out_dir} ({format}, {dtype})", file=sys.stderr)
+    export_tokenizer(Path(ckpt_dir), Path(out_dir), format, model.args)
+
+
+def export_tokenizer(src: Path, out: Path, format: str, args: ModelArgs):
+    """The tokenizer goes along with exported weights: tokenizer.model for our loader and Meta's
+    code; for HF, the source's HF tokenizer files as they are, else ones made from tokenizer.model."""
+    written = []
+    hf_files = [n for n in HF_TOKENIZER_FILES if (src / n).is_file()]
+    if format == "hf" and "tokenizer.json" in hf_files:
+        for name in hf_files:
+            shutil.copyfile(src / name, out / name)
+        written += hf_files
+    try:
+        path = find_tokenizer_model(None, src)
+        n_words = Tokenizer(path).n_words
+    except ConfigError as e:
+        path, n_words = None, str(e)
+    if path is not None and n_words == args.vocab_size:
+        shutil.copyfile(path, out / "tokenizer.model")
+        written.append("tokenizer.model")
+        if format == "hf" and "tokenizer.json" not in hf_files:
+            written += save_hf_tokenizer(path, out, hf_config(args)["max_position_embeddings"])
+    elif not written:
+        why = f"{path} has {n_words} tokens, the model {args.vocab_size}" if path else n_words
+        print(f"note: no tokenizer written ({why}); put the model's tokenizer beside the weights", file=sys.stderr)
+    if written:
+        print(f"tokenizer: {', '.join(written)}", file=sys.stderr)
 
 
 COMMANDS = {"finetune": finetune, "export": export}

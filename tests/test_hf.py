@@ -126,3 +126,66 @@ def test_cli_export_writes_an_hf_checkpoint_transformers_reads(tmp_path, ckpt_di
     assert r.returncode == 0, r.stderr
     ours = load_model(ckpt_dir, 64, device="cpu").forward_inference(TOKENS)
     assert (ours - hf_logits(tmp_path / "hf")).abs().max().item() <= 1e-4
+
+
+# the text side of an export: what AutoTokenizer makes of the files export writes, against our own
+# tiktoken tokenizer (itself checked against Meta's in test_tokenizer / test_parity)
+EXPORT_TEXTS = ["The capital of France is", "  leading spaces,\ttabs\n\nand newlines\r\n",
+                "numbers 1234567 and 3.14159; code: def f(x): return x**2",
+                "Ünïcödé: naïve café, 東京, Привет, مرحبا, 🙂🚀", "'s 're 've don't I'M", ""]
+
+
+def test_export_hf_writes_a_tokenizer_transformers_loads(tmp_path, ckpt_dir, tokenizer):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llama31 import ChatFormat
+    from tokenizer import find_tokenizer_model
+
+    repo, out = Path(__file__).resolve().parents[1], tmp_path / "hf"
+    r = subprocess.run([sys.executable, "llama31.py", "export", "--ckpt_dir", str(ckpt_dir),
+                        "--out_dir", str(out), "--dtype", "fp32"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (out / "tokenizer.model").read_bytes() == find_tokenizer_model().read_bytes()  # llama-models' copy
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    for text in EXPORT_TEXTS:
+        ids = tokenizer.encode(text, bos=True, eos=False)
+        assert hf_tok(text).input_ids == ids, text
+        assert hf_tok.decode(ids[1:]) == text
+    # special tokens typed as text are special in HF (as in its own Llama 3 files)
+    assert hf_tok("<|eot_id|>", add_special_tokens=False).input_ids == [tokenizer.special_tokens["<|eot_id|>"]]
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"},
+              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a colour."}]
+    want = ChatFormat("llama3").encode_dialog(tokenizer, dialog)
+    assert hf_tok.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True, return_dict=False) == want
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    assert gen.bos_token_id == tokenizer.bos_id and sorted(gen.eos_token_id) == sorted(tokenizer.stop_tokens)
+
+
+def test_export_meta_copies_tokenizer_model_and_hf_copies_the_sources_files(tmp_path, ckpt_dir):
+    from llama31 import export
+    from tokenizer import find_tokenizer_model
+
+    export(str(ckpt_dir), str(tmp_path / "meta"), format="meta", dtype="fp32")
+    assert (tmp_path / "meta" / "tokenizer.model").read_bytes() == find_tokenizer_model().read_bytes()
+    # an HF source keeps its own tokenizer files, byte for byte
+    src = tmp_path / "hfsrc"
+    export(str(ckpt_dir), str(src), format="hf", dtype="fp32")
+    (src / "tokenizer_config.json").write_text((src / "tokenizer_config.json").read_text().replace(
+        '"model_max_length": 131072', '"model_max_length": 4096'))
+    export(str(src), str(tmp_path / "again"), format="hf", dtype="fp32")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (src / name).read_bytes(), name
+
+
+def test_save_hf_tokenizer_without_transformers_writes_generation_config_and_says_so(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from llama31 import save_hf_tokenizer
+    from tokenizer import find_tokenizer_model
+
+    monkeypatch.setitem(sys.modules, "transformers.convert_slow_tokenizer", None)  # import fails
+    written = save_hf_tokenizer(find_tokenizer_model(), tmp_path)
+    assert written == ["generation_config.json"] and not (tmp_path / "tokenizer.json").exists()
+    assert "pip install transformers" in capsys.readouterr().err
