@@ -899,7 +899,6 @@ def save_hf_tokenizer(tokenizer_path: Path, out_dir, max_seq_len: int = HF_MAX_P
     converted from Meta's tokenizer.model by transformers' own tiktoken converter, so AutoTokenizer
     loads it (BOS added, Llama 3's chat template). Returns the names of the files written."""
     out_dir, tok = Path(out_dir), Tokenizer(tokenizer_path)
-    sp = tok.special_tokens
     bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
     generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_tokens, "do_sample": True,
                   "temperature": 0.6, "top_p": 0.9}
@@ -911,7 +910,7 @@ def save_hf_tokenizer(tokenizer_path: Path, out_dir, max_seq_len: int = HF_MAX_P
         print("note: transformers is not installed, so no tokenizer.json was written; "
               "pip install transformers, or use the tokenizer.model beside the weights", file=sys.stderr)
     else:
-        names = sorted(sp, key=sp.get)
+        names = sorted(tok.special_tokens, key=tok.special_tokens.get)
         hf_tok = TikTokenConverter(vocab_file=str(tokenizer_path), pattern=PAT_STR,
                                    extra_special_tokens=names).converted()
         hf_tok.post_processor = processors.TemplateProcessing(
@@ -924,7 +923,7 @@ def save_hf_tokenizer(tokenizer_path: Path, out_dir, max_seq_len: int = HF_MAX_P
             "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}
     for name, content in files.items():
         atomic_write(out_dir / name, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
-    return list(files) + (["tokenizer.json"] if "tokenizer_config.json" in files else [])
+    return list(files) + ["tokenizer.json"] * ("tokenizer_config.json" in files)
 
 
 # -----------------------------------------------------------------------------
