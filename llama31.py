@@ -626,9 +626,10 @@ def atomic_write(path: Path, write):
     os.replace(tmp, path)
 
 
-def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16):
-    """Write params.json + consolidated.00.pth the way Meta ships them (bf16 by default).
-    Each file is written to a temporary name and renamed, so a crash never leaves a half file."""
+def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16, state: Optional[dict] = None):
+    """Write params.json + consolidated.00.pth the way Meta ships them (bf16 by default); state:
+    the weights, if not model.state_dict() (a sharded model's, gathered). Each file is written
+    to a temporary name and renamed, so a crash never leaves a half file."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     a = model.args
@@ -645,7 +646,7 @@ def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16):
             params["multiple_of"], params["ffn_dim_multiplier"] = a.ffn_dim, None
     if a.tie_embeddings:  # output.weight is still written, as Meta's Llama 3.2 files have it
         params["tie_embeddings"] = True
-    state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype) for k, v in (model.state_dict() if state is None else state).items()}
     atomic_write(ckpt_dir / "consolidated.00.pth", lambda tmp: torch.save(state, tmp))
     atomic_write(ckpt_dir / "params.json", lambda tmp: tmp.write_text(json.dumps(params, indent=2) + "\n"))
 
@@ -1538,18 +1539,46 @@ def all_reduce_mean(x, info: DistInfo):
     return x
 
 
-def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, optimizer, loader, config: dict,
-                          tokenizer_path: Path, keep: int = 2) -> Path:
+def shard_model(model: Transformer, dev: torch.device):
+    """FSDP (PyTorch's fully_shard): each process keeps 1/N of every block's weights, gradients
+    and optimizer state, and of the rest (embeddings, final norm, output); a block's full
+    weights are gathered just before it runs and dropped after. Weights that come in on the CPU
+    go to dev one module at a time, so the full model never sits on one GPU."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full_state(model: Transformer, optimizer, sharded: bool, optimizer_too: bool = True):
+    """Weights and optimizer state whole, for a checkpoint. Sharded: gathered onto rank 0's CPU
+    (every rank must call this; the others get empty dicts); the optimizer state keyed by
+    parameter name, the form set_optimizer_state_dict takes back."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options) if optimizer_too else None)
+
+
+def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, model_state: dict, optimizer_state: dict,
+                          loader, config: dict, tokenizer_path: Path, keep: int = 2) -> Path:
     """out_dir/step_NNNNNN/: the model in Meta's layout (fp32, so resuming is exact; build() and
     reference.py load it), tokenizer.model, and train_state.pt (optimizer, step, data position,
     RNG). Written under a .tmp name and renamed, then `latest` is switched atomically, so a kill
     at any moment leaves the previous checkpoint whole and `latest` pointing at it."""
     final, tmp = out_dir / f"step_{step:06d}", out_dir / f"step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_meta(model, tmp, dtype=torch.float32)
+    save_meta(model, tmp, dtype=torch.float32, state=model_state)
     shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": rng,
+    state = {"step": step, "optimizer": optimizer_state, "loader": loader.state_dict(), "rng": rng,
              "config": config}
     atomic_write(tmp / "train_state.pt", lambda t: torch.save(state, t))
     shutil.rmtree(final, ignore_errors=True)
@@ -1585,7 +1614,8 @@ def resolve_resume(resume, out_dir: Path) -> Path:
 # --ckpt_dir: SmolLM2 on data/sample.txt, a minute on a CPU). val_data "" means no validation.
 RUN_DEFAULTS = dict(train_data="tinystories/TinyStories_train_*.bin", val_data="tinystories/TinyStories_val.bin",
                     finetune_type="all", B=4, T=256, total_batch_size=None, max_steps=100, learning_rate=1e-5,
-                    min_lr_ratio=0.1, warmup_steps=10, weight_decay=0.0, grad_clip=1.0, doc_mask=True)
+                    min_lr_ratio=0.1, warmup_steps=10, weight_decay=0.0, grad_clip=1.0, doc_mask=True,
+                    fsdp=False)
 DEMO_DEFAULTS = {**RUN_DEFAULTS, "B": 2, "T": 64, "max_steps": 20, "learning_rate": 1e-4}
 DEMO_TEXT = Path(__file__).resolve().parent / "data" / "sample.txt"
 
@@ -1600,7 +1630,7 @@ def resolve_settings(given: dict, saved: Optional[dict], demo: bool, where) -> d
         raise ConfigError(f"{where} was saved with different settings (saved, now): " +
                           ", ".join(f"{k} {a} vs {b}" for k, (a, b) in clash.items()) +
                           "; resume with the same settings, or leave them out to use the saved ones")
-    return {k: saved[k] if v is None else v for k, v in given.items()}
+    return {k: saved.get(k, RUN_DEFAULTS[k]) if v is None else v for k, v in given.items()}  # older saves lack new keys
 
 
 def text_to_shards(text_path: Path, tokenizer: Tokenizer, out_dir: Path, n_val: int = 2):
@@ -1623,7 +1653,8 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
              stop_after: Optional[int] = None, learning_rate: Optional[float] = None,
              min_lr_ratio: Optional[float] = None, warmup_steps: Optional[int] = None,
              weight_decay: Optional[float] = None, grad_clip: Optional[float] = None,
-             doc_mask: Optional[bool] = None, compile: bool = False, val_every: int = 50, val_steps: int = 10,
+             doc_mask: Optional[bool] = None, fsdp: Optional[bool] = None, compile: bool = False,
+             val_every: int = 50, val_steps: int = 10,
              save_every: int = 0, resume=None, tokenizer_path: Optional[str] = None, device: Optional[str] = None,
              dtype: Optional[str] = None, seed: int = 1337, log_every: int = 1, sample_prompts=None,
              sample_len: int = 32):
@@ -1632,7 +1663,8 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     One process: python llama31.py finetune --ckpt_dir DIR ...; many: torchrun --nproc_per_node N
     llama31.py finetune ... . total_batch_size (tokens per optimizer step) sets the gradient
     accumulation: total_batch_size / (B * T * processes) micro-steps. bf16 autocast on CUDA over
-    fp32 weights. Checkpoints go to out_dir/step_NNNNNN every save_every steps and at the end;
+    fp32 weights. Processes hold a whole replica each (DDP), or with --fsdp a 1/N shard of the
+    weights, gradients and optimizer state (for models whose training state outgrows one GPU). Checkpoints go to out_dir/step_NNNNNN every save_every steps and at the end;
     --resume latest continues exactly where the last one stopped, with its saved settings.
     With neither --ckpt_dir nor --resume, a demo: the SmolLM2 GGUF briefly finetuned on
     data/sample.txt, then sampled. Settings left out default to RUN_DEFAULTS (DEMO_DEFAULTS)."""
@@ -1663,7 +1695,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     given = dict(train_data=train_data, val_data=val_data, finetune_type=finetune_type, B=B, T=T,
                  total_batch_size=total_batch_size, max_steps=max_steps, learning_rate=learning_rate,
                  min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                 grad_clip=grad_clip, doc_mask=doc_mask)
+                 grad_clip=grad_clip, doc_mask=doc_mask, fsdp=fsdp)
     cfg = resolve_settings(given, state and state["config"], demo, resume_dir)
     B, T, max_steps = cfg["B"], cfg["T"], cfg["max_steps"]
     cfg["total_batch_size"] = cfg["total_batch_size"] or B * T * info.world_size
@@ -1671,6 +1703,12 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         raise ConfigError(f"total_batch_size {cfg['total_batch_size']} is not a multiple of B*T*processes = "
                           f"{B}*{T}*{info.world_size}; change one of them")
     grad_accum = cfg["total_batch_size"] // (B * T * info.world_size)
+    sharded = cfg["fsdp"]
+    if sharded and info.world_size == 1:
+        raise ConfigError("--fsdp shards the model across processes; launch with torchrun --nproc_per_node N "
+                          "(N > 1), or drop --fsdp")
+    if sharded and compile:
+        raise ConfigError("--fsdp with --compile is not supported here; drop one of them")
     step = state["step"] if state else 0
     last_stop = min(max_steps, stop_after) if stop_after else max_steps
     if step >= last_stop:
@@ -1689,9 +1727,10 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     autocast = (torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32
                 else contextlib.nullcontext())
     chat_format = None
+    load_dev = torch.device("cpu") if sharded else dev  # sharding moves each module's shard to dev
     if Path(source).suffix == ".gguf":
         # A GGUF carries its own tokenizer, which a Meta-layout checkpoint cannot hold: no saving.
-        model, tokenizer, chat_format = load_gguf(source, max(T, 2048), 4, dev, torch.float32)
+        model, tokenizer, chat_format = load_gguf(source, max(T, 2048), 4, load_dev, torch.float32)
         tok_path = None
         if save_every:
             raise ConfigError(f"{source} is a GGUF model, and checkpoints of GGUF models are not written; "
@@ -1699,10 +1738,12 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     else:
         tok_path = find_tokenizer_model(tokenizer_path, source)
         tokenizer = Tokenizer(tok_path)
-        model = load_model(source, max_seq_len=max(T, 2048), device=dev, dtype=torch.float32,
+        model = load_model(source, max_seq_len=max(T, 2048), device=load_dev, dtype=torch.float32,
                            vocab_size=tokenizer.n_words)
     model.train()
     select_trainable(model, cfg["finetune_type"])
+    if sharded:
+        shard_model(model, dev)
     train_data, val_data = cfg["train_data"], cfg["val_data"]
     if demo:
         train_data, val_data = text_to_shards(DEMO_TEXT, tokenizer, out / "demo_data")
@@ -1713,8 +1754,13 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
 
     if state is not None:
         try:
-            optimizer.load_state_dict(state["optimizer"])
-        except ValueError as e:
+            if sharded:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+                set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
             raise ConfigError(f"optimizer state in {resume_dir} does not fit this model ({e})") from None
         train_loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["cpu"])
@@ -1727,13 +1773,14 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     raw_model = model
     if compile:
         model = torch.compile(model)
-    if info.world_size > 1:
+    if info.world_size > 1 and not sharded:
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     log(f"finetune ({cfg['finetune_type']}): {n_trainable / 1e6:.1f}M trainable parameters, {info.world_size} "
         f"process(es), grad_accum {grad_accum}, {cfg['total_batch_size']} tokens/step, "
-        f"{train_loader.ntok_total} train tokens, document masking {'on' if cfg['doc_mask'] else 'off'}")
+        f"{train_loader.ntok_total} train tokens, document masking {'on' if cfg['doc_mask'] else 'off'}"
+        f"{', FSDP' if sharded else ''}")
     peak = peak_flops(dev)
     fpt = flops_per_token(raw_model, T)
     bos, doc_mask = tokenizer.bos_id, cfg["doc_mask"]
@@ -1746,6 +1793,9 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
                               f"vocabulary of {raw_model.args.vocab_size}; tokenize the data with its tokenizer")
         return x.to(dev), y.to(dev)
 
+    # a sharded model gathers its weights in hooks around forward(), so it is called, not forward_loss
+    loss_of = model if sharded else raw_model.forward_loss
+
     def evaluate():
         raw_model.eval()
         val_loader.reset()
@@ -1754,7 +1804,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
             for _ in range(val_steps):
                 x, y = batch(val_loader, val_data)
                 with autocast:
-                    total += raw_model.forward_loss(x, y, mask=document_mask(x, bos) if doc_mask else None)
+                    total += loss_of(x, y, mask=document_mask(x, bos) if doc_mask else None)
         raw_model.train()
         return all_reduce_mean(total / val_steps, info).item()
 
@@ -1768,14 +1818,18 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         for micro in range(grad_accum):
             x, y = batch(train_loader, train_data)
             mask = document_mask(x, bos) if doc_mask else None
-            # all-reduce gradients only on the last micro-step
-            sync = model.no_sync() if info.world_size > 1 and micro < grad_accum - 1 else contextlib.nullcontext()
+            # all-reduce (FSDP: reduce-scatter) gradients only on the last micro-step
+            last = micro == grad_accum - 1
+            if sharded:
+                model.set_requires_gradient_sync(last)
+            sync = model.no_sync() if info.world_size > 1 and not sharded and not last else contextlib.nullcontext()
             with sync:
                 with autocast:
                     loss = model(x, y, mask=mask) / grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
+        norm = norm.full_tensor() if sharded else norm  # sharded: a DTensor
         peak_lr = cfg["learning_rate"]
         lr = lr_at(step, max_steps, peak_lr, cfg["warmup_steps"], peak_lr * cfg["min_lr_ratio"])
         for group in optimizer.param_groups:
@@ -1789,22 +1843,34 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
             mfu = f" | mfu {100 * tps * fpt / (peak * info.world_size):.1f}%" if peak else ""
             log(f"step {step:5d}/{max_steps} | loss {stats['train_loss']:.4f} | lr {lr:.2e} | "
                 f"norm {norm.item():.3f} | {dt * 1000:.0f} ms | {tps:,.0f} tok/s{mfu}")
-        if info.master and tok_path is not None and (step == last_stop or (save_every and step % save_every == 0)):
-            path = save_train_checkpoint(out, step, raw_model, optimizer, train_loader, config, tok_path)
-            log(f"saved {path}")
+        if tok_path is not None and (step == last_stop or (save_every and step % save_every == 0)):
+            model_state, optimizer_state = full_state(raw_model, optimizer, sharded)  # sharded: every rank
+            if info.master:
+                path = save_train_checkpoint(out, step, raw_model, model_state, optimizer_state, train_loader,
+                                             config, tok_path)
+                log(f"saved {path}")
+            del model_state, optimizer_state
     if val_loader is not None and step == max_steps:
         stats["val_loss"] = evaluate()
         log(f"step {step:5d} | val loss {stats['val_loss']:.4f}")
     if tok_path is None:
         log(f"note: not saved: {source} is a GGUF model, whose finetuned weights are not written back")
 
-    if info.master and sample_prompts != []:
-        default = ["Once upon a time, a little dog"] if demo else DEFAULT_PROMPTS[:2]
-        prompts = [sample_prompts] if isinstance(sample_prompts, str) else (sample_prompts or default)
-        llama = Llama(raw_model, tokenizer, chat_format)
-        for p, c in zip(prompts, llama.text_completion(prompts, sample_len, temperature=0)):
-            log(p + c)
-            log("-" * 80)
+    if sample_prompts != []:
+        sampler = raw_model
+        if sharded:  # rank 0 samples from a whole copy, in the training dtype (all ranks gather it)
+            weights = full_state(raw_model, optimizer, sharded, optimizer_too=False)[0]
+            if info.master:
+                sampler = assemble(raw_model.args, weights, out, "the gathered shards", dev, train_dtype)
+            del weights
+        if info.master:
+            default = ["Once upon a time, a little dog"] if demo else DEFAULT_PROMPTS[:2]
+            prompts = [sample_prompts] if isinstance(sample_prompts, str) else (sample_prompts or default)
+            llama = Llama(sampler, tokenizer, chat_format)
+            for p, c in zip(prompts, llama.text_completion(prompts, sample_len, temperature=0)):
+                log(p + c)
+                log("-" * 80)
+            del llama, sampler
     if info.world_size > 1:
         import torch.distributed as dist
         dist.barrier()

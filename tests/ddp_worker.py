@@ -1,14 +1,22 @@
-"""Run by test_finetune under torchrun: finetune, then save this rank's weights for comparison."""
+"""Run by test_finetune under torchrun: argv ckpt train val out mode [stop_after]. mode ddp: finetune
+and save this rank's weights as rank{N}.pt; fsdp: finetune sharded (with evaluation and sampling,
+which gather the shards), the checkpoint being the output; fsdp-resume: continue out's latest."""
 
 import os
 import sys
 
-import torch
-
 import llama31
 
-ckpt, train, val, out = sys.argv[1:5]
-result = llama31.finetune(ckpt_dir=ckpt, train_data=train, val_data=val, out_dir=out, B=2, T=32,
-                          total_batch_size=4 * 2 * 32, max_steps=3, learning_rate=1e-3, warmup_steps=2,
-                          val_every=0, device="cpu", sample_prompts=[])
-torch.save(result["model"].state_dict(), os.path.join(out, f"rank{os.environ['RANK']}.pt"))
+ckpt, train, val, out, mode = sys.argv[1:6]
+stop_after = int(sys.argv[6]) if len(sys.argv) > 6 else None
+kw = dict(ckpt_dir=ckpt, train_data=train, val_data=val, out_dir=out, B=2, T=32, total_batch_size=4 * 2 * 32,
+          max_steps=3, stop_after=stop_after, learning_rate=1e-3, warmup_steps=2, val_every=0, device="cpu",
+          sample_prompts=[])
+if mode == "fsdp":
+    kw.update(fsdp=True, val_every=2, sample_prompts=["The cat"], sample_len=4)
+if mode == "fsdp-resume":
+    kw = dict(out_dir=out, resume="latest", device="cpu", val_every=0, sample_prompts=[])
+result = llama31.finetune(**kw)
+if mode == "ddp":
+    import torch
+    torch.save(result["model"].state_dict(), os.path.join(out, f"rank{os.environ['RANK']}.pt"))

@@ -85,21 +85,44 @@ def test_resume_continues_exactly(tiny_ckpt, data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_ckpt, data, tmp_path):
-    # 2 processes x 2 micro-steps (no_sync on the first) vs 1 process x 4 micro-steps
-    single = run(tiny_ckpt, data, tmp_path / "single", max_steps=3, total_batch_size=4 * 2 * 32)
+def torchrun(tiny_ckpt, data, out, *args):
+    """tests/ddp_worker.py on 2 gloo processes; its stdout."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "ddp_worker.py"), str(tiny_ckpt), data["train_data"], data["val_data"],
-           str(tmp_path / "ddp")]
+           str(out), *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_ckpt, data, tmp_path):
+    # 2 processes x 2 micro-steps (no_sync on the first) vs 1 process x 4 micro-steps
+    single = run(tiny_ckpt, data, tmp_path / "single", max_steps=3, total_batch_size=4 * 2 * 32)
+    torchrun(tiny_ckpt, data, tmp_path / "ddp", "ddp")
     rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
     rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     want = weights(single["model"])
     worst = max((rank0[k] - want[k]).abs().max().item() for k in want)
     assert worst < 1e-5, worst
+
+
+def test_fsdp_on_two_processes_equals_one_process_and_resumes(tiny_ckpt, data, tmp_path):
+    # sharded weights, gradients and AdamW state; the gathered checkpoint is what is compared
+    single = run(tiny_ckpt, data, tmp_path / "single", max_steps=3, total_batch_size=4 * 2 * 32)
+    log = torchrun(tiny_ckpt, data, tmp_path / "a", "fsdp")
+    assert "FSDP" in log and "val loss" in log and log.count("The cat") == 1  # rank 0 sampled, once
+    straight = torch.load(tmp_path / "a" / "step_000003" / "consolidated.00.pth")
+    want = weights(single["model"])
+    assert straight.keys() == want.keys()
+    worst = max((straight[k] - want[k]).abs().max().item() for k in want)
+    assert worst < 1e-5, worst
+    torchrun(tiny_ckpt, data, tmp_path / "b", "fsdp", "2")
+    assert (tmp_path / "b" / "latest").read_text().strip() == "step_000002"
+    torchrun(tiny_ckpt, data, tmp_path / "b", "fsdp-resume")
+    resumed = torch.load(tmp_path / "b" / "step_000003" / "consolidated.00.pth")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
 KILL_ON_SECOND_SAVE = """
@@ -190,6 +213,7 @@ def test_tokens_outside_the_vocabulary_are_a_clear_error(tiny_ckpt, data, tmp_pa
     (["--B", "0"], "error: --B must be an integer >= 1, got 0"),
     (["--learning_rate", "abc"], "error: --learning_rate must be a number >= 0, got 'abc'"),
     (["--device", "cuda"], "error: device 'cuda': CUDA is not available here"),
+    (["--fsdp"], "error: --fsdp shards the model across processes; launch with torchrun"),
 ])
 def test_cli_finetune_rejects_bad_arguments_in_one_line(tiny_ckpt, data, tmp_path, args, message):
     r = subprocess.run([sys.executable, "llama31.py", "finetune", "--ckpt_dir", str(tiny_ckpt), *args],
