@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from tokenizer import PAT_STR, ConfigError, Tokenizer, find_tokenizer_model
 
@@ -314,6 +315,8 @@ class Transformer(nn.Module):
         # model is cast to bf16, and must be real even when the model is built on the meta device.
         self.rope_cos, self.rope_sin = precompute_rope(args, args.max_seq_len, device="cpu")
         self.compiled_logits = None  # set by compile_inference()
+        # training only: keep each block's input, recompute its insides in the backward pass
+        self.checkpoint_activations = False
 
     def _rope(self, start_pos: int, seqlen: int, device):
         if self.rope_cos.device != device:
@@ -332,7 +335,10 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         cos, sin = rope_pairs(*self._rope(start_pos, seqlen, h.device))
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, start_pos)
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, start_pos, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, start_pos)
         return self.norm(h)
 
     @torch.inference_mode()
@@ -1654,7 +1660,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
              min_lr_ratio: Optional[float] = None, warmup_steps: Optional[int] = None,
              weight_decay: Optional[float] = None, grad_clip: Optional[float] = None,
              doc_mask: Optional[bool] = None, fsdp: Optional[bool] = None, compile: bool = False,
-             val_every: int = 50, val_steps: int = 10,
+             checkpoint_activations: bool = False, val_every: int = 50, val_steps: int = 10,
              save_every: int = 0, resume=None, tokenizer_path: Optional[str] = None, device: Optional[str] = None,
              dtype: Optional[str] = None, seed: int = 1337, log_every: int = 1, sample_prompts=None,
              sample_len: int = 32):
@@ -1664,7 +1670,9 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     llama31.py finetune ... . total_batch_size (tokens per optimizer step) sets the gradient
     accumulation: total_batch_size / (B * T * processes) micro-steps. bf16 autocast on CUDA over
     fp32 weights. Processes hold a whole replica each (DDP), or with --fsdp a 1/N shard of the
-    weights, gradients and optimizer state (for models whose training state outgrows one GPU). Checkpoints go to out_dir/step_NNNNNN every save_every steps and at the end;
+    weights, gradients and optimizer state (for models whose training state outgrows one GPU).
+    --checkpoint_activations keeps only each block's input for the backward pass and recomputes
+    the rest there: activation memory / (about 10) for a third more compute. Checkpoints go to out_dir/step_NNNNNN every save_every steps and at the end;
     --resume latest continues exactly where the last one stopped, with its saved settings.
     With neither --ckpt_dir nor --resume, a demo: the SmolLM2 GGUF briefly finetuned on
     data/sample.txt, then sampled. Settings left out default to RUN_DEFAULTS (DEMO_DEFAULTS)."""
@@ -1741,6 +1749,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         model = load_model(source, max_seq_len=max(T, 2048), device=load_dev, dtype=torch.float32,
                            vocab_size=tokenizer.n_words)
     model.train()
+    model.checkpoint_activations = checkpoint_activations
     select_trainable(model, cfg["finetune_type"])
     if sharded:
         shard_model(model, dev)
@@ -1780,7 +1789,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     log(f"finetune ({cfg['finetune_type']}): {n_trainable / 1e6:.1f}M trainable parameters, {info.world_size} "
         f"process(es), grad_accum {grad_accum}, {cfg['total_batch_size']} tokens/step, "
         f"{train_loader.ntok_total} train tokens, document masking {'on' if cfg['doc_mask'] else 'off'}"
-        f"{', FSDP' if sharded else ''}")
+        f"{', FSDP' if sharded else ''}{', activation checkpointing' if checkpoint_activations else ''}")
     peak = peak_flops(dev)
     fpt = flops_per_token(raw_model, T)
     bos, doc_mask = tokenizer.bos_id, cfg["doc_mask"]

@@ -1,6 +1,7 @@
 """Run by test_finetune under torchrun: argv ckpt train val out mode [stop_after]. mode ddp: finetune
-and save this rank's weights as rank{N}.pt; fsdp: finetune sharded (with evaluation and sampling,
-which gather the shards), the checkpoint being the output; fsdp-resume: continue out's latest."""
+and save this rank's weights as rank{N}.pt; fsdp: finetune sharded, with activation checkpointing,
+evaluation and sampling (which gather the shards), the checkpoint being the output; fsdp-resume:
+continue out's latest (without activation checkpointing)."""
 
 import os
 import sys
@@ -13,7 +14,7 @@ kw = dict(ckpt_dir=ckpt, train_data=train, val_data=val, out_dir=out, B=2, T=32,
           max_steps=3, stop_after=stop_after, learning_rate=1e-3, warmup_steps=2, val_every=0, device="cpu",
           sample_prompts=[])
 if mode == "fsdp":
-    kw.update(fsdp=True, val_every=2, sample_prompts=["The cat"], sample_len=4)
+    kw.update(fsdp=True, checkpoint_activations=True, val_every=2, sample_prompts=["The cat"], sample_len=4)
 if mode == "fsdp-resume":
     kw = dict(out_dir=out, resume="latest", device="cpu", val_every=0, sample_prompts=[])
 result = llama31.finetune(**kw)

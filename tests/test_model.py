@@ -92,6 +92,27 @@ def test_kv_cache_pieces_equal_full_forward(rows, pieces):
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    model = random_model(max_seq_len=64).train()
+    tokens = torch.randint(0, 128256, (2, 17))
+
+    runs = []  # the first block's attention starts twice a step when its insides are recomputed
+    model.layers[0].attention.register_forward_pre_hook(lambda *_: runs.append(1))
+
+    def grads(checkpointing):
+        model.zero_grad(set_to_none=True)
+        model.checkpoint_activations = checkpointing
+        runs.clear()
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        assert len(runs) == (2 if checkpointing else 1)
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    (plain_loss, plain), (ckpt_loss, ckpt) = grads(False), grads(True)
+    assert torch.equal(plain_loss, ckpt_loss)
+    assert all(torch.equal(plain[k], ckpt[k]) for k in plain)
+
+
 def test_forward_loss_equals_cross_entropy_of_inference_logits():
     model = random_model(max_seq_len=64)
     tokens = torch.randint(0, 128256, (2, 17))
