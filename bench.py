@@ -14,7 +14,8 @@ per-round ratios with their range in brackets):
   decode    batch-1 greedy tokens/s after the first token: llama31's generate_stream against HF's
             generate(do_sample=False, min_new_tokens=max_new_tokens), and against a bare loop of
             HF forward calls; "% of roof" is (weights but the embedding + KV cache read per
-            token) x tokens/s over the roof
+            token) x tokens/s over the roof kernel's bytes/s, timed in the same rounds (median of
+            the per-round ratios)
   prefill   prompt tokens/s of one forward that fills the KV cache and returns the last logits
   finetune  tokens/s of forward + backward + AdamW step (fused AdamW on both sides, HF Trainer's
             default; bf16: autocast over fp32 weights, as llama31.py finetune does; MFU on known

