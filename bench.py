@@ -506,9 +506,16 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
     if unknown:
         raise SystemExit(f"error: unknown section or dtype {', '.join(unknown)}; sections: "
                          f"{', '.join(SECTIONS)}; dtypes: {', '.join(llama31.DTYPES)}")
+    try:
+        dev = llama31.check_device(device)
+        for name, value, low in [("repeats", repeats, 1), ("train_repeats", train_repeats, 1), ("threads", threads, 0),
+                                 ("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 2),
+                                 ("prefill_len", prefill_len, 1), ("B", B, 1), ("T", T, 1)]:
+            llama31.check_number(name, value, int, low)
+    except llama31.ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     if threads:
         torch.set_num_threads(threads)
-    dev = torch.device(device)
     P = SimpleNamespace(prompt_len=prompt_len, new_tokens=new_tokens, prefill_len=prefill_len, B=B, T=T,
                         repeats=repeats, train_repeats=train_repeats, compile=compile, seed=seed, roof={})
     transformers.logging.set_verbosity_error()

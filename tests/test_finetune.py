@@ -209,14 +209,59 @@ def test_tokens_outside_the_vocabulary_are_a_clear_error(tiny_ckpt, data, tmp_pa
         run(tiny_ckpt, {**data, "train_data": str(tmp_path / "big_*.bin")}, tmp_path)
 
 
+def test_cli_unknown_command_lists_the_commands():
+    r = subprocess.run([sys.executable, "llama31.py", "expor"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == ("error: unknown command 'expor'; the commands are finetune, "
+                                                      "export, shards (python llama31.py COMMAND --help), and "
+                                                      "sampling takes --ckpt_dir")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--B", "0"], "error: --B must be an integer >= 1, got 0"),
     (["--learning_rate", "abc"], "error: --learning_rate must be a number >= 0, got 'abc'"),
     (["--device", "cuda"], "error: device 'cuda': CUDA is not available here"),
     (["--fsdp"], "error: --fsdp shards the model across processes; launch with torchrun"),
+    (["--out_dir", "README.md"], "error: --out_dir README.md is a file; give a directory"),
 ])
 def test_cli_finetune_rejects_bad_arguments_in_one_line(tiny_ckpt, data, tmp_path, args, message):
     r = subprocess.run([sys.executable, "llama31.py", "finetune", "--ckpt_dir", str(tiny_ckpt), *args],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_shards_command_splits_documents_and_uses_the_checkpoints_tokenizer(tiny_ckpt, tokenizer, tmp_path):
+    import numpy as np
+
+    from llama31 import HEADER_INTS
+
+    docs = [f"Story {i}: the fox ran {i} times around the old oak." for i in range(5)]
+    (tmp_path / "my.txt").write_text("\n\n".join(docs) + "\n")
+    r = subprocess.run([sys.executable, "llama31.py", "shards", "--text", str(tmp_path / "my.txt"),
+                        "--out_dir", str(tmp_path / "s"), "--ckpt_dir", str(tiny_ckpt)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"--train_data {tmp_path / 's' / 'my_train.bin'}" in r.stderr
+
+    def ids(part):  # BOS text EOS per document, from the tokenizer directly
+        return [t for d in part for t in tokenizer.encode(d, bos=True, eos=True)]
+    for name, part in [("my_train.bin", docs[:3]), ("my_val.bin", docs[3:])]:  # 2 val documents
+        got = np.fromfile(tmp_path / "s" / name, dtype="<u4")[HEADER_INTS:]
+        assert got.tolist() == ids(part), name
+
+
+def test_fresh_run_refuses_an_out_dir_holding_a_run_and_resume_by_path_stays_in_its_dir(tiny_ckpt, data, tmp_path):
+    from llama31 import ConfigError
+
+    run(tiny_ckpt, data, tmp_path / "r", max_steps=2, stop_after=1)
+    before = (tmp_path / "r" / "step_000001" / "consolidated.00.pth").read_bytes()
+    with pytest.raises(ConfigError, match="holds the checkpoints of an earlier run .*--resume latest"):
+        run(tiny_ckpt, data, tmp_path / "r", max_steps=2)
+    assert (tmp_path / "r" / "step_000001" / "consolidated.00.pth").read_bytes() == before
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # so a default "out" would land here, where the test can see it
+    try:
+        finetune(resume=str(tmp_path / "r" / "step_000001"), device="cpu", sample_prompts=[], val_every=0)
+    finally:
+        os.chdir(cwd)
+    assert (tmp_path / "r" / "latest").read_text().strip() == "step_000002" and not (tmp_path / "out").exists()
