@@ -1983,6 +1983,8 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     generator = torch.Generator(device=device).manual_seed(seed)
     t0, n = time.time(), 0
     if stream:
+        for ids in prompt_tokens:  # every prompt checked before the first is echoed
+            llama._check_sampling([ids], temperature, top_p, max_gen_len)
         for head, ids in zip(heads, prompt_tokens):
             print(head, end="", flush=True)
             for token, text in llama.stream(ids, max_gen_len, temperature, top_p, generator):
