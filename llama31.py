@@ -1437,6 +1437,13 @@ class DistributedShardedDataLoader:
         """Back to the first token of the first shard."""
         self._seek(0, 0)
 
+    def largest_token(self):
+        """(largest token id, the shard holding it) over every token: one read of all the data,
+        to check it against a vocabulary before training rather than when a bad batch comes up."""
+        tops = [(int(np.memmap(f, dtype="<u4", mode="r", offset=HEADER_BYTES, shape=(n,)).max()), f)
+                for f, n in zip(self.files, self.shard_ntoks)]
+        return max(tops, key=lambda t: t[0])
+
     def next_batch(self):
         if self.current_position + self.step_tokens + 1 > len(self.tokens):
             self._seek((self.current_shard + 1) % len(self.files), 0)
@@ -1820,11 +1827,14 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     bos, doc_mask = tokenizer.bos_id, cfg["doc_mask"]
     stats = {"train_loss": None, "val_loss": None}
 
-    def batch(loader, data):
+    for loader in (train_loader, val_loader):
+        top, shard = loader.largest_token() if loader is not None else (-1, None)
+        if top >= raw_model.args.vocab_size:
+            raise ConfigError(f"{shard} holds token id {top}, outside this model's vocabulary of "
+                              f"{raw_model.args.vocab_size}; tokenize the data with the model's tokenizer")
+
+    def batch(loader):
         x, y = loader.next_batch()
-        if int(x.max()) >= raw_model.args.vocab_size or int(y.max()) >= raw_model.args.vocab_size:
-            raise ConfigError(f"{data} holds token id {max(int(x.max()), int(y.max()))}, outside this model's "
-                              f"vocabulary of {raw_model.args.vocab_size}; tokenize the data with its tokenizer")
         return x.to(dev), y.to(dev)
 
     # a sharded model gathers its weights in hooks around forward(), so it is called, not forward_loss
@@ -1836,7 +1846,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         total = torch.zeros((), device=dev)
         with torch.no_grad():
             for _ in range(val_steps):
-                x, y = batch(val_loader, val_data)
+                x, y = batch(val_loader)
                 with autocast:
                     total += loss_of(x, y, mask=document_mask(x, bos) if doc_mask else None)
         raw_model.train()
@@ -1850,7 +1860,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=dev)
         for micro in range(grad_accum):
-            x, y = batch(train_loader, train_data)
+            x, y = batch(train_loader)
             mask = document_mask(x, bos) if doc_mask else None
             # all-reduce (FSDP: reduce-scatter) gradients only on the last micro-step
             last = micro == grad_accum - 1

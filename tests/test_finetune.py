@@ -204,9 +204,12 @@ def test_finetune_without_arguments_trains_the_demo_model_on_the_sample_text(tmp
 
 
 def test_tokens_outside_the_vocabulary_are_a_clear_error(tiny_ckpt, data, tmp_path):
-    write_datafile(tmp_path / "big_000.bin", [128000, 5, 200000] * 100)
-    with pytest.raises(ValueError, match="holds token id 200000, outside this model's vocabulary of 128256"):
-        run(tiny_ckpt, {**data, "train_data": str(tmp_path / "big_*.bin")}, tmp_path)
+    # the bad id sits far into the second shard: found before the first step, not when reached
+    write_datafile(tmp_path / "big_000.bin", [128000, 5, 6] * 100)
+    write_datafile(tmp_path / "big_001.bin", [128000, 5, 6] * 100 + [200000])
+    with pytest.raises(ValueError, match="big_001.bin holds token id 200000, outside this model's vocabulary of 128256"):
+        run(tiny_ckpt, {**data, "train_data": str(tmp_path / "big_*.bin")}, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("step_*"))
 
 
 def test_cli_unknown_command_lists_the_commands():
