@@ -125,6 +125,24 @@ def test_fsdp_on_two_processes_equals_one_process_and_resumes(tiny_ckpt, data, t
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
+@pytest.mark.parametrize("tied, finetune_type", [(True, "all"), (False, "rmsnorm")], ids=["tied", "frozen"])
+def test_fsdp_with_tied_embeddings_or_frozen_weights_equals_one_process(tmp_path, data, tied, finetune_type):
+    # tied: one Parameter under two names, sharded once; frozen: parameters with no gradient
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt, seed=0, dtype=torch.float32, tie_embeddings=tied, **TINY)
+    single = run(ckpt, data, tmp_path / "single", max_steps=3, total_batch_size=4 * 2 * 32,
+                 finetune_type=finetune_type)
+    torchrun(ckpt, data, tmp_path / "fsdp", "fsdp", "-", finetune_type)
+    sharded = torch.load(tmp_path / "fsdp" / "step_000003" / "consolidated.00.pth")
+    want = weights(single["model"])
+    assert sharded.keys() == want.keys()
+    worst = max((sharded[k] - want[k]).abs().max().item() for k in want)
+    assert worst < 1e-5, worst
+    before = torch.load(ckpt / "consolidated.00.pth")
+    changed = {k for k in want if not torch.equal(sharded[k], before[k])}
+    assert changed == ({k for k in want if k.endswith("norm.weight")} if finetune_type == "rmsnorm" else set(want))
+
+
 KILL_ON_SECOND_SAVE = """
 import os, signal, sys, torch
 import llama31
