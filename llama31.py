@@ -1578,17 +1578,17 @@ def shard_model(model: Transformer, dev: torch.device):
     fully_shard(model, mesh=mesh)
 
 
-def full_state(model: Transformer, optimizer, sharded: bool, optimizer_too: bool = True):
-    """Weights and optimizer state whole, for a checkpoint. Sharded: gathered onto rank 0's CPU
-    (every rank must call this; the others get empty dicts); the optimizer state keyed by
-    parameter name, the form set_optimizer_state_dict takes back."""
+def full_state(model: Transformer, optimizer, sharded: bool):
+    """Weights and optimizer state (None: weights only) whole, for a checkpoint. Sharded: gathered
+    onto rank 0's CPU (every rank must call this; the others get empty dicts); the optimizer state
+    keyed by parameter name, the form set_optimizer_state_dict takes back."""
     if not sharded:
-        return model.state_dict(), optimizer.state_dict()
+        return model.state_dict(), optimizer and optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, optimizer, options=options) if optimizer_too else None)
+            optimizer and get_optimizer_state_dict(model, optimizer, options=options))
 
 
 def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, model_state: dict, optimizer_state: dict,
@@ -1648,13 +1648,13 @@ def resolve_settings(given: dict, saved: Optional[dict], demo: bool, where) -> d
     if saved is None:
         defaults = DEMO_DEFAULTS if demo else RUN_DEFAULTS
         return {k: defaults[k] if v is None else v for k, v in given.items()}
-    clash = {k: (saved.get(k, RUN_DEFAULTS[k]), v) for k, v in given.items()
-             if v is not None and k != "max_steps" and saved.get(k, RUN_DEFAULTS[k]) != v}
+    saved = {**RUN_DEFAULTS, **saved}  # saves from before a setting existed had its default
+    clash = {k: (saved[k], v) for k, v in given.items() if v is not None and k != "max_steps" and saved[k] != v}
     if clash:
         raise ConfigError(f"{where} was saved with different settings (saved, now): " +
                           ", ".join(f"{k} {a} vs {b}" for k, (a, b) in clash.items()) +
                           "; resume with the same settings, or leave them out to use the saved ones")
-    return {k: saved.get(k, RUN_DEFAULTS[k]) if v is None else v for k, v in given.items()}  # older saves lack new keys
+    return {k: saved[k] if v is None else v for k, v in given.items()}
 
 
 def text_to_shards(text_path: Path, tokenizer: Tokenizer, out_dir: Path, n_val: Optional[int] = None):
@@ -1719,8 +1719,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     if out_dir is None:  # a named checkpoint's run goes on in its own directory
         out_dir = Path(resume).parent if resume not in (None, True, "latest") else "out"
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out_dir {out} is a file; give a directory (it is created if missing)")
+    check_out_dir(out)
     demo = ckpt_dir is None and not resume
     resume_dir = resolve_resume(resume, out) if resume else None
     state = None
@@ -1756,8 +1755,8 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         log(f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
             f"{DEMO_TEXT.name}; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
     source = resume_dir or ckpt_dir
-    saves = Path(source).suffix != ".gguf"
-    if saves and resume_dir is None and (out / "latest").is_file():  # never overwrite another run's checkpoints
+    gguf = Path(source).suffix == ".gguf"  # a GGUF-started run saves nothing
+    if not gguf and resume_dir is None and (out / "latest").is_file():  # never overwrite another run's checkpoints
         raise ConfigError(f"{out} holds the checkpoints of an earlier run ({out / 'latest'}); continue it with "
                           f"--resume latest, or give another --out_dir")
 
@@ -1769,7 +1768,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
                 else contextlib.nullcontext())
     chat_format = None
     load_dev = torch.device("cpu") if sharded else dev  # sharding moves each module's shard to dev
-    if Path(source).suffix == ".gguf":
+    if gguf:
         # A GGUF carries its own tokenizer, which a Meta-layout checkpoint cannot hold: no saving.
         model, tokenizer, chat_format = load_gguf(source, max(T, 2048), 4, load_dev, torch.float32)
         tok_path = None
@@ -1831,8 +1830,8 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     bos, doc_mask = tokenizer.bos_id, cfg["doc_mask"]
     stats = {"train_loss": None, "val_loss": None}
 
-    for loader in (train_loader, val_loader):
-        top, shard = loader.largest_token() if loader is not None else (-1, None)
+    for loader in [loader for loader in (train_loader, val_loader) if loader is not None]:
+        top, shard = loader.largest_token()
         if top >= raw_model.args.vocab_size:
             raise ConfigError(f"{shard} holds token id {top}, outside this model's vocabulary of "
                               f"{raw_model.args.vocab_size}; tokenize the data with the model's tokenizer")
@@ -1907,7 +1906,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
         sampler = raw_model
         if sharded:  # rank 0 samples from a whole fp32 copy, as unsharded runs do (all ranks gather it)
             optimizer.zero_grad(set_to_none=True)
-            weights = full_state(raw_model, optimizer, sharded, optimizer_too=False)[0]
+            weights = full_state(raw_model, None, sharded)[0]
             if info.master:
                 sampler = assemble(raw_model.args, weights, out, "the gathered shards", dev, torch.float32)
             del weights
@@ -2037,6 +2036,11 @@ def shards(text: str, out_dir: str, ckpt_dir: Optional[str] = None, tokenizer_pa
           f"--val_data {val}", file=sys.stderr)
 
 
+def check_out_dir(out_dir):
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"--out_dir {out_dir} is a file; give a directory (it is created if missing)")
+
+
 def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
            rope_scale_factor: Optional[float] = None):
     """Convert a checkpoint (Meta's layout, model-parallel files included, or HF's) to HF's layout
@@ -2046,8 +2050,7 @@ def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
         raise ConfigError(f"unknown format {format!r}; use hf or meta")
     if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
         raise ConfigError("out_dir is ckpt_dir; write the converted checkpoint to a new directory")
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ConfigError(f"--out_dir {out_dir} is a file; give a directory (it is created if missing)")
+    check_out_dir(out_dir)
     if Path(ckpt_dir).is_file():
         raise ConfigError(f"{ckpt_dir} is a file; export converts checkpoint directories (Meta's or HF's "
                           f"layout), not GGUF files")
@@ -2066,20 +2069,21 @@ def export_tokenizer(src: Path, out: Path, format: str, args: ModelArgs):
         for name in hf_files:
             shutil.copyfile(src / name, out / name)
         written += hf_files
-    try:  # llama-models' copy stands in only for a Meta-layout source, as it does when sampling
-        if not (src / "tokenizer.model").is_file() and not (src / "params.json").is_file():
-            raise ConfigError(f"{src} has no tokenizer.model")
-        path = find_tokenizer_model(None, src)
-        n_words = Tokenizer(path).n_words
-    except ConfigError as e:
-        path, n_words = None, str(e)
-    if path is not None and n_words == args.vocab_size:
+    path, why = None, f"{src} has no tokenizer.model"
+    # llama-models' copy stands in only for a Meta-layout source, as it does when sampling
+    if (src / "tokenizer.model").is_file() or (src / "params.json").is_file():
+        try:
+            path = find_tokenizer_model(None, src)
+        except ConfigError as e:
+            why = str(e)
+    if path is not None and (n_words := Tokenizer(path).n_words) != args.vocab_size:
+        path, why = None, f"{path} has {n_words} tokens, the model {args.vocab_size}"
+    if path is not None:
         shutil.copyfile(path, out / "tokenizer.model")
         written.append("tokenizer.model")
         if format == "hf" and "tokenizer.json" not in hf_files:
             written += save_hf_tokenizer(path, out, hf_config(args)["max_position_embeddings"])
     elif not written:
-        why = f"{path} has {n_words} tokens, the model {args.vocab_size}" if path else n_words
         print(f"note: no tokenizer written ({why}); put the model's tokenizer beside the weights", file=sys.stderr)
     if written:
         print(f"tokenizer: {', '.join(written)}", file=sys.stderr)

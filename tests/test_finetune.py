@@ -45,6 +45,13 @@ def weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def max_difference(state: dict, model) -> float:
+    """Largest |difference| between a state dict and a model's weights, which must have the same names."""
+    want = weights(model)
+    assert state.keys() == want.keys()
+    return max((state[k] - want[k]).abs().max().item() for k in want)
+
+
 def test_loss_goes_down_on_repetitive_data_and_val_loss_is_reported(tiny_ckpt, data, tmp_path, capsys):
     result = run(tiny_ckpt, data, tmp_path, max_steps=25, val_every=5, log_every=5, learning_rate=3e-3)
     log = capsys.readouterr().out
@@ -103,9 +110,7 @@ def test_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_ckpt, da
     rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
     rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    want = weights(single["model"])
-    worst = max((rank0[k] - want[k]).abs().max().item() for k in want)
-    assert worst < 1e-5, worst
+    assert (worst := max_difference(rank0, single["model"])) < 1e-5, worst
 
 
 def test_fsdp_on_two_processes_equals_one_process_and_resumes(tiny_ckpt, data, tmp_path):
@@ -114,10 +119,7 @@ def test_fsdp_on_two_processes_equals_one_process_and_resumes(tiny_ckpt, data, t
     log = torchrun(tiny_ckpt, data, tmp_path / "a", "fsdp")
     assert "FSDP" in log and "val loss" in log and "The cat" in log  # rank 0 sampled from the gathered copy
     straight = torch.load(tmp_path / "a" / "step_000003" / "consolidated.00.pth")
-    want = weights(single["model"])
-    assert straight.keys() == want.keys()
-    worst = max((straight[k] - want[k]).abs().max().item() for k in want)
-    assert worst < 1e-5, worst
+    assert (worst := max_difference(straight, single["model"])) < 1e-5, worst
     torchrun(tiny_ckpt, data, tmp_path / "b", "fsdp", "2")
     assert (tmp_path / "b" / "latest").read_text().strip() == "step_000002"
     torchrun(tiny_ckpt, data, tmp_path / "b", "fsdp-resume")
@@ -134,13 +136,11 @@ def test_fsdp_with_tied_embeddings_or_frozen_weights_equals_one_process(tmp_path
                  finetune_type=finetune_type)
     torchrun(ckpt, data, tmp_path / "fsdp", "fsdp", "-", finetune_type)
     sharded = torch.load(tmp_path / "fsdp" / "step_000003" / "consolidated.00.pth")
-    want = weights(single["model"])
-    assert sharded.keys() == want.keys()
-    worst = max((sharded[k] - want[k]).abs().max().item() for k in want)
-    assert worst < 1e-5, worst
+    assert (worst := max_difference(sharded, single["model"])) < 1e-5, worst
     before = torch.load(ckpt / "consolidated.00.pth")
-    changed = {k for k in want if not torch.equal(sharded[k], before[k])}
-    assert changed == ({k for k in want if k.endswith("norm.weight")} if finetune_type == "rmsnorm" else set(want))
+    changed = {k for k in sharded if not torch.equal(sharded[k], before[k])}
+    trained = {k for k in sharded if k.endswith("norm.weight")} if finetune_type == "rmsnorm" else set(sharded)
+    assert changed == trained
 
 
 KILL_ON_SECOND_SAVE = """
@@ -225,7 +225,8 @@ def test_tokens_outside_the_vocabulary_are_a_clear_error(tiny_ckpt, data, tmp_pa
     # the bad id sits far into the second shard: found before the first step, not when reached
     write_datafile(tmp_path / "big_000.bin", [128000, 5, 6] * 100)
     write_datafile(tmp_path / "big_001.bin", [128000, 5, 6] * 100 + [200000])
-    with pytest.raises(ValueError, match="big_001.bin holds token id 200000, outside this model's vocabulary of 128256"):
+    bad = "big_001.bin holds token id 200000, outside this model's vocabulary of 128256"
+    with pytest.raises(ValueError, match=bad):
         run(tiny_ckpt, {**data, "train_data": str(tmp_path / "big_*.bin")}, tmp_path / "out")
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("step_*"))
 

@@ -145,7 +145,8 @@ def test_export_hf_writes_a_tokenizer_transformers_loads(tmp_path, ckpt_dir, tok
 
     repo, out = Path(__file__).resolve().parents[1], tmp_path / "hf"
     r = subprocess.run([sys.executable, "llama31.py", "export", "--ckpt_dir", str(ckpt_dir),
-                        "--out_dir", str(out), "--dtype", "fp32"], cwd=repo, capture_output=True, text=True, timeout=300)
+                        "--out_dir", str(out), "--dtype", "fp32"],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (out / "tokenizer.model").read_bytes() == find_tokenizer_model().read_bytes()  # llama-models' copy
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
