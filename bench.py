@@ -41,13 +41,16 @@ from types import SimpleNamespace
 
 import torch
 
+import formats
 import llama31
 from llama31 import Llama, ModelArgs, Transformer
 
 # Llama 3.1 shapes; 90m keeps the real vocabulary, so its output layer is the largest matrix
 SHAPES = {
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=32),  # tests
-    "90m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=128256),
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=32,
+                 ffn_dim_multiplier=1.3),  # tests
+    "90m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=128256, multiple_of=1024,
+                ffn_dim_multiplier=1.3),
     "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
                ffn_dim_multiplier=1.5, rope_scale_factor=32.0),
     "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
@@ -113,10 +116,10 @@ def build_hf(ours: Transformer):
 
     p = ours.output.weight
     ids = {} if ours.args.vocab_size > 128001 else {"bos_token_id": None, "eos_token_id": None}  # tiny vocab
-    cfg = transformers.LlamaConfig(**llama31.hf_config(ours.args, p.dtype, **ids))
+    cfg = transformers.LlamaConfig(**formats.hf_config(ours.args.to_params(), ours.args.ffn_hidden_dim, p.dtype, **ids))
     with torch.device(p.device):
         hf = transformers.LlamaForCausalLM._from_config(cfg, dtype=p.dtype, attn_implementation="sdpa")
-    hf.load_state_dict(llama31.to_hf_state_dict(ours.state_dict(), ours.args))
+    hf.load_state_dict(formats.to_hf_state_dict(ours.state_dict(), ours.args.to_params()))
     return hf.eval()
 
 

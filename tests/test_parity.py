@@ -12,8 +12,8 @@ from conftest import random_model
 
 import llama31
 import reference
-from llama31 import (ConfigError, Llama, from_hf_state_dict, permute_for_hf, permute_from_hf, precompute_rope,
-                     save_hf, save_meta, to_hf_state_dict)
+from formats import from_hf_state_dict, permute_qk, save_hf, to_hf_state_dict
+from llama31 import ConfigError, Llama, precompute_rope, save_meta
 
 # Every attention layout Llama uses, each with the real 128256-token vocabulary and norms at 1
 SHAPES = {
@@ -47,7 +47,7 @@ def trio(request, model_parallel, tmp_path_factory):
     model = random_model(seed=1, max_seq_len=MAX_SEQ_LEN, **SHAPES[request.param])
     meta_dir, hf_dir = tmp_path_factory.mktemp("meta"), tmp_path_factory.mktemp("hf")
     save_meta(model, meta_dir, dtype=torch.float32)
-    save_hf(model, hf_dir, dtype=torch.float32)
+    save_hf(model.state_dict(), model.args.to_params(), hf_dir, dtype=torch.float32)
     del model
     ours = Llama.build(meta_dir, max_seq_len=MAX_SEQ_LEN, max_batch_size=4, device="cpu", dtype="fp32")
     ref = reference.load_reference(meta_dir, max_seq_len=MAX_SEQ_LEN, max_batch_size=4, device="cpu", dtype="fp32")
@@ -171,18 +171,18 @@ def test_long_position_check_catches_unscaled_rope(trio):
 
 def test_hf_state_dict_has_llama_for_causal_lm_names_and_round_trips(trio):
     ours = trio.ours.model.state_dict()
-    hf = to_hf_state_dict(ours, trio.args)
+    hf = to_hf_state_dict(ours, trio.args.to_params())
     assert hf.keys() == trio.hf.state_dict().keys()
-    back = from_hf_state_dict(hf, trio.args)
+    back = from_hf_state_dict(hf, trio.args.to_params())
     assert back.keys() == ours.keys()
     assert all(torch.equal(back[k], ours[k]) for k in ours)
 
 
 def test_permute_from_hf_inverts_permute_for_hf():
     w = torch.arange(8 * 16 * 3, dtype=torch.float32).reshape(8 * 16, 3)  # 8 heads of 16
-    assert torch.equal(permute_from_hf(permute_for_hf(w, 8), 8), w)
+    assert torch.equal(permute_qk(permute_qk(w, 8), 8, to_hf=False), w)
     # head 0's pair (rows 0, 1) becomes HF's (row 0, row 8): i and i + head_dim/2
-    assert permute_for_hf(w, 8)[[0, 8], 0].tolist() == w[[0, 1], 0].tolist()
+    assert permute_qk(w, 8)[[0, 8], 0].tolist() == w[[0, 1], 0].tolist()
 
 
 def test_hf_config_declares_llama3_rope_scaling_and_shapes(trio):
@@ -202,48 +202,7 @@ def test_hf_config_declares_llama3_rope_scaling_and_shapes(trio):
 def test_from_hf_state_dict_names_tensors_it_does_not_know():
     args = llama31.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=300, multiple_of=16)
     with pytest.raises(ConfigError, match="model.layers.1.mlp.up_proj.weight"):
-        from_hf_state_dict({"model.layers.1.mlp.up_proj.weight": torch.zeros(1)}, args)
-
-
-# -----------------------------------------------------------------------------
-# tokenizer: ours against Meta's Tokenizer class on the same tokenizer.model
-
-CORPUS = [
-    "Hello, world! It's a test; we'll see what's what.",
-    "def f(x):\n\treturn {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n\n\nclass A(B):\n    pass\n",
-    "for (int i = 0; i < n; ++i) { sum += a[i] * 1234567; }\r\n",
-    "日本語のテキストと中文文本，还有한국어 텍스트。",
-    "Emoji: 🙂👍🏽👨‍👩‍👧‍👦🇫🇷 and ❤️‍🔥, mixed with Ελληνικά, русский, עברית, العربية, हिन्दी.",
-    " " * 50 + "x" + "\t" * 20 + "\n" * 30 + "  \n \n\t \r\n y",
-    " " * 30_000 + "z",  # longer than the 25k-character runs both tokenizers cut
-    "a" * 30_000 + " b",
-    "<|begin_of_text|>text<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi<|eom_id|>",
-    "<|reserved_special_token_250|> <|python_tag|><|image|> <|not_a_token|> < |eot_id| > <|eot_id",
-    "1234567890 3.14159 1e-5 0x1F ١٢٣ 一二三",
-    "",
-]
-
-
-@pytest.fixture(scope="module")
-def meta_tokenizer():
-    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
-
-    return MetaTokenizer(llama31.find_tokenizer_model())
-
-
-@pytest.mark.parametrize("allowed_special", [None, "all"])
-def test_tokenizer_ids_match_meta_on_mixed_script_corpus(tokenizer, meta_tokenizer, allowed_special):
-    kw = {} if allowed_special is None else {"allowed_special": allowed_special}
-    for text in CORPUS:
-        assert tokenizer.encode(text, bos=True, eos=True, **kw) == \
-            meta_tokenizer.encode(text, bos=True, eos=True, **kw), text[:40]
-
-
-def test_special_token_look_alikes_are_text_unless_allowed(tokenizer):
-    # guards the corpus above: both modes really differ on it
-    text = CORPUS[8]
-    assert tokenizer.eot_id not in tokenizer.encode(text, bos=False, eos=False)
-    assert tokenizer.eot_id in tokenizer.encode(text, bos=False, eos=False, allowed_special="all")
+        from_hf_state_dict({"model.layers.1.mlp.up_proj.weight": torch.zeros(1)}, args.to_params())
 
 
 # -----------------------------------------------------------------------------

