@@ -126,9 +126,10 @@ def load_reference(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_b
         raise ConfigError(f"{ckpt_dir} holds {len(shards)} *.pth files; reference.py reads a single "
                           f"consolidated.00.pth (Meta's code reads model-parallel files only with one torchrun "
                           f"process per file)")
-    if params.get("use_scaled_rope"):
+    args = MetaArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
+    if args.use_scaled_rope:
         # what llama31 would use (stated, or known for Llama 3.2 1B/3B) against Meta's hard-coded rule
-        ours = (resolve_rope_factor(params.get("rope_scale_factor"), None, params["dim"], params["n_layers"],
+        ours = (resolve_rope_factor(params.get("rope_scale_factor"), None, args.dim, args.n_layers,
                                     ckpt_dir / "params.json"),
                 params.get("rope_low_freq_factor", 1.0), params.get("rope_high_freq_factor", 4.0),
                 params.get("rope_original_max_len", 8192))
@@ -139,7 +140,8 @@ def load_reference(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_b
     device = check_device(device or default_device())
     dtype = resolve_dtype(dtype, device)
     tokenizer = MetaTokenizer(find_tokenizer_model(tokenizer_path, ckpt_dir))
-    args = MetaArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
+    if args.vocab_size == -1:  # Meta's default, meaning "the tokenizer's" (as llama31 and Llama 2's build read it)
+        args.vocab_size = tokenizer.n_words
     if args.vocab_size != tokenizer.n_words:
         raise ConfigError(f"{ckpt_dir / 'params.json'} says vocab_size {args.vocab_size} but the tokenizer "
                           f"has {tokenizer.n_words} tokens; use the tokenizer.model that came with it")

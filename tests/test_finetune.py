@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_checkpoint
-from llama31 import Llama, finetune, write_datafile
+from llama31 import Llama, finetune, read_datafile_header, write_datafile
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)
@@ -171,24 +171,37 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tiny_ckpt, dat
     assert resumed["step"] == 4
 
 
-def test_bad_finetune_input_is_a_clear_error(tiny_ckpt, data, tmp_path):
-    with pytest.raises(ValueError, match="no token shards match .*nothing_"):
-        run(tiny_ckpt, {**data, "train_data": str(tmp_path / "nothing_*.bin")}, tmp_path)
-    with pytest.raises(ValueError, match="total_batch_size 100 is not a multiple"):
-        run(tiny_ckpt, data, tmp_path, total_batch_size=100)
-    with pytest.raises(ValueError, match="no checkpoint in"):
-        run(None, data, tmp_path / "empty", resume="latest")
-    with pytest.raises(ValueError, match="no train_state.pt"):
-        run(None, data, tmp_path, resume=str(tiny_ckpt))
-    run(tiny_ckpt, data, tmp_path / "saved", max_steps=1)
-    with pytest.raises(ValueError, match="different settings .*B 2 vs 4"):
-        run(None, data, tmp_path / "saved", resume="latest", B=4)
-    with pytest.raises(ValueError, match="at step 1 already, and this run would stop at step 1"):
-        run(None, data, tmp_path / "saved", resume="latest", max_steps=1)
-    with pytest.raises(ValueError, match="fp16 training needs loss scaling"):
-        run(tiny_ckpt, data, tmp_path, dtype="fp16")
-    with pytest.raises(ValueError, match="unknown finetune_type"):
-        run(tiny_ckpt, data, tmp_path, finetune_type="lora")
+@pytest.fixture(scope="module")
+def saved_run(tiny_ckpt, data, tmp_path_factory):
+    """A run saved at step 1 of 1, to resume."""
+    out = tmp_path_factory.mktemp("saved")
+    run(tiny_ckpt, data, out, max_steps=1)
+    return out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no shards", "no token shards match .*nothing_"),
+    ("total batch", "total_batch_size 100 is not a multiple"),
+    ("resume nothing", "no checkpoint in"),
+    ("resume a non-run", "no train_state.pt"),
+    ("resume with other B", "different settings .*B 2 vs 4"),
+    ("resume past the end", "at step 1 already, and this run would stop at step 1"),
+    ("fp16", "fp16 training needs loss scaling"),
+    ("finetune type", "unknown finetune_type"),
+])
+def test_bad_finetune_input_is_a_clear_error(tiny_ckpt, data, saved_run, tmp_path, case, message):
+    args = {
+        "no shards": (tiny_ckpt, {**data, "train_data": str(tmp_path / "nothing_*.bin")}, tmp_path, {}),
+        "total batch": (tiny_ckpt, data, tmp_path, {"total_batch_size": 100}),
+        "resume nothing": (None, data, tmp_path / "empty", {"resume": "latest"}),
+        "resume a non-run": (None, data, tmp_path, {"resume": str(tiny_ckpt)}),
+        "resume with other B": (None, data, saved_run, {"resume": "latest", "B": 4}),
+        "resume past the end": (None, data, saved_run, {"resume": "latest", "max_steps": 1}),
+        "fp16": (tiny_ckpt, data, tmp_path, {"dtype": "fp16"}),
+        "finetune type": (tiny_ckpt, data, tmp_path, {"finetune_type": "lora"}),
+    }[case]
+    with pytest.raises(ValueError, match=message):
+        run(*args[:3], **args[3])
 
 
 def test_batch_larger_than_a_shard_is_a_clear_error(tiny_ckpt, data, tmp_path):
@@ -209,15 +222,23 @@ def test_cli_finetune_runs_and_samples(tiny_ckpt, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_without_arguments_trains_the_demo_model_on_the_sample_text(tmp_path):
-    r = subprocess.run([sys.executable, "llama31.py", "finetune", "--out_dir", str(tmp_path), "--max_steps", "2",
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_finetune_without_arguments_trains_the_demo_model_on_the_sample_text(tmp_path, processes):
+    # the demo's own B, T and data at 1, 2 and 4 processes (fewer steps, to keep the suite short):
+    # the validation split is cut from data/sample.txt to hold one step of every process
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+              if processes > 1 else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if processes > 1 else None
+    r = subprocess.run([*launch, "llama31.py", "finetune", "--out_dir", str(tmp_path), "--max_steps", "2",
                         "--val_steps", "1", "--sample_len", "8", "--device", "cpu"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "SmolLM2-135M-Instruct on sample.txt" in r.stdout
+    assert f"{processes} process(es)" in r.stdout and "too short" not in r.stdout  # T stays 64
     val = [float(line.split("val loss")[1]) for line in r.stdout.splitlines() if "val loss" in line]
     assert len(val) == 2 and all(0 < v < 10 for v in val)  # a real model: far below ln(49152) = 10.8
     assert "Once upon a time, a little dog" in r.stdout and "not saved" in r.stdout
+    assert read_datafile_header(tmp_path / "demo_data" / "sample_val.bin") >= 2 * 64 * processes + 1
     assert (tmp_path / "demo_data" / "sample_train.bin").is_file() and not list(tmp_path.glob("step_*"))
 
 

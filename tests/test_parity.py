@@ -3,6 +3,7 @@ transformers' LlamaForCausalLM. One random model per shape is written in Meta's 
 and each implementation reads its own copy, so all three run exactly the same weights (fp32, CPU)."""
 
 import dataclasses
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -203,6 +204,51 @@ def test_from_hf_state_dict_names_tensors_it_does_not_know():
     args = llama31.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=300, multiple_of=16)
     with pytest.raises(ConfigError, match="model.layers.1.mlp.up_proj.weight"):
         from_hf_state_dict({"model.layers.1.mlp.up_proj.weight": torch.zeros(1)}, args.to_params())
+
+
+# -----------------------------------------------------------------------------
+# params.json: a key left out means what it means to Meta's code
+
+# Every key of Meta's ModelArgs that a params.json states, each set away from Meta's default, so
+# that leaving any one out changes the model
+FULL_PARAMS = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=64,
+                   ffn_dim_multiplier=1.3, norm_eps=1e-6, rope_theta=10000.0, use_scaled_rope=True)
+
+
+@pytest.mark.parametrize("left_out", list(FULL_PARAMS))
+def test_a_key_left_out_of_params_json_means_metas_default(left_out, model_parallel, tmp_path):
+    from llama_models.llama3.args import ModelArgs as MetaArgs
+    from llama_models.llama3.model import Transformer as MetaTransformer
+
+    params = {k: v for k, v in FULL_PARAMS.items() if k != left_out}
+    theirs = MetaArgs(**params, max_seq_len=64, max_batch_size=1)
+    ours = llama31.ModelArgs.from_params(params, max_seq_len=64)
+    assert all(getattr(ours, k) == getattr(theirs, k) for k in FULL_PARAMS), left_out
+    # the same tensors: Meta's model built from its args (Meta's default dim is 8B's 4096: one
+    # layer and a small vocabulary then, to keep memory small)
+    small = dict(vocab_size=256, n_layers=1) if left_out == "dim" else {}
+    small["vocab_size"] = small.get("vocab_size", 128256)  # both loaders take -1 from the tokenizer
+    for k, v in small.items():
+        setattr(theirs, k, v)
+    torch.manual_seed(0)
+    with reference.torch_defaults(dtype=torch.float32):
+        meta_model = MetaTransformer(theirs)
+    for p in meta_model.parameters():  # Meta's layers leave their weights uninitialised
+        torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
+    with torch.device("meta"):
+        our_model = llama31.Transformer(dataclasses.replace(ours, **small))
+    assert {k: v.shape for k, v in our_model.state_dict().items()} == \
+        {k: v.shape for k, v in meta_model.state_dict().items()}
+    if left_out == "dim":
+        return
+    # a random checkpoint of Meta's shapes under the short params.json: the same logits
+    torch.save(meta_model.state_dict(), tmp_path / "consolidated.00.pth")
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    llama = Llama.build(tmp_path, max_seq_len=64, device="cpu", dtype="fp32")
+    ref = reference.load_reference(tmp_path, max_seq_len=64, device="cpu", dtype="fp32")
+    x = text_batch(llama.tokenizer, seqlen=24)
+    ours_logits, theirs_logits = llama.model.forward_inference(x), ref.model.forward(x, 0)
+    assert (ours_logits - theirs_logits).abs().max().item() <= META_TOL
 
 
 # -----------------------------------------------------------------------------
