@@ -1277,7 +1277,7 @@ class Plan:
     saves: bool  # GGUF models are not written back
 
 
-def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistInfo) -> Plan:
+def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistInfo, log) -> Plan:
     """Settings, out dir and resume point of a run, each checked (a one-line error) before the
     slow part starts."""
     for name, value in given.items():
@@ -1312,6 +1312,9 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistIn
         raise ConfigError(f"{resume_dir} is at step {step} already, and this run would stop at step {last_stop}; "
                           f"raise --max_steps to train on")
     source = resume_dir or (find_demo_gguf() if demo else Path(ckpt_dir))
+    if demo:
+        log(f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
+            f"{DEMO_TEXT.name}; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
     saves = formats.layout(source) != "gguf"  # a GGUF's tokenizer cannot go into Meta's layout
     if not saves and cfg["save_every"]:
         raise ConfigError(f"{source} is a GGUF model, and checkpoints of GGUF models are not written; "
@@ -1350,6 +1353,54 @@ def training_data(plan: Plan, tokenizer: Tokenizer, vocab_size: int, info: DistI
             raise ConfigError(f"{shard} holds token id {top}, outside this model's vocabulary of {vocab_size}; "
                               f"tokenize the data with the model's tokenizer")
     return train_loader, val_loader
+
+
+def training_autocast(dtype, dev):
+    """Weights stay fp32 (the optimizer's master copy); a bf16 --dtype is autocast's job."""
+    train_dtype = resolve_dtype(dtype, dev)
+    if train_dtype == torch.float16:
+        raise ConfigError("fp16 training needs loss scaling, which this loop does not do; use --dtype bf16 or fp32")
+    return torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32 else contextlib.nullcontext()
+
+
+def setup_training(plan: Plan, tokenizer_path, compile: bool, checkpoint_activations: bool, seed: int,
+                   info: DistInfo, dev, log):
+    """The model (sharded, compiled or wrapped in DDP as the run asks), its optimizer and the data,
+    restored to the resumed checkpoint's state. A sharded model loads on the CPU and moves to
+    the device one module at a time. Returns (Llama of the bare model, the model to call,
+    optimizer, train loader, validation loader or None)."""
+    cfg, sharded = plan.cfg, plan.cfg["fsdp"]
+    llama = load_checkpoint(plan.source, tokenizer_path, max(cfg["T"], 2048), 4,
+                            torch.device("cpu") if sharded else dev, torch.float32)
+    model = llama.model.train()
+    model.checkpoint_activations = checkpoint_activations
+    select_trainable(model, cfg["finetune_type"])
+    if sharded:
+        shard_model(model, dev)
+    train_loader, val_loader = training_data(plan, llama.tokenizer, model.args.vocab_size, info, log)
+    # after the data: the demo's T may be smaller now (a given total batch stays a multiple)
+    cfg["total_batch_size"] = cfg["total_batch_size"] or cfg["B"] * cfg["T"] * info.world_size
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], device_type=dev.type)
+    if plan.state is not None:  # resume: optimizer, data position and RNG exactly as saved
+        load_optimizer_state(model, optimizer, plan.state["optimizer"], sharded, plan.resume_dir)
+        train_loader.load_state_dict(plan.state["loader"])
+        torch.set_rng_state(plan.state["rng"]["cpu"])
+        if dev.type == "cuda" and plan.state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(plan.state["rng"]["cuda"])
+        log(f"resumed from {plan.resume_dir} at step {plan.step}")
+    else:
+        torch.manual_seed(seed)
+    if compile:
+        model = torch.compile(model)
+    if info.world_size > 1 and not sharded:
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    n_trainable = sum(p.numel() for p in llama.model.parameters() if p.requires_grad)
+    log(f"finetune ({cfg['finetune_type']}): {n_trainable / 1e6:.1f}M trainable parameters, {info.world_size} "
+        f"process(es), grad_accum {cfg['total_batch_size'] // (cfg['B'] * cfg['T'] * info.world_size)}, "
+        f"{cfg['total_batch_size']} tokens/step, {train_loader.ntok_total} train tokens, document masking "
+        f"{'on' if cfg['doc_mask'] else 'off'}{', FSDP' if sharded else ''}"
+        f"{', activation checkpointing' if checkpoint_activations else ''}")
+    return llama, model, optimizer, train_loader, val_loader
 
 
 def next_batch(loader, dev):
@@ -1397,68 +1448,27 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
              save_every: Optional[int] = None, resume=None, tokenizer_path: Optional[str] = None,
              device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1337,
              log_every: Optional[int] = None, sample_prompts=None, sample_len: int = 32):
-    """Finetune a checkpoint (Meta's or HF's layout, or a .gguf file) on .bin token shards.
-
-    One process: python llama31.py finetune --ckpt_dir DIR ...; many: torchrun --nproc_per_node N
-    llama31.py finetune ... . total_batch_size (tokens per optimizer step) sets the gradient
-    accumulation: total_batch_size / (B * T * processes) micro-steps. bf16 autocast on CUDA over
-    fp32 weights. Processes hold a whole replica each (DDP), or with --fsdp a 1/N shard of the
-    weights, gradients and optimizer state (for models whose training state outgrows one GPU).
-    --checkpoint_activations keeps only each block's input for the backward pass and recomputes
-    the rest there: activation memory / (about 10) for a third more compute. Checkpoints go to
-    out_dir/step_NNNNNN every save_every steps and at the end (out_dir: "out", or the directory
-    of the checkpoint --resume names); --resume latest continues exactly where the last one
-    stopped, with its saved settings.
-    With neither --ckpt_dir nor --resume, a demo: the SmolLM2 GGUF briefly finetuned on
-    data/sample.txt (or --train_data), then sampled. Settings left out take SETTINGS' defaults
-    (the demo's for the demo)."""
+    """Finetune a checkpoint (Meta's or HF's layout, or a .gguf file) on .bin token shards, in one
+    process or many (torchrun --nproc_per_node N llama31.py finetune ...): DDP replicas, or with
+    --fsdp a 1/N shard of the weights, gradients and optimizer state each. total_batch_size tokens
+    per step (gradient accumulation over B * T * processes); bf16 autocast on CUDA over fp32
+    weights; --checkpoint_activations recomputes each block in the backward pass. Checkpoints go to
+    out_dir/step_NNNNNN every save_every steps and at the end; --resume latest continues exactly,
+    with the saved settings. Without --ckpt_dir or --resume: the demo, SmolLM2 briefly finetuned on
+    data/sample.txt. Settings left out take SETTINGS' defaults (given: those passed, else None)."""
     given = {name: value for name, value in locals().items() if name in SETTINGS}
     info, dev = setup_distributed(device)
     log = print if info.master else (lambda *a, **k: None)
-    plan = plan_run(given, ckpt_dir, out_dir, resume, compile, info)
+    plan = plan_run(given, ckpt_dir, out_dir, resume, compile, info, log)
     cfg, step, sharded = plan.cfg, plan.step, plan.cfg["fsdp"]
-    if plan.demo:
-        log(f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
-            f"{DEMO_TEXT.name}; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
-    # Weights stay fp32 (the optimizer's master copy); bf16 is autocast's job on CUDA.
-    train_dtype = resolve_dtype(dtype, dev)
-    if train_dtype == torch.float16:
-        raise ConfigError("fp16 training needs loss scaling, which this loop does not do; use --dtype bf16 or fp32")
-    autocast = torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32 else contextlib.nullcontext()
-
-    # model, data, optimizer; a sharded model loads on the CPU and moves one module at a time
-    llama = load_checkpoint(plan.source, tokenizer_path, max(cfg["T"], 2048), 4,
-                            torch.device("cpu") if sharded else dev, torch.float32)
-    model = raw_model = llama.model.train()
-    model.checkpoint_activations = checkpoint_activations
-    select_trainable(model, cfg["finetune_type"])
-    if sharded:
-        shard_model(model, dev)
-    train_loader, val_loader = training_data(plan, llama.tokenizer, model.args.vocab_size, info, log)
-    B, T = cfg["B"], cfg["T"]  # the demo's T may be smaller now: a total batch stays a multiple
-    cfg["total_batch_size"] = cfg["total_batch_size"] or B * T * info.world_size
-    grad_accum = cfg["total_batch_size"] // (B * T * info.world_size)
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], device_type=dev.type)
-    if plan.state is not None:  # resume: optimizer, data position and RNG exactly as saved
-        load_optimizer_state(model, optimizer, plan.state["optimizer"], sharded, plan.resume_dir)
-        train_loader.load_state_dict(plan.state["loader"])
-        torch.set_rng_state(plan.state["rng"]["cpu"])
-        if dev.type == "cuda" and plan.state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(plan.state["rng"]["cuda"])
-        log(f"resumed from {plan.resume_dir} at step {step}")
-    else:
-        torch.manual_seed(seed)
-    if compile:
-        model = torch.compile(model)
-    if info.world_size > 1 and not sharded:
-        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    autocast = training_autocast(dtype, dev)
+    llama, model, optimizer, train_loader, val_loader = setup_training(plan, tokenizer_path, compile,
+                                                                       checkpoint_activations, seed, info, dev, log)
+    raw_model, T = llama.model, cfg["T"]
+    grad_accum = cfg["total_batch_size"] // (cfg["B"] * T * info.world_size)
     # a sharded model gathers its weights in hooks around forward(), so it is called, not forward_loss
     loss_of = model if sharded else raw_model.forward_loss
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    log(f"finetune ({cfg['finetune_type']}): {sum(p.numel() for p in trainable) / 1e6:.1f}M trainable parameters, "
-        f"{info.world_size} process(es), grad_accum {grad_accum}, {cfg['total_batch_size']} tokens/step, "
-        f"{train_loader.ntok_total} train tokens, document masking {'on' if cfg['doc_mask'] else 'off'}"
-        f"{', FSDP' if sharded else ''}{', activation checkpointing' if checkpoint_activations else ''}")
     peak, fpt = peak_flops(dev), flops_per_token(raw_model, T)
     bos = llama.tokenizer.bos_id if cfg["doc_mask"] else None
     config = {k: v for k, v in cfg.items() if SETTINGS[k].saved} | {"world_size": info.world_size}
