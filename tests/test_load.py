@@ -179,3 +179,14 @@ def test_save_meta_states_every_rope_setting(tmp_path):
     back = load_model(tmp_path, 64, device="cpu").args
     for k in ("rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"):
         assert getattr(back, k) == getattr(model.args, k), k
+
+
+def test_config_errors_come_before_the_weights_are_read(ckpt_copy):
+    # a bad override is reported from params.json alone: the (here unreadable) weights are never opened
+    params = json.loads((ckpt_copy / "params.json").read_text())
+    (ckpt_copy / "params.json").write_text(json.dumps({**params, "use_scaled_rope": False}))
+    (ckpt_copy / "consolidated.00.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="use_scaled_rope false"):
+        load_model(ckpt_copy, 64, device="cpu", rope_scale_factor=8.0)
+    with pytest.raises(ValueError, match="could not read .*consolidated.00.pth"):
+        load_model(ckpt_copy, 64, device="cpu")
