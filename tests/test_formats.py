@@ -17,7 +17,7 @@ from gguf import GGML_QUANT_SIZES
 import formats
 from conftest import byte_vocab, make_checkpoint, random_model, write_gguf
 from formats import save_hf, save_hf_tokenizer
-from llama31 import (Llama, ModelArgs, Transformer, export, load_checkpoint, load_model, load_tokenizer, main,
+from llama31 import (Llama, ModelArgs, Transformer, export, load_checkpoint, load_model, main,
                      precompute_rope, read_checkpoint, save_meta)
 from tokenizer import ChatFormat, ConfigError, find_tokenizer_model
 
@@ -281,11 +281,10 @@ def test_every_tensor_type_and_name_loads_as_hf_reads_it(tiny_gguf):
     assert (ours - ref).abs().max().item() < 1e-4
 
 
-def test_gguf_model_comes_with_the_files_tokenizer_and_chat_format(smollm, smollm_path):
+def test_gguf_model_comes_with_the_files_tokenizer_and_chat_format(smollm, smollm_path, smollm_tokenizer):
     # the tokenizer and template that test_tokenizer checks against HF are the ones Llama.build uses
     text = "Hello, 12345 worlds! <|im_start|>"
-    assert smollm.tokenizer.encode(text, bos=False, eos=False) == \
-        load_tokenizer(smollm_path).encode(text, bos=False, eos=False)
+    assert smollm.tokenizer.encode(text, bos=False, eos=False) == smollm_tokenizer.encode(text, bos=False, eos=False)
     assert smollm.chat_format == ChatFormat.from_template(formats.open_gguf(smollm_path)[1]["tokenizer.chat_template"])
     assert smollm.chat_format.style == "chatml"
 

@@ -9,7 +9,6 @@ from gguf import TokenType
 
 from conftest import write_gguf
 from formats import open_gguf
-from llama31 import load_tokenizer
 from tokenizer import (MAX_NO_WHITESPACES_CHARS, ChatFormat, Tokenizer, bytes_to_unicode, find_tokenizer_model,
                        load_bpe_ranks, split_long_runs)
 
@@ -147,11 +146,6 @@ CORPUS = [
 ]
 # Text that spells special tokens: plain text by default, the special tokens when allowed
 SPECIAL_TEXT = "<|im_start|>user\nHello<|im_end|>\n<|begin_of_text|><|eot_id|><|endoftext|>"
-
-
-@pytest.fixture(scope="session")
-def smollm_tokenizer(smollm_path):
-    return load_tokenizer(smollm_path)
 
 
 @pytest.fixture(scope="session")
