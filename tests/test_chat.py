@@ -21,7 +21,7 @@ def tiny(ckpt_dir):
 @pytest.fixture(scope="module")
 def smollm(smollm_path):
     """The demo model (ChatML), whose answers are real text."""
-    return Llama.build(smollm_path, max_seq_len=512, max_batch_size=1, device="cpu", dtype="fp32")
+    return Llama.build(smollm_path, max_seq_len=512, max_batch_size=1, device="cpu", dtype="fp32", quantize="none")
 
 
 def fresh_answer(llama, dialog, max_gen_len):
@@ -89,7 +89,7 @@ def test_an_answer_stopped_early_stays_in_the_dialog_and_the_next_turn_is_right(
 
 
 def test_a_dialog_past_max_seq_len_drops_its_oldest_turns_and_still_answers(smollm_path, capsys):
-    llama = Llama.build(smollm_path, max_seq_len=96, max_batch_size=1, device="cpu", dtype="fp32")
+    llama = Llama.build(smollm_path, max_seq_len=96, max_batch_size=1, device="cpu", dtype="fp32", quantize="none")
     conv = Conversation(llama, system="Answer in one short sentence.", max_gen_len=16, temperature=0)
     try:
         questions = ["What is the capital of France?", "And of Spain?", "And of Italy?", "And of Japan?"]

@@ -1,0 +1,298 @@
+"""
+Weight-only quantization: the model's matrices kept in 8 or 4 bits, activations in the model's dtype.
+
+    int8   one scale per output row, symmetric:  w = q * scale,                 q in -128..127
+    int4   a scale and an offset per group of `group_size` inputs (32, 64 or 128):
+                                                 w = (q - 8) * scale + zero,    q in 0..15
+           (the grid of llama.cpp's Q4_0, Q4_1 and Q4_K, whose blocks are 32 wide: those GGUF
+           tensors become int4 exactly, by re-expressing their block scales and minimums)
+
+Each format runs on the fastest kernel PyTorch has for the device: on CPU aten's
+_weight_int8pack_mm and _weight_int4pack_mm_for_cpu (they want bf16 activations: with fp32 ones
+they run ~10x slower, so a quantized model defaults to bf16 on CPU); on CUDA
+_weight_int4pack_mm, and for int8 a product with the int8 matrix whose rows are scaled after
+(what torch.compile fuses); elsewhere (MPS) the weights are dequantized for each product. Every
+path is tested equal to dequantize-then-matmul.
+
+The token embedding becomes an int8 table whose lookup dequantizes only the rows it gathers (4-bit
+rows would need the CPU kernel's tile layout undone), and --quantize int4 keeps the output layer in
+int8 too; a model with tied embeddings then keeps one int8 matrix for both. Modules are swapped in by name (swap_modules), so
+this file imports nothing from llama31.py.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tokenizer import ConfigError
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+# the matrices a block multiplies by, and the output layer: what quantization replaces
+LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+           "feed_forward.w3")
+
+
+@dataclass
+class Int4Values:
+    """An int4 matrix before packing: q (out, in) uint8 in 0..15, scales and zeros (out, in / group)."""
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scales.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.group_size
+        w = (self.q.float().unflatten(1, (-1, g)) - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
+        return w.flatten(1)
+
+
+@dataclass
+class Int8Values:
+    """An int8 matrix: q (out, in) int8, scales (out,)."""
+    q: torch.Tensor
+    scales: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scales.float()[:, None]
+
+
+def int8_rows(w: torch.Tensor) -> Int8Values:
+    """Symmetric int8 with one scale per row (the largest |w| maps to 127)."""
+    w = w.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return Int8Values(torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8), scales)
+
+
+def int4_groups(w: torch.Tensor, group_size: int) -> Int4Values:
+    """Asymmetric int4 per group of inputs: each group's range split in 15 steps."""
+    out_features, in_features = w.shape
+    if in_features % group_size:
+        raise ConfigError(f"int4 group size {group_size} does not divide a layer's {in_features} inputs; use a "
+                          f"group size that does ({', '.join(str(g) for g in GROUP_SIZES if in_features % g == 0)})")
+    groups = w.float().unflatten(1, (-1, group_size))
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = (hi - lo).clamp(min=1e-12) / 15
+    q = torch.round((groups - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).flatten(1)
+    return Int4Values(q, scales, lo + 8 * scales)
+
+
+def check_mode(mode: Optional[str], group_size: int) -> Optional[str]:
+    """None and "none" mean no quantization (a GGUF file then dequantizes to --dtype)."""
+    if mode in (None, "none"):
+        return mode
+    if mode not in MODES:
+        raise ConfigError(f"unknown quantize {mode!r}; use int8, int4 or none")
+    if group_size not in GROUP_SIZES:
+        raise ConfigError(f"int4 group size {group_size!r} is not one of {', '.join(map(str, GROUP_SIZES))}")
+    return mode
+
+
+# -----------------------------------------------------------------------------
+# the modules: Linear's `weight` name kept, with its scales beside it
+
+
+def int8_matmul(x, q, scales, kernel: bool):
+    """x @ (q * scales[:, None]).T: aten's CPU kernel, or the int8 matrix cast to x's dtype with the
+    rows scaled after (the form torch.compile fuses into one pass on CUDA)."""
+    scales = scales if scales.dtype == x.dtype else scales.to(x.dtype)
+    if kernel:
+        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, scales)
+        return out.reshape(*x.shape[:-1], q.shape[0])
+    return F.linear(x, q.to(x.dtype)) * scales
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scales[:, None]).T, q int8 (out, in)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype=torch.bfloat16, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+
+    @staticmethod
+    def buffers_for(values: Union[torch.Tensor, Int8Values], device, dtype) -> Dict[str, torch.Tensor]:
+        values = values if isinstance(values, Int8Values) else int8_rows(values)
+        return {"weight": values.q.to(device), "scales": values.scales.to(device, dtype)}
+
+    def forward(self, x):
+        return int8_matmul(x, self.weight, self.scales, kernel=x.device.type == "cpu")
+
+    def dequantize(self) -> torch.Tensor:
+        return Int8Values(self.weight, self.scales).dequantize()
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T, W = (q - 8) * scale + zero per group of group_size inputs. weight holds q two
+    per byte in the layout of the device's kernel (CPU: aten's tiles, which need out % 16 == 0;
+    CUDA: aten's int32 tiles; other devices and shapes: plain, low nibble first);
+    scales_and_zeros is (in / group_size, out, 2), as the kernels take it."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, dtype=torch.bfloat16, device=None,
+                 layout: str = "plain"):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size, self.layout = in_features, out_features, group_size, layout
+        shape = (out_features, in_features // 2)
+        if layout == "cuda":  # the kernel's int32 tiles: their shape, from its meta function
+            shape = torch.ops.aten._convert_weight_to_int4pack(torch.empty(shape, dtype=torch.uint8, device="meta"),
+                                                               cuda_k_tiles(in_features)).shape
+        self.register_buffer("weight", torch.empty(shape, dtype=torch.uint8 if layout != "cuda" else torch.int32,
+                                                   device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype,
+                                                             device=device))
+
+    @staticmethod
+    def layout_for(device, in_features: int, out_features: int) -> str:
+        device = torch.device(device)
+        if device.type == "cpu" and out_features % 16 == 0:
+            return "cpu"
+        if device.type == "cuda" and out_features % 8 == 0 and in_features % 32 == 0:
+            return "cuda"
+        return "plain"
+
+    @staticmethod
+    def buffers_for(values: Union[torch.Tensor, Int4Values], group_size: int, layout: str, device,
+                    dtype) -> Dict[str, torch.Tensor]:
+        values = values if isinstance(values, Int4Values) else int4_groups(values, group_size)
+        if values.group_size != group_size:
+            raise ConfigError(f"int4 values in groups of {values.group_size}, but the layer wants {group_size}")
+        q = values.q
+        if layout == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+        elif layout == "cuda":  # this kernel wants the even column in the high nibble
+            packed = torch.ops.aten._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(device),
+                                                                cuda_k_tiles(q.shape[1]))
+        else:
+            packed = (q[:, ::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+        sz = torch.stack([values.scales, values.zeros], dim=-1).transpose(0, 1).contiguous()
+        return {"weight": packed.to(device), "scales_and_zeros": sz.to(device, dtype)}
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        sz = self.scales_and_zeros if self.scales_and_zeros.dtype == x.dtype else self.scales_and_zeros.to(x.dtype)
+        if self.layout == "cpu":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz)
+        elif self.layout == "cuda":
+            out = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, sz)
+        else:
+            out = F.linear(x2, self.dequantize().to(x.dtype))
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The matrix in fp32 (plain layout only; the kernels' tiles are not undone here)."""
+        if self.layout != "plain":
+            raise ConfigError("dequantize reads the plain int4 layout only")
+        q = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).flatten(1)
+        sz = self.scales_and_zeros.transpose(0, 1)
+        return Int4Values(q, sz[..., 0], sz[..., 1]).dequantize()
+
+
+def cuda_k_tiles(in_features: int) -> int:
+    return 8 if in_features % 128 == 0 else 4 if in_features % 64 == 0 else 2
+
+
+class Int8Embedding(nn.Module):
+    """The token table in int8 with one scale per token; a lookup dequantizes the rows it gathers."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype=torch.bfloat16, device=None):
+        super().__init__()
+        self.dtype = dtype
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, dtype=dtype, device=device))
+
+    buffers_for = Int8Linear.buffers_for
+
+    def forward(self, tokens):
+        return self.weight[tokens].to(self.dtype) * self.scales[tokens, None].to(self.dtype)
+
+
+# -----------------------------------------------------------------------------
+# swapping them into a model (built on the meta device, before its weights are loaded)
+
+Plan = Dict[str, Tuple]  # module name -> ("int8",) | ("int4", group_size) | ("int8-embedding",)
+
+
+def linear_names(n_layers: int):
+    return [f"layers.{i}.{name}" for i in range(n_layers) for name in LINEARS] + ["output"]
+
+
+def plan_for(n_layers: int, mode: str, group_size: int = 32) -> Plan:
+    """Every Linear of the blocks in `mode`; the output layer and the token embedding in int8 (the
+    output matrix is where 4 bits cost most: llama.cpp's Q4_K_M keeps it at 6)."""
+    plan = {name: (mode, group_size) if mode == "int4" else ("int8",) for name in linear_names(n_layers)}
+    plan["output"] = ("int8",)
+    plan["tok_embeddings"] = ("int8-embedding",)
+    return plan
+
+
+# What a GGUF file's tensor types are kept as when no --quantize is given: the nearest format a
+# kernel here runs. The 4-bit block types become int4 (Q4_0, Q4_1, Q4_K exactly: the same grid;
+# Q2_K and Q3_K re-quantized from their values); 5-, 6- and 8-bit ones int8 with one scale per row
+# (re-scaled from their blocks); F32, F16 and BF16 stay dense in the model's dtype.
+GGUF_KEEP = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q2_K": "int4", "Q3_K": "int4", "Q5_0": "int8",
+             "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8", "Q8_0": "int8"}
+EXACT = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def plan_for_gguf(n_layers: int, types: Dict[str, str]) -> Tuple[Plan, str]:
+    """The plan that keeps a GGUF file's quantized tensors quantized, and a line saying how."""
+    plan, kept = {}, {}
+    for name in linear_names(n_layers):
+        kind = types.get(f"{name}.weight") or types.get("tok_embeddings.weight")  # no output: tied
+        if kind in GGUF_KEEP:
+            plan[name] = ("int4", 32) if GGUF_KEEP[kind] == "int4" else ("int8",)
+            kept[kind] = kept.get(kind, 0) + 1
+    if types.get("tok_embeddings.weight") in GGUF_KEEP:
+        plan["tok_embeddings"] = ("int8-embedding",)
+    how = [f"{n} {kind} as {GGUF_KEEP[kind]}" + (" (the same grid)" if kind in EXACT else
+                                                   " (one scale per row)" if GGUF_KEEP[kind] == "int8" else
+                                                   " (re-quantized)") for kind, n in sorted(kept.items())]
+    return plan, "matrices kept quantized: " + ", ".join(how) if how else ""
+
+
+def swap_modules(model: nn.Module, plan: Plan, device, dtype):
+    """Replace the modules the plan names with quantized ones (empty; load_state_dict fills them)."""
+    for name, spec in plan.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        if spec[0] == "int8-embedding":
+            new = Int8Embedding(old.num_embeddings, old.embedding_dim, dtype, "meta")
+        elif spec[0] == "int8":
+            new = Int8Linear(old.in_features, old.out_features, dtype, "meta")
+        else:
+            new = Int4Linear(old.in_features, old.out_features, spec[1], dtype, "meta",
+                             Int4Linear.layout_for(device, old.in_features, old.out_features))
+        setattr(parent, child, new)
+
+
+def quantized_state(model: nn.Module, plan: Plan, key: str, value, device, dtype) -> Dict[str, torch.Tensor]:
+    """One entry of a state dict as the buffers of the module that holds it, converted on its own,
+    so no more than one full-precision matrix exists at once. value: a tensor, or a lazy one from
+    formats.py (read() gives its values; read_int4(), for GGUF's 4-bit blocks, int4 ones)."""
+    name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(name) if name in plan and leaf == "weight" else None
+    if isinstance(module, Int4Linear) and getattr(value, "read_int4", None) and module.group_size == 32:
+        value = value.read_int4()
+    elif hasattr(value, "read"):
+        value = value.read()
+    if module is None:
+        return {key: value.to(device=device, dtype=dtype)}
+    if isinstance(module, Int4Linear):
+        buffers = Int4Linear.buffers_for(value, module.group_size, module.layout, device, dtype)
+    else:
+        buffers = Int8Linear.buffers_for(value, device, dtype)
+    return {f"{name}.{k}": v for k, v in buffers.items()}
+
+
+def tie(model: nn.Module):
+    """A model with tied embeddings whose output and embedding are both int8: one matrix for both."""
+    if isinstance(model.output, Int8Linear) and isinstance(model.tok_embeddings, Int8Embedding):
+        model.tok_embeddings.weight, model.tok_embeddings.scales = model.output.weight, model.output.scales
