@@ -27,9 +27,14 @@ per-round ratios with their range in brackets):
   chat      time to the first token of turn 10 over turn 1 of a scripted greedy chat with the demo
             model (its own shape, not --shape), KV cache kept between turns (llama31.Conversation);
             the notes give the same ratio for a fresh prefill of the whole dialog each turn
+  quant     decode tokens/s of the shape's weights in int8 and int4 (quantize.py) against the same
+            weights dense, in the row's dtype; and the demo GGUF kept quantized against llama.cpp
+            (llama-cpp-python, when installed) on the same file and thread count
 """
 
 import gc
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -46,6 +51,7 @@ import torch
 
 import formats
 import llama31
+import quantize
 from llama31 import Llama, ModelArgs, Transformer
 
 # Llama 3.1 shapes; 90m keeps the real vocabulary, so its output layer is the largest matrix
@@ -61,7 +67,7 @@ SHAPES = {
 }
 for _shape in SHAPES.values():
     _shape.update(use_scaled_rope=True, rope_theta=500000.0)  # Llama 3.1's RoPE
-SECTIONS = ("roof", "decode", "prefill", "finetune", "load", "chat")
+SECTIONS = ("roof", "decode", "prefill", "finetune", "load", "chat", "quant")
 
 
 def sync(device):
@@ -442,6 +448,80 @@ def load_rows(args, name, dev, sections, P):
              f"(process had {fmt(r['base_bytes'], 'B')} before)")]
 
 
+def model_bytes(model: Transformer) -> int:
+    """Bytes of every weight a decode step reads: all but the embedding table (a tied one is read
+    as the output matrix), quantized or not."""
+    tensors = {id(t): t for name, t in list(model.named_parameters()) + list(model.named_buffers())
+               if not name.startswith("tok_embeddings.") or model.args.tie_embeddings}
+    return sum(t.nbytes for t in tensors.values())
+
+
+def decode_rate_of(llama: Llama, prompt: list, new_tokens: int) -> float:
+    times = [time.perf_counter() for _ in llama.generate_stream([prompt], new_tokens, temperature=0)]
+    return decode_rate(times)
+
+
+def bench_quant(args: ModelArgs, dtype_name: str, dev, P):
+    """Decode tokens/s of the same random weights dense, int8 and int4 (group 32), quantized as
+    load_checkpoint does, round by round."""
+    dtype = llama31.DTYPES[dtype_name]
+    dense = build_ours(args, dtype, dev, P.seed)
+    models = {"dense": dense}
+    for mode in quantize.MODES:
+        plan = quantize.plan_for(args.n_layers, mode, 32)
+        models[mode] = llama31.assemble(args, dict(dense.state_dict()), "bench", "weights", dev, dtype, plan)
+    g = torch.Generator().manual_seed(P.seed)
+    prompt = torch.randint(0, args.vocab_size, (P.prompt_len,), generator=g).tolist()
+    cases = {k: (lambda m=m: decode_rate_of(Llama(m, _Ids()), prompt, P.new_tokens)) for k, m in models.items()}
+    return interleaved(cases, P.repeats), {k: model_bytes(m) for k, m in models.items()}
+
+
+def bench_demo(dtype_name: str, dev, P):
+    """Decode tokens/s of the demo GGUF kept quantized, against llama.cpp (llama-cpp-python) on the
+    same file and thread count when it is installed; the dense paths for reference."""
+    path = formats.find_demo_gguf()
+    ours = Llama.build(path, max_seq_len=512, max_batch_size=1, device=dev, dtype=dtype_name)
+    dense = Llama.build(path, max_seq_len=512, max_batch_size=1, device=dev, dtype=dtype_name, quantize="none")
+    prompt = ours.tokenizer.encode("Once upon a time, in a small village by the sea,", bos=False, eos=False)
+    n = max(P.new_tokens, 16)
+    ours, dense = Llama(ours.model, _Ids()), Llama(dense.model, _Ids())  # no stop token: n tokens each run
+    cases = {"kept": lambda: decode_rate_of(ours, prompt, n), "dense": lambda: decode_rate_of(dense, prompt, n)}
+    cpp = None
+    if importlib.util.find_spec("llama_cpp") is not None and dev.type == "cpu":
+        import llama_cpp
+        cpp = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+
+        def run_cpp():
+            cpp.reset()
+            times = []
+            for _ in cpp.generate(prompt, temp=0.0, top_k=1, reset=True):
+                times.append(time.perf_counter())
+                if len(times) == n:
+                    break
+            return decode_rate(times)
+        cases["llama.cpp"] = run_cpp
+    r = interleaved(cases, P.repeats)
+    return r, ("llama-cpp-python " + importlib.metadata.version("llama-cpp-python")) if cpp else None
+
+
+def quant_rows(args, name, dev, sections, P):
+    rows = []
+    r, nbytes = bench_quant(args, name, dev, P)
+    for mode in quantize.MODES:
+        gbs = median(r[mode]) * nbytes[mode] / 1e9
+        rows.append((f"decode tok/s {mode} (vs dense)", name, fmt(median(r[mode])), fmt(median(r["dense"])),
+                     ratio(r, mode, "dense"), f"{fmt(nbytes[mode], 'B')} of weights ({fmt(nbytes['dense'], 'B')} "
+                     f"dense), {gbs:.1f} GB/s of them; goal vs bf16: int8 1.6x, int4 2.5x"))
+    r, cpp = bench_demo(name, dev, P)
+    peer = "llama.cpp" if cpp else "dense"
+    rows.append((f"demo GGUF decode tok/s (vs {'llama.cpp' if cpp else 'dense'})", name, fmt(median(r["kept"])),
+                 fmt(median(r[peer])), ratio(r, "kept", peer),
+                 f"kept quantized; dense {fmt(median(r['dense']))} tok/s; " +
+                 (f"{cpp}, same threads; goal 1.0x" if cpp else
+                  "llama-cpp-python not installed (pip install llama-cpp-python builds llama.cpp, ~4 min)")))
+    return rows
+
+
 CHAT_QUESTIONS = ["What is the capital of France?", "And of Spain?", "Name a big river there.", "How long is it?",
                   "What is a famous dish?", "Name a painter.", "Name a city by the sea.", "What is the weather like?",
                   "Name a mountain.", "Thank you! One last fact?"]
@@ -486,7 +566,7 @@ def prefill_rows(args, name, dev, sections, P):
 
 
 SECTION_ROWS = {"roof": roof_rows, "decode": decode_rows, "prefill": prefill_rows, "finetune": finetune_rows,
-                "load": load_rows, "chat": chat_rows}
+                "load": load_rows, "chat": chat_rows, "quant": quant_rows}
 
 
 # -----------------------------------------------------------------------------
@@ -536,7 +616,7 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
          train_repeats: int = 5, sections=",".join(SECTIONS), compile: bool = True, threads: int = 0,
          seed: int = 0):
     """Print the benchmark table. dtypes and sections are comma-separated lists (sections: roof,
-    decode, prefill, finetune, load, chat). compile: also time llama31 under torch.compile (decode
+    decode, prefill, finetune, load, chat, quant). compile: also time llama31 under torch.compile (decode
     step, finetune step); --nocompile skips those rows and their compile time.
     threads sets torch's CPU threads (0: torch's default)."""
     import transformers

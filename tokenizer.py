@@ -150,7 +150,7 @@ def bytes_to_unicode() -> Dict[int, str]:
 
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
-GGUF_TOKEN_NORMAL, GGUF_TOKEN_USER_DEFINED = 1, 4
+GGUF_TOKEN_NORMAL, GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED = 1, 3, 4
 
 
 def gguf_vocab(meta: dict, name: str = "gguf") -> Vocab:
@@ -199,6 +199,31 @@ def gguf_vocab(meta: dict, name: str = "gguf") -> Vocab:
                  pad_id=pad_id, add_bos=bool(add_bos), always_split=frozenset(user_defined))
 
 
+def gguf_vocab_fields(vocab: Vocab) -> dict:
+    """The tokenizer.ggml.* metadata of a vocabulary, as llama.cpp's converter writes a byte-level
+    BPE one: tokens spelled in GPT-2's byte alphabet (specials as their text), and as merges every
+    split of a token into two tokens, in the order of the merged token's rank (so that merging the
+    earliest-listed pair first is tiktoken's lowest-rank-first, as gguf_vocab requires)."""
+    pre = next((name for name, pat in GGUF_PRE_TOKENIZERS.items() if pat == vocab.pat_str), None)
+    if pre is None:
+        raise ConfigError(f"{vocab.name}: its pre-tokenizer has no llama.cpp name, so it cannot be written to GGUF")
+    spelling = bytes_to_unicode()
+    n = len(vocab.mergeable_ranks) + len(vocab.special_tokens)
+    tokens, types = [""] * n, [GGUF_TOKEN_NORMAL] * n
+    spelled = {}
+    for token, rank in vocab.mergeable_ranks.items():
+        spelled[token] = tokens[rank] = "".join(spelling[b] for b in token)
+    for name, i in vocab.special_tokens.items():
+        tokens[i] = name
+        types[i] = GGUF_TOKEN_USER_DEFINED if name in vocab.always_split else GGUF_TOKEN_CONTROL
+    ranks = vocab.mergeable_ranks
+    merges = [f"{spelled[t[:i]]} {spelled[t[i:]]}" for t in sorted(ranks, key=ranks.get) for i in range(1, len(t))
+              if t[:i] in ranks and t[i:] in ranks]
+    return {"model": "gpt2", "pre": pre, "tokens": tokens, "token_type": types, "merges": merges,
+            "bos_token_id": vocab.bos_id, "eos_token_id": vocab.eos_id, "padding_token_id": vocab.pad_id,
+            "add_bos_token": vocab.add_bos}
+
+
 class Tokenizer:
     """tiktoken BPE with special tokens. Tokenizer(path) reads Meta's tokenizer.model;
     Tokenizer.from_gguf(metadata) reads a GGUF file's vocabulary; Tokenizer(vocab) takes a Vocab."""
@@ -213,6 +238,7 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = vocab.bos_id, vocab.eos_id, vocab.pad_id
         self.add_bos = vocab.add_bos
         self.always_split = vocab.always_split
+        self.vocab = vocab  # what it was built from (formats.save_gguf writes it back)
         self.eot_id = self.special_tokens.get("<|eot_id|>")
         self.eom_id = self.special_tokens.get("<|eom_id|>")
         # A base model ends a document with <|end_of_text|>; an instruct model ends its turn with

