@@ -354,15 +354,33 @@ def rss_kb(field: str) -> int:
     return peak // 1024 if sys.platform == "darwin" else peak
 
 
-def load_worker(ckpt_dir: str, dtype: str):
-    """Child process: RSS before and peak after load_model and touching every weight, as JSON."""
+def load_worker(ckpt_dir: str, dtype: str, quantize_mode=None):
+    """Child process: RSS before and peak after loading and touching every weight, as JSON (with
+    quantize_mode: load_checkpoint's, and the bytes of the weights it made)."""
     with torch.device("meta"):  # pay the one-time import of torch's meta-device machinery first
         Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=8))
     before = rss_kb("VmRSS")
-    model = llama31.load_model(ckpt_dir, max_seq_len=256, max_batch_size=1, device="cpu", dtype=dtype)
-    with torch.no_grad():
-        total = sum(float(p.sum()) for p in model.parameters())  # reads every byte of every weight
-    print(json.dumps({"before_kb": before, "peak_kb": rss_kb("VmHWM"), "checksum": total}))
+    if quantize_mode is None:
+        model = llama31.load_model(ckpt_dir, max_seq_len=256, max_batch_size=1, device="cpu", dtype=dtype)
+    else:
+        model = llama31.load_checkpoint(ckpt_dir, None, 256, 1, "cpu", dtype, tokenizer=False,
+                                        quantize=None if quantize_mode == "keep" else quantize_mode).model
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    with torch.no_grad():  # reads every byte of every weight
+        total = sum(float(t.float().sum()) for t in tensors.values())
+    print(json.dumps({"before_kb": before, "peak_kb": rss_kb("VmHWM"), "checksum": total,
+                      "weight_bytes": sum(t.nbytes for t in tensors.values())}))
+
+
+def quantized_load(path: str, mode: str) -> dict:
+    """load_worker in a fresh process, loading path quantized (mode: keep, int8 or int4)."""
+    code = f"import bench; bench.load_worker({path!r}, 'bf16', {mode!r})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent)
+    if out.returncode:
+        raise RuntimeError(f"load worker failed:\n{out.stderr}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**r, "grown": (r["peak_kb"] - r["before_kb"]) * 1024, "file": Path(path).stat().st_size}
 
 
 def bench_load(args: ModelArgs, dtype_name: str, seed: int):
@@ -512,6 +530,11 @@ def quant_rows(args, name, dev, sections, P):
         rows.append((f"decode tok/s {mode} (vs dense)", name, fmt(median(r[mode])), fmt(median(r["dense"])),
                      ratio(r, mode, "dense"), f"{fmt(nbytes[mode], 'B')} of weights ({fmt(nbytes['dense'], 'B')} "
                      f"dense), {gbs:.1f} GB/s of them; goal vs bf16: int8 1.6x, int4 2.5x"))
+    if dev.type == "cpu":
+        r = quantized_load(str(formats.find_demo_gguf()), "keep")
+        rows.append(("demo GGUF load peak RSS / weights", name, f"{r['grown'] / r['weight_bytes']:.2f}x", "", "",
+                     f"+{fmt(r['grown'], 'B')} for {fmt(r['weight_bytes'], 'B')} of weights kept quantized, from a "
+                     f"{fmt(r['file'], 'B')} file (its pages, memory-mapped, count in RSS); goal 1.3x"))
     r, cpp = bench_demo(name, dev, P)
     peer = "llama.cpp" if cpp else "dense"
     rows.append((f"demo GGUF decode tok/s (vs {'llama.cpp' if cpp else 'dense'})", name, fmt(median(r["kept"])),

@@ -15,6 +15,7 @@ becomes one); nothing here imports llama31.py.
 import importlib.metadata
 import importlib.util
 import json
+import mmap
 import os
 import re
 import shutil
@@ -509,13 +510,30 @@ def read_gguf(path) -> Checkpoint:
                           f"{params['vocab_size']} embeddings")
     check_gguf_tensor_types(reader, path)
 
-    state = {gguf_tensor_name(name): Lazy(t.shape.tolist()[::-1], lambda t=t: gguf_dequantize(t),
-                                          (lambda t=t: gguf_int4(t)) if t.tensor_type.name in GGUF_INT4 else None,
-                                          (lambda lo, hi, t=t: gguf_dequantize(t, lo, hi)) if len(t.shape) == 2 else None)
+    def released(read, t):  # once a tensor's bytes are read, its pages of the file leave the RSS
+        def read_and_release(*args):
+            out = read(t, *args)
+            release_pages(reader, t)
+            return out
+        return read_and_release
+
+    state = {gguf_tensor_name(name): Lazy(t.shape.tolist()[::-1], released(gguf_dequantize, t),
+                                          released(gguf_int4, t) if t.tensor_type.name in GGUF_INT4 else None,
+                                          released(gguf_dequantize, t) if len(t.shape) == 2 else None)
              for name, t in tensors.items()}
     types = {gguf_tensor_name(name): t.tensor_type.name for name, t in tensors.items()}
     return Checkpoint(params, lambda: state, path, "metadata", tokenizer,
                       ChatFormat.from_template(meta.get("tokenizer.chat_template")), rope_freqs, types)
+
+
+def release_pages(reader, tensor):
+    """Drop a tensor's pages of the memory-mapped file: clean pages the kernel may drop anyway, but
+    until it does they count in the process's RSS (the whole file, by the end of a load)."""
+    mapping = getattr(reader.data, "_mmap", None)  # numpy keeps the mmap object there
+    if mapping is None or not hasattr(mapping, "madvise"):
+        return
+    start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    mapping.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
 
 
 # llama.cpp's 4-bit blocks of 32 are on the int4 grid: w = (q - 8) * scale + zero with q in 0..15
