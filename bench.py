@@ -25,7 +25,7 @@ per-round ratios with their range in brackets):
   load      peak RSS growth of load_model + touching every weight, in a fresh process, over the
             checkpoint's file size (the checkpoint is saved in the row's dtype, loaded in it)
   chat      time to the first token of turn 10 over turn 1 of a scripted greedy chat with the demo
-            model (its own shape, not --shape), KV cache kept between turns (llama31.Conversation);
+            model (its own shape, not --shape), KV cache kept between turns (chat.Conversation);
             the notes give the same ratio for a fresh prefill of the whole dialog each turn
   quant     decode tokens/s of the shape's weights in int8 and int4 (quantize.py) against the same
             weights dense, in the row's dtype; and the demo GGUF kept quantized against llama.cpp
@@ -49,6 +49,7 @@ from types import SimpleNamespace
 
 import torch
 
+import chat
 import formats
 import llama31
 import quantize
@@ -552,13 +553,13 @@ CHAT_QUESTIONS = ["What is the capital of France?", "And of Spain?", "Name a big
 
 def bench_chat(dtype_name: str, dev, repeats: int, new_tokens: int):
     """Time to the first token of each turn of a 10-turn greedy chat with the demo model: kept KV
-    cache (llama31.Conversation) against a fresh prefill of the whole dialog each turn (what a
+    cache (chat.Conversation) against a fresh prefill of the whole dialog each turn (what a
     chat that keeps no cache does). Median per turn over the repeats."""
     llama = Llama.build(formats.find_demo_gguf(), max_seq_len=2048, max_batch_size=1, device=dev, dtype=dtype_name,
                         quantize="none")  # dense: the row is about the cache, and fp32 int kernels are slow
     kept, fresh = [[] for _ in CHAT_QUESTIONS], [[] for _ in CHAT_QUESTIONS]
     for _ in range(repeats + 1):  # the first pass warms up
-        conv = llama31.Conversation(llama, max_gen_len=new_tokens, temperature=0)
+        conv = chat.Conversation(llama, max_gen_len=new_tokens, temperature=0)
         for i, q in enumerate(CHAT_QUESTIONS):
             t0 = time.perf_counter()
             answer = conv.ask(q)

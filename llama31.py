@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import formats
 import quantize as quantizer
+from chat import Conversation
 from formats import atomic_write, find_demo_gguf, read_json, write_json
 from tokenizer import ChatFormat, ConfigError, Tokenizer, find_tokenizer_model, gguf_vocab_fields
 
@@ -799,7 +800,8 @@ class Llama:
             llama.model.compile_inference()
         return llama
 
-    def _check_sampling(self, prompt_tokens, temperature, top_p, max_gen_len):
+    def check_sampling(self, prompt_tokens, temperature, top_p, max_gen_len):
+        """One-line errors for prompts and sampling settings generate would refuse."""
         args = self.model.args
         if not prompt_tokens:
             raise ConfigError("no prompts given; pass at least one")
@@ -825,7 +827,7 @@ class Llama:
         cache_from: the caller's installed cache (setup_caches) already holds the first cache_from
         tokens of the one prompt; only the rest is prefilled, and the cache stays installed. After
         k steps it holds the prompt and the first k - 1 tokens generated (a Conversation)."""
-        self._check_sampling(prompt_tokens, temperature, top_p, max_gen_len)
+        self.check_sampling(prompt_tokens, temperature, top_p, max_gen_len)
         if cache_from is not None and not (len(prompt_tokens) == 1 and 0 <= cache_from < len(prompt_tokens[0])):
             raise ConfigError(f"cache_from {cache_from} needs one prompt longer than it")
         model, args = self.model, self.model.args
@@ -925,83 +927,6 @@ class Llama:
         prompt_tokens = [self.chat_format.encode_dialog(self.tokenizer, d) for d in dialogs]
         outs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, generator=generator)
         return [{"role": "assistant", "content": self.tokenizer.decode(t)} for t in outs]
-
-
-class Conversation:
-    """A multi-turn chat whose KV cache outlives each turn, so a turn prefills only what the cache
-    does not hold yet: the end of the last answer, the new message and the headers. The dialog is
-    written in the model's chat format whole each turn; the cache is reused up to the first token
-    where it differs. When the dialog leaves fewer than max_gen_len positions (at most half of
-    max_seq_len) for the answer, its oldest turns (never the system message) are dropped, said on
-    stderr, and the cache is refilled from the first changed position."""
-
-    def __init__(self, llama: Llama, system: Optional[str] = None, max_gen_len: int = 256,
-                 temperature: float = 0.6, top_p: float = 0.9, generator: Optional[torch.Generator] = None):
-        if llama.chat_format is None:
-            raise ConfigError("this model has no known chat format (Llama 3 headers or ChatML), so it cannot chat")
-        check_sampling_args(temperature, top_p, max_gen_len)
-        self.llama, self.system, self.max_gen_len = llama, system, max_gen_len
-        self.sampling = dict(temperature=temperature, top_p=top_p, generator=generator)
-        self.messages: List[dict] = []  # the user's and the assistant's, oldest first
-        self.cached: List[int] = []  # the tokens whose keys and values the cache holds, from position 0
-        self.prefilled = 0  # how many tokens the last turn's prefill computed (the rest came from the cache)
-        llama.model.setup_caches(1, llama.model.args.max_seq_len)
-
-    def reset(self):
-        """Forget the dialog (the cache keeps what a new dialog shares with it: the system part)."""
-        self.messages = []
-
-    def close(self):
-        self.llama.model.clear_caches()
-
-    def prompt(self) -> List[int]:
-        system = [{"role": "system", "content": self.system}] if self.system is not None else []
-        return self.llama.chat_format.encode_dialog(self.llama.tokenizer, system + self.messages)
-
-    def fit(self) -> List[int]:
-        """The prompt of the dialog, its oldest turns dropped while it leaves too little room."""
-        max_seq_len = self.llama.model.args.max_seq_len
-        limit = max_seq_len - min(self.max_gen_len, max_seq_len // 2)
-        prompt, dropped = self.prompt(), 0
-        while len(prompt) > limit and len(self.messages) > 1:
-            self.messages = self.messages[2:]  # a user message and its answer
-            prompt, dropped = self.prompt(), dropped + 1
-        if dropped:
-            print(f"note: the dialog was longer than max_seq_len {max_seq_len} allows with room for an answer; "
-                  f"dropped its oldest {dropped} turn(s)", file=sys.stderr)
-        if len(prompt) >= max_seq_len:
-            self.messages.pop()
-            raise ConfigError(f"this message makes a {len(prompt)}-token prompt, and max_seq_len is {max_seq_len}; "
-                              f"shorten it or raise --max_seq_len")
-        return prompt
-
-    def ask(self, text: str) -> Iterator[str]:
-        """Stream the answer to the user's message, piece by piece as Llama.stream does. The answer
-        joins the dialog when it ends, also when the caller stops it early (close the iterator)."""
-        self.messages.append({"role": "user", "content": text})
-        prompt = self.fit()
-        model = self.llama.model
-        if model.layers[0].attention.cache is None:  # another generation on this model took it
-            model.setup_caches(1, model.args.max_seq_len)
-            self.cached = []
-        reuse = 0
-        while reuse < min(len(self.cached), len(prompt) - 1) and self.cached[reuse] == prompt[reuse]:
-            reuse += 1
-        self.prefilled, self.cached, ids, steps = len(prompt) - reuse, prompt[:reuse], [], 0
-
-        def counted():
-            nonlocal steps
-            for step in self.llama.generate_stream([prompt], self.max_gen_len, cache_from=reuse, **self.sampling):
-                steps += 1
-                yield step
-
-        try:
-            for token, piece in self.llama.texts(counted()):
-                ids += [token] if token is not None else []
-                yield piece
-        finally:  # after k steps the cache holds the prompt and the first k - 1 tokens generated
-            self.cached = (prompt + ids)[:len(prompt) + steps - 1] if steps else prompt[:reuse]
-            self.messages.append({"role": "assistant", "content": self.llama.tokenizer.decode(ids)})
 
 
 build = Llama.build
@@ -1761,7 +1686,7 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     t0, n = time.time(), 0
     if stream:
         for ids in prompt_tokens:  # every prompt checked before the first is echoed
-            llama._check_sampling([ids], temperature, top_p, max_gen_len)
+            llama.check_sampling([ids], temperature, top_p, max_gen_len)
         for head, ids in zip(heads, prompt_tokens):
             print(head, end="", flush=True)
             for token, text in llama.stream(ids, max_gen_len, temperature, top_p, generator):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llama31 import Conversation, Llama
+from chat import Conversation
+from llama31 import Llama
 
 REPO = Path(__file__).resolve().parents[1]
 
