@@ -334,7 +334,7 @@ def bench_finetune(args: ModelArgs, dtype, device, B: int, T: int, repeats: int,
         compiled = torch.compile(ours)
         cases["compiled"] = step(lambda: compiled(x, y), ours.configure_optimizers(0.0, 1e-5, device_type=device.type))
     res = interleaved(cases, repeats)
-    peak = llama31.peak_flops(device)
+    peak = llama31.peak_flops(device, dtype)
     if peak:
         fpt = llama31.flops_per_token(ours, T)
         res["mfu"] = {k: median(v) * fpt / peak for k, v in res.items()}

@@ -196,9 +196,15 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, start_pos: int, k, v):
-        """Write k, v (B, H, T, hd) at start_pos in place; return everything up to start_pos + T."""
-        bsz, end = k.shape[0], start_pos + k.shape[2]
+    def update(self, start_pos, k, v):
+        """Write k, v (B, H, T, hd) at start_pos in place; return everything up to start_pos + T.
+        start_pos a one-element tensor (Transformer.decode_step): write there, return all of it."""
+        bsz = k.shape[0]
+        if isinstance(start_pos, torch.Tensor):
+            self.k[:bsz].index_copy_(2, start_pos, k)
+            self.v[:bsz].index_copy_(2, start_pos, v)
+            return self.k[:bsz], self.v[:bsz]
+        end = start_pos + k.shape[2]
         self.k[:bsz, :, start_pos:end] = k
         self.v[:bsz, :, start_pos:end] = v
         return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
@@ -265,30 +271,42 @@ class Attention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
         gqa = self.n_kv_heads != self.n_heads
-        if seqlen == 1 and mask is None and x.device.type == "cpu":
-            y = one_query_attention(q, k, v)
+        if seqlen == 1 and (mask is not None or x.device.type == "cpu"):
+            y = one_query_attention(q, k, v, mask)
         else:
             # mask None means plain causal attention over a sequence that starts at position 0.
             # With a mask, repeat the KV heads: CUDA's memory-efficient kernel takes masks but not
             # GQA, and the fallback (math) would store every (T, T) attention matrix.
-            if mask is not None and gqa:
+            repeat = gqa and (mask is not None or not sdpa_takes_gqa(x.device))
+            if repeat:
                 k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
                 v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             causal = False
             if mask is None and seqlen > 1:  # an `if`: compiled, seqlen is symbolic and SDPA wants a bool
                 causal = True
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               enable_gqa=gqa and mask is None)
+                                               enable_gqa=gqa and not repeat)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
-def one_query_attention(q, k, v):
+# SDPA's enable_gqa aborts on MPS before torch 2.7; there the KV heads are repeated instead
+MPS_SDPA_GQA = torch.__version__ >= "2.7"
+
+
+def sdpa_takes_gqa(device: torch.device) -> bool:
+    return device.type != "mps" or MPS_SDPA_GQA
+
+
+def one_query_attention(q, k, v, bias=None):
     """Attention of one new position (q: B, H, 1, hd) over all of k, v (B, KV, S, hd), each KV head
-    serving H / KV query heads, written out as Meta's reference writes it (softmax in fp32). On
-    CPU the fused SDPA kernel costs more than this math for a single query (bench.py decode)."""
+    serving H / KV query heads, written out as Meta's reference writes it (softmax in fp32); bias:
+    additive, broadcast to (B, 1, 1, S). On CPU the fused SDPA kernel costs more than this math for
+    a single query (bench.py decode); with a bias (decode_step) it also spares repeating KV heads."""
     bsz, n_heads, _, head_dim = q.shape
     q = q.view(bsz, k.shape[1], -1, head_dim)  # (B, KV, H / KV, hd): query heads grouped by KV head
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
+    if bias is not None:
+        scores = scores + bias
     y = scores.float().softmax(dim=-1).type_as(q) @ v
     return y.view(bsz, n_heads, 1, head_dim)
 
@@ -335,6 +353,13 @@ def document_mask(tokens, bos_id: int):
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
+def attention_bias(mask, dtype):
+    """A boolean mask (True: may attend) as the additive bias SDPA would make of it, in the dtype
+    attention computes in, made once per forward: made by SDPA in each layer, each layer's backward
+    would keep its own copy (2 * B * T * T bytes per layer in bf16)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -351,6 +376,7 @@ class Transformer(nn.Module):
         # model is cast to bf16, and must be real even when the model is built on the meta device.
         self.rope_cos, self.rope_sin = precompute_rope(args, args.max_seq_len, device="cpu")
         self.compiled_logits = None  # set by compile_inference()
+        self.static_decode = None  # decode_step, compiled: generation then decodes with it
         # training only: keep each block's input, recompute its insides in the backward pass
         self.checkpoint_activations = False
 
@@ -362,16 +388,22 @@ class Transformer(nn.Module):
                 self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
         return self.rope_cos, self.rope_sin
 
-    def trunk(self, tokens, start_pos: int = 0, mask=None):
+    def trunk(self, tokens, start_pos=0, mask=None):
         """Embeddings -> blocks -> final norm. mask None is causal attention from position 0;
-        otherwise a boolean (T, S) or (B, 1, T, S) mask, True where attending is allowed."""
+        otherwise a boolean (T, S) or (B, 1, T, S) mask, True where attending is allowed. start_pos
+        is an int, or for decode_step a one-element tensor (one token, its position on the device)."""
         seqlen = tokens.shape[1]
-        if start_pos + seqlen > self.args.max_seq_len:
+        fixed = isinstance(start_pos, torch.Tensor)
+        if not fixed and start_pos + seqlen > self.args.max_seq_len:
             raise ConfigError(f"positions {start_pos}..{start_pos + seqlen - 1} run past max_seq_len "
                               f"{self.args.max_seq_len}; build the model with a larger max_seq_len")
         h = self.tok_embeddings(tokens)
         cos, sin = self.rope_tables(h.device)
-        cos, sin = rope_pairs(cos[start_pos:start_pos + seqlen], sin[start_pos:start_pos + seqlen])
+        at = start_pos if fixed else slice(start_pos, start_pos + seqlen)
+        cos, sin = rope_pairs(cos[at], sin[at])
+        if mask is not None:
+            autocast = torch.is_autocast_enabled(h.device.type)
+            mask = attention_bias(mask, torch.get_autocast_dtype(h.device.type) if autocast else h.dtype)
         for layer in self.layers:
             if self.checkpoint_activations and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, start_pos, use_reentrant=False)
@@ -404,18 +436,33 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         return self.output(h).float()
 
+    def decode_step(self, tokens, pos):
+        """Logits (B, vocab), fp32, of one token per row (tokens: B, 1) at position pos, a
+        one-element tensor on the model's device, attending over the whole installed cache with
+        the positions after pos masked. Shapes never change from one step to the next, so a
+        compiled decode_step is one graph that CUDA graphs can replay (gpt-fast's layout)."""
+        cache = self.layers[0].attention.cache
+        mask = (torch.arange(cache.k.shape[2], device=tokens.device) <= pos).view(1, 1, 1, -1)  # (B, H, T, S)
+        return self.logits(tokens, pos, mask)[:, -1]
+
     def compile_inference(self):
-        """Run forward_inference (prefill and the decode loop) through torch.compile: Inductor
-        fuses the norms, RoPE and SwiGLU, and Python runs once per call instead of once per op.
-        dynamic=True: for one row, one graph serves prefill at every prompt length and one every
-        decode step; a batch of rows, a one-token prompt, and a chunk after a cached prefix get
-        their own. Each compiles on first use (tens of seconds on a CPU). Training stays eager."""
+        """Run generation through torch.compile: Inductor fuses the norms, RoPE and SwiGLU, and
+        Python runs once per call instead of once per op. Prefill (forward_inference) compiles with
+        dynamic=True: for one row, one graph serves every prompt length; a batch of rows and a
+        chunk after a cached prefix get their own. Decoding goes through decode_step, whose shapes
+        never change, with its cache kept between calls; on CUDA as CUDA graphs
+        (mode="reduce-overhead"). Each compiles on first use (tens of seconds on a CPU). Training
+        stays eager."""
         options = {}
         if hasattr(torch._inductor.config, "realize_cpu_opcount_threshold"):
             # store each normed activation before a matmul reads it; by default Inductor may
             # recompute it inside the multiply-and-sum loop, once per weight row (bf16: ~12%)
             options["realize_cpu_opcount_threshold"] = 8
         self.compiled_logits = torch.compile(self.logits, dynamic=True, options=options)
+        if self.norm.weight.device.type == "cuda":  # Inductor takes a mode or options, not both
+            self.static_decode = torch.compile(self.decode_step, mode="reduce-overhead", dynamic=False)
+        else:
+            self.static_decode = torch.compile(self.decode_step, dynamic=False, options=options)
         return self
 
     def forward_loss(self, inputs, targets, ignore_index: int = -100, mask=None):
@@ -429,10 +476,19 @@ class Transformer(nn.Module):
         return self.forward_loss(inputs, targets, ignore_index, mask)
 
     def setup_caches(self, batch_size: int, max_seq_len: int):
+        """Install a KV cache in every layer; one of the same shape already there is kept."""
         p = self.norm.weight  # the activations' dtype and device (output.weight may be quantized)
         for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads,
-                                            self.args.head_dim, p.dtype, p.device)
+            old = layer.attention.cache
+            if old is not None and old.k.shape[::2] == (batch_size, max_seq_len) and (old.k.dtype, old.k.device) == (
+                    p.dtype, p.device):
+                continue
+            cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, p.dtype, p.device)
+            for t in (cache.k, cache.v):
+                # CUDA graphs then read and write the cache where it is, not a copy (transformers'
+                # StaticCache does the same)
+                torch._dynamo.mark_static_address(t)
+            layer.attention.cache = cache
 
     def clear_caches(self):
         for layer in self.layers:
@@ -835,7 +891,10 @@ class Llama:
         bsz = len(prompt_tokens)
         lens = [len(t) for t in prompt_tokens]
         total_len = min(args.max_seq_len, max_gen_len + max(lens))
-        device = model.output.weight.device
+        device = model.norm.weight.device
+        if generator is not None and generator.device.type != device.type:
+            raise ConfigError(f"the generator is on {generator.device.type}, the model on {device.type}; "
+                              f"make it there: torch.Generator({device.type!r})")
         tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
         for i, t in enumerate(prompt_tokens):
             tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long, device=device)
@@ -844,12 +903,19 @@ class Llama:
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         n_new = torch.zeros(bsz, dtype=torch.long, device=device)
 
+        # compiled, one-token steps go through decode_step: a cache of the model's full length,
+        # kept between calls (CUDA graphs replay on the same addresses)
+        fixed = model.static_decode is not None
         if cache_from is None:
-            model.setup_caches(bsz, total_len)
+            model.setup_caches(bsz, args.max_seq_len if fixed else total_len)
+        step_in, step_pos = tokens.new_empty(bsz, 1), tokens.new_empty(1)
         try:
             prev_pos = cache_from or 0
             for cur_pos in range(min(lens), total_len):
-                logits = model.forward_inference(tokens[:, prev_pos:cur_pos], prev_pos, last_only=True)[:, -1]
+                if fixed and cur_pos - prev_pos == 1:  # copied: a view's strides vary with total_len
+                    logits = model.static_decode(step_in.copy_(tokens[:, prev_pos:cur_pos]), step_pos.fill_(prev_pos))
+                else:
+                    logits = model.forward_inference(tokens[:, prev_pos:cur_pos], prev_pos, last_only=True)[:, -1]
                 if temperature > 0:
                     next_token = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
                 else:
@@ -861,12 +927,14 @@ class Llama:
                 emit = fresh & ~stopped
                 n_new += emit
                 done |= stopped | (n_new >= max_gen_len)  # every row gets at most max_gen_len new tokens
-                yield [t if e else None for t, e in zip(next_token.tolist(), emit.tolist())]
+                # the step's one wait for the device
+                step, emitted, finished = torch.stack((next_token, emit.long(), done.long())).tolist()
+                yield [t if e else None for t, e in zip(step, emitted)]
                 prev_pos = cur_pos
-                if done.all():
+                if all(finished):
                     break
         finally:
-            if cache_from is None:
+            if cache_from is None and not fixed:
                 model.clear_caches()
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int] = None,
@@ -1103,9 +1171,10 @@ class DistributedShardedDataLoader:
 # training: finetune in one process or under torchrun (DDP or FSDP); checkpoints that resume exactly
 
 FINETUNE_TYPES = ("all", "rmsnorm", "no_embeddings")
-# dense bf16 peaks, matched against torch.cuda.get_device_name in this order
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "A10": 125e12}
+# dense bf16 peaks, matched against torch.cuda.get_device_name in this order (the NVL and PCIe
+# cards before the SXM ones whose names they contain)
+PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
+                   "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 def select_trainable(model: Transformer, finetune_type: str):
@@ -1132,17 +1201,22 @@ def lr_at(step: int, max_steps: int, max_lr: float, warmup_steps: int, min_lr: f
 
 
 def flops_per_token(model: Transformer, seqlen: int) -> float:
-    """Training FLOPs per token: 6 per weight that multiplies (the embedding lookup does not),
-    plus attention's scores and weighted sum, 12 * layers * dim * seqlen (PaLM, appendix B)."""
+    """Training FLOPs per token. Each weight that multiplies (the embedding lookup does not) costs
+    2 in the forward pass and 2 in the backward pass for the activations' gradient, and 2 more
+    for its own gradient only if it is trained; attention's scores and weighted sum add
+    12 * layers * dim * seqlen (PaLM, appendix B). All trained: 6N + 12LdT."""
     a = model.args
-    n = sum(p.numel() for p in model.parameters())  # a tied output matrix is counted once
-    if not a.tie_embeddings:
-        n -= model.tok_embeddings.weight.numel()
-    return 6 * n + 12 * a.n_layers * a.dim * seqlen
+    multiplies = [p for name, p in model.named_parameters()  # a tied output matrix counted once
+                  if a.tie_embeddings or not name.startswith("tok_embeddings.")]
+    n = sum(p.numel() for p in multiplies)
+    n_trained = sum(p.numel() for p in multiplies if p.requires_grad)
+    return 4 * n + 2 * n_trained + 12 * a.n_layers * a.dim * seqlen
 
 
-def peak_flops(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
+def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """The GPU's dense bf16 peak for MFU; None where unknown, and for fp32 runs (a bf16 peak
+    would make their MFU meaningless)."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
@@ -1161,16 +1235,21 @@ class DistInfo:
 
 def setup_distributed(device: Optional[str]):
     """Rank and world from torchrun's environment; NCCL on CUDA, gloo on CPU. One process when
-    launched with plain python."""
+    launched with plain python. Under torchrun each process takes GPU LOCAL_RANK modulo the GPUs it
+    sees (a launcher that gives each task its own CUDA_VISIBLE_DEVICES shows it one, index 0)."""
     info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
                     int(os.environ.get("WORLD_SIZE", 1)))
+    if info.world_size > 1 and device is not None and str(device).startswith("cuda:"):
+        raise ConfigError(f"--device {device} would put all {info.world_size} processes on one GPU; "
+                          f"use --device cuda (each process takes its own)")
     dev = check_device(device or default_device())
     if dev.type == "cuda":
-        dev = torch.device("cuda", info.local_rank if dev.index is None else dev.index)
+        dev = torch.device("cuda", info.local_rank % torch.cuda.device_count() if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if info.world_size > 1:
         # generous: the other ranks wait in an all-reduce while rank 0 writes a checkpoint
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=1),
+                                device_id=dev if dev.type == "cuda" else None)
     return info, dev
 
 
@@ -1223,10 +1302,34 @@ def load_optimizer_state(model: Transformer, optimizer, state: dict, sharded: bo
         raise ConfigError(f"optimizer state in {where} does not fit this model ({e})") from None
 
 
+def rng_states(info: DistInfo, dev) -> List[dict]:
+    """Every process's own random states (CPU, and its GPU's), gathered for rank 0 to save;
+    every rank must call this."""
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+    if info.world_size == 1:
+        return [mine]
+    everyone = [None] * info.world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def restore_rng(saved, info: DistInfo, dev):
+    """This process's random states from a checkpoint (saved by as many processes: plan_run checks).
+    Checkpoints from before per-process states hold rank 0's CPU state and its GPUs' states."""
+    if isinstance(saved, dict):  # the earlier format
+        saved = [{"cpu": saved["cpu"], "cuda": (saved["cuda"][dev.index] if dev.type == "cuda"
+                                                and dev.index < len(saved["cuda"]) else None)}] * info.world_size
+    mine = saved[info.rank]
+    torch.set_rng_state(mine["cpu"])
+    if dev.type == "cuda" and mine["cuda"] is not None:
+        torch.cuda.set_rng_state(mine["cuda"], dev)
+
+
 def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, model_state: dict, optimizer_state: dict,
-                          loader, config: dict, source: Path, tokenizer: Tokenizer, keep: int = 2) -> Path:
+                          loader, rng: List[dict], config: dict, source: Path, tokenizer: Tokenizer,
+                          keep: int = 2) -> Path:
     """out_dir/step_NNNNNN/: the model in fp32, so resuming is exact (build() loads it), and
-    train_state.pt (optimizer, step, data position, RNG). In Meta's layout with tokenizer.model
+    train_state.pt (optimizer, step, data position, each process's RNG states). In Meta's layout with tokenizer.model
     (reference.py loads it too), or, for a model that came from a GGUF file, as model.gguf with
     that file's tokenizer and chat template. Written under a .tmp name and renamed, then `latest`
     is switched atomically, so a kill at any moment leaves the previous checkpoint whole and
@@ -1242,7 +1345,6 @@ def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, model_st
         formats.save_gguf({k: v.detach().float().cpu() for k, v in model_state.items()}, args.to_params(),
                           tmp / "model.gguf", formats.gguf_fields(formats.locate(source)[0]), "f32",
                           rope_divisors(args) if args.use_scaled_rope else None)
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     state = {"step": step, "optimizer": optimizer_state, "loader": loader.state_dict(), "rng": rng,
              "config": config}
     atomic_write(tmp / "train_state.pt", lambda t: torch.save(state, t))
@@ -1459,16 +1561,14 @@ def setup_training(plan: Plan, tokenizer_path, compile: bool, checkpoint_activat
     if plan.state is not None:  # resume: optimizer, data position and RNG exactly as saved
         load_optimizer_state(model, optimizer, plan.state["optimizer"], sharded, plan.resume_dir)
         train_loader.load_state_dict(plan.state["loader"])
-        torch.set_rng_state(plan.state["rng"]["cpu"])
-        if dev.type == "cuda" and plan.state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(plan.state["rng"]["cuda"])
+        restore_rng(plan.state["rng"], info, dev)
         log(f"resumed from {plan.resume_dir} at step {plan.step}")
     else:
         torch.manual_seed(seed)
-    if compile:
-        model = torch.compile(model)
     if info.world_size > 1 and not sharded:
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if compile:  # after DDP, so its gradient all-reduces can overlap the compiled backward
+        model = torch.compile(model)
     n_trainable = sum(p.numel() for p in llama.model.parameters() if p.requires_grad)
     log(f"finetune ({cfg['finetune_type']}): {n_trainable / 1e6:.1f}M trainable parameters, {info.world_size} "
         f"process(es), grad_accum {cfg['total_batch_size'] // (cfg['B'] * cfg['T'] * info.world_size)}, "
@@ -1480,6 +1580,8 @@ def setup_training(plan: Plan, tokenizer_path, compile: bool, checkpoint_activat
 
 def next_batch(loader, dev):
     x, y = loader.next_batch()
+    if dev.type == "cuda":  # from pinned memory the copy need not hold up the host
+        return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
     return x.to(dev), y.to(dev)
 
 
@@ -1496,14 +1598,20 @@ def mean_loss(loss_of, loader, steps: int, dev, autocast, bos_id: Optional[int],
     return all_reduce_mean(total / steps, info).item()
 
 
-def sample_after_training(llama: "Llama", prompts, sample_len: int, sharded: bool, info: DistInfo, dev, out, log):
-    """Rank 0 greedily completes the prompts with the trained model. Sharded, it samples from a
-    whole fp32 copy, gathered by every rank."""
+def sample_after_training(llama: "Llama", optimizer, prompts, sample_len: int, sharded: bool, info: DistInfo,
+                          dev, dtype, out, log):
+    """Rank 0 greedily completes the prompts with the trained model (the last checkpoint is saved).
+    Sharded, it samples from a whole copy in the training dtype, gathered by every rank after the
+    gradients, the optimizer's state and the allocator's cache are let go."""
     model = llama.model
     if sharded:
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.state.clear()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         weights = full_state(model, None, sharded)[0]
         if info.master:
-            model = assemble(model.args, weights, out, "the gathered shards", dev, torch.float32)
+            model = assemble(model.args, weights, out, "the gathered shards", dev, dtype)
         del weights
     if info.master:
         sampler = Llama(model, llama.tokenizer, llama.chat_format)
@@ -1545,7 +1653,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     # a sharded model gathers its weights in hooks around forward(), so it is called, not forward_loss
     loss_of = model if sharded else raw_model.forward_loss
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    peak, fpt = peak_flops(dev), flops_per_token(raw_model, T)
+    peak, fpt = peak_flops(dev, resolve_dtype(dtype, dev)), flops_per_token(raw_model, T)
     bos = llama.tokenizer.bos_id if cfg["doc_mask"] else None
     config = {k: v for k, v in cfg.items() if SETTINGS[k].saved} | {"world_size": info.world_size, "demo": plan.demo}
     stats = {"train_loss": None, "val_loss": None}
@@ -1592,9 +1700,10 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
                 f"norm {norm.item():.3f} | {dt * 1000:.0f} ms | {tps:,.0f} tok/s{mfu}")
         if step == plan.last_stop or (cfg["save_every"] and step % cfg["save_every"] == 0):
             model_state, optimizer_state = full_state(raw_model, optimizer, sharded)  # sharded: every rank
+            rng = rng_states(info, dev)
             if info.master:
                 path = save_train_checkpoint(plan.out, step, raw_model, model_state, optimizer_state, train_loader,
-                                             config, plan.source, llama.tokenizer)
+                                             rng, config, plan.source, llama.tokenizer)
                 log(f"saved {path}")
             del model_state, optimizer_state
 
@@ -1602,11 +1711,10 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     if val_loader is not None and step == cfg["max_steps"]:
         validate()
     if sample_prompts != []:
-        if sharded:  # free the gradients before gathering a whole copy
-            optimizer.zero_grad(set_to_none=True)
         default = ["Once upon a time, a little dog"] if plan.demo else DEFAULT_PROMPTS[:2]
         prompts = [sample_prompts] if isinstance(sample_prompts, str) else (sample_prompts or default)
-        sample_after_training(llama, prompts, sample_len, sharded, info, dev, plan.out, log)
+        sample_after_training(llama, optimizer, prompts, sample_len, sharded, info, dev, resolve_dtype(dtype, dev),
+                              plan.out, log)
     if info.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

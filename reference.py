@@ -310,16 +310,20 @@ def sample(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, te
 
 
 def compare(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, max_gen_len: int = 64,
-            max_seq_len: int = 512, device: Optional[str] = None, dtype: Optional[str] = None):
+            max_seq_len: int = 512, device: Optional[str] = None, dtype: str = "fp32"):
     """Load the checkpoint into both llama31 and Meta's reference (two copies of the weights),
     decode every prompt greedily with both, and report the first divergence. Exits with status 1
-    if there is one (or if the tokenizers disagree), so scripts can use it as a check."""
+    if there is one (or if the tokenizers disagree), so scripts can use it as a check. fp32 on
+    every device unless --dtype says otherwise: in bf16 the two differ by rounding alone (SDPA
+    against Meta's matmul and softmax, a batch against one row), which greedy decoding amplifies."""
     prompts = _prompt_list(prompts)
     check_sampling_args(0.0, 1.0, max_gen_len)
     device = check_device(device or default_device())
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, len(prompts), device, dtype)
     ref = load_reference(ckpt_dir, tokenizer_path, max_seq_len, len(prompts), device, dtype)
-    print(f"comparing llama31 and Meta's reference on {device} ({llama.model.output.weight.dtype}), "
+    dtype = llama.model.norm.weight.dtype
+    note = "" if dtype == torch.float32 else "; not fp32, so rounding alone can make them diverge"
+    print(f"comparing llama31 and Meta's reference on {device} ({dtype}{note}), "
           f"{len(prompts)} prompts x {max_gen_len} greedy tokens", file=sys.stderr)
     ours, theirs = [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts], encode_prompts(ref, prompts)
     for i, (a, b) in enumerate(zip(ours, theirs)):

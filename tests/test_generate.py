@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llama31 import Llama
+from llama31 import ConfigError, Llama
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,43 @@ def test_ragged_batch_gives_the_same_tokens_as_each_prompt_alone(llama):
     alone = [llama.generate([p], max_gen_len=12, temperature=0)[0] for p in prompts]
     assert batch == alone
     assert all(len(t) == 12 for t in batch)  # random weights rarely pick one of the 3 stop ids
+
+
+def test_fixed_shape_decode_step_gives_the_same_tokens(llama):
+    # decode_step (what --compile decodes with) attends over the whole cache with a position mask;
+    # run eagerly here, it must give what slicing the cache to the current length gives
+    prompts = encode(llama, PROMPTS)
+    model = llama.model
+
+    def run():
+        # a low temperature: on random weights at 1.0 the top tokens are near-ties, whose sorted
+        # order a last-bit difference in the logits (a longer softmax) can swap
+        return (llama.generate(prompts, 12, temperature=0),
+                llama.generate(prompts[:2], 12, temperature=0.1, top_p=0.9, generator=torch.Generator().manual_seed(5)))
+
+    sliced = run()
+    assert sliced[1] != sliced[0][:2]  # sampled, not greedy
+    model.static_decode = model.decode_step
+    try:
+        fixed = run()
+        cache = model.layers[0].attention.cache  # kept, at the model's full length, for the next call
+        assert cache is not None and cache.k.shape[2] == model.args.max_seq_len
+        reused = llama.generate(prompts[:2], 12, temperature=0)  # same batch size: over the last call's keys
+        assert model.layers[0].attention.cache is cache
+    finally:
+        model.static_decode = None
+        model.clear_caches()
+    assert fixed == sliced
+    assert reused == sliced[0][:2]
+
+
+def test_a_generator_on_another_device_is_one_clear_error(llama):
+    class CudaGenerator:  # what torch.Generator("cuda") looks like, without a GPU
+        device = torch.device("cuda")
+
+    with pytest.raises(ConfigError, match=r"the generator is on cuda, the model on cpu; make it there: "
+                                          r"torch.Generator\('cpu'\)"):
+        llama.generate(encode(llama, PROMPTS[:1]), 4, generator=CudaGenerator())
 
 
 def test_greedy_is_deterministic(llama):

@@ -215,12 +215,17 @@ def test_compiled_inference_matches_eager():
     try:  # past the recompile limit torch would quietly run eager; here that is an error
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             compiled = [llama.generate([prompts[0]], 6, temperature=0)]
-            graphs = counters["stats"]["unique_graphs"]  # prefill and decode step
+            graphs = counters["stats"]["unique_graphs"]  # prefill and decode_step
             compiled.append(llama.generate([prompts[1]], 6, temperature=0))  # another length: no new graph
             assert counters["stats"]["unique_graphs"] == graphs == 2
             compiled += [decode(1), decode(2)]  # one row (multiply-and-sum matmuls), then a batch
+            seeded = [llama.generate([prompts[0]], 6, temperature=0.1, top_p=0.9,
+                                     generator=torch.Generator().manual_seed(3))]
     finally:
-        model.compiled_logits = None
+        model.compiled_logits = model.static_decode = None
+        model.clear_caches()
+    assert seeded == [llama.generate([prompts[0]], 6, temperature=0.1, top_p=0.9,
+                                     generator=torch.Generator().manual_seed(3))]
     assert not counters["graph_break"], dict(counters["graph_break"])  # whole graphs, no eager pieces
     assert eager[:2] == compiled[:2]
     for e, c in zip(eager[2:], compiled[2:]):
@@ -238,6 +243,25 @@ def test_document_mask_is_causal_within_documents_only():
     got = document_mask(tokens, BOS)[0, 0].int().tolist()
     want = [[1 if j <= i and (i < 3) == (j < 3) else 0 for j in range(7)] for i in range(7)]
     assert got == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_document_mask_is_kept_once_for_backward_not_once_per_layer(dtype):
+    # SDPA turns a boolean mask into an additive one itself, a new tensor in every layer, each kept
+    # for the backward pass: (T, T) per row per layer. trunk makes it once, in autocast's dtype.
+    model = random_model(max_seq_len=64)
+    assert len(model.layers) > 1
+    x = torch.randint(0, 1000, (2, 33))
+    x[:, 0] = x[:, 10] = BOS
+    inputs, targets = x[:, :-1], x[:, 1:]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            model.forward_loss(inputs, targets, mask=document_mask(inputs, BOS))
+    masks = {t.untyped_storage().data_ptr() for t in saved if t.shape == (2, 1, 32, 32)}
+    assert len(masks) == 1
+    (mask,) = [t for t in saved if t.shape == (2, 1, 32, 32)][:1]
+    assert mask.dtype == dtype  # what attention computes in, so no layer casts its own copy
 
 
 def test_packed_document_scores_as_it_would_alone():

@@ -270,9 +270,20 @@ def test_reference_cli_prints_what_llama31_cli_prints(ckpt_dir, model_parallel, 
 def test_compare_reports_identical_outputs(ckpt_dir, model_parallel, capsys):
     reference.main(["compare", "--ckpt_dir", str(ckpt_dir), *CLI_ARGS[:2], "--max_gen_len", "6",
                     "--device", "cpu"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "prompt 0: identical" in out and "prompt 1: identical" in out
     assert out.rstrip().endswith("identical: all 2 prompts give the same greedy tokens")
+    assert "(torch.float32)" in captured.err  # fp32 unless asked: on CUDA too, where models default to bf16
+
+
+def test_compare_in_bf16_says_rounding_can_diverge(ckpt_dir, model_parallel, capsys):
+    try:
+        reference.main(["compare", "--ckpt_dir", str(ckpt_dir), *CLI_ARGS[:2], "--max_gen_len", "2",
+                        "--device", "cpu", "--dtype", "bf16"])
+    except SystemExit:
+        pass  # a divergence in bf16 is allowed; the note is what this checks
+    assert "(torch.bfloat16; not fp32, so rounding alone can make them diverge)" in capsys.readouterr().err
 
 
 def test_compare_reports_first_divergence(ckpt_dir, model_parallel):
