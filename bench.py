@@ -21,7 +21,10 @@ per-round ratios with their range in brackets):
             default; bf16: autocast over fp32 weights, as llama31.py finetune does; MFU on known
             GPUs)
   compiled  the same for llama31 under torch.compile (Transformer.compile_inference for decode
-            and prefill, torch.compile(model) as finetune --compile); --nocompile drops these rows
+            and prefill, torch.compile(model) as finetune --compile); --nocompile drops these rows.
+            Compiled decoding is decode_step over the whole fixed-length cache (CUDA graphs on
+            CUDA); its "% of roof" counts only the cache up to the current position
+  GPU       roof and read timings by CUDA events over at least 50 ms each
   load      peak RSS growth of load_model + touching every weight, in a fresh process, over the
             checkpoint's file size (the checkpoint is saved in the row's dtype, loaded in it)
   chat      time to the first token of turn 10 over turn 1 of a scripted greedy chat with the demo
@@ -36,6 +39,7 @@ import gc
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -145,16 +149,16 @@ def gemv_roof(args: ModelArgs, dtype, device, repeats: int, compile: bool = True
     torch.manual_seed(0)
     w = torch.randn(args.vocab_size, args.dim, device=device).to(dtype)
     x = torch.randn(1, args.dim, device=device).to(dtype)
-    n = max(2, int(1e9 // w.nbytes))  # ~1 GB per timing
+    n = max(2, int(1e9 // w.nbytes))  # ~1 GB per timing on a CPU
 
     def timer(fn, onednn=True):
         def run():
             with llama31.onednn_enabled(onednn):
-                sync(device)
+                if device.type == "cuda":
+                    return w.nbytes / gpu_seconds(fn)
                 t0 = time.perf_counter()
                 for _ in range(n):
                     fn()
-                sync(device)
                 return w.nbytes * n / (time.perf_counter() - t0)
         return run
 
@@ -169,6 +173,23 @@ def gemv_roof(args: ModelArgs, dtype, device, repeats: int, compile: bool = True
     best = max(res, key=res.get)
     notes = [best] + [f"{k} {fmt(v, 'B/s')}" for k, v in res.items() if k != best]
     return res[best], "; ".join(notes + [f"plain read {fmt(read, 'B/s')}"]), cases[best]
+
+
+def gpu_seconds(fn, at_least: float = 0.05) -> float:
+    """Seconds per call of fn on the GPU, by CUDA events over enough calls to take at_least
+    seconds: one read of a 1 GB matrix takes about 0.2 ms on an H200, shorter than the launch and
+    synchronisation noise of a host clock."""
+    def timed(calls: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+
+    once = timed(3)
+    return timed(max(3, math.ceil(at_least / once)))
 
 
 def decode_bytes_per_token(model: Transformer, context: float) -> float:
@@ -211,15 +232,17 @@ def decode_rate(times) -> float:
 def with_compiled(ours: Transformer, fn):
     """fn run with ours' inference compiled (Transformer.compile_inference), eager outside it."""
     if getattr(ours, "_bench_compiled", None) is None:
-        ours._bench_compiled = ours.compile_inference().compiled_logits
-        ours.compiled_logits = None
+        ours.compile_inference()
+        ours._bench_compiled = ours.compiled_logits, ours.static_decode
+        ours.compiled_logits = ours.static_decode = None
 
     def run():
-        ours.compiled_logits = ours._bench_compiled
+        ours.compiled_logits, ours.static_decode = ours._bench_compiled
         try:
             return fn()
         finally:
-            ours.compiled_logits = None
+            ours.compiled_logits = ours.static_decode = None
+            ours.clear_caches()
     return run
 
 

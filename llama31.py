@@ -1565,10 +1565,7 @@ def setup_training(plan: Plan, tokenizer_path, compile: bool, checkpoint_activat
         log(f"resumed from {plan.resume_dir} at step {plan.step}")
     else:
         torch.manual_seed(seed)
-    if info.world_size > 1 and not sharded:
-        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if compile:  # after DDP, so its gradient all-reduces can overlap the compiled backward
-        model = torch.compile(model)
+    model = wrap_for_training(model, info, dev, sharded, compile)
     n_trainable = sum(p.numel() for p in llama.model.parameters() if p.requires_grad)
     log(f"finetune ({cfg['finetune_type']}): {n_trainable / 1e6:.1f}M trainable parameters, {info.world_size} "
         f"process(es), grad_accum {cfg['total_batch_size'] // (cfg['B'] * cfg['T'] * info.world_size)}, "
@@ -1576,6 +1573,14 @@ def setup_training(plan: Plan, tokenizer_path, compile: bool, checkpoint_activat
         f"{'on' if cfg['doc_mask'] else 'off'}{', FSDP' if sharded else ''}"
         f"{', activation checkpointing' if checkpoint_activations else ''}")
     return llama, model, optimizer, train_loader, val_loader
+
+
+def wrap_for_training(model: Transformer, info: DistInfo, dev, sharded: bool, compile: bool) -> nn.Module:
+    """DDP for replicas, then torch.compile, PyTorch's order: DDP around a compiled model could not
+    start its gradient all-reduces until the whole compiled backward was done."""
+    if info.world_size > 1 and not sharded:
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return torch.compile(model) if compile else model
 
 
 def next_batch(loader, dev):

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import make_checkpoint
-from llama31 import Llama, finetune, read_datafile_header, write_datafile
+import llama31
+from conftest import random_model
+from llama31 import ConfigError, Llama, finetune, read_datafile_header, write_datafile
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)
@@ -135,6 +137,7 @@ def test_fsdp_on_two_processes_equals_one_process_and_resumes(tiny_ckpt, data, t
     log = torchrun(tiny_ckpt, data, tmp_path / "a", "fsdp")
     assert "FSDP" in log and "val loss" in log and "The cat" in log  # rank 0 sampled from the gathered copy
     straight = torch.load(tmp_path / "a" / "step_000003" / "consolidated.00.pth")
+    assert len(torch.load(tmp_path / "a" / "step_000003" / "train_state.pt")["rng"]) == 2  # each rank's own
     assert (worst := max_difference(straight, single["model"])) < 1e-5, worst
     torchrun(tiny_ckpt, data, tmp_path / "b", "fsdp", "2")
     assert (tmp_path / "b" / "latest").read_text().strip() == "step_000002"
@@ -352,3 +355,116 @@ def test_a_gguf_model_is_saved_as_gguf_and_resumes_exactly(tiny_gguf, tmp_path):
     # the checkpoint samples again, with the source file's tokenizer (through the `latest` pointer)
     llama = Llama.build(tmp_path / "b" / "latest", max_seq_len=64, device="cpu", dtype="fp32")
     assert llama.tokenizer.n_words == 258 and all(torch.equal(a[k], llama.model.state_dict()[k]) for k in a)
+
+
+# -----------------------------------------------------------------------------
+# the CUDA and torchrun paths' logic, checked here without a GPU (the GPU lane runs them for real)
+
+
+def fake_torchrun(monkeypatch, rank, local_rank, world, gpus):
+    """torchrun's environment on a machine with `gpus` GPUs; init_process_group records its call."""
+    for k, v in {"RANK": rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": world}.items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: None)
+    calls = []
+    monkeypatch.setattr(llama31.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    return calls
+
+
+def test_under_torchrun_each_process_takes_its_local_gpu(monkeypatch):
+    calls = fake_torchrun(monkeypatch, rank=5, local_rank=1, world=8, gpus=4)
+    info, dev = llama31.setup_distributed("cuda")
+    assert (info.rank, info.world_size, dev) == (5, 8, torch.device("cuda", 1))
+    assert calls[0][0] == "nccl" and calls[0][1]["device_id"] == torch.device("cuda", 1)
+
+
+def test_a_launcher_showing_each_task_one_gpu_gets_index_0(monkeypatch):
+    # e.g. SLURM with one CUDA_VISIBLE_DEVICES per task: LOCAL_RANK 3, one GPU visible
+    fake_torchrun(monkeypatch, rank=3, local_rank=3, world=4, gpus=1)
+    assert llama31.setup_distributed("cuda")[1] == torch.device("cuda", 0)
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_a_clear_error(monkeypatch):
+    fake_torchrun(monkeypatch, rank=0, local_rank=0, world=2, gpus=2)
+    with pytest.raises(ConfigError, match="--device cuda:0 would put all 2 processes on one GPU; use --device cuda"):
+        llama31.setup_distributed("cuda:0")
+
+
+def test_ddp_wraps_the_model_before_it_is_compiled(monkeypatch):
+    class FakeDDP(torch.nn.Module):  # DDP itself needs a process group
+        def __init__(self, module, device_ids=None):
+            super().__init__()
+            self.module = module
+
+    monkeypatch.setattr(llama31, "DDP", FakeDDP)
+    model = random_model(max_seq_len=32)
+    wrapped = llama31.wrap_for_training(model, llama31.DistInfo(0, 0, 2), torch.device("cpu"), False, True)
+    assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(wrapped._orig_mod, FakeDDP) and wrapped._orig_mod.module is model
+    sharded = llama31.wrap_for_training(model, llama31.DistInfo(0, 0, 2), torch.device("cpu"), True, False)
+    assert sharded is model  # FSDP shards in place; no DDP
+
+
+def matmul_weights(a) -> int:
+    """Weights that multiply, from the shapes Meta's model has (untied: the embedding only gathers)."""
+    hd, hidden = a.dim // a.n_heads, a.ffn_hidden_dim
+    attention = 2 * a.dim * a.dim + 2 * a.dim * a.n_kv_heads * hd
+    return a.n_layers * (attention + 3 * a.dim * hidden + 2 * a.dim) + a.dim + a.vocab_size * a.dim
+
+
+def test_flops_per_token_counts_frozen_weights_without_their_gradient():
+    model = random_model(max_seq_len=64)
+    a, T = model.args, 64
+    n, attention = matmul_weights(a), 12 * a.n_layers * a.dim * T
+    assert llama31.flops_per_token(model, T) == 6 * n + attention
+    llama31.select_trainable(model, "rmsnorm")
+    norms = (2 * a.n_layers + 1) * a.dim
+    assert llama31.flops_per_token(model, T) == 4 * n + 2 * norms + attention
+
+
+@pytest.mark.parametrize("name, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12), ("NVIDIA H100 NVL", torch.bfloat16, 835e12),
+    ("NVIDIA H200 NVL", torch.bfloat16, 835e12), ("NVIDIA H200", torch.bfloat16, 989e12),
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756e12), ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
+    ("NVIDIA H100 80GB HBM3", torch.float32, None), ("Some Future GPU", torch.bfloat16, None)])
+def test_mfu_peak_by_gpu_name_and_none_for_fp32(monkeypatch, name, dtype, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: name)
+    assert llama31.peak_flops(torch.device("cuda", 0), dtype) == peak
+    assert llama31.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_each_rank_restores_its_own_random_state():
+    torch.manual_seed(1)
+    first = torch.get_rng_state()
+    torch.manual_seed(2)
+    second = torch.get_rng_state()
+    llama31.restore_rng([{"cpu": first, "cuda": None}, {"cpu": second, "cuda": None}],
+                        llama31.DistInfo(1, 1, 2), torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), second)
+    # the format before per-rank states: rank 0's CPU state and a list of its GPUs' states
+    llama31.restore_rng({"cpu": first, "cuda": []}, llama31.DistInfo(1, 1, 2), torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), first)
+
+
+def test_sharded_sampling_lets_go_of_gradients_and_optimizer_state_first(monkeypatch, tiny_ckpt, capsys):
+    llama = Llama.build(tiny_ckpt, max_seq_len=64, device="cpu", dtype="fp32")
+    model = llama.model.train()
+    optimizer = model.configure_optimizers(0.0, 1e-3)
+    x = torch.randint(0, 1000, (1, 8))
+    model.forward_loss(x, x).backward()
+    optimizer.step()
+    seen = {}
+
+    def gather(model, optimizer_, sharded):  # what FSDP's gather would give, and what was held then
+        seen.update(state=len(optimizer.state), grads=sum(p.grad is not None for p in model.parameters()))
+        return model.state_dict(), None
+
+    assemble = llama31.assemble
+    monkeypatch.setattr(llama31, "full_state", gather)
+    monkeypatch.setattr(llama31, "assemble", lambda *a: seen.update(dtype=a[-1]) or assemble(*a))
+    llama31.sample_after_training(llama, optimizer, ["Hi"], 2, True, llama31.DistInfo(), torch.device("cpu"),
+                                  torch.bfloat16, "out", print)
+    assert seen == {"state": 0, "grads": 0, "dtype": torch.bfloat16}  # sampled in the training dtype
+    assert capsys.readouterr().out.startswith("Hi")

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import llama31
 from conftest import random_model
 from llama31 import (Linear, Llama, ModelArgs, RMSNorm, apply_rope, document_mask, onednn_enabled, precompute_rope,
                      rope_pairs, scale_rope_freqs)
@@ -230,6 +231,18 @@ def test_compiled_inference_matches_eager():
     assert eager[:2] == compiled[:2]
     for e, c in zip(eager[2:], compiled[2:]):
         assert torch.allclose(e, c, atol=1e-4), (e - c).abs().max()
+
+
+def test_mps_before_torch_2_7_repeats_kv_heads_and_gets_the_same_logits(monkeypatch):
+    # SDPA's enable_gqa aborts on MPS in torch 2.5 and 2.6: there the KV heads are repeated instead
+    monkeypatch.setattr(llama31, "MPS_SDPA_GQA", False)
+    assert not llama31.sdpa_takes_gqa(torch.device("mps")) and llama31.sdpa_takes_gqa(torch.device("cpu"))
+    model = random_model(max_seq_len=64)
+    assert model.args.n_kv_heads < model.args.n_heads
+    tokens = torch.randint(0, 128256, (2, 12))
+    native = model.forward_inference(tokens)
+    monkeypatch.setattr(llama31, "sdpa_takes_gqa", lambda device: False)  # the MPS path, on this CPU
+    assert torch.allclose(model.forward_inference(tokens), native, atol=1e-5)
 
 
 # -----------------------------------------------------------------------------
