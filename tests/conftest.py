@@ -9,12 +9,29 @@ from gguf import GGUFWriter, TokenType
 from gguf.quants import quantize
 
 from formats import find_demo_gguf
-from llama31 import ModelArgs, Transformer, load_tokenizer, save_meta
+from llama31 import ModelArgs, Transformer, load_tokenizer, save_meta, write_datafile
 from tokenizer import Tokenizer, bytes_to_unicode, find_tokenizer_model
 
 # Small but complete: GQA 4:1, the real 128256 vocab, Llama 3.1 RoPE scaling, an FFN multiplier.
 SMALL = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128256, multiple_of=64,
              ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
+
+
+# Every device this machine has: CPU always, CUDA and MPS when present (tests/test_devices.py runs on each)
+DEVICES = ["cpu"] + [name for name, present in (("cuda", torch.cuda.is_available()),
+                                                ("mps", torch.backends.mps.is_available())) if present]
+
+
+# A device this machine lacks, and the first words of the error asking for it gives
+if not torch.cuda.is_available():
+    MISSING_DEVICE = (["--device", "cuda"], "error: device 'cuda': CUDA is not available here")
+else:
+    MISSING_DEVICE = (["--device", "cuda:64"], "error: device 'cuda:64': this machine has")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
 
 
 def random_model(seed: int = 0, max_seq_len: int = 512, **overrides) -> Transformer:
@@ -156,3 +173,28 @@ def tiny_gguf(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     write_gguf(path, args=ModelArgs(**TINY), tensors=tiny_tensors(), vocab=byte_vocab())
     return path
+
+
+# -----------------------------------------------------------------------------
+# finetuning: a tiny fp32 checkpoint and token shards of short repetitive stories
+
+FINETUNE_SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)
+STORIES = ["The cat sat on the mat.", "A dog ran to the park and back.", "The sun is warm today.",
+           "Tom likes red apples very much.", "Birds sing in the tall green tree."]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    make_checkpoint(path, seed=0, dtype=torch.float32, **FINETUNE_SHAPE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tokenizer):
+    """Two train shards and a val shard of short repetitive stories, BOS ... EOS each."""
+    path = tmp_path_factory.mktemp("data")
+    docs = [tokenizer.encode(s, bos=True, eos=True) for s in STORIES]
+    for name, reps in [("train_000.bin", 60), ("train_001.bin", 60), ("val_000.bin", 20)]:
+        write_datafile(path / name, [t for i in range(reps) for t in docs[i % len(docs)]])
+    return {"train_data": str(path / "train_*.bin"), "val_data": str(path / "val_*.bin")}

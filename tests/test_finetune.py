@@ -8,34 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_checkpoint
 import llama31
-from conftest import random_model
+from conftest import FINETUNE_SHAPE, MISSING_DEVICE, make_checkpoint, random_model
 from llama31 import ConfigError, Llama, finetune, read_datafile_header, write_datafile
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)
-STORIES = ["The cat sat on the mat.", "A dog ran to the park and back.", "The sun is warm today.",
-           "Tom likes red apples very much.", "Birds sing in the tall green tree."]
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    make_checkpoint(path, seed=0, dtype=torch.float32, **TINY)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, tokenizer):
-    """Two train shards and a val shard of short repetitive stories, BOS ... EOS each."""
-    path = tmp_path_factory.mktemp("data")
-    docs = [tokenizer.encode(s, bos=True, eos=True) for s in STORIES]
-    for name, reps in [("train_000.bin", 60), ("train_001.bin", 60), ("val_000.bin", 20)]:
-        write_datafile(path / name, [t for i in range(reps) for t in docs[i % len(docs)]])
-    return {"train_data": str(path / "train_*.bin"), "val_data": str(path / "val_*.bin")}
-
-
 def run(tiny_ckpt, data, out, **kw):
     args = dict(ckpt_dir=str(tiny_ckpt), out_dir=str(out), B=2, T=32, max_steps=4, learning_rate=1e-3,
                 warmup_steps=2, val_every=0, val_steps=2, device="cpu", sample_prompts=[], **data)
@@ -110,10 +87,10 @@ def test_resume_continues_exactly(tiny_ckpt, data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def torchrun(tiny_ckpt, data, out, *args):
-    """tests/ddp_worker.py on 2 gloo processes; its stdout."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+def torchrun(tiny_ckpt, data, out, *args, processes=2, device="cpu"):
+    """tests/ddp_worker.py on 2 gloo processes (or as asked); its stdout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DDP_DEVICE": device}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
            str(REPO / "tests" / "ddp_worker.py"), str(tiny_ckpt), data["train_data"], data["val_data"],
            str(out), *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -150,7 +127,7 @@ def test_fsdp_on_two_processes_equals_one_process_and_resumes(tiny_ckpt, data, t
 def test_fsdp_with_tied_embeddings_or_frozen_weights_equals_one_process(tmp_path, data, tied, finetune_type):
     # tied: one Parameter under two names, sharded once; frozen: parameters with no gradient
     ckpt = tmp_path / "ckpt"
-    make_checkpoint(ckpt, seed=0, dtype=torch.float32, tie_embeddings=tied, **TINY)
+    make_checkpoint(ckpt, seed=0, dtype=torch.float32, tie_embeddings=tied, **FINETUNE_SHAPE)
     single = run(ckpt, data, tmp_path / "single", max_steps=3, total_batch_size=4 * 2 * 32,
                  finetune_type=finetune_type)
     torchrun(ckpt, data, tmp_path / "fsdp", "fsdp", "-", finetune_type)
@@ -284,7 +261,7 @@ def test_cli_unknown_command_lists_the_commands():
 @pytest.mark.parametrize("args, message", [
     (["--B", "0"], "error: --B must be an integer >= 1, got 0"),
     (["--learning_rate", "abc"], "error: --learning_rate must be a number >= 0, got 'abc'"),
-    (["--device", "cuda"], "error: device 'cuda': CUDA is not available here"),
+    MISSING_DEVICE,
     (["--fsdp"], "error: --fsdp shards the model across processes; launch with torchrun"),
     (["--out_dir", "README.md"], "error: --out_dir README.md is a file; give a directory"),
 ])

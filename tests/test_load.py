@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_checkpoint
+from conftest import MISSING_DEVICE, make_checkpoint
 from llama31 import Llama, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def test_cli_chat_sends_prompts_as_user_turns(ckpt_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--device", "cuda"], "error: device 'cuda': CUDA is not available here"),
+    MISSING_DEVICE,
     (["--device", "tpu9"], "error: unknown device 'tpu9'"),
     (["--temperature", "abc"], "error: --temperature must be a number, got 'abc'"),
     (["--prompts", "123"], "error: --prompts must be a string or a list of strings"),
