@@ -149,7 +149,7 @@ def gemv_roof(args: ModelArgs, dtype, device, repeats: int, compile: bool = True
     torch.manual_seed(0)
     w = torch.randn(args.vocab_size, args.dim, device=device).to(dtype)
     x = torch.randn(1, args.dim, device=device).to(dtype)
-    n = max(2, int(1e9 // w.nbytes))  # ~1 GB per timing on a CPU
+    n = max(2, min(200, int(1e9 // w.nbytes)))  # ~1 GB per timing on a CPU (tiny shapes: 200 calls)
 
     def timer(fn, onednn=True):
         def run():
@@ -645,6 +645,13 @@ def print_table(rows):
             print("  ".join("-" * w for w in widths) + "  " + "-" * 5)
 
 
+def markdown_table(rows, about) -> str:
+    head = ("metric", "dtype", "llama31", "HF", "ratio", "notes")
+    lines = ["", "; ".join(about), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def machine(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -662,11 +669,12 @@ def machine(device) -> str:
 def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len: int = 128,
          new_tokens: int = 32, prefill_len: int = 256, B: int = 1, T: int = 128, repeats: int = 5,
          train_repeats: int = 5, sections=",".join(SECTIONS), compile: bool = True, threads: int = 0,
-         seed: int = 0):
+         seed: int = 0, markdown: str = ""):
     """Print the benchmark table. dtypes and sections are comma-separated lists (sections: roof,
     decode, prefill, finetune, load, chat, quant). compile: also time llama31 under torch.compile (decode
     step, finetune step); --nocompile skips those rows and their compile time.
-    threads sets torch's CPU threads (0: torch's default)."""
+    threads sets torch's CPU threads (0: torch's default). markdown: also append the table, in
+    Markdown under a line naming the shape and machine, to this file (scripts/gpu_check.sh)."""
     import transformers
 
     def as_list(v):
@@ -694,9 +702,10 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
     transformers.logging.set_verbosity_error()
     args = ModelArgs(**SHAPES[shape], max_seq_len=max(prompt_len + new_tokens, prefill_len, T), max_batch_size=1)
     n_params = sum(p.numel() for p in build_ours(args, torch.float32, "meta", seed).parameters())
-    print(f"shape {shape}: {args.n_layers} layers, dim {args.dim}, {args.n_heads}/{args.n_kv_heads} heads, "
-          f"ffn {args.ffn_hidden_dim}, vocab {args.vocab_size}, {n_params / 1e6:.1f}M params")
-    print(f"{machine(dev)}; torch {torch.__version__}, transformers {transformers.__version__}")
+    about = [f"shape {shape}: {args.n_layers} layers, dim {args.dim}, {args.n_heads}/{args.n_kv_heads} heads, "
+             f"ffn {args.ffn_hidden_dim}, vocab {args.vocab_size}, {n_params / 1e6:.1f}M params",
+             f"{machine(dev)}; torch {torch.__version__}, transformers {transformers.__version__}"]
+    print("\n".join(about))
     if dev.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > 1:
         print(f"note: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before starting; other "
               f"processes compete for the cores and timings will be noisy (--threads 1 suffers least)")
@@ -717,6 +726,9 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
         print(f"[{name} done in {time.time() - t0:.0f}s]", file=sys.stderr, flush=True)
     print()
     print_table(rows)
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write(markdown_table(rows, about))
     return rows
 
 

@@ -39,3 +39,26 @@ def test_bench_rejects_bad_numbers_and_devices_in_one_line():
         bench.main(shape="tiny", repeats=0)
     with pytest.raises(SystemExit, match="^error: unknown device 'tpu'"):
         bench.main(shape="tiny", device="tpu")
+
+
+def test_gpu_check_dry_run_writes_its_report(tmp_path):
+    # scripts/gpu_check.sh's own steps on the CPU: the CUDA tests (each skipped, with its reason, on
+    # a machine without one) and bench.py's GPU sections on a tiny shape, into one markdown report
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=repo,
+                       env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert report.startswith("# GPU check, 20")
+    if not torch.cuda.is_available():
+        assert "SKIPPED [1] tests/test_cuda.py" in report and "needs a CUDA GPU" in report
+    tables = [line for line in report.splitlines() if line.startswith("| ")]
+    for name in ("GEMV roof", "decode tok/s (HF generate)", "prefill tok/s", "finetune tok/s"):
+        assert any(line.startswith(f"| {name}") for line in tables), name

@@ -89,7 +89,8 @@ def test_resume_continues_exactly(tiny_ckpt, data, tmp_path):
 
 def torchrun(tiny_ckpt, data, out, *args, processes=2, device="cpu"):
     """tests/ddp_worker.py on 2 gloo processes (or as asked); its stdout."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DDP_DEVICE": device}
+    path = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "DDP_DEVICE": device}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
            str(REPO / "tests" / "ddp_worker.py"), str(tiny_ckpt), data["train_data"], data["val_data"],
            str(out), *args]
