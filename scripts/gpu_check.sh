@@ -25,7 +25,7 @@ else
     timing=(--repeats 3 --train_repeats 3)
     train=(--B 2 --T 2048)
 fi
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [ "$device" = cuda ] && compgen -G ".whl/*.whl" > /dev/null; then  # the dry run uses this environment
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
         .whl/*.whl || exit 1
     export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"

@@ -46,13 +46,14 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     # a machine without one) and bench.py's GPU sections on a tiny shape, into one markdown report
     import os
     import subprocess
+    import sys
     from pathlib import Path
 
     import torch
 
     repo = Path(__file__).resolve().parents[1]
     r = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=repo,
-                       env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
+                       env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()
