@@ -242,7 +242,6 @@ def with_compiled(ours: Transformer, fn):
             return fn()
         finally:
             ours.compiled_logits = ours.static_decode = None
-            ours.clear_caches()
     return run
 
 

@@ -356,8 +356,11 @@ def document_mask(tokens, bos_id: int):
 def attention_bias(mask, dtype):
     """A boolean mask (True: may attend) as the additive bias SDPA would make of it, in the dtype
     attention computes in, made once per forward: made by SDPA in each layer, each layer's backward
-    would keep its own copy (2 * B * T * T bytes per layer in bf16)."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    would keep its own copy (2 * B * T * T bytes per layer in bf16). Rows padded to a multiple of 8
+    elements, which CUDA's memory-efficient kernel would otherwise pad a copy to, in every layer."""
+    keys = mask.shape[-1]
+    bias = torch.zeros(*mask.shape[:-1], -(-keys // 8) * 8, dtype=dtype, device=mask.device)[..., :keys]
+    return bias.masked_fill_(~mask, float("-inf"))
 
 
 class Transformer(nn.Module):
@@ -377,6 +380,7 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = precompute_rope(args, args.max_seq_len, device="cpu")
         self.compiled_logits = None  # set by compile_inference()
         self.static_decode = None  # decode_step, compiled: generation then decodes with it
+        self.kept_caches = None  # decode_step's caches, made once (install_kept_caches)
         # training only: keep each block's input, recompute its insides in the backward pass
         self.checkpoint_activations = False
 
@@ -476,18 +480,28 @@ class Transformer(nn.Module):
         return self.forward_loss(inputs, targets, ignore_index, mask)
 
     def setup_caches(self, batch_size: int, max_seq_len: int):
-        """Install a KV cache in every layer; one of the same shape already there is kept."""
         p = self.norm.weight  # the activations' dtype and device (output.weight may be quantized)
         for layer in self.layers:
-            old = layer.attention.cache
-            if old is not None and old.k.shape[::2] == (batch_size, max_seq_len) and (old.k.dtype, old.k.device) == (
-                    p.dtype, p.device):
-                continue
-            cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, p.dtype, p.device)
-            for t in (cache.k, cache.v):
-                # CUDA graphs then read and write the cache where it is, not a copy (transformers'
-                # StaticCache does the same)
-                torch._dynamo.mark_static_address(t)
+            layer.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads,
+                                            self.args.head_dim, p.dtype, p.device)
+
+    def install_kept_caches(self) -> list:
+        """Install decode_step's caches, (max_batch_size, max_seq_len), made on first use and kept
+        between calls, so that CUDA graphs replay on the same addresses; a smaller batch uses the
+        first rows. Returns the caches that were installed, for restore_caches."""
+        before = [layer.attention.cache for layer in self.layers]
+        if self.kept_caches is None or self.kept_caches[0].k.dtype != self.norm.weight.dtype:
+            self.setup_caches(self.args.max_batch_size, self.args.max_seq_len)
+            self.kept_caches = [layer.attention.cache for layer in self.layers]
+            for cache in self.kept_caches:
+                for t in (cache.k, cache.v):
+                    # read and written where it is, not copied in (transformers' StaticCache does this)
+                    torch._dynamo.mark_static_address(t)
+        self.restore_caches(self.kept_caches)
+        return before
+
+    def restore_caches(self, caches: list):
+        for layer, cache in zip(self.layers, caches):
             layer.attention.cache = cache
 
     def clear_caches(self):
@@ -903,12 +917,15 @@ class Llama:
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         n_new = torch.zeros(bsz, dtype=torch.long, device=device)
 
-        # compiled, one-token steps go through decode_step: a cache of the model's full length,
-        # kept between calls (CUDA graphs replay on the same addresses)
+        # compiled, one-token steps go through decode_step, over caches of the model's full length
+        # kept between calls; a Conversation's own cache (cache_from) stays as it was
         fixed = model.static_decode is not None
-        if cache_from is None:
-            model.setup_caches(bsz, args.max_seq_len if fixed else total_len)
+        if cache_from is None and fixed:
+            before = model.install_kept_caches()
+        elif cache_from is None:
+            model.setup_caches(bsz, total_len)
         step_in, step_pos = tokens.new_empty(bsz, 1), tokens.new_empty(1)
+        model.rope_tables(device)  # moved here, eagerly, not inside a compiled decode_step
         try:
             prev_pos = cache_from or 0
             for cur_pos in range(min(lens), total_len):
@@ -934,7 +951,9 @@ class Llama:
                 if all(finished):
                     break
         finally:
-            if cache_from is None and not fixed:
+            if cache_from is None and fixed:
+                model.restore_caches(before)
+            elif cache_from is None:
                 model.clear_caches()
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int] = None,

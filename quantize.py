@@ -149,11 +149,12 @@ class Int4Linear(nn.Module):
                                                              device=device))
 
     @staticmethod
-    def layout_for(device, in_features: int, out_features: int) -> str:
+    def layout_for(device, in_features: int, out_features: int, dtype=torch.bfloat16) -> str:
         device = torch.device(device)
         if device.type == "cpu" and out_features % 16 == 0:
             return "cpu"
-        if device.type == "cuda" and out_features % 8 == 0 and in_features % 32 == 0:
+        # CUDA's kernel takes and gives bf16 only
+        if device.type == "cuda" and dtype == torch.bfloat16 and out_features % 8 == 0 and in_features % 32 == 0:
             return "cuda"
         return "plain"
 
@@ -269,7 +270,7 @@ def swap_modules(model: nn.Module, plan: Plan, device, dtype):
             new = Int8Linear(old.in_features, old.out_features, dtype, "meta")
         else:
             new = Int4Linear(old.in_features, old.out_features, spec[1], dtype, "meta",
-                             Int4Linear.layout_for(device, old.in_features, old.out_features))
+                             Int4Linear.layout_for(device, old.in_features, old.out_features, dtype))
         setattr(parent, child, new)
 
 

@@ -75,6 +75,24 @@ def test_reset_forgets_the_dialog(tiny):
         conv.close()
 
 
+@pytest.mark.parametrize("fixed", [False, True], ids=["sliced-cache", "decode_step"])
+def test_another_generation_between_turns_leaves_the_dialog_right(tiny, fixed):
+    # a compiled model decodes with decode_step over caches of its own; the conversation's cache
+    # must come back as it was (eagerly, a generation takes the cache and the next turn refills it)
+    model = tiny.model
+    conv = Conversation(tiny, max_gen_len=5, temperature=0)
+    model.static_decode = model.decode_step if fixed else None
+    try:
+        first = "".join(conv.ask("One"))
+        tiny.text_completion(["Something else entirely"], 6, temperature=0)
+        dialog = [{"role": "user", "content": "One"}, {"role": "assistant", "content": first},
+                  {"role": "user", "content": "Two"}]
+        assert "".join(conv.ask("Two")) == fresh_answer(tiny, dialog, 5)
+    finally:
+        conv.close()
+        model.static_decode = model.kept_caches = None
+
+
 def test_an_answer_stopped_early_stays_in_the_dialog_and_the_next_turn_is_right(tiny):
     conv = Conversation(tiny, max_gen_len=8, temperature=0)
     try:

@@ -67,21 +67,29 @@ def test_fsdp_on_two_gpus_resumes_exactly(tiny_ckpt, data, tmp_path):
 
 def test_document_masked_attention_keeps_no_per_head_score_matrices():
     # The memory-efficient kernel takes the additive mask and stores no (T, T) matrix per head; the
-    # math fallback would keep n_heads of them in fp32 for every layer.
+    # math fallback would keep n_heads of them in fp32 for every layer. Measured against the same
+    # step with plain causal attention (no mask), which the flash kernel runs.
     model = random_model(max_seq_len=2048, vocab_size=1024, n_layers=4).to(CUDA).train()
     T, H = 2048, model.args.n_heads
-    x = torch.randint(0, 1000, (1, T), device=CUDA)
+    x = torch.randint(0, 1000, (1, T + 1), device=CUDA)
     x[0, ::300] = 1000  # documents of 300 tokens
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model.forward_loss(x[:, :-1], x[:, 1:], mask=document_mask(x[:, :-1], 1000))
-    loss.backward()
-    torch.cuda.synchronize()
-    grown = torch.cuda.max_memory_allocated() - before
-    one_layer_of_scores = H * T * T * 4
-    assert grown < one_layer_of_scores, f"{grown / 2**20:.0f} MiB"
+
+    def peak_growth(mask):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.forward_loss(x[:, :-1], x[:, 1:], mask=mask)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    causal = peak_growth(None)
+    masked = peak_growth(document_mask(x[:, :-1], 1000))
+    bias = T * T * 2  # the one bf16 mask the backward keeps
+    assert masked - causal < bias + 24 * 2**20, f"{(masked - causal) / 2**20:.0f} MiB more than causal"
+    assert masked - causal < H * T * T * 4  # far below one layer's fp32 scores, per head
 
 
 def test_compiled_decoding_replays_cuda_graphs_and_equals_eager():
@@ -98,8 +106,7 @@ def test_compiled_decoding_replays_cuda_graphs_and_equals_eager():
     try:
         compiled = [llama.generate(prompts, 16, temperature=0), llama.generate(prompts[:1], 16, temperature=0)]
     finally:
-        llama.model.compiled_logits = llama.model.static_decode = None
-        llama.model.clear_caches()
+        llama.model.compiled_logits = llama.model.static_decode = llama.model.kept_caches = None
     assert compiled == eager
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 

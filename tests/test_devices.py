@@ -90,7 +90,7 @@ def test_quantized_linears_equal_dequantize_then_matmul(device, dtype):
     int8.load_state_dict(quantize.Int8Linear.buffers_for(w, device, dtype), assign=True)
     want8 = x.float() @ quantize.int8_rows(w).dequantize().to(device).T
     v = quantize.int4_groups(w, 32)
-    layout = quantize.Int4Linear.layout_for(device.type, 128, 64)  # CUDA's tinygemm layout on CUDA
+    layout = quantize.Int4Linear.layout_for(device.type, 128, 64, dtype)  # CUDA's tinygemm layout in bf16
     int4 = quantize.Int4Linear(128, 64, 32, dtype, layout=layout)
     int4.load_state_dict(quantize.Int4Linear.buffers_for(v, 32, layout, device, dtype), assign=True)
     dequantized = quantize.Int4Values(v.q, v.scales.to(dtype), v.zeros.to(dtype)).dequantize()

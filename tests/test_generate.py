@@ -44,13 +44,13 @@ def test_fixed_shape_decode_step_gives_the_same_tokens(llama):
     model.static_decode = model.decode_step
     try:
         fixed = run()
-        cache = model.layers[0].attention.cache  # kept, at the model's full length, for the next call
-        assert cache is not None and cache.k.shape[2] == model.args.max_seq_len
-        reused = llama.generate(prompts[:2], 12, temperature=0)  # same batch size: over the last call's keys
-        assert model.layers[0].attention.cache is cache
+        cache = model.kept_caches[0]  # kept, at the model's full size, for the next call; not left installed
+        assert cache.k.shape[::2] == (model.args.max_batch_size, model.args.max_seq_len)
+        assert model.layers[0].attention.cache is None
+        reused = llama.generate(prompts[:2], 12, temperature=0)  # over the keys the last call left there
+        assert model.kept_caches[0] is cache
     finally:
-        model.static_decode = None
-        model.clear_caches()
+        model.static_decode = model.kept_caches = None
     assert fixed == sliced
     assert reused == sliced[0][:2]
 

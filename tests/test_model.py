@@ -223,8 +223,7 @@ def test_compiled_inference_matches_eager():
             seeded = [llama.generate([prompts[0]], 6, temperature=0.1, top_p=0.9,
                                      generator=torch.Generator().manual_seed(3))]
     finally:
-        model.compiled_logits = model.static_decode = None
-        model.clear_caches()
+        model.compiled_logits = model.static_decode = model.kept_caches = None
     assert seeded == [llama.generate([prompts[0]], 6, temperature=0.1, top_p=0.9,
                                      generator=torch.Generator().manual_seed(3))]
     assert not counters["graph_break"], dict(counters["graph_break"])  # whole graphs, no eager pieces
