@@ -1,0 +1,297 @@
+"""Damaged files. Every file the project reads is fed seeded corruptions (truncated, bytes flipped,
+header overwritten, emptied, a directory in its place, another kind of file under its name) and
+read through the public entry that reads it. Each case must end in a ConfigError whose message is
+one line naming the file, with nothing written, or load exactly what the undamaged file holds.
+Bytes flipped inside raw tensor or token data, which no format checksums, may load other values:
+such cases are counted, not failed (NaN or infinity is still refused). A case that raises anything
+else, runs past SECONDS_PER_CASE or loads other values from damaged structure fails.
+
+FUZZ_CASES=N runs N cases per reader (default 12, under a minute for all of them)."""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import time
+import zipfile
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import llama31
+from conftest import make_checkpoint
+from formats import save_hf
+from llama31 import DistributedShardedDataLoader, finetune, load_checkpoint, write_datafile
+from tokenizer import ConfigError
+
+CASES = int(os.environ.get("FUZZ_CASES", 12))
+SECONDS_PER_CASE = 30
+SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=512)
+
+
+# ----------------------------------------------------------------------------- fixtures: one of each file
+
+
+def write_byte_tokenizer(path):
+    """A Meta-format tokenizer.model of the 256 single bytes: 512 tokens with Meta's 256 specials."""
+    import base64
+    path.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+
+
+class Evil:
+    """A pickle that runs code when unpickled: weights_only loading must refuse it."""
+
+    def __reduce__(self):
+        return exec, ("import os; os.environ['FUZZ_PICKLE_RAN'] = '1'",)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_gguf, smollm_path):
+    """A Meta checkpoint, an HF one (whole and sharded), GGUFs, token shards and a finetune run to resume."""
+    root = tmp_path_factory.mktemp("fuzz")
+    meta = root / "meta"
+    model = make_checkpoint(meta, seed=0, dtype=torch.float32, **SMALL)
+    write_byte_tokenizer(meta / "tokenizer.model")
+    hf, sharded = root / "hf", root / "hf_sharded"
+    for path, shard_bytes in [(hf, 2**30), (sharded, 300_000)]:
+        save_hf(model.state_dict(), model.args.to_params(), path, dtype=torch.float32, max_shard_bytes=shard_bytes)
+        shutil.copy(meta / "tokenizer.model", path)
+    (hf / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}}}))
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("train_000.bin", "val.bin"):
+        write_datafile(data / name, rng.integers(0, 512, 2000))
+    run = root / "run"
+    finetune(ckpt_dir=str(meta), out_dir=str(run), train_data=str(data / "train_*.bin"), val_data=str(data / "val.bin"),
+             B=2, T=16, max_steps=2, stop_after=1, val_every=0, device="cpu", sample_prompts=[])
+    evil = root / "evil.pt"
+    torch.save({"x": Evil()}, evil)
+    return dict(meta=meta, hf=hf, sharded=sharded, gguf=tiny_gguf, demo=smollm_path, data=data, run=run, evil=evil)
+
+
+# ----------------------------------------------------------------------------- readers: what each returns
+
+
+def loaded(llama) -> dict:
+    """What a load gives: the configuration, every weight (and quantized buffer), the vocabulary."""
+    tok = llama.tokenizer
+    return {"args": asdict(llama.model.args), "state": llama.model.state_dict(),
+            "vocab": tok and (tok.vocab.mergeable_ranks, tok.special_tokens, tok.bos_id, tok.eos_id)}
+
+
+def load(path):
+    return loaded(load_checkpoint(path, max_seq_len=64, device="cpu", quantize="none"))
+
+
+def load_kept(path):  # a GGUF's quantized tensors kept quantized
+    return loaded(load_checkpoint(path, max_seq_len=64, device="cpu"))
+
+
+def read_header(path):  # the demo GGUF: its metadata and vocabulary, not its 100 MB of weights
+    args, ckpt = llama31.read_checkpoint(path, max_seq_len=64)
+    return {"args": asdict(args), "params": ckpt.params, "shapes": {k: v.shape for k, v in ckpt.read_state().items()},
+            "vocab": (ckpt.tokenizer.vocab.mergeable_ranks, ckpt.tokenizer.special_tokens)}
+
+
+def export_hf(path):
+    """Exported weights and config; tokenizer.json is copied as it is, so it must at least be JSON."""
+    out = path.parent / "exported"
+    try:
+        llama31.export(str(path), str(out), format="hf", dtype="fp32")
+    except ConfigError:
+        assert not out.exists(), f"{out} written by a failed export"
+        raise
+    json.loads((out / "tokenizer.json").read_text())
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "tokenizer.json"}
+
+
+def batches(path):
+    loader = DistributedShardedDataLoader(path / "train_*.bin", 2, 16)
+    return [loader.next_batch()[0] for _ in range(loader.ntok_total // 32 + 2)] + [loader.largest_token()[0]]
+
+
+def resume(out):
+    before = snapshot(out)
+    try:
+        result = finetune(out_dir=str(out), resume="latest", max_steps=2, device="cpu", sample_prompts=[])
+    except ConfigError:
+        assert snapshot(out) == before, f"a failed resume changed {out}"
+        raise
+    return result["model"].state_dict()
+
+
+def snapshot(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.is_dir() or hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*"))}
+
+
+# name: (fixture, the file damaged within it, the entry that reads it, payload ranges, where flips go)
+READERS = {
+    "params.json": ("meta", "params.json", load),
+    "consolidated.00.pth": ("meta", "consolidated.00.pth", load),
+    "tokenizer.model": ("meta", "tokenizer.model", load),
+    "config.json": ("hf", "config.json", load),
+    "model.safetensors": ("hf", "model.safetensors", load),
+    "safetensors index": ("sharded", "model.safetensors.index.json", load),
+    "safetensors shard": ("sharded", "model-00002-of-00003.safetensors", load),
+    "tokenizer.json": ("hf", "tokenizer.json", export_hf),
+    "gguf": ("gguf", "", load),
+    "gguf kept quantized": ("gguf", "", load_kept),
+    "demo gguf metadata": ("demo", "", read_header),
+    "token shard": ("data", "train_000.bin", batches),
+    "train_state.pt": ("run", "step_000001/train_state.pt", resume),
+    "latest": ("run", "latest", resume),
+}
+
+
+# ----------------------------------------------------------------------------- where a file's raw data lies
+
+
+def payload(path: Path, data: bytes) -> list:
+    """Byte ranges of raw tensor or token values, which no format checks: a flip there may load."""
+    if data[:4] == b"GGUF":
+        import gguf
+        return [(t.data_offset, t.data_offset + t.n_bytes) for t in gguf.GGUFReader(path).tensors]
+    if path.suffix == ".safetensors":
+        n = int.from_bytes(data[:8], "little")
+        return [(8 + n + lo, 8 + n + hi) for lo, hi in
+                (v["data_offsets"] for k, v in json.loads(data[8:8 + n]).items() if k != "__metadata__")]
+    if path.suffix == ".bin":  # after the three header ints: reserved bytes, then tokens
+        return [(12, len(data))]
+    if data[:2] == b"PK":  # torch's zip: each storage is a stored member under data/
+        def start(i):  # past the member's local header, whose padding differs from the directory's
+            o = i.header_offset
+            return o + 30 + int.from_bytes(data[o + 26:o + 28], "little") + int.from_bytes(data[o + 28:o + 30], "little")
+        with zipfile.ZipFile(path) as z:
+            return [(start(i), start(i) + i.compress_size) for i in z.infolist() if "/data/" in i.filename]
+    return []
+
+
+def metadata_end(path: Path) -> int:
+    import gguf
+    return gguf.GGUFReader(path).data_offset
+
+
+# ----------------------------------------------------------------------------- damage
+
+
+KINDS = ["truncate", "flip", "header", "flip", "truncate", "empty", "flip", "directory", "wrong type", "flip"]
+
+
+def damage(kind: str, data: bytes, rng: random.Random, others: list, flip_end: int):
+    """(damaged bytes or None for a directory, offsets flipped or None)."""
+    if kind == "truncate":
+        return data[:rng.randrange(len(data))], None
+    if kind == "empty":
+        return b"", None
+    if kind == "directory":
+        return None, None
+    if kind == "wrong type":
+        return rng.choice([o for o in others if o[:16] != data[:16]]), None
+    out = bytearray(data)
+    if kind == "header":
+        n = rng.randint(4, 64)
+        out[:n] = rng.randbytes(n)
+        return bytes(out), None
+    # flips anywhere, in the first 4 kB or in the last 4 kB (a zip's directory)
+    lo, hi = rng.choice([(0, flip_end), (0, min(flip_end, 4096)), (max(0, flip_end - 4096), flip_end)])
+    offsets = sorted({rng.randrange(lo, hi) for _ in range(rng.randint(1, 4))})
+    for i in offsets:
+        out[i] ^= rng.randrange(1, 256)
+    return bytes(out), offsets
+
+
+class Hang(BaseException):
+    pass
+
+
+def alarm(signum, frame):
+    raise Hang()
+
+
+def run_case(entry, path: Path, name: str, want, flipped, ranges) -> str:
+    """The outcome of one damaged file: 'error' and 'same' pass, 'payload' passes (flips in raw
+    data), anything else fails."""
+    signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(SECONDS_PER_CASE)
+    try:
+        got = entry(path)
+    except ConfigError as e:
+        message = str(e)
+        return "error" if "\n" not in message and name in message else f"unclear error: {message}"
+    except Hang:
+        return "hang"
+    except BaseException as e:  # a traceback for the user (tiktoken's panics are BaseExceptions)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        import traceback
+        return f"traceback: {type(e).__name__}: {e}".splitlines()[0] + " @ " + \
+            traceback.extract_tb(e.__traceback__)[-1].name
+    finally:
+        signal.alarm(0)
+    if same(got, want):
+        return "same"
+    if flipped and all(any(lo <= i < hi for lo, hi in ranges) for i in flipped):
+        return "payload"
+    return "loaded other values"
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and \
+            a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_a_damaged_file_is_one_clear_error_or_loads_the_same(files, reader, tmp_path):
+    fixture, rel, entry = READERS[reader]
+    source = files[fixture]
+    work = tmp_path / "case"
+    # the case directory is work/<fixture's name>, so that a resumed run's out dir keeps its name
+    def fresh():
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        target = work / source.name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+        return target
+    root = fresh()
+    path = root / rel if rel else root
+    data = path.read_bytes()
+    want = entry(root)
+    ranges = payload(path, data)
+    flip_end = metadata_end(path) if fixture == "demo" else len(data)
+    others = [files["meta"].joinpath("params.json").read_bytes(), files["evil"].read_bytes(),
+              files["meta"].joinpath("consolidated.00.pth").read_bytes(), files["gguf"].read_bytes(),
+              files["hf"].joinpath("model.safetensors").read_bytes(), files["meta"].joinpath("tokenizer.model")
+              .read_bytes(), files["data"].joinpath("val.bin").read_bytes()]
+    tally, failures = Counter(), []
+    t0 = time.time()
+    for i in range(CASES):
+        rng = random.Random(f"{reader} {i}")
+        kind = KINDS[i % len(KINDS)]
+        damaged, flipped = damage(kind, data, rng, others, flip_end)
+        root = fresh()
+        path = root / rel if rel else root
+        path.unlink()
+        if damaged is None:
+            path.mkdir()
+        else:
+            path.write_bytes(damaged)
+        outcome = run_case(entry, root, path.name, want, flipped, ranges)
+        tally[outcome if outcome in ("error", "same", "payload") else "FAIL"] += 1
+        if outcome not in ("error", "same", "payload"):
+            failures.append(f"case {i} ({kind}{f' at {flipped}' if flipped else ''}): {outcome}")
+    print(f"\n{reader}: {CASES} cases, {dict(tally)}, {time.time() - t0:.1f}s")
+    assert not failures, f"{reader}:\n" + "\n".join(failures)
