@@ -674,9 +674,9 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
         if args.vocab_size <= 0:  # old params.json files say -1
             args.vocab_size = vocab_size
         if args.vocab_size != vocab_size:
-            raise ConfigError(f"{ckpt.params_path} says vocab_size {args.vocab_size} but the tokenizer "
-                              f"{tok.path if tok is not None else ''} has {vocab_size} tokens; use the tokenizer "
-                              f"that came with the checkpoint")
+            raise ConfigError(f"{ckpt.params_path} says vocab_size {args.vocab_size} but the tokenizer has "
+                              f"{vocab_size} tokens{f' ({tok.path})' if tok is not None else ''}; use the "
+                              f"tokenizer that came with the checkpoint")
     plan = None
     if quantize in ("int8", "int4"):
         plan = quantizer.plan_for(args.n_layers, quantize, group_size)
