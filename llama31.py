@@ -1521,9 +1521,10 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistIn
 
 def earlier_demo(out: Path) -> bool:
     try:
-        return bool(read_train_state(resolve_resume("latest", out))["config"].get("demo"))
-    except ConfigError:
+        state = formats.torch_load(resolve_resume("latest", out) / "train_state.pt")
+    except ConfigError:  # unreadable: not known to be a demo's, so kept
         return False
+    return isinstance(state, dict) and isinstance(state.get("config"), dict) and bool(state["config"].get("demo"))
 
 
 def training_data(plan: Plan, tokenizer: Tokenizer, vocab_size: int, info: DistInfo, log):

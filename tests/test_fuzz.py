@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import signal
+import struct
 import time
 import zipfile
 from collections import Counter
@@ -295,3 +296,93 @@ def test_a_damaged_file_is_one_clear_error_or_loads_the_same(files, reader, tmp_
             failures.append(f"case {i} ({kind}{f' at {flipped}' if flipped else ''}): {outcome}")
     print(f"\n{reader}: {CASES} cases, {dict(tally)}, {time.time() - t0:.1f}s")
     assert not failures, f"{reader}:\n" + "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------- hostile headers: fail fast
+
+
+def gguf_file(path, kv=(), tensors=(), pad=64):
+    """A GGUF file written by hand: kv is (key, type, packed value) and tensors (name, dims, type,
+    offset), so that counts and lengths can say anything."""
+    def string(s):
+        return struct.pack("<Q", len(s)) + s
+    body = b"".join(string(k) + struct.pack("<I", t) + v for k, t, v in kv)
+    body += b"".join(string(n) + struct.pack(f"<I{len(d)}Q", len(d), *d) + struct.pack("<IQ", t, o)
+                     for n, d, t, o in tensors)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)) + body + b"\0" * pad)
+    return path
+
+
+ARCH = (b"general.architecture", 8, struct.pack("<Q", 5) + b"llama")
+HOSTILE_GGUFS = {
+    "array of 2**60 int32": [ARCH, (b"tokenizer.ggml.token_type", 9, struct.pack("<IQ", 5, 2**60))],
+    "array of 2**40 strings": [ARCH, (b"tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2**40))],
+    "array of 2**22 + 1 bytes": [ARCH, (b"x", 9, struct.pack("<IQ", 0, 2**22 + 1))],
+    "string of 2**62 bytes": [(b"general.architecture", 8, struct.pack("<Q", 2**62) + b"llama")],
+}
+
+
+def max_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.parametrize("case", [*HOSTILE_GGUFS, "tensor of 2**62 floats"])
+def test_a_gguf_header_declaring_huge_arrays_or_tensors_fails_fast_without_allocating(tmp_path, case):
+    path = tmp_path / "hostile.gguf"
+    if case in HOSTILE_GGUFS:
+        gguf_file(path, HOSTILE_GGUFS[case])
+    else:
+        gguf_file(path, [ARCH], [(b"token_embd.weight", [2**31, 2**31], 0, 0)])
+    rss, t0 = max_rss_mb(), time.time()
+    with pytest.raises(ConfigError, match=f"could not read {path} as GGUF") as e:
+        load_checkpoint(path, device="cpu")
+    assert time.time() - t0 < 2 and max_rss_mb() - rss < 100
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("header", [
+    struct.pack("<Q", 2**62) + b"{}",
+    json.dumps({"model.norm.weight": {"dtype": "F32", "shape": [2**40, 2**30], "data_offsets": [0, 2**62]}}),
+], ids=["header of 2**62 bytes", "tensor of 2**70 floats"])
+def test_a_safetensors_header_declaring_huge_sizes_fails_fast_without_allocating(files, tmp_path, header):
+    shutil.copytree(files["hf"], tmp_path / "hf")
+    if isinstance(header, str):
+        header = struct.pack("<Q", len(header)) + header.encode()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(header + b"\0" * 64)
+    rss, t0 = max_rss_mb(), time.time()
+    with pytest.raises(ConfigError, match="could not read .*model.safetensors as safetensors"):
+        load_checkpoint(tmp_path / "hf", device="cpu")
+    assert time.time() - t0 < 2 and max_rss_mb() - rss < 100
+
+
+@pytest.mark.parametrize("where", ["meta/consolidated.00.pth", "run/step_000001/train_state.pt"])
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_in_one_line(files, tmp_path, where):
+    for name in ("meta", "run"):
+        shutil.copytree(files[name], tmp_path / name)
+    shutil.copy(files["evil"], tmp_path / where)
+    os.environ.pop("FUZZ_PICKLE_RAN", None)
+    with pytest.raises(ConfigError, match=f"could not read {tmp_path / where} as a torch checkpoint") as e:
+        if where.startswith("meta"):
+            load_checkpoint(tmp_path / "meta", device="cpu")
+        else:
+            finetune(out_dir=str(tmp_path / "run"), resume="latest", device="cpu", sample_prompts=[])
+    assert "\n" not in str(e.value) and "FUZZ_PICKLE_RAN" not in os.environ
+
+
+# ----------------------------------------------------------------------------- the CLI: one line, status 2
+
+
+def test_the_cli_reports_a_damaged_file_in_one_line_with_status_2(files, tmp_path, capsys):
+    # the issue's two tracebacks: params.json with bytes that are not UTF-8, a GGUF string likewise
+    shutil.copytree(files["meta"], tmp_path / "meta")
+    params = tmp_path / "meta" / "params.json"
+    params.write_bytes(params.read_bytes().replace(b'"dim"', b'"d\xbbm"'))
+    gguf_path = tmp_path / "tiny.gguf"
+    gguf_path.write_bytes(files["gguf"].read_bytes().replace(b"<|end_of_text|>", b"<|end_of_t\xffxt|>"))
+    for path in (tmp_path / "meta", gguf_path):
+        with pytest.raises(SystemExit) as e:
+            llama31.main(["--ckpt_dir", str(path), "--prompts", "Hi", "--max_gen_len", "1", "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+        assert (params.name if path.is_dir() else gguf_path.name) in err
