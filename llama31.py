@@ -1388,10 +1388,12 @@ def read_train_state(resume_dir: Path) -> dict:
     kinds, and every float finite (the optimizer's moments)."""
     path = resume_dir / "train_state.pt"
     state = formats.torch_load(path, "resume from another step_NNNNNN directory")
-    try:
+    try:  # rng: a state per process, or (earlier) one dict
+        ranks = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         fits = (state["step"] >= 0 and isinstance(state["optimizer"], dict) and int(state["loader"]["shard"]) >= 0
                 and int(state["loader"]["position"]) >= 0 and isinstance(state["config"]["world_size"], int)
-                and state["rng"]["cpu"].shape == torch.get_rng_state().shape and isinstance(state["rng"]["cuda"], list))
+                and len(ranks) in (1, state["config"]["world_size"])
+                and all(r["cpu"].shape == torch.get_rng_state().shape for r in ranks))
     except (KeyError, TypeError, AttributeError, ValueError):
         fits = False
     if not fits:
