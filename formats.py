@@ -131,7 +131,23 @@ DAMAGED = "it is damaged (truncated or overwritten)"
 def reason(e: BaseException) -> str:
     """The first line of an exception's message, for a one-line error."""
     lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
+    return printable(lines[0], 200) if lines else type(e).__name__
+
+
+def printable(text: str, most: int = 60) -> str:
+    """Text from a damaged file, fit for a one-line message."""
+    return "".join(c if c.isprintable() else "?" for c in text[:most]) + ("..." if len(text) > most else "")
+
+
+def check_key_names(keys, known, where):
+    """A key one or two characters away from a key this reader reads is that key damaged (a
+    flipped byte), not another program's: left unread, it would silently leave a default."""
+    for key in keys:
+        near = [k for k in known if key not in known and isinstance(key, str) and len(key) == len(k) >= 6
+                and sum(a != b for a, b in zip(key, k)) <= 2]
+        if near:
+            raise ConfigError(f"{where}: key {printable(key)!r} looks like {near[0]!r} damaged; re-download or "
+                              f"re-export it")
 
 
 def read_json(path: Path, what: str = "; re-download or re-export it") -> dict:
@@ -208,6 +224,7 @@ def check_params(params: dict, where, names: Optional[dict] = None):
             bad(key, value, f"not {'a number' if kind is float else 'an integer'}")
         if not (0 < value <= most or (key == "vocab_size" and value == -1)):  # old params.json: -1
             bad(key, value, f"outside (0, {most}]")
+    check_key_names(params, [*PARAM_BOUNDS, "use_scaled_rope", "tie_embeddings"], where)
     for key in ("use_scaled_rope", "tie_embeddings"):
         if key in params and not isinstance(params[key], bool):
             bad(key, params[key], "not true or false")
@@ -296,11 +313,15 @@ def from_hf_state_dict(state: dict, params: dict) -> dict:
 HF_PARAM_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
                   "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "ffn_dim": "intermediate_size",
                   "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta"}
+HF_OTHER_KEYS = ("rope_scaling", "rope_parameters", "tie_word_embeddings", "head_dim", "architectures", "model_type")
+HF_ROPE_KEYS = ("rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings", "rope_theta")
 
 
 def params_from_hf_config(config: dict, where) -> dict:
     """params.json's keys from a LlamaForCausalLM config.json (transformers 4.x `rope_scaling` +
     `rope_theta`, or 5.x `rope_parameters`)."""
+    check_key_names(config, [*HF_PARAM_NAMES.values(), *HF_OTHER_KEYS], where)
     arch = config.get("architectures") or [config.get("model_type")]
     if config.get("model_type") != "llama" or not isinstance(arch, list) or arch[0] != "LlamaForCausalLM":
         raise ConfigError(f"{where} describes a {arch[0] if isinstance(arch, list) else arch} "
@@ -309,6 +330,7 @@ def params_from_hf_config(config: dict, where) -> dict:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise ConfigError(f"{where}: rope_scaling is {rope!r}, not an object; re-download or re-export it")
+    check_key_names(rope, HF_ROPE_KEYS, where)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise ConfigError(f"{where} uses RoPE scaling {rope_type!r}; only Llama 3's ('llama3') is supported")
@@ -627,7 +649,7 @@ def walk_gguf_header(data, fail):
     room(n_kv, 12, "metadata keys")  # a key length and a type each, at least
     alignment = 32
     for _ in range(n_kv):
-        key = string().decode(errors="replace")
+        key = printable(string().decode(errors="replace"))
         kind = uint(4)
         got = value(kind, key)
         if key == "general.alignment" and kind == GGUF_UINT32 and got and not got & (got - 1):
@@ -635,7 +657,7 @@ def walk_gguf_header(data, fail):
     room(n_tensors, 24, "tensors")  # a name length, a dimension count, a type and an offset each, at least
     tensors = []
     for _ in range(n_tensors):
-        name, n_dims = string().decode(errors="replace"), uint(4)
+        name, n_dims = printable(string().decode(errors="replace")), uint(4)
         if n_dims > GGML_MAX_DIMS:
             raise fail(f"tensor {name} has {n_dims} dimensions")
         dims = [uint(8) for _ in range(n_dims)]
@@ -685,6 +707,16 @@ GGUF_PARAM_NAMES = {"dim": "llama.embedding_length", "n_layers": "llama.block_co
                     "norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base"}
 
 
+# every metadata key read here, or written by llama.cpp's converter beside them
+GGUF_KEYS_READ = [*GGUF_PARAM_NAMES.values(), "llama.rope.dimension_count", "llama.attention.key_length",
+                  "llama.attention.value_length", "llama.expert_count", "llama.rope.scaling.type", "llama.context_length",
+                  "general.architecture", "general.alignment", "tokenizer.chat_template",
+                  *(f"tokenizer.ggml.{k}" for k in ("model", "pre", "tokens", "token_type", "merges", "bos_token_id",
+                                                    "eos_token_id", "padding_token_id", "unknown_token_id",
+                                                    "eot_token_id", "eom_token_id", "add_bos_token", "add_eos_token",
+                                                    "add_space_prefix", "scores"))]
+
+
 def params_from_gguf(meta: dict, path, tie_embeddings: bool, rope_freqs=None) -> dict:
     """params.json's keys from the llama.* metadata. rope_freqs is the file's rope_freqs tensor,
     which llama.cpp writes for Llama 3.1/3.2's RoPE scaling (per-frequency divisors: the largest is
@@ -731,6 +763,7 @@ def read_gguf(path) -> Checkpoint:
     and converted one at a time, so memory holds the model plus one fp32 tensor."""
     path = Path(path)
     reader, meta = open_gguf(path)
+    check_key_names(meta, GGUF_KEYS_READ, path)
     tensors = {t.name: t for t in reader.tensors}
     rope_freqs = gguf_dequantize(tensors.pop("rope_freqs.weight")) if "rope_freqs.weight" in tensors else None
     # as in llama.cpp, a file without an output tensor uses the token embeddings for it

@@ -163,6 +163,7 @@ def bytes_to_unicode() -> Dict[int, str]:
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 GGUF_TOKEN_NORMAL, GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED = 1, 3, 4
+GGUF_TOKEN_TYPES = range(7)  # undefined, normal, unknown, control, user-defined, unused, byte
 
 
 GGUF_REDO = "the file is damaged: re-download or re-export it"
@@ -185,7 +186,7 @@ def gguf_vocab(meta: dict, name: str = "gguf") -> Vocab:
         raise ConfigError(f"{name}: tokenizer.ggml.tokens is not a list of strings; {GGUF_REDO}")
     types = meta.get("tokenizer.ggml.token_type") or [GGUF_TOKEN_NORMAL] * len(tokens)
     merges = meta.get("tokenizer.ggml.merges", [])
-    if not isinstance(types, list) or len(types) != len(tokens) or \
+    if not isinstance(types, list) or len(types) != len(tokens) or not all(t in GGUF_TOKEN_TYPES for t in types) or \
             not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
         raise ConfigError(f"{name}: tokenizer.ggml.token_type or merges do not fit its {len(tokens)} tokens; "
                           f"{GGUF_REDO}")
