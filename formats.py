@@ -22,7 +22,6 @@ import mmap
 import os
 import re
 import shutil
-import struct
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -613,10 +612,13 @@ def walk_gguf_header(data, fail):
         if count > (len(data) - pos) // size:
             raise fail(f"{what} at byte {pos}: {count} of them, more than the rest of the file holds")
 
-    def take(size, count=1, what="a value"):
+    def skip(size, count=1, what="a value"):
         nonlocal pos
         room(count, size, what)
         pos += size * count
+
+    def take(size, count=1, what="a value"):
+        skip(size, count, what)
         return data[pos - size * count:pos]
 
     def uint(size):
@@ -634,13 +636,14 @@ def walk_gguf_header(data, fail):
         if n > GGUF_MAX_ITEMS:
             raise fail(f"{key} declares {n} items, more than any model's metadata ({GGUF_MAX_ITEMS})")
         if item in GGUF_VALUE_BYTES:
-            return take(GGUF_VALUE_BYTES[item], n, f"{key} items")
+            return skip(GGUF_VALUE_BYTES[item], n, f"{key} items")
         if item == GGUF_STRING:
             room(n, 8, f"{key} strings")  # a length each, at least
             for _ in range(n):
                 string()
             return None
-        raise fail(f"{key} has value type {kind}{'' if item is None else f' of {item}'}, which this reader does not read")
+        raise fail(f"{key} has value type {kind}{'' if item is None else f' of {item}'}, which this reader does "
+                   f"not read")
 
     version = uint(4)
     if version not in (2, 3):
@@ -709,7 +712,8 @@ GGUF_PARAM_NAMES = {"dim": "llama.embedding_length", "n_layers": "llama.block_co
 
 # every metadata key read here, or written by llama.cpp's converter beside them
 GGUF_KEYS_READ = [*GGUF_PARAM_NAMES.values(), "llama.rope.dimension_count", "llama.attention.key_length",
-                  "llama.attention.value_length", "llama.expert_count", "llama.rope.scaling.type", "llama.context_length",
+                  "llama.attention.value_length", "llama.expert_count", "llama.rope.scaling.type",
+                  "llama.context_length",
                   "general.architecture", "general.alignment", "tokenizer.chat_template",
                   *(f"tokenizer.ggml.{k}" for k in ("model", "pre", "tokens", "token_type", "merges", "bos_token_id",
                                                     "eos_token_id", "padding_token_id", "unknown_token_id",

@@ -710,7 +710,7 @@ def assemble(args: ModelArgs, state, where, source: str, device, dtype, plan=Non
     if args.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     check_state_dict(model, state, where, source)
-    files = sorted(Path(where).glob("*.pth")) + sorted(Path(where).glob("*.safetensors")) if Path(where).is_dir() else []
+    files = [*Path(where).glob("*.pth"), *Path(where).glob("*.safetensors")] if Path(where).is_dir() else []
     label = files[0] if len(files) == 1 else where  # the file the weights are in, for messages
     if plan:
         quantizer.swap_modules(model, plan, device, dtype)

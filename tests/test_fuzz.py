@@ -3,7 +3,8 @@ header overwritten, emptied, a directory in its place, another kind of file unde
 read through the public entry that reads it. Each case must end in a ConfigError whose message is
 one line naming the file, with nothing written, or load exactly what the undamaged file holds.
 Bytes flipped inside raw tensor or token data, which no format checksums, may load other values:
-such cases are counted, not failed (NaN or infinity is still refused). A case that raises anything
+such cases are counted, not failed (NaN or infinity is still refused), as are flips that read as
+another plausible number in a field no tensor shape shows (UNCHECKED). A case that raises anything
 else, runs past SECONDS_PER_CASE or loads other values from damaged structure fails.
 
 FUZZ_CASES=N runs N cases per reader (default 12, under a minute for all of them)."""
@@ -140,7 +141,7 @@ def snapshot(path: Path) -> dict:
             for p in sorted(path.rglob("*"))}
 
 
-# name: (fixture, the file damaged within it, the entry that reads it, payload ranges, where flips go)
+# name: (fixture, the file damaged within it ("": the fixture itself), the public entry that reads it)
 READERS = {
     "params.json": ("meta", "params.json", load),
     "consolidated.00.pth": ("meta", "consolidated.00.pth", load),
@@ -176,7 +177,8 @@ def payload(path: Path, data: bytes) -> list:
     if data[:2] == b"PK":  # torch's zip: each storage is a stored member under data/
         def start(i):  # past the member's local header, whose padding differs from the directory's
             o = i.header_offset
-            return o + 30 + int.from_bytes(data[o + 26:o + 28], "little") + int.from_bytes(data[o + 28:o + 30], "little")
+            name_length, extra_length = struct.unpack("<HH", data[o + 26:o + 30])
+            return o + 30 + name_length + extra_length
         with zipfile.ZipFile(path) as z:
             return [(start(i), start(i) + i.compress_size) for i in z.infolist() if "/data/" in i.filename]
     return []
@@ -272,6 +274,7 @@ def only_unchecked_values_differ(got, want) -> bool:
 
 
 @pytest.mark.parametrize("reader", READERS)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # gguf dequantizing a damaged scale; the NaN is refused
 def test_a_damaged_file_is_one_clear_error_or_loads_the_same(files, reader, tmp_path):
     fixture, rel, entry = READERS[reader]
     source = files[fixture]
