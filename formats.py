@@ -6,6 +6,8 @@ turns what a reader returns into a model (ModelArgs.from_params is the one place
 becomes one); nothing here imports llama31.py.
 
     files     atomic_write, write_json: a reader (or a crash) sees the old file or the new one
+    reading   read_json, torch_load, check_params, check_finite, follow_latest: a damaged file is
+              one ConfigError line naming it (tests/test_fuzz.py feeds every reader damaged files)
     HF        config.json + model*.safetensors (LlamaForCausalLM): read_hf, save_hf, the q/k row
               permutation, the tokenizer files that transformers reads (save_hf_tokenizer)
     GGUF      one .gguf file (llama.cpp, ollama): read_gguf, its tensor types, its tokenizer
@@ -15,11 +17,13 @@ becomes one); nothing here imports llama31.py.
 import importlib.metadata
 import importlib.util
 import json
+import math
 import mmap
 import os
 import re
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple, Union
@@ -74,10 +78,10 @@ def locate(path) -> Tuple[Path, str]:
     directory) or 'gguf' (a file). The `latest` pointer a finetune writes is followed to the
     checkpoint it names; any other file that is not GGUF is a one-line error saying what it is."""
     path = Path(path)
-    if path.is_dir():
-        if (path / "model.gguf").is_file() and not (path / "params.json").is_file():
+    if path.is_dir():  # exists(), not is_file(): a damaged layout is then named by its reader
+        if (path / "model.gguf").exists() and not (path / "params.json").exists():
             return path / "model.gguf", "gguf"  # a finetune's checkpoint of a model that came from GGUF
-        return path, "hf" if (path / "config.json").is_file() and not (path / "params.json").is_file() else "meta"
+        return path, "hf" if (path / "config.json").exists() and not (path / "params.json").exists() else "meta"
     if path.suffix == ".gguf":
         return path, "gguf"
     if not path.is_file():
@@ -87,11 +91,7 @@ def locate(path) -> Tuple[Path, str]:
     if head[:4] == b"GGUF":
         return path, "gguf"
     if path.name == "latest":
-        step = head.decode(errors="replace").strip()
-        if step and (path.parent / step).is_dir():
-            return locate(path.parent / step)
-        raise ConfigError(f"{path} points at {step!r}, which is not a directory beside it; point --ckpt_dir at a "
-                          f"step_NNNNNN directory that exists")
+        return locate(follow_latest(path))
     raise ConfigError(f"{path} is a file but neither a GGUF file nor a finetune's `latest` pointer; --ckpt_dir takes "
                       f"a checkpoint directory (Meta's or HF's layout), a .gguf file or out/latest")
 
@@ -120,11 +120,117 @@ def write_json(path: Path, content):
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
 
 
-def read_json(path: Path, what: str = "") -> dict:
+# -----------------------------------------------------------------------------
+# reading: a damaged file is one ConfigError line that names it and says what to do, never a
+# traceback; counts, sizes, kinds and float values are checked where that is cheap
+
+DAMAGED = "it is damaged (truncated or overwritten)"
+
+
+def reason(e: BaseException) -> str:
+    """The first line of an exception's message, for a one-line error."""
+    lines = str(e).strip().splitlines()
+    return printable(lines[0], 200) if lines else type(e).__name__
+
+
+def printable(text: str, most: int = 60) -> str:
+    """Text from a damaged file, fit for a one-line message."""
+    return "".join(c if c.isprintable() else "?" for c in text[:most]) + ("..." if len(text) > most else "")
+
+
+def check_key_names(keys, known, where):
+    """A key one or two characters away from a key this reader reads is that key damaged (a
+    flipped byte), not another program's: left unread, it would silently leave a default."""
+    for key in keys:
+        near = [k for k in known if key not in known and isinstance(key, str) and len(key) == len(k) >= 6
+                and sum(a != b for a, b in zip(key, k)) <= 2]
+        if near:
+            raise ConfigError(f"{where}: key {printable(key)!r} looks like {near[0]!r} damaged; re-download or "
+                              f"re-export it")
+
+
+def read_json(path: Path, what: str = "; re-download or re-export it") -> dict:
+    """A JSON object from a file; not a file, not UTF-8, not JSON or not an object is an error."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}){what}") from None
+        content = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON
+        raise ConfigError(f"{path} is not valid JSON ({reason(e)}){what}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path} holds a JSON {type(content).__name__}, not an object{what}")
+    return content
+
+
+def torch_load(path: Path, what: str = "re-download or re-export it"):
+    """torch.load as every reader here does it: weights only (a pickle that would run code is
+    refused), memory-mapped, and the pickle's CRC checked first, so that damage to the structure
+    (not to raw tensor bytes, which would take a read of the whole file) is an error."""
+    try:
+        with zipfile.ZipFile(path) as z:  # reading a member checks its CRC-32
+            z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # truncated, overwritten, not a zip, not torch's, code in the pickle
+        raise ConfigError(f"could not read {path} as a torch checkpoint ({reason(e)}); {DAMAGED} or not "
+                          f"one: {what}") from None
+
+
+def check_finite(tensors, where):
+    """Every float tensor in a (nested) dict or list holds finite values: a sum is one cheap pass,
+    and NaN or infinity anywhere makes it non-finite."""
+    if isinstance(tensors, dict):
+        tensors = tensors.values()
+    for t in tensors:
+        if isinstance(t, (dict, list, tuple)):
+            check_finite(t, where)
+        elif isinstance(t, torch.Tensor) and t.is_floating_point() and not t.sum(dtype=torch.float32).isfinite():
+            raise ConfigError(f"{where} holds NaN or infinite values; {DAMAGED}: re-download or re-create it")
+
+
+def follow_latest(pointer: Path) -> Path:
+    """The step_NNNNNN directory beside it that a finetune's `latest` pointer names."""
+    try:
+        step = pointer.read_bytes()[:64].decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        step = None
+    if step and re.fullmatch(r"step_\d+", step) and (pointer.parent / step).is_dir():
+        return pointer.parent / step
+    raise ConfigError(f"{pointer} does not name a step_NNNNNN directory beside it; {DAMAGED}: write the newest "
+                      f"complete step's name into it (echo step_NNNNNN > {pointer}) or use that directory's path")
+
+
+# params.json's keys: kind, and the most any Llama-shaped model could have (a bound on what a
+# damaged file can make the loader allocate); n_kv_heads, ffn_dim and ffn_dim_multiplier may be null
+PARAM_BOUNDS = {"dim": (int, 2**17), "n_layers": (int, 2**12), "n_heads": (int, 2**12), "n_kv_heads": (int, 2**12),
+                "vocab_size": (int, 2**24), "multiple_of": (int, 2**20), "ffn_dim": (int, 2**20),
+                "ffn_dim_multiplier": (float, 64), "norm_eps": (float, 1), "rope_theta": (float, 1e12),
+                "rope_scale_factor": (float, 2**10), "rope_low_freq_factor": (float, 2**10),
+                "rope_high_freq_factor": (float, 2**10), "rope_original_max_len": (int, 2**24)}
+MAX_HEAD_DIM = 2**10
+
+
+def check_params(params: dict, where, names: Optional[dict] = None):
+    """Every hyper-parameter of its kind and in range, and dim / n_heads / n_kv_heads dividing, so
+    that a damaged file is named here rather than failing somewhere in the model. names: the
+    file's own name for each key, for the message."""
+    def bad(key, value, why):
+        raise ConfigError(f"{where}: {(names or {}).get(key, key)} is {value!r}, {why}; {DAMAGED} or not a "
+                          f"Llama model's: re-download or re-export it")
+
+    for key, (kind, most) in PARAM_BOUNDS.items():
+        value = params.get(key)
+        if key not in params or (value is None and key in ("n_kv_heads", "ffn_dim", "ffn_dim_multiplier")):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            bad(key, value, f"not {'a number' if kind is float else 'an integer'}")
+        if not (0 < value <= most or (key == "vocab_size" and value == -1)):  # old params.json: -1
+            bad(key, value, f"outside (0, {most}]")
+    check_key_names(params, [*PARAM_BOUNDS, "use_scaled_rope", "tie_embeddings"], where)
+    for key in ("use_scaled_rope", "tie_embeddings"):
+        if key in params and not isinstance(params[key], bool):
+            bad(key, params[key], "not true or false")
+    dim, heads = params.get("dim", 4096), params.get("n_heads", 32)
+    kv = params.get("n_kv_heads") or heads
+    if dim % heads or heads % kv or dim // heads > MAX_HEAD_DIM:
+        bad("dim", dim, f"not n_heads {heads} heads of at most {MAX_HEAD_DIM} (n_heads a multiple of n_kv_heads {kv})")
 
 
 # -----------------------------------------------------------------------------
@@ -202,33 +308,80 @@ def from_hf_state_dict(state: dict, params: dict) -> dict:
     return {names[k]: hf_tensor(names[k], v, params, to_hf=False) for k, v in state.items() if k in names}
 
 
+# params.json's keys -> config.json's, for messages
+HF_PARAM_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                  "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "ffn_dim": "intermediate_size",
+                  "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta"}
+HF_OTHER_KEYS = ("rope_scaling", "rope_parameters", "tie_word_embeddings", "head_dim", "architectures", "model_type")
+HF_ROPE_KEYS = ("rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings", "rope_theta")
+
+
 def params_from_hf_config(config: dict, where) -> dict:
     """params.json's keys from a LlamaForCausalLM config.json (transformers 4.x `rope_scaling` +
     `rope_theta`, or 5.x `rope_parameters`)."""
+    check_key_names(config, [*HF_PARAM_NAMES.values(), *HF_OTHER_KEYS], where)
     arch = config.get("architectures") or [config.get("model_type")]
-    if config.get("model_type") != "llama" or arch[0] != "LlamaForCausalLM":
-        raise ConfigError(f"{where} describes a {arch[0]} ({config.get('model_type')}) model; this loader "
-                          f"reads Llama-architecture checkpoints (LlamaForCausalLM)")
+    if config.get("model_type") != "llama" or not isinstance(arch, list) or arch[0] != "LlamaForCausalLM":
+        raise ConfigError(f"{where} describes a {arch[0] if isinstance(arch, list) else arch} "
+                          f"({config.get('model_type')}) model; this loader reads Llama-architecture checkpoints "
+                          f"(LlamaForCausalLM)")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{where}: rope_scaling is {rope!r}, not an object; re-download or re-export it")
+    check_key_names(rope, HF_ROPE_KEYS, where)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise ConfigError(f"{where} uses RoPE scaling {rope_type!r}; only Llama 3's ('llama3') is supported")
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_dim", dim // n_heads) != dim // n_heads:
-        raise ConfigError(f"{where} has head_dim {config['head_dim']}, not hidden_size / num_attention_heads "
-                          f"= {dim // n_heads}; such models are not supported")
-    params = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-                  n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
-                  ffn_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-5),
-                  rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
-                  use_scaled_rope=rope_type == "llama3",
-                  tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+    missing = [theirs for ours, theirs in HF_PARAM_NAMES.items() if ours in ("dim", "n_layers", "n_heads",
+                                                                              "vocab_size", "ffn_dim")
+               and theirs not in config]
+    if missing:
+        raise ConfigError(f"{where} has no {', '.join(missing)}; re-download or re-export it")
+    params = {ours: config[theirs] for ours, theirs in HF_PARAM_NAMES.items() if theirs in config}
+    params = dict(params, n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+                  norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", rope.get("rope_theta",
+                                                                                                     10000.0)),
+                  use_scaled_rope=rope_type == "llama3", tie_embeddings=bool(config.get("tie_word_embeddings", False)))
     for ours, theirs in [("rope_scale_factor", "factor"), ("rope_low_freq_factor", "low_freq_factor"),
                          ("rope_high_freq_factor", "high_freq_factor"),
                          ("rope_original_max_len", "original_max_position_embeddings")]:
         if rope_type == "llama3" and theirs in rope:
             params[ours] = rope[theirs]
+    check_params(params, where, HF_PARAM_NAMES)
+    dim, n_heads = params["dim"], params["n_heads"]
+    if config.get("head_dim", dim // n_heads) != dim // n_heads:
+        raise ConfigError(f"{where} has head_dim {config['head_dim']}, not hidden_size / num_attention_heads "
+                          f"= {dim // n_heads}; such models are not supported")
     return params
+
+
+def open_safetensors(path: Path):
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # safetensors checks its header: offsets, sizes, shapes against the file
+        raise ConfigError(f"could not read {path} as safetensors ({reason(e)}); {DAMAGED} or not one: "
+                          f"re-download or re-export it") from None
+
+
+def hf_shard_files(ckpt_dir: Path) -> List[str]:
+    """The safetensors files of an HF checkpoint, from its index if it has one."""
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        names = list(weight_map.values()) if isinstance(weight_map, dict) else None
+        if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise ConfigError(f"{index} has no weight_map of tensor -> file name; re-download or re-export it")
+        files = sorted(set(names))
+        missing = [f for f in files if not (ckpt_dir / f).is_file()]
+        if missing:
+            raise ConfigError(f"{index.name} names {', '.join(missing)}, missing from {ckpt_dir}; "
+                              f"download every shard")
+        return files
+    if (ckpt_dir / "model.safetensors").exists():
+        return ["model.safetensors"]
+    raise ConfigError(f"{ckpt_dir} has config.json but no model.safetensors(.index.json); "
+                      f"save the model with safetensors (HF's default)")
 
 
 def read_hf(ckpt_dir: Path) -> Checkpoint:
@@ -236,24 +389,15 @@ def read_hf(ckpt_dir: Path) -> Checkpoint:
     each tensor converted to our layout, device and dtype as it is read."""
     where = ckpt_dir / "config.json"
     params = params_from_hf_config(read_json(where), where)
-    index = ckpt_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(read_json(index)["weight_map"].values()))
-        missing = [f for f in files if not (ckpt_dir / f).is_file()]
-        if missing:
-            raise ConfigError(f"{index.name} names {', '.join(missing)}, missing from {ckpt_dir}; "
-                              f"download every shard")
-    elif (ckpt_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise ConfigError(f"{ckpt_dir} has config.json but no model.safetensors(.index.json); "
-                          f"save the model with safetensors (HF's default)")
     state = {}
-    for file in files:  # the headers only: every name and shape known before any tensor is read
-        with safe_open(ckpt_dir / file, framework="pt", device="cpu") as f:
+    for file in hf_shard_files(ckpt_dir):  # the headers only: every name and shape known before any tensor is read
+        with open_safetensors(ckpt_dir / file) as f:
             names = check_hf_names(f.keys(), params, ckpt_dir / file)
             for key in f.keys():
                 if key in names:
+                    if f.get_slice(key).get_dtype() not in ("F32", "F16", "BF16"):
+                        raise ConfigError(f"{ckpt_dir / file}: {key} is {f.get_slice(key).get_dtype()}, not a float "
+                                          f"type; {DAMAGED} or not a model's weights: re-download or re-export it")
                     qk = names[key].endswith(("attention.wq.weight", "attention.wk.weight"))  # rows permuted per head
                     state[names[key]] = Lazy(f.get_slice(key).get_shape(), hf_reader(ckpt_dir / file, key,
                                                                                        names[key], params),
@@ -263,14 +407,14 @@ def read_hf(ckpt_dir: Path) -> Checkpoint:
 
 def hf_reader(path: Path, key: str, name: str, params: dict):
     def read():
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with open_safetensors(path) as f:
             return hf_tensor(name, f.get_tensor(key), params, to_hf=False)
     return read
 
 
 def hf_rows(path: Path, key: str):
     def read_rows(lo: int, hi: int):
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with open_safetensors(path) as f:
             return f.get_slice(key)[lo:hi]
     return read_rows
 
@@ -421,13 +565,114 @@ def gguf_tensor_name(name: str) -> str:
 def open_gguf(path):
     """The gguf package's reader (tensors stay memory-mapped) and the metadata as plain values."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"GGUF file {path} does not exist")
+    check_gguf_layout(path)
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as e:  # not GGUF, truncated, or a format newer than the installed gguf
-        raise ConfigError(f"could not read {path} as GGUF ({e})") from None
-    return reader, {k: f.contents() for k, f in reader.fields.items()}
+        return reader, {k: f.contents() for k, f in reader.fields.items()}
+    except Exception as e:  # a name or string that is not UTF-8, a bad type, tensor data past the end
+        raise ConfigError(f"could not read {path} as GGUF ({reason(e)}); {DAMAGED} or newer than gguf "
+                          f"{importlib.metadata.version('gguf')} reads: re-download or re-export it") from None
+
+
+# GGUF metadata value types (gguf.GGUFValueType) -> bytes, for the fixed-size ones; then strings and arrays
+GGUF_VALUE_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+GGUF_STRING, GGUF_ARRAY, GGUF_UINT32 = 8, 9, 4
+GGML_MAX_DIMS = 4
+# gguf's reader makes a few numpy arrays per array item, so an item costs it ~1 us and ~300 bytes;
+# vocabularies and merge lists run to a few hundred thousand
+GGUF_MAX_ITEMS = 2**22
+
+
+def check_gguf_layout(path: Path):
+    """Walk a GGUF file's header as gguf.GGUFReader will, every count and length checked against
+    the bytes left and every tensor's data against the end of the file: a damaged or hostile
+    header (an array of 2**60 items, a string or a tensor longer than the file) is an error here,
+    before the reader loops over it or maps it."""
+    def fail(why):
+        return ConfigError(f"could not read {path} as GGUF ({why}); {DAMAGED} or not GGUF: re-download or "
+                           f"re-export it")
+
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < 24 or f.read(4) != b"GGUF":
+                raise fail("no GGUF magic and header")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                walk_gguf_header(data, fail)
+    except OSError as e:  # a directory, unreadable
+        raise fail(reason(e)) from None
+
+
+def walk_gguf_header(data, fail):
+    byteorder = "little" if int.from_bytes(data[4:8], "little") & 0xFFFF else "big"  # big-endian files exist
+    pos = 4
+
+    def room(count, size, what):  # count items of at least size bytes must fit in what is left
+        if count > (len(data) - pos) // size:
+            raise fail(f"{what} at byte {pos}: {count} of them, more than the rest of the file holds")
+
+    def skip(size, count=1, what="a value"):
+        nonlocal pos
+        room(count, size, what)
+        pos += size * count
+
+    def take(size, count=1, what="a value"):
+        skip(size, count, what)
+        return data[pos - size * count:pos]
+
+    def uint(size):
+        return int.from_bytes(take(size), byteorder)
+
+    def string():
+        return bytes(take(1, uint(8), "a string's bytes"))
+
+    def value(kind, key):
+        if kind in GGUF_VALUE_BYTES:
+            return uint(GGUF_VALUE_BYTES[kind])
+        if kind == GGUF_STRING:
+            return string()
+        item, n = (uint(4), uint(8)) if kind == GGUF_ARRAY else (None, 0)
+        if n > GGUF_MAX_ITEMS:
+            raise fail(f"{key} declares {n} items, more than any model's metadata ({GGUF_MAX_ITEMS})")
+        if item in GGUF_VALUE_BYTES:
+            return skip(GGUF_VALUE_BYTES[item], n, f"{key} items")
+        if item == GGUF_STRING:
+            room(n, 8, f"{key} strings")  # a length each, at least
+            for _ in range(n):
+                string()
+            return None
+        raise fail(f"{key} has value type {kind}{'' if item is None else f' of {item}'}, which this reader does "
+                   f"not read")
+
+    version = uint(4)
+    if version not in (2, 3):
+        raise fail(f"format version {version}; this reader reads 2 and 3")
+    n_tensors, n_kv = uint(8), uint(8)
+    room(n_kv, 12, "metadata keys")  # a key length and a type each, at least
+    alignment = 32
+    for _ in range(n_kv):
+        key = printable(string().decode(errors="replace"))
+        kind = uint(4)
+        got = value(kind, key)
+        if key == "general.alignment" and kind == GGUF_UINT32 and got and not got & (got - 1):
+            alignment = got
+    room(n_tensors, 24, "tensors")  # a name length, a dimension count, a type and an offset each, at least
+    tensors = []
+    for _ in range(n_tensors):
+        name, n_dims = printable(string().decode(errors="replace")), uint(4)
+        if n_dims > GGML_MAX_DIMS:
+            raise fail(f"tensor {name} has {n_dims} dimensions")
+        dims = [uint(8) for _ in range(n_dims)]
+        tensors.append((name, dims, uint(4), uint(8)))
+    start = -(-pos // alignment) * alignment
+    types = {t.value: t for t in gguf.GGMLQuantizationType}
+    for name, dims, kind, offset in tensors:
+        if kind not in types or types[kind] not in gguf.GGML_QUANT_SIZES:
+            raise fail(f"tensor {name} has type {kind}, unknown to gguf {importlib.metadata.version('gguf')}")
+        block, size = gguf.GGML_QUANT_SIZES[types[kind]]
+        if start + offset + math.prod(dims) // block * size > len(data):
+            raise fail(f"tensor {name} {dims} runs past the end of the file")
 
 
 def gguf_dequantize(tensor, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
@@ -458,6 +703,24 @@ def check_gguf_tensor_types(reader, path):
                           f"Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a K-quant")
 
 
+# params.json's keys -> the GGUF metadata's, for messages
+GGUF_PARAM_NAMES = {"dim": "llama.embedding_length", "n_layers": "llama.block_count",
+                    "n_heads": "llama.attention.head_count", "n_kv_heads": "llama.attention.head_count_kv",
+                    "vocab_size": "llama.vocab_size", "ffn_dim": "llama.feed_forward_length",
+                    "norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base"}
+
+
+# every metadata key read here, or written by llama.cpp's converter beside them
+GGUF_KEYS_READ = [*GGUF_PARAM_NAMES.values(), "llama.rope.dimension_count", "llama.attention.key_length",
+                  "llama.attention.value_length", "llama.expert_count", "llama.rope.scaling.type",
+                  "llama.context_length",
+                  "general.architecture", "general.alignment", "tokenizer.chat_template",
+                  *(f"tokenizer.ggml.{k}" for k in ("model", "pre", "tokens", "token_type", "merges", "bos_token_id",
+                                                    "eos_token_id", "padding_token_id", "unknown_token_id",
+                                                    "eot_token_id", "eom_token_id", "add_bos_token", "add_eos_token",
+                                                    "add_space_prefix", "scores"))]
+
+
 def params_from_gguf(meta: dict, path, tie_embeddings: bool, rope_freqs=None) -> dict:
     """params.json's keys from the llama.* metadata. rope_freqs is the file's rope_freqs tensor,
     which llama.cpp writes for Llama 3.1/3.2's RoPE scaling (per-frequency divisors: the largest is
@@ -479,18 +742,22 @@ def params_from_gguf(meta: dict, path, tie_embeddings: bool, rope_freqs=None) ->
     scaling = meta.get("llama.rope.scaling.type", "none")
     if scaling not in ("none", "llama3"):
         raise ConfigError(f"{path} uses RoPE scaling {scaling!r}; only Llama 3.1's rule is supported")
-    dim, n_heads = get("embedding_length"), get("attention.head_count")
-    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        if meta.get(f"llama.{key}", dim // n_heads) != dim // n_heads:
-            raise ConfigError(f"{path}: llama.{key} is {meta[f'llama.{key}']}, but this model needs "
-                              f"dim / n_heads = {dim // n_heads}")
-    params = dict(dim=dim, n_layers=get("block_count"), n_heads=n_heads,
-                  n_kv_heads=get("attention.head_count_kv", n_heads),
+    params = dict(dim=get("embedding_length"), n_layers=get("block_count"), n_heads=get("attention.head_count"),
                   vocab_size=get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])) or None),
                   ffn_dim=get("feed_forward_length"), norm_eps=get("attention.layer_norm_rms_epsilon"),
                   rope_theta=get("rope.freq_base", 10000.0), use_scaled_rope=rope_freqs is not None,
                   tie_embeddings=tie_embeddings)
+    params["n_kv_heads"] = get("attention.head_count_kv", params["n_heads"])
+    check_params(params, path, GGUF_PARAM_NAMES)
+    head_dim = params["dim"] // params["n_heads"]
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        if meta.get(f"llama.{key}", head_dim) != head_dim:
+            raise ConfigError(f"{path}: llama.{key} is {meta[f'llama.{key}']}, but this model needs "
+                              f"dim / n_heads = {head_dim}")
     if rope_freqs is not None:
+        if rope_freqs.shape != (head_dim // 2,) or not (rope_freqs >= 1).all():  # NaN fails too
+            raise ConfigError(f"{path}: rope_freqs is not {head_dim // 2} divisors of at least 1; {DAMAGED}: "
+                              f"re-download or re-export it")
         params["rope_scale_factor"] = round(float(rope_freqs.max()))
     return params
 
@@ -500,6 +767,7 @@ def read_gguf(path) -> Checkpoint:
     and converted one at a time, so memory holds the model plus one fp32 tensor."""
     path = Path(path)
     reader, meta = open_gguf(path)
+    check_key_names(meta, GGUF_KEYS_READ, path)
     tensors = {t.name: t for t in reader.tensors}
     rope_freqs = gguf_dequantize(tensors.pop("rope_freqs.weight")) if "rope_freqs.weight" in tensors else None
     # as in llama.cpp, a file without an output tensor uses the token embeddings for it
@@ -665,6 +933,24 @@ def find_demo_gguf() -> Path:
 
 # -----------------------------------------------------------------------------
 # export: the tokenizer goes along with converted weights
+
+
+def check_export_tokenizer(src: Path):
+    """What export_tokenizer will copy or read, read first, so that a damaged file stops the export
+    before anything is written: the HF tokenizer files (JSON, the template text) and tokenizer.model."""
+    if not src.is_dir():
+        return
+    redo = "; re-download it, or delete it to export without it"
+    for name in HF_TOKENIZER_FILES:
+        if (src / name).exists() and name.endswith(".json"):
+            read_json(src / name, redo)
+        elif (src / name).exists():
+            try:
+                (src / name).read_bytes().decode("utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"could not read {src / name} as text ({reason(e)}){redo}") from None
+    if (src / "tokenizer.model").exists():
+        Tokenizer(src / "tokenizer.model")
 
 
 def export_tokenizer(src: Path, out: Path, format: str, params: dict):

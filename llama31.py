@@ -581,10 +581,12 @@ def check_out_dir(out_dir):
 
 def read_params(ckpt_dir: Path) -> dict:
     path = ckpt_dir / "params.json"
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path} not found; a Meta checkpoint directory holds params.json "
                           f"next to consolidated.00.pth")
-    return read_json(path)
+    params = read_json(path)
+    formats.check_params(params, path)
+    return params
 
 
 def read_meta(ckpt_dir: Path) -> formats.Checkpoint:
@@ -596,12 +598,11 @@ def read_meta(ckpt_dir: Path) -> formats.Checkpoint:
         raise ConfigError(f"no *.pth file in {ckpt_dir}; expected Meta's consolidated.00.pth")
 
     def read_state():
-        states = []
-        for shard in shards:
-            try:
-                states.append(torch.load(shard, map_location="cpu", mmap=True, weights_only=True))
-            except Exception as e:  # a truncated or non-torch file: say which one
-                raise ConfigError(f"could not read {shard} as a torch checkpoint ({e})") from None
+        states = [formats.torch_load(shard) for shard in shards]
+        for shard, state in zip(shards, states):  # a state dict of float tensors, not some other file
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) and v.is_floating_point()
+                                                      for v in state.values()):
+                raise ConfigError(f"{shard} is not a state dict of float tensors; re-download or re-export it")
         return states[0] if len(states) == 1 else states
 
     return formats.Checkpoint(params, read_state, ckpt_dir, "params.json")
@@ -688,7 +689,8 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
             args.vocab_size = vocab_size
         if args.vocab_size != vocab_size:
             raise ConfigError(f"{ckpt.params_path} says vocab_size {args.vocab_size} but the tokenizer has "
-                              f"{vocab_size} tokens; use the tokenizer that came with the checkpoint")
+                              f"{vocab_size} tokens{f' ({tok.path})' if tok is not None else ''}; use the "
+                              f"tokenizer that came with the checkpoint")
     plan = None
     if quantize in ("int8", "int4"):
         plan = quantizer.plan_for(args.n_layers, quantize, group_size)
@@ -722,15 +724,17 @@ def assemble(args: ModelArgs, state, where, source: str, device, dtype, plan=Non
     if args.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     check_state_dict(model, state, where, source)
+    files = [*Path(where).glob("*.pth"), *Path(where).glob("*.safetensors")] if Path(where).is_dir() else []
+    label = files[0] if len(files) == 1 else where  # the file the weights are in, for messages
     if plan:
         quantizer.swap_modules(model, plan, device, dtype)
     loaded = {}
     for k in list(state):
         value = state.pop(k)
-        if plan:
-            loaded.update(quantizer.quantized_state(model, plan, k, value, device, dtype))
-        else:
-            loaded[k] = formats.materialize(value).to(device=device, dtype=dtype)
+        new = quantizer.quantized_state(model, plan, k, value, device, dtype) if plan else \
+            {k: formats.materialize(value).to(device=device, dtype=dtype)}
+        formats.check_finite(new, f"{k} in {label}")
+        loaded.update(new)
     model.load_state_dict(loaded, strict=True, assign=True)
     if args.tie_embeddings and not plan:  # assign=True gave each name its own Parameter; share one again
         model.output.weight = model.tok_embeddings.weight
@@ -1062,10 +1066,13 @@ def read_datafile_header(path) -> int:
     """Check a shard's header (magic, version, token count against the file size); return the
     token count. Every problem is a ConfigError that names the file."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(HEADER_BYTES)
     redo = "re-create it with tiny_stories.py (or write_datafile)"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise ConfigError(f"could not read {path} as a token shard ({e}); {redo}") from None
     if len(raw) < HEADER_BYTES:
         raise ConfigError(f"{path} is {size} bytes, too short for the {HEADER_BYTES}-byte header of a "
                           f"token shard; {redo}")
@@ -1383,16 +1390,36 @@ def resolve_resume(resume, out_dir: Path) -> Path:
     """--resume DIR, or --resume latest (the newest complete checkpoint in out_dir)."""
     if resume in (True, "latest"):
         pointer = out_dir / "latest"
-        if not pointer.is_file():
+        if not pointer.exists():
             raise ConfigError(f"--resume latest: no checkpoint in {out_dir} (no {pointer}); "
                               f"give a step_NNNNNN directory or start without --resume")
-        path = out_dir / pointer.read_text().strip()
+        path = formats.follow_latest(pointer)
     else:
         path = Path(resume)
     if not (path / "train_state.pt").is_file():
         raise ConfigError(f"cannot resume from {path}: no train_state.pt there; point --resume at a "
                           f"step_NNNNNN directory written by finetune")
     return path
+
+
+def read_train_state(resume_dir: Path) -> dict:
+    """train_state.pt, checked before anything trusts it: the fields finetune writes, of their
+    kinds, and every float finite (the optimizer's moments)."""
+    path = resume_dir / "train_state.pt"
+    state = formats.torch_load(path, "resume from another step_NNNNNN directory")
+    try:  # rng: a state per process, or (earlier) one dict
+        ranks = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        fits = (state["step"] >= 0 and isinstance(state["optimizer"], dict) and int(state["loader"]["shard"]) >= 0
+                and int(state["loader"]["position"]) >= 0 and isinstance(state["config"]["world_size"], int)
+                and len(ranks) in (1, state["config"]["world_size"])
+                and all(r["cpu"].shape == torch.get_rng_state().shape for r in ranks))
+    except (KeyError, TypeError, AttributeError, ValueError):
+        fits = False
+    if not fits:
+        raise ConfigError(f"{path} does not hold what finetune saves (step, optimizer, loader, rng, config); resume "
+                          f"from another step_NNNNNN directory")
+    formats.check_finite(state["optimizer"], path)
+    return state
 
 
 class Setting(NamedTuple):
@@ -1478,7 +1505,7 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistIn
     resume_dir = resolve_resume(resume, out) if resume else None
     state = None
     if resume_dir is not None:
-        state = torch.load(resume_dir / "train_state.pt", map_location="cpu", mmap=True, weights_only=True)
+        state = read_train_state(resume_dir)
         if state["config"]["world_size"] != info.world_size:
             raise ConfigError(f"{resume_dir} was saved by {state['config']['world_size']} process(es); resume "
                               f"with the same number (now {info.world_size})")
@@ -1515,10 +1542,10 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistIn
 
 def earlier_demo(out: Path) -> bool:
     try:
-        state = torch.load(resolve_resume("latest", out) / "train_state.pt", map_location="cpu", weights_only=True)
-        return bool(state["config"].get("demo"))
-    except (ConfigError, OSError, RuntimeError, KeyError):
+        state = formats.torch_load(resolve_resume("latest", out) / "train_state.pt")
+    except ConfigError:  # unreadable: not known to be a demo's, so kept
         return False
+    return isinstance(state, dict) and isinstance(state.get("config"), dict) and bool(state["config"].get("demo"))
 
 
 def training_data(plan: Plan, tokenizer: Tokenizer, vocab_size: int, info: DistInfo, log):
@@ -1983,6 +2010,7 @@ def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
         raise ConfigError("out_dir is ckpt_dir; write the converted checkpoint to a new directory")
     check_out_dir(out_dir)
     source, kind = formats.locate(ckpt_dir)
+    formats.check_export_tokenizer(source)  # damage found before anything is written
     if format == "gguf":
         return export_gguf(source, kind, Path(out_dir), rope_scale_factor, gguf_type)
     if kind == "gguf":

@@ -23,6 +23,7 @@ from typing import List, Optional
 
 import torch
 
+import formats
 from llama31 import (DEFAULT_PROMPTS, Llama, check_device, check_sampling_args, default_device, read_params,
                      resolve_dtype, resolve_rope_factor)
 from tokenizer import ConfigError, find_tokenizer_model
@@ -146,7 +147,7 @@ def load_reference(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_b
         raise ConfigError(f"{ckpt_dir / 'params.json'} says vocab_size {args.vocab_size} but the tokenizer "
                           f"has {tokenizer.n_words} tokens; use the tokenizer.model that came with it")
     init_model_parallel()
-    state = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
+    state = formats.torch_load(shards[0])
     # fairscale allocates its weights with torch.Tensor(...), i.e. in the default dtype, on CPU
     with torch_defaults(dtype=dtype):
         model = MetaTransformer(args)

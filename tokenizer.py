@@ -78,10 +78,10 @@ def find_tokenizer_model(tokenizer_path=None, ckpt_dir=None) -> Path:
     (located without importing the package, whose imports pull in much more)."""
     if tokenizer_path is not None:
         path = Path(tokenizer_path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"tokenizer file {path} does not exist")
         return path
-    if ckpt_dir is not None and (Path(ckpt_dir) / "tokenizer.model").is_file():
+    if ckpt_dir is not None and (Path(ckpt_dir) / "tokenizer.model").exists():  # if damaged, said when read
         return Path(ckpt_dir) / "tokenizer.model"
     spec = importlib.util.find_spec("llama_models")
     if spec is not None and spec.submodule_search_locations:
@@ -93,16 +93,28 @@ def find_tokenizer_model(tokenizer_path=None, ckpt_dir=None) -> Path:
 
 
 def load_bpe_ranks(path: Path) -> dict:
-    ranks = {}
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    """tokenizer.model's ranks, checked as tiktoken needs them (it panics otherwise): every token
+    once, the ranks 0..n-1, and every single byte a token."""
+    redo = "re-download it, or pass the tokenizer.model that came with the checkpoint"
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"could not read {path} as a Llama 3 tokenizer.model ({e}); {redo}") from None
+    ranks, lines = {}, 0
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
+            lines += 1
         except ValueError:
             raise ConfigError(f"{path}:{lineno} is not a 'base64 rank' line; is this a Llama 3 "
-                              f"tokenizer.model?") from None
+                              f"tokenizer.model? {redo}") from None
+    if len(ranks) != lines or sorted(ranks.values()) != list(range(lines)) or \
+            not all(bytes([b]) in ranks for b in range(256)):
+        raise ConfigError(f"{path} does not give each of its {lines} tokens one of the ranks 0..{lines - 1}, "
+                          f"every byte among them; it is damaged: {redo}")
     return ranks
 
 
@@ -151,6 +163,10 @@ def bytes_to_unicode() -> Dict[int, str]:
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 GGUF_TOKEN_NORMAL, GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED = 1, 3, 4
+GGUF_TOKEN_TYPES = range(7)  # undefined, normal, unknown, control, user-defined, unused, byte
+
+
+GGUF_REDO = "the file is damaged: re-download or re-export it"
 
 
 def gguf_vocab(meta: dict, name: str = "gguf") -> Vocab:
@@ -162,11 +178,18 @@ def gguf_vocab(meta: dict, name: str = "gguf") -> Vocab:
         raise ConfigError(f"{name}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2', as in "
                           f"Llama 3 and SmolLM2) is supported")
     pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in GGUF_PRE_TOKENIZERS:
+    if not isinstance(pre, str) or pre not in GGUF_PRE_TOKENIZERS:
         raise ConfigError(f"{name}: pre-tokenizer tokenizer.ggml.pre={pre!r} is not supported; "
                           f"supported: {', '.join(GGUF_PRE_TOKENIZERS)}")
-    tokens = meta["tokenizer.ggml.tokens"]
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise ConfigError(f"{name}: tokenizer.ggml.tokens is not a list of strings; {GGUF_REDO}")
     types = meta.get("tokenizer.ggml.token_type") or [GGUF_TOKEN_NORMAL] * len(tokens)
+    merges = meta.get("tokenizer.ggml.merges", [])
+    if not isinstance(types, list) or len(types) != len(tokens) or not all(t in GGUF_TOKEN_TYPES for t in types) or \
+            not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+        raise ConfigError(f"{name}: tokenizer.ggml.token_type or merges do not fit its {len(tokens)} tokens; "
+                          f"{GGUF_REDO}")
     byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
     ranks, special, user_defined = {}, {}, set()
     for i, (tok, kind) in enumerate(zip(tokens, types)):
@@ -180,11 +203,15 @@ def gguf_vocab(meta: dict, name: str = "gguf") -> Vocab:
             if kind == GGUF_TOKEN_USER_DEFINED:
                 user_defined.add(tok)
     if len(ranks) + len(special) != len(tokens):
-        raise ConfigError(f"{name}: the vocabulary spells some tokens twice")
+        raise ConfigError(f"{name}: the vocabulary spells some tokens twice; {GGUF_REDO}")
+
+    def merged_rank(merge):  # None: not two tokens of this vocabulary
+        joined = merge.replace(" ", "", 1)
+        return ranks.get(bytes(byte_of[ch] for ch in joined)) if all(ch in byte_of for ch in joined) else None
+
     # tiktoken merges the pair whose result has the lowest id; that is the file's merge order only
     # if merge results never go down in id, as in vocabularies trained by BPE (and Llama 3's).
-    merges = meta.get("tokenizer.ggml.merges", [])
-    merged = [ranks.get(bytes(byte_of[ch] for ch in m.replace(" ", "", 1))) for m in merges]
+    merged = [merged_rank(m) for m in merges]
     if any(r is None for r in merged) or any(a > b for a, b in zip(merged, merged[1:])):
         raise ConfigError(f"{name}: the merges are not in token-id order, which this tiktoken-based "
                           f"tokenizer needs")
@@ -193,6 +220,9 @@ def gguf_vocab(meta: dict, name: str = "gguf") -> Vocab:
     if bos_id is None or eos_id is None:
         raise ConfigError(f"{name}: no tokenizer.ggml.bos_token_id / eos_token_id")
     pad_id = meta.get("tokenizer.ggml.padding_token_id", special.get("<|finetune_right_pad_id|>", eos_id))
+    if not all(isinstance(i, int) and 0 <= i < len(tokens) for i in (bos_id, eos_id, pad_id)):
+        raise ConfigError(f"{name}: its BOS, EOS or padding token id ({bos_id}, {eos_id}, {pad_id}) is not one of "
+                          f"its {len(tokens)} tokens; {GGUF_REDO}")
     # llama.cpp adds BOS for Llama 3 vocabularies unless the file says otherwise
     add_bos = meta.get("tokenizer.ggml.add_bos_token", GGUF_PRE_TOKENIZERS[pre] == PAT_STR)
     return Vocab(name, ranks, GGUF_PRE_TOKENIZERS[pre], special, bos_id=bos_id, eos_id=eos_id,
