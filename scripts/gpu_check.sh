@@ -26,6 +26,8 @@ else
     train=(--B 2 --T 2048)
 fi
 if [ "$device" = cuda ] && compgen -G ".whl/*.whl" > /dev/null; then  # the dry run uses this environment
+    "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' \
+        || { echo "error: .whl holds wheels for Python 3.12 (scripts/gpu_wheels.sh); $py is another" >&2; exit 2; }
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
         .whl/*.whl || exit 1
     export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for what a GPU machine of the device tool lacks (its image has torch, transformers,
-# tiktoken, safetensors, numpy; not fire, gguf, Meta's llama-models or fairscale), into .whl/,
-# which git ignores and scripts/gpu_check.sh installs from. Run it here, where PyPI is reachable;
+# tiktoken, safetensors, numpy, Pillow; not fire, gguf, Meta's llama-models or fairscale), into
+# .whl/, which git ignores and scripts/gpu_check.sh installs from. Run it here, where PyPI is reachable;
 # the GPU machine has Python 3.12 on x86-64.
 set -euo pipefail
 cd "$(dirname "$0")/.."
