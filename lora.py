@@ -75,9 +75,13 @@ class LoRA(nn.Module):
         return F.linear(F.linear(self.lora_dropout(x), a), b) * self.lora_scale
 
     def dense_weight(self) -> torch.Tensor:
-        """The base matrix in fp32 (a quantized one dequantized)."""
-        base = self.weight if self.weight.is_floating_point() else self.dequantize()
-        return base.float()
+        """The base matrix in fp32. A quantized one is read back through its own kernel (x = I
+        gives W^T exactly), since the kernels' packed layouts have no dequantize here."""
+        if self.weight.is_floating_point():
+            return self.weight.float()
+        dtype = next(t for t in self.buffers() if t.is_floating_point()).dtype
+        eye = torch.eye(self.in_features, dtype=dtype, device=self.weight.device)
+        return self.base_class.forward(self, eye).T.float()
 
     def merged_weight(self) -> torch.Tensor:
         return self.dense_weight() + self.lora_scale * (self.lora_b.float() @ self.lora_a.float())
@@ -110,6 +114,8 @@ def add_adapters(model: nn.Module, config: LoRAConfig, generator=None) -> list:
         raise ConfigError("lora_targets output: this model ties output to tok_embeddings, which an adapter "
                           "would untie; drop output from lora_targets")
     names = target_names(model, config.targets)
+    if adapted(model):
+        raise ConfigError(f"{adapted(model)[0][0]} has an adapter already; add adapters to a model once")
     for name in names:
         module = model.get_submodule(name)
         device = module.weight.device
@@ -161,8 +167,8 @@ def merge(model: nn.Module):
             m.weight = nn.Parameter(w.to(m.weight.dtype), requires_grad=False)
             continue
         dense = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
-        dense.weight = nn.Parameter(w.to(next(t for t in m.buffers() if t.is_floating_point()).dtype),
-                                    requires_grad=False)
+        dtype = next(t for t in m.buffers() if t.is_floating_point()).dtype
+        dense.weight = nn.Parameter(w.to(dtype), requires_grad=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, dense)
 
