@@ -15,13 +15,15 @@ Like quantize.py, this file imports nothing from llama31.py.
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import formats
 from tokenizer import ConfigError
 
 # the short names users type, and the module names they stand for
@@ -120,11 +122,10 @@ def add_adapters(model: nn.Module, config: LoRAConfig, generator=None) -> list:
         module = model.get_submodule(name)
         device = module.weight.device
         module.__class__ = lora_class(type(module))
-        a = torch.empty(config.rank, module.in_features, dtype=torch.float32, device=device)
-        if device.type != "meta":
-            bound = 1 / math.sqrt(module.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear's
-            a.uniform_(-bound, bound, generator=generator)
-        module.lora_a = nn.Parameter(a)
+        # drawn on the CPU, so a seed gives the same A on every device
+        bound = 1 / math.sqrt(module.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear's
+        a = torch.empty(config.rank, module.in_features).uniform_(-bound, bound, generator=generator)
+        module.lora_a = nn.Parameter(a.to(device))
         module.lora_b = nn.Parameter(torch.zeros(module.out_features, config.rank, device=device))
         module.lora_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         module.lora_scale = config.scale
@@ -171,6 +172,40 @@ def merge(model: nn.Module):
         dense.weight = nn.Parameter(w.to(dtype), requires_grad=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, dense)
+
+
+# -----------------------------------------------------------------------------
+# a checkpoint of adapters: adapters.pt beside train_state.pt, naming the base it needs
+
+FILE = "adapters.pt"
+
+
+def is_adapter_dir(path) -> bool:
+    return (Path(path) / FILE).is_file()
+
+
+def save_adapters(out_dir: Path, state: Dict[str, torch.Tensor], config: LoRAConfig, base, base_fingerprint: str):
+    """The adapters in fp32, their settings, and the base's path and fingerprint: megabytes."""
+    saved = {"adapters": {k: v.detach().float().cpu() for k, v in state.items()}, "config": asdict(config),
+             "base": str(Path(base).resolve()), "fingerprint": base_fingerprint}
+    formats.atomic_write(Path(out_dir) / FILE, lambda tmp: torch.save(saved, tmp))
+
+
+def read_adapters(ckpt_dir) -> dict:
+    """adapters.pt, checked: its config as a LoRAConfig, every adapter a finite tensor."""
+    path = Path(ckpt_dir) / FILE
+    saved = formats.torch_load(path, "point --ckpt_dir at another step_NNNNNN directory")
+    try:
+        saved["config"] = check_config(**saved["config"])
+        fits = isinstance(saved["base"], str) and isinstance(saved["fingerprint"], str) and \
+            all(isinstance(v, torch.Tensor) for v in saved["adapters"].values())
+    except (KeyError, TypeError, AttributeError):
+        fits = False
+    if not fits:
+        raise ConfigError(f"{path} does not hold what finetune saves (adapters, config, base, fingerprint); use "
+                          f"another step_NNNNNN directory")
+    formats.check_finite(saved["adapters"], path)
+    return saved
 
 
 # -----------------------------------------------------------------------------
