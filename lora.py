@@ -66,8 +66,29 @@ def check_config(rank=8, alpha=16.0, dropout=0.0, targets=DEFAULT_TARGETS) -> Lo
 # the module: the base's own forward, plus the update
 
 
-class LoRA(nn.Module):
-    """Mixed in before a Linear-like class (see lora_class); holds lora_a, lora_b, lora_scale."""
+class Frozen(nn.Module):
+    """Mixed in before a Linear-like class: a quantized base passes gradients back to its input
+    (QuantizedProduct), which the int kernels alone cannot. base_class: the class mixed into."""
+
+    def forward(self, x):
+        if not self.weight.is_floating_point() and torch.is_grad_enabled():
+            return QuantizedProduct.apply(x, self)
+        return super().forward(x)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base matrix in fp32. A quantized one in a kernel's packed layout is read back
+        through the kernel (x = I gives W^T), since those layouts have no dequantize."""
+        if self.weight.is_floating_point():
+            return self.weight.float()
+        if getattr(self, "layout", "plain") == "plain":
+            return self.dequantize().float()
+        dtype = next(t for t in self.buffers() if t.is_floating_point()).dtype
+        eye = torch.eye(self.in_features, dtype=dtype, device=self.weight.device)
+        return self.base_class.forward(self, eye).T.float()
+
+
+class LoRA(Frozen):
+    """The adapter, mixed in the same way; holds lora_a, lora_b, lora_dropout and lora_scale."""
 
     def forward(self, x):
         return super().forward(x) + self.lora_update(x)
@@ -76,27 +97,32 @@ class LoRA(nn.Module):
         a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
         return F.linear(F.linear(self.lora_dropout(x), a), b) * self.lora_scale
 
-    def dense_weight(self) -> torch.Tensor:
-        """The base matrix in fp32. A quantized one is read back through its own kernel (x = I
-        gives W^T exactly), since the kernels' packed layouts have no dequantize here."""
-        if self.weight.is_floating_point():
-            return self.weight.float()
-        dtype = next(t for t in self.buffers() if t.is_floating_point()).dtype
-        eye = torch.eye(self.in_features, dtype=dtype, device=self.weight.device)
-        return self.base_class.forward(self, eye).T.float()
-
     def merged_weight(self) -> torch.Tensor:
         return self.dense_weight() + self.lora_scale * (self.lora_b.float() @ self.lora_a.float())
 
 
-_CLASSES: Dict[type, type] = {}
+class QuantizedProduct(torch.autograd.Function):
+    """A quantized base's product, whose kernels have no backward: the gradient to x goes through
+    the matrix dequantized for the moment (the base is frozen, so it gets none)."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return module.base_class.forward(module, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.module.dense_weight().to(grad.dtype), None
 
 
-def lora_class(base: type) -> type:
-    """LoRA<Base>: the base class's forward with the update added (one class per base class)."""
-    if base not in _CLASSES:
-        _CLASSES[base] = type(f"LoRA{base.__name__}", (LoRA, base), {"base_class": base})
-    return _CLASSES[base]
+_CLASSES: Dict[tuple, type] = {}
+
+
+def mixed(mixin: type, base: type) -> type:
+    """LoRA<Base> or Frozen<Base>: the base class's forward wrapped (one class per pair)."""
+    if (mixin, base) not in _CLASSES:
+        _CLASSES[mixin, base] = type(f"{mixin.__name__}{base.__name__}", (mixin, base), {"base_class": base})
+    return _CLASSES[mixin, base]
 
 
 def target_names(model: nn.Module, targets) -> list:
@@ -121,7 +147,7 @@ def add_adapters(model: nn.Module, config: LoRAConfig, generator=None) -> list:
     for name in names:
         module = model.get_submodule(name)
         device = module.weight.device
-        module.__class__ = lora_class(type(module))
+        module.__class__ = mixed(LoRA, type(module))
         # drawn on the CPU, so a seed gives the same A on every device
         bound = 1 / math.sqrt(module.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear's
         a = torch.empty(config.rank, module.in_features).uniform_(-bound, bound, generator=generator)
@@ -129,6 +155,9 @@ def add_adapters(model: nn.Module, config: LoRAConfig, generator=None) -> list:
         module.lora_b = nn.Parameter(torch.zeros(module.out_features, config.rank, device=device))
         module.lora_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         module.lora_scale = config.scale
+    for module in model.modules():  # QLoRA: the other quantized matrices pass gradients back too
+        if hasattr(module, "in_features") and not module.weight.is_floating_point() and not isinstance(module, Frozen):
+            module.__class__ = mixed(Frozen, type(module))
     return names
 
 

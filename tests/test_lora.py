@@ -11,8 +11,9 @@ import transformers
 
 import lora
 import quantize
-from conftest import random_model
+from conftest import FINETUNE_SHAPE, make_checkpoint, random_model
 from formats import permute_qk, save_hf
+from llama31 import Llama, export, finetune, load_model
 from tokenizer import ConfigError
 
 peft = pytest.importorskip("peft")
@@ -208,3 +209,72 @@ def test_adapters_of_another_rank_are_refused():
     b = with_adapters(random_model(tie_embeddings=False, **TINY), rank=8)
     with pytest.raises(ConfigError, match="check lora_rank"):
         lora.load_adapters(b, lora.adapter_state(a), "a.pt")
+
+
+# -----------------------------------------------------------------------------
+# finetune --finetune_type lora: adapters only, in checkpoints of megabytes, resumed exactly
+
+
+def run(ckpt, data, out, **kw):
+    args = dict(ckpt_dir=str(ckpt), out_dir=str(out), B=2, T=32, max_steps=3, learning_rate=1e-2, warmup_steps=1,
+                val_every=0, device="cpu", sample_prompts=[], finetune_type="lora", lora_rank=4,
+                lora_targets="wq,wk,wv,wo,w2", **data)
+    args.update(kw)
+    return finetune(**args)
+
+
+def test_lora_finetune_changes_only_the_adapters_and_saves_only_them(tiny_ckpt, data, tmp_path):
+    base = load_model(tiny_ckpt, device="cpu", dtype="fp32").state_dict()
+    model = run(tiny_ckpt, data, tmp_path)["model"]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base.items())
+    assert all(p.abs().max() > 0 for k, p in lora.adapter_state(model).items() if k.endswith("lora_b"))
+    saved = sorted(p.name for p in (tmp_path / "step_000003").iterdir())
+    assert saved == ["adapters.pt", "train_state.pt"]
+    assert (tmp_path / "step_000003" / "adapters.pt").stat().st_size < 2e6
+
+
+def test_lora_checkpoint_loads_as_base_plus_adapters_and_exports_merged(tiny_ckpt, data, tmp_path):
+    model = run(tiny_ckpt, data, tmp_path / "run")["model"].eval()
+    x = torch.tensor([[128000, 791, 8415, 3290]])
+    step = tmp_path / "run" / "step_000003"
+    llama = Llama.build(step, max_seq_len=64, device="cpu", dtype="fp32")
+    assert torch.equal(llama.model.forward_inference(x), model.forward_inference(x))
+    export(str(step), str(tmp_path / "merged"), format="meta", dtype="fp32")
+    merged = load_model(tmp_path / "merged", device="cpu", dtype="fp32")
+    assert (merged.forward_inference(x) - model.forward_inference(x)).abs().max().item() <= 1e-5
+
+
+def test_lora_resume_continues_exactly(tiny_ckpt, data, tmp_path):
+    straight = run(tiny_ckpt, data, tmp_path / "a", max_steps=6, lora_dropout=0.1)
+    run(tiny_ckpt, data, tmp_path / "b", max_steps=6, stop_after=3, lora_dropout=0.1)
+    resumed = finetune(out_dir=str(tmp_path / "b"), resume="latest", device="cpu", sample_prompts=[], val_every=0)
+    assert resumed["step"] == 6 and resumed["train_loss"] == straight["train_loss"]
+    a, b = lora.adapter_state(straight["model"]), lora.adapter_state(resumed["model"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qlora_trains_adapters_on_an_int8_base(tiny_ckpt, data, tmp_path):
+    model = run(tiny_ckpt, data, tmp_path, quantize="int8")["model"]
+    assert isinstance(model.layers[0].attention.wq, quantize.Int8Linear)
+    assert all(p.abs().max() > 0 for k, p in lora.adapter_state(model).items() if k.endswith("lora_b"))
+
+
+def test_adapters_on_a_changed_base_are_refused(data, tmp_path):
+    make_checkpoint(tmp_path / "base", seed=0, dtype=torch.float32, **FINETUNE_SHAPE)
+    run(tmp_path / "base", data, tmp_path / "run", max_steps=1)
+    make_checkpoint(tmp_path / "base", seed=1, dtype=torch.float32, **FINETUNE_SHAPE)
+    with pytest.raises(ConfigError, match="adapters were trained on other weights than") as e:
+        Llama.build(tmp_path / "run" / "step_000001", device="cpu")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(finetune_type="all", quantize="int8"), "--quantize int8 freezes the base"),
+    (dict(lora_targets="wq,norm"), "lora_targets norm: not a Linear"),
+    (dict(lora_rank=0), "--lora_rank must be an integer >= 1"),
+])
+def test_bad_lora_finetune_input_is_one_line(tiny_ckpt, data, tmp_path, kw, words):
+    with pytest.raises(ConfigError) as e:
+        run(tiny_ckpt, data, tmp_path, **kw)
+    assert str(e.value).startswith(words) and "\n" not in str(e.value)
