@@ -675,8 +675,8 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
     "none" loads every tensor in dtype. A quantized model's dtype defaults to bf16 on CPU too.
     Sampling, finetune, export and reference.py all load through here. A LoRA finetune's
     checkpoint loads as its base with the adapters added (load_adapted)."""
-    if lora.is_adapter_dir(path):
-        return load_adapted(path, tokenizer_path, max_seq_len, max_batch_size, device, dtype, rope_scale_factor,
+    if lora.adapter_dir(path):
+        return load_adapted(lora.adapter_dir(path), tokenizer_path, max_seq_len, max_batch_size, device, dtype, rope_scale_factor,
                             tokenizer, vocab_size, quantize, group_size)
     path, kind = formats.locate(path)
     device = check_device(device or default_device())
@@ -2074,8 +2074,8 @@ def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
     if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
         raise ConfigError("out_dir is ckpt_dir; write the converted checkpoint to a new directory")
     check_out_dir(out_dir)
-    adapters = lora.is_adapter_dir(ckpt_dir)  # a LoRA checkpoint: the base's tokenizer, adapters merged
-    source, kind = formats.locate(lora.read_adapters(ckpt_dir)["base"] if adapters else ckpt_dir)
+    adapters = lora.adapter_dir(ckpt_dir)  # a LoRA checkpoint: the base's tokenizer, adapters merged
+    source, kind = formats.locate(lora.read_adapters(adapters)["base"] if adapters else ckpt_dir)
     formats.check_export_tokenizer(source)  # damage found before anything is written
     if format == "gguf":
         return export_gguf(source, kind, Path(out_dir), rope_scale_factor, gguf_type, ckpt_dir)

@@ -17,7 +17,7 @@ import hashlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -209,8 +209,13 @@ def merge(model: nn.Module):
 FILE = "adapters.pt"
 
 
-def is_adapter_dir(path) -> bool:
-    return (Path(path) / FILE).is_file()
+def adapter_dir(path) -> Optional[Path]:
+    """The LoRA checkpoint a --ckpt_dir names (a step directory, or finetune's `latest` pointer to
+    one), else None."""
+    path = Path(path)
+    if path.name == "latest" and path.is_file():
+        path = formats.follow_latest(path)
+    return path if (path / FILE).is_file() else None
 
 
 def save_adapters(out_dir: Path, state: Dict[str, torch.Tensor], config: LoRAConfig, base, base_fingerprint: str):

@@ -238,8 +238,9 @@ def test_lora_checkpoint_loads_as_base_plus_adapters_and_exports_merged(tiny_ckp
     model = run(tiny_ckpt, data, tmp_path / "run")["model"].eval()
     x = torch.tensor([[128000, 791, 8415, 3290]])
     step = tmp_path / "run" / "step_000003"
-    llama = Llama.build(step, max_seq_len=64, device="cpu", dtype="fp32")
-    assert torch.equal(llama.model.forward_inference(x), model.forward_inference(x))
+    for path in (step, tmp_path / "run" / "latest"):
+        llama = Llama.build(path, max_seq_len=64, device="cpu", dtype="fp32")
+        assert torch.equal(llama.model.forward_inference(x), model.forward_inference(x))
     export(str(step), str(tmp_path / "merged"), format="meta", dtype="fp32")
     merged = load_model(tmp_path / "merged", device="cpu", dtype="fp32")
     assert (merged.forward_inference(x) - model.forward_inference(x)).abs().max().item() <= 1e-5
