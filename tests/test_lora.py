@@ -1,8 +1,12 @@
 """lora.py: a fresh adapter changes nothing; merged equals unmerged; our adapters equal HF PEFT's
-LoRA on the HF conversion of the same weights (logits, loss, one AdamW step); bad settings are
+LoRA on the HF conversion of the same weights (logits, loss, one AdamW step); finetune --finetune_type
+lora trains and saves only adapters, resumes exactly, loads and exports merged; bad settings are
 one-line errors."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ from formats import permute_qk, save_hf
 from llama31 import Llama, export, finetune, load_model
 from tokenizer import ConfigError
 
-peft = pytest.importorskip("peft")
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = dict(vocab_size=512, n_layers=2)
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
@@ -117,6 +121,7 @@ def test_fingerprint_names_the_base_weights_not_their_dtype():
 def pair(tmp_path_factory):
     """Our model with adapters on every Linear but output, and transformers + PEFT's LoRA on the
     HF conversion of the same base, given the same A and B (q/k's B rows in HF's RoPE order)."""
+    peft = pytest.importorskip("peft")  # the reference only: not needed to run LoRA
     targets = ALL[:-1]
     ours = random_model(seed=3, tie_embeddings=False, **TINY)
     hf_dir = tmp_path_factory.mktemp("hf")
@@ -279,3 +284,23 @@ def test_bad_lora_finetune_input_is_one_line(tiny_ckpt, data, tmp_path, kw, word
     with pytest.raises(ConfigError) as e:
         run(tiny_ckpt, data, tmp_path, **kw)
     assert str(e.value).startswith(words) and "\n" not in str(e.value)
+
+
+def test_cli_lora_finetune_samples_and_exports(tiny_ckpt, data, tmp_path):
+    def cli(*args):
+        r = subprocess.run([sys.executable, "llama31.py", *args], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    cli("finetune", "--ckpt_dir", str(tiny_ckpt), "--train_data", data["train_data"], "--val_data", "",
+        "--out_dir", str(tmp_path / "run"), "--B", "2", "--T", "32", "--max_steps", "2", "--device", "cpu",
+        "--finetune_type", "lora", "--lora_targets", "wq,wv,w1", "--lora_rank", "2", "--sample_prompts", "[]")
+    saved = lora.read_adapters(tmp_path / "run" / "step_000002")
+    assert saved["config"].targets == ("wq", "wv", "w1") and saved["config"].rank == 2
+    r = cli("--ckpt_dir", str(tmp_path / "run" / "latest"), "--prompts", '["The cat"]', "--max_gen_len", "4",
+            "--device", "cpu", "--nostream")
+    assert "The cat" in r.stdout
+    cli("export", "--ckpt_dir", str(tmp_path / "run" / "step_000002"), "--out_dir", str(tmp_path / "hf"),
+        "--format", "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()
