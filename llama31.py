@@ -676,8 +676,8 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
     Sampling, finetune, export and reference.py all load through here. A LoRA finetune's
     checkpoint loads as its base with the adapters added (load_adapted)."""
     if lora.adapter_dir(path):
-        return load_adapted(lora.adapter_dir(path), tokenizer_path, max_seq_len, max_batch_size, device, dtype, rope_scale_factor,
-                            tokenizer, vocab_size, quantize, group_size)
+        return load_adapted(lora.adapter_dir(path), tokenizer_path, max_seq_len, max_batch_size, device, dtype,
+                            rope_scale_factor, tokenizer, vocab_size, quantize, group_size)
     path, kind = formats.locate(path)
     device = check_device(device or default_device())
     gguf = kind == "gguf"
@@ -1382,10 +1382,11 @@ def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, model_st
                           loader, rng: List[dict], config: dict, source: Path, tokenizer: Tokenizer,
                           keep: int = 2) -> Path:
     """out_dir/step_NNNNNN/: the model in fp32, so resuming is exact (build() loads it), and
-    train_state.pt (optimizer, step, data position, each process's RNG states). In Meta's layout with tokenizer.model
-    (reference.py loads it too), or, for a model that came from a GGUF file, as model.gguf with
-    that file's tokenizer and chat template; a LoRA run's as adapters.pt (lora.save_adapters). Written under a .tmp name and renamed, then `latest`
-    is switched atomically, so a kill at any moment leaves the previous checkpoint whole and
+    train_state.pt (optimizer, step, data position, each process's RNG states). In Meta's layout
+    with tokenizer.model (reference.py loads it too), or, for a model that came from a GGUF file,
+    as model.gguf with that file's tokenizer and chat template; a LoRA run's adapters alone, as
+    adapters.pt (lora.save_adapters). Written under a .tmp name and renamed, then `latest` is
+    switched atomically, so a kill at any moment leaves the previous checkpoint whole and
     `latest` pointing at it."""
     final, tmp = out_dir / f"step_{step:06d}", out_dir / f"step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -2094,8 +2095,8 @@ def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
 
 def export_gguf(source: Path, kind: str, out_dir: Path, rope_scale_factor, gguf_type: str, weights=None):
     """weights: where the weights come from if not source (a LoRA checkpoint on the base `source`)."""
-    llama = load_checkpoint(weights or source, None, device="cpu", dtype="fp32", rope_scale_factor=rope_scale_factor,
-                            quantize="none")
+    llama = load_checkpoint(weights or source, None, device="cpu", dtype="fp32",
+                            rope_scale_factor=rope_scale_factor, quantize="none")
     lora.merge(llama.model)
     args = llama.model.args
     if kind == "gguf":  # the file's own tokenizer metadata and template, as they are
