@@ -303,3 +303,16 @@ def test_cli_lora_finetune_samples_and_exports(tiny_ckpt, data, tmp_path):
     cli("export", "--ckpt_dir", str(tmp_path / "run" / "step_000002"), "--out_dir", str(tmp_path / "hf"),
         "--format", "hf")
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_lora_under_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_ckpt, data, tmp_path):
+    from test_finetune import torchrun
+    single = finetune(ckpt_dir=str(tiny_ckpt), out_dir=str(tmp_path / "single"), B=2, T=32, max_steps=3,
+                      total_batch_size=4 * 2 * 32, learning_rate=1e-3, warmup_steps=2, val_every=0, device="cpu",
+                      sample_prompts=[], finetune_type="lora", **data)
+    torchrun(tiny_ckpt, data, tmp_path / "ddp", "ddp", "-", "lora")
+    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
+    mine = lora.adapter_state(single["model"])
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert max((rank0[k] - v).abs().max().item() for k, v in mine.items()) < 1e-5
+    assert all(rank0[k].abs().max() > 0 for k in mine if k.endswith("lora_b"))
