@@ -40,6 +40,7 @@ import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import formats
+import lora
 import quantize as quantizer
 from chat import Conversation
 from formats import atomic_write, find_demo_gguf, read_json, write_json
@@ -672,7 +673,11 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
     quantize: "int8" or "int4" (groups of group_size) quantizes the matrices as they load
     (quantize.py); None keeps a GGUF file's quantized tensors quantized and loads others in dtype;
     "none" loads every tensor in dtype. A quantized model's dtype defaults to bf16 on CPU too.
-    Sampling, finetune, export and reference.py all load through here."""
+    Sampling, finetune, export and reference.py all load through here. A LoRA finetune's
+    checkpoint loads as its base with the adapters added (load_adapted)."""
+    if lora.adapter_dir(path):
+        return load_adapted(lora.adapter_dir(path), tokenizer_path, max_seq_len, max_batch_size, device, dtype,
+                            rope_scale_factor, tokenizer, vocab_size, quantize, group_size)
     path, kind = formats.locate(path)
     device = check_device(device or default_device())
     gguf = kind == "gguf"
@@ -702,6 +707,25 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
     dtype = resolve_dtype(dtype or ("bf16" if plan and device.type == "cpu" else None), device)
     model = assemble(args, ckpt.read_state(), ckpt.where, ckpt.source, device, dtype, plan)
     return Llama(model, ckpt.tokenizer if gguf else tok, ckpt.chat_format if gguf else ChatFormat("llama3"))
+
+
+def base_fingerprint(path) -> str:
+    state = read_checkpoint(path)[1].read_state()
+    return lora.fingerprint(state[0] if isinstance(state, list) else state)  # model-parallel: the first file
+
+
+def load_adapted(path, *args) -> "Llama":
+    """A LoRA checkpoint: the base adapters.pt names, checked against its fingerprint, with the adapters."""
+    saved = lora.read_adapters(path)
+    base, fingerprint = saved["base"], saved["fingerprint"]
+    if base_fingerprint(base) != fingerprint:
+        raise ConfigError(f"{path}: its adapters were trained on other weights than {base} holds now "
+                          f"(fingerprint {fingerprint} vs {base_fingerprint(base)}); restore that base")
+    llama = load_checkpoint(base, *args)
+    lora.add_adapters(llama.model, saved["config"])
+    lora.load_adapters(llama.model, saved["adapters"], Path(path) / lora.FILE)
+    llama.model.lora_base = (base, fingerprint)
+    return llama
 
 
 def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, device=None, dtype=None,
@@ -1196,7 +1220,7 @@ class DistributedShardedDataLoader:
 # -----------------------------------------------------------------------------
 # training: finetune in one process or under torchrun (DDP or FSDP); checkpoints that resume exactly
 
-FINETUNE_TYPES = ("all", "rmsnorm", "no_embeddings")
+FINETUNE_TYPES = ("all", "rmsnorm", "no_embeddings", "lora")
 # dense bf16 peaks, matched against torch.cuda.get_device_name in this order (the NVL and PCIe
 # cards before the SXM ones whose names they contain)
 PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
@@ -1205,7 +1229,8 @@ PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100
 
 def select_trainable(model: Transformer, finetune_type: str):
     """all: every parameter; rmsnorm: only the norm gains; no_embeddings: all but tok_embeddings
-    and output (the two vocab-sized matrices, most of a small model's memory)."""
+    and output (the two vocab-sized matrices, most of a small model's memory); lora: the adapters
+    alone (lora.py; add_adapters has frozen the rest)."""
     if finetune_type not in FINETUNE_TYPES:
         raise ConfigError(f"unknown finetune_type {finetune_type!r}; use one of {', '.join(FINETUNE_TYPES)}")
     for name, p in model.named_parameters():
@@ -1213,6 +1238,8 @@ def select_trainable(model: Transformer, finetune_type: str):
             train = name.endswith("norm.weight")
         elif finetune_type == "no_embeddings":
             train = not name.startswith(("tok_embeddings.", "output."))
+        elif finetune_type == "lora":
+            train = ".lora_" in name
         else:
             train = True
         p.requires_grad_(train)
@@ -1355,14 +1382,19 @@ def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, model_st
                           loader, rng: List[dict], config: dict, source: Path, tokenizer: Tokenizer,
                           keep: int = 2) -> Path:
     """out_dir/step_NNNNNN/: the model in fp32, so resuming is exact (build() loads it), and
-    train_state.pt (optimizer, step, data position, each process's RNG states). In Meta's layout with tokenizer.model
-    (reference.py loads it too), or, for a model that came from a GGUF file, as model.gguf with
-    that file's tokenizer and chat template. Written under a .tmp name and renamed, then `latest`
-    is switched atomically, so a kill at any moment leaves the previous checkpoint whole and
+    train_state.pt (optimizer, step, data position, each process's RNG states). In Meta's layout
+    with tokenizer.model (reference.py loads it too), or, for a model that came from a GGUF file,
+    as model.gguf with that file's tokenizer and chat template; a LoRA run's adapters alone, as
+    adapters.pt (lora.save_adapters). Written under a .tmp name and renamed, then `latest` is
+    switched atomically, so a kill at any moment leaves the previous checkpoint whole and
     `latest` pointing at it."""
     final, tmp = out_dir / f"step_{step:06d}", out_dir / f"step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if tokenizer.path is not None:
+    if lora.adapted(model):  # the adapters and a reference to the base, not the base
+        tmp.mkdir(parents=True)
+        lora.save_adapters(tmp, {k: v for k, v in model_state.items() if ".lora_" in k},
+                           lora_config(config), *model.lora_base)
+    elif tokenizer.path is not None:
         save_meta(model, tmp, dtype=torch.float32, state=model_state)
         shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
     else:
@@ -1447,6 +1479,11 @@ SETTINGS = {
     "grad_clip": Setting(1.0, 1.0, float, 0),
     "doc_mask": Setting(True, True, bool),
     "fsdp": Setting(False, False, bool),
+    "lora_rank": Setting(8, 8, int, 1),
+    "lora_alpha": Setting(16.0, 16.0, float, 0),
+    "lora_dropout": Setting(0.0, 0.0, float, 0),
+    "lora_targets": Setting(",".join(lora.DEFAULT_TARGETS), ",".join(lora.DEFAULT_TARGETS), str),
+    "quantize": Setting("none", "none", str),  # int8 or int4 with lora: QLoRA's frozen quantized base
     "stop_after": Setting(None, None, int, 1, saved=False),
     "val_every": Setting(50, 50, int, 0, saved=False),
     "val_steps": Setting(10, 10, int, 1, saved=False),
@@ -1519,6 +1556,7 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistIn
                           "(N > 1), or drop --fsdp")
     if cfg["fsdp"] and compile:
         raise ConfigError("--fsdp with --compile is not supported here; drop one of them")
+    check_lora_settings(cfg)
     if cfg["warmup_steps"] is None:  # a short run still reaches its learning rate
         cfg["warmup_steps"] = min(MAX_DEFAULT_WARMUP, int(WARMUP_FRACTION * cfg["max_steps"]))
     elif cfg["warmup_steps"] > cfg["max_steps"] and info.master:
@@ -1538,6 +1576,24 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistIn
         raise ConfigError(f"{out} holds the checkpoints of an earlier run ({out / 'latest'}); continue it with "
                           f"--resume latest, or give another --out_dir")
     return Plan(cfg, out, source, demo, resume_dir, state, step, last_stop)
+
+
+def lora_config(cfg: dict) -> lora.LoRAConfig:
+    return lora.check_config(cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
+
+
+def check_lora_settings(cfg: dict):
+    """LoRA's settings checked before the model loads; a quantized base only under adapters."""
+    quantizer.check_mode(cfg["quantize"], 32)
+    if cfg["finetune_type"] != "lora":
+        if cfg["quantize"] != "none":
+            raise ConfigError(f"--quantize {cfg['quantize']} freezes the base, so only adapters can train; add "
+                              f"--finetune_type lora, or drop --quantize")
+        return
+    lora_config(cfg)
+    if cfg["fsdp"]:
+        raise ConfigError("--fsdp with --finetune_type lora is not supported yet; drop --fsdp (DDP replicates "
+                          "the small adapters cheaply)")
 
 
 def earlier_demo(out: Path) -> bool:
@@ -1593,10 +1649,14 @@ def setup_training(plan: Plan, tokenizer_path, compile: bool, checkpoint_activat
     the device one module at a time. Returns (Llama of the bare model, the model to call,
     optimizer, train loader, validation loader or None)."""
     cfg, sharded = plan.cfg, plan.cfg["fsdp"]
+    quantize = cfg["quantize"] if cfg["finetune_type"] == "lora" else "none"
     llama = load_checkpoint(plan.source, tokenizer_path, max(cfg["T"], 2048), 4,
-                            torch.device("cpu") if sharded else dev, torch.float32, quantize="none")
+                            torch.device("cpu") if sharded else dev, torch.float32, quantize=quantize)
     model = llama.model.train()
     model.checkpoint_activations = checkpoint_activations
+    if cfg["finetune_type"] == "lora" and not lora.adapted(model):  # a resumed run's came with it
+        lora.add_adapters(model, lora_config(cfg), torch.Generator().manual_seed(seed))
+        model.lora_base = (str(plan.source), base_fingerprint(plan.source))
     select_trainable(model, cfg["finetune_type"])
     if sharded:
         shard_model(model, dev)
@@ -1681,7 +1741,9 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
              checkpoint_activations: bool = False, val_every: Optional[int] = None, val_steps: Optional[int] = None,
              save_every: Optional[int] = None, resume=None, tokenizer_path: Optional[str] = None,
              device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1337,
-             log_every: Optional[int] = None, sample_prompts=None, sample_len: int = 32):
+             log_every: Optional[int] = None, sample_prompts=None, sample_len: int = 32,
+             lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None,
+             lora_dropout: Optional[float] = None, lora_targets=None, quantize: Optional[str] = None):
     """Finetune a checkpoint (Meta's or HF's layout, or a .gguf file) on .bin token shards, in one
     process or many (torchrun --nproc_per_node N llama31.py finetune ...): DDP replicas, or with
     --fsdp a 1/N shard of the weights, gradients and optimizer state each. total_batch_size tokens
@@ -1689,7 +1751,11 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     weights; --checkpoint_activations recomputes each block in the backward pass. Checkpoints go to
     out_dir/step_NNNNNN every save_every steps and at the end; --resume latest continues exactly,
     with the saved settings. Without --ckpt_dir or --resume: the demo, SmolLM2 briefly finetuned on
-    data/sample.txt. Settings left out take SETTINGS' defaults (given: those passed, else None)."""
+    data/sample.txt. Settings left out take SETTINGS' defaults (given: those passed, else None).
+    --finetune_type lora trains adapters (--lora_rank, --lora_alpha, --lora_dropout, --lora_targets
+    wq,wk,...) on a frozen base, quantized with --quantize int8|int4 (QLoRA); see lora.py."""
+    if lora_targets is not None and not isinstance(lora_targets, str):  # fire reads wq,wk as a tuple
+        lora_targets = ",".join(map(str, lora_targets))
     given = {name: value for name, value in locals().items() if name in SETTINGS}
     check_settings(given)
     info, dev = setup_distributed(device)
@@ -2009,14 +2075,16 @@ def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
     if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
         raise ConfigError("out_dir is ckpt_dir; write the converted checkpoint to a new directory")
     check_out_dir(out_dir)
-    source, kind = formats.locate(ckpt_dir)
+    adapters = lora.adapter_dir(ckpt_dir)  # a LoRA checkpoint: the base's tokenizer, adapters merged
+    source, kind = formats.locate(lora.read_adapters(adapters)["base"] if adapters else ckpt_dir)
     formats.check_export_tokenizer(source)  # damage found before anything is written
     if format == "gguf":
-        return export_gguf(source, kind, Path(out_dir), rope_scale_factor, gguf_type)
+        return export_gguf(source, kind, Path(out_dir), rope_scale_factor, gguf_type, ckpt_dir)
     if kind == "gguf":
         raise ConfigError(f"{ckpt_dir} is a GGUF file, whose tokenizer has no Meta or HF form here; export it "
                           f"with --format gguf")
     model = load_model(ckpt_dir, device="cpu", dtype=dtype, rope_scale_factor=rope_scale_factor)
+    lora.merge(model)
     if format == "hf":
         formats.save_hf(model.state_dict(), model.args.to_params(), out_dir, dtype=resolve_dtype(dtype, "cpu"))
     else:
@@ -2025,9 +2093,11 @@ def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
     formats.export_tokenizer(source, Path(out_dir), format, model.args.to_params())
 
 
-def export_gguf(source: Path, kind: str, out_dir: Path, rope_scale_factor, gguf_type: str):
-    llama = load_checkpoint(source, None, device="cpu", dtype="fp32", rope_scale_factor=rope_scale_factor,
-                            quantize="none")
+def export_gguf(source: Path, kind: str, out_dir: Path, rope_scale_factor, gguf_type: str, weights=None):
+    """weights: where the weights come from if not source (a LoRA checkpoint on the base `source`)."""
+    llama = load_checkpoint(weights or source, None, device="cpu", dtype="fp32",
+                            rope_scale_factor=rope_scale_factor, quantize="none")
+    lora.merge(llama.model)
     args = llama.model.args
     if kind == "gguf":  # the file's own tokenizer metadata and template, as they are
         fields = formats.gguf_fields(source)

@@ -195,7 +195,7 @@ def test_bad_finetune_input_is_a_clear_error(tiny_ckpt, data, saved_run, tmp_pat
         "resume with other B": (None, data, saved_run, {"resume": "latest", "B": 4}),
         "resume past the end": (None, data, saved_run, {"resume": "latest", "max_steps": 1}),
         "fp16": (tiny_ckpt, data, tmp_path, {"dtype": "fp16"}),
-        "finetune type": (tiny_ckpt, data, tmp_path, {"finetune_type": "lora"}),
+        "finetune type": (tiny_ckpt, data, tmp_path, {"finetune_type": "qlora"}),
     }[case]
     with pytest.raises(ValueError, match=message):
         run(*args[:3], **args[3])

@@ -1,0 +1,318 @@
+"""lora.py: a fresh adapter changes nothing; merged equals unmerged; our adapters equal HF PEFT's
+LoRA on the HF conversion of the same weights (logits, loss, one AdamW step); finetune --finetune_type
+lora trains and saves only adapters, resumes exactly, loads and exports merged; bad settings are
+one-line errors."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import lora
+import quantize
+from conftest import FINETUNE_SHAPE, make_checkpoint, random_model
+from formats import permute_qk, save_hf
+from llama31 import Llama, export, finetune, load_model
+from tokenizer import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = dict(vocab_size=512, n_layers=2)
+ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+            "wo": "self_attn.o_proj", "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
+
+
+def tokens(n_rows=2, seqlen=24, vocab=512, seed=0):
+    return torch.randint(0, vocab, (n_rows, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def with_adapters(model, targets=ALL, rank=4, alpha=8.0, seed=0, random_b=True):
+    """model with adapters; B random too (B = 0 would make every test below trivially pass)."""
+    cfg = lora.check_config(rank, alpha, 0.0, targets)
+    g = torch.Generator().manual_seed(seed)
+    lora.add_adapters(model, cfg, generator=g)
+    if random_b:
+        for _, m in lora.adapted(model):
+            with torch.no_grad():
+                m.lora_b.copy_(torch.randn(m.lora_b.shape, generator=g) * 0.02)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# our own adapters
+
+
+def test_fresh_adapters_leave_the_logits_identical():
+    model = random_model(tie_embeddings=False, **TINY).eval()
+    x = tokens()
+    before = model.forward_inference(x)
+    with_adapters(model, random_b=False)
+    assert torch.equal(model.forward_inference(x), before)
+
+
+def test_adapters_keep_the_base_names_and_freeze_the_base():
+    model = with_adapters(random_model(tie_embeddings=False, **TINY))
+    names = set(model.state_dict())
+    assert "layers.0.attention.wq.weight" in names and "layers.1.feed_forward.w2.weight" in names
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(lora.adapter_state(model))
+    assert len(trainable) == 2 * (7 * 2 + 1)
+
+
+def test_merged_equals_unmerged():
+    model = with_adapters(random_model(tie_embeddings=False, **TINY)).eval()
+    x = tokens()
+    unmerged = model.forward_inference(x)
+    lora.merge(model)
+    assert not lora.adapted(model) and not any("lora" in k for k in model.state_dict())
+    assert (model.forward_inference(x) - unmerged).abs().max().item() <= 1e-5
+
+
+def test_quantized_base_takes_adapters_and_merges_to_dense():
+    model = random_model(tie_embeddings=False, **TINY).eval()
+    plan = {f"layers.{i}.attention.{w}": ("int8",) for i in range(2) for w in ("wq", "wv")}
+    plan["layers.0.attention.wk"] = ("int4", 32)
+    state = model.state_dict()
+    quantize.swap_modules(model, plan, "cpu", torch.float32)
+    loaded = {}
+    for k, v in state.items():
+        loaded.update(quantize.quantized_state(model, plan, k, v, "cpu", torch.float32))
+    model.load_state_dict(loaded, assign=True)
+    x = tokens()
+    base = model.forward_inference(x)
+    with_adapters(model, targets=("wq", "wk", "wv"), random_b=False)
+    assert torch.equal(model.forward_inference(x), base)
+    for _, m in lora.adapted(model):
+        with torch.no_grad():
+            m.lora_b.normal_(0, 0.02)
+    unmerged = model.forward_inference(x)
+    lora.merge(model)
+    assert isinstance(model.layers[0].attention.wq, torch.nn.Linear)
+    assert (model.forward_inference(x) - unmerged).abs().max().item() <= 1e-4 * unmerged.abs().max().item()
+
+
+def test_adapter_state_round_trips():
+    a = with_adapters(random_model(tie_embeddings=False, **TINY), seed=1)
+    b = with_adapters(random_model(tie_embeddings=False, **TINY), seed=2)
+    lora.load_adapters(b, {k: v.detach().clone() for k, v in lora.adapter_state(a).items()}, "test")
+    x = tokens()
+    assert torch.equal(a.eval().forward_inference(x), b.eval().forward_inference(x))
+
+
+def test_fingerprint_names_the_base_weights_not_their_dtype():
+    model = random_model(**TINY)
+    state = model.state_dict()
+    assert lora.fingerprint(state) == lora.fingerprint({k: v.bfloat16() for k, v in state.items()})
+    state["layers.0.attention.wq.weight"] = state["layers.0.attention.wq.weight"] + 1
+    assert lora.fingerprint(state) != lora.fingerprint(model.state_dict())
+
+
+# -----------------------------------------------------------------------------
+# against HF PEFT on the HF conversion
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Our model with adapters on every Linear but output, and transformers + PEFT's LoRA on the
+    HF conversion of the same base, given the same A and B (q/k's B rows in HF's RoPE order)."""
+    peft = pytest.importorskip("peft")  # the reference only: not needed to run LoRA
+    targets = ALL[:-1]
+    ours = random_model(seed=3, tie_embeddings=False, **TINY)
+    hf_dir = tmp_path_factory.mktemp("hf")
+    save_hf(ours.state_dict(), ours.args.to_params(), hf_dir, dtype=torch.float32)
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=[HF_NAMES[t].split(".")[1]
+                                                                              for t in targets])
+    hf = peft.get_peft_model(hf, cfg)
+    with_adapters(ours, targets)
+    copy_adapters_to_hf(ours, hf)
+    return ours, hf
+
+
+def hf_module(hf, i, short):
+    return hf.base_model.model.model.layers[i].get_submodule(HF_NAMES[short])
+
+
+def copy_adapters_to_hf(ours, hf):
+    args = ours.args
+    for i, layer in enumerate(ours.layers):
+        for short in HF_NAMES:
+            m = layer.get_submodule(lora.TARGETS[short])
+            heads = {"wq": args.n_heads, "wk": args.n_kv_heads}.get(short)
+            b = permute_qk(m.lora_b.detach(), heads) if heads else m.lora_b.detach()
+            theirs = hf_module(hf, i, short)
+            with torch.no_grad():
+                theirs.lora_A["default"].weight.copy_(m.lora_a)
+                theirs.lora_B["default"].weight.copy_(b)
+
+
+def test_logits_and_loss_match_peft(pair):
+    ours, hf = pair
+    x = tokens(seqlen=33)
+    with torch.no_grad():
+        mine = ours.eval().forward_inference(x[:, :-1])
+        out = hf.eval()(input_ids=x, labels=x)
+        loss = ours.forward_loss(x[:, :-1], x[:, 1:])
+    assert (mine - out.logits[:, :-1]).abs().max().item() <= 1e-5
+    assert abs(loss.item() - out.loss.item()) <= 1e-5
+
+
+def test_one_adamw_step_matches_peft(pair):
+    ours, hf = copy.deepcopy(pair[0]).train(), copy.deepcopy(pair[1]).train()
+    x = tokens(seqlen=33, seed=1)
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3, eps=1e-6)
+    opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-3, eps=1e-6)
+    assert len(opt_ours.param_groups[0]["params"]) == len(opt_hf.param_groups[0]["params"])
+    ours.forward_loss(x[:, :-1], x[:, 1:]).backward()
+    hf(input_ids=x, labels=x).loss.backward()
+    opt_ours.step()
+    opt_hf.step()
+    args = ours.args
+    for i, layer in enumerate(ours.layers):
+        for short in HF_NAMES:
+            m, theirs = layer.get_submodule(lora.TARGETS[short]), hf_module(hf, i, short)
+            heads = {"wq": args.n_heads, "wk": args.n_kv_heads}.get(short)
+            b = theirs.lora_B["default"].weight.detach()
+            b = permute_qk(b, heads, to_hf=False) if heads else b
+            assert (m.lora_a - theirs.lora_A["default"].weight).abs().max().item() <= 1e-5, (i, short)
+            assert (m.lora_b - b).abs().max().item() <= 1e-5, (i, short)
+
+
+# -----------------------------------------------------------------------------
+# bad settings: one line each
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(targets="wq,attention"), "lora_targets attention: not a Linear of the model"),
+    (dict(targets="tok_embeddings"), "lora_targets tok_embeddings"),
+    (dict(targets=""), "lora_targets (none)"),
+    (dict(rank=0), "lora_rank 0 must be"),
+    (dict(rank=2.5), "lora_rank 2.5 must be"),
+    (dict(alpha=-1), "lora_alpha -1 must be"),
+    (dict(dropout=1.0), "lora_dropout 1.0 must be"),
+])
+def test_bad_settings_are_one_line(kwargs, words):
+    with pytest.raises(ConfigError) as e:
+        lora.check_config(**kwargs)
+    assert str(e.value).startswith(words) and "\n" not in str(e.value)
+
+
+def test_output_of_a_tied_model_is_refused():
+    model = random_model(tie_embeddings=True, **TINY)
+    with pytest.raises(ConfigError, match="ties output to tok_embeddings"):
+        lora.add_adapters(model, lora.check_config(targets="wq,output"))
+
+
+def test_adapters_of_another_rank_are_refused():
+    a = with_adapters(random_model(tie_embeddings=False, **TINY), rank=4)
+    b = with_adapters(random_model(tie_embeddings=False, **TINY), rank=8)
+    with pytest.raises(ConfigError, match="check lora_rank"):
+        lora.load_adapters(b, lora.adapter_state(a), "a.pt")
+
+
+# -----------------------------------------------------------------------------
+# finetune --finetune_type lora: adapters only, in checkpoints of megabytes, resumed exactly
+
+
+def run(ckpt, data, out, **kw):
+    args = dict(ckpt_dir=str(ckpt), out_dir=str(out), B=2, T=32, max_steps=3, learning_rate=1e-2, warmup_steps=1,
+                val_every=0, device="cpu", sample_prompts=[], finetune_type="lora", lora_rank=4,
+                lora_targets="wq,wk,wv,wo,w2", **data)
+    args.update(kw)
+    return finetune(**args)
+
+
+def test_lora_finetune_changes_only_the_adapters_and_saves_only_them(tiny_ckpt, data, tmp_path):
+    base = load_model(tiny_ckpt, device="cpu", dtype="fp32").state_dict()
+    model = run(tiny_ckpt, data, tmp_path)["model"]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base.items())
+    assert all(p.abs().max() > 0 for k, p in lora.adapter_state(model).items() if k.endswith("lora_b"))
+    saved = sorted(p.name for p in (tmp_path / "step_000003").iterdir())
+    assert saved == ["adapters.pt", "train_state.pt"]
+    assert (tmp_path / "step_000003" / "adapters.pt").stat().st_size < 2e6
+
+
+def test_lora_checkpoint_loads_as_base_plus_adapters_and_exports_merged(tiny_ckpt, data, tmp_path):
+    model = run(tiny_ckpt, data, tmp_path / "run")["model"].eval()
+    x = torch.tensor([[128000, 791, 8415, 3290]])
+    step = tmp_path / "run" / "step_000003"
+    for path in (step, tmp_path / "run" / "latest"):
+        llama = Llama.build(path, max_seq_len=64, device="cpu", dtype="fp32")
+        assert torch.equal(llama.model.forward_inference(x), model.forward_inference(x))
+    export(str(step), str(tmp_path / "merged"), format="meta", dtype="fp32")
+    merged = load_model(tmp_path / "merged", device="cpu", dtype="fp32")
+    assert (merged.forward_inference(x) - model.forward_inference(x)).abs().max().item() <= 1e-5
+
+
+def test_lora_resume_continues_exactly(tiny_ckpt, data, tmp_path):
+    straight = run(tiny_ckpt, data, tmp_path / "a", max_steps=6, lora_dropout=0.1)
+    run(tiny_ckpt, data, tmp_path / "b", max_steps=6, stop_after=3, lora_dropout=0.1)
+    resumed = finetune(out_dir=str(tmp_path / "b"), resume="latest", device="cpu", sample_prompts=[], val_every=0)
+    assert resumed["step"] == 6 and resumed["train_loss"] == straight["train_loss"]
+    a, b = lora.adapter_state(straight["model"]), lora.adapter_state(resumed["model"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qlora_trains_adapters_on_an_int8_base(tiny_ckpt, data, tmp_path):
+    model = run(tiny_ckpt, data, tmp_path, quantize="int8")["model"]
+    assert isinstance(model.layers[0].attention.wq, quantize.Int8Linear)
+    assert all(p.abs().max() > 0 for k, p in lora.adapter_state(model).items() if k.endswith("lora_b"))
+
+
+def test_adapters_on_a_changed_base_are_refused(data, tmp_path):
+    make_checkpoint(tmp_path / "base", seed=0, dtype=torch.float32, **FINETUNE_SHAPE)
+    run(tmp_path / "base", data, tmp_path / "run", max_steps=1)
+    make_checkpoint(tmp_path / "base", seed=1, dtype=torch.float32, **FINETUNE_SHAPE)
+    with pytest.raises(ConfigError, match="adapters were trained on other weights than") as e:
+        Llama.build(tmp_path / "run" / "step_000001", device="cpu")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(finetune_type="all", quantize="int8"), "--quantize int8 freezes the base"),
+    (dict(lora_targets="wq,norm"), "lora_targets norm: not a Linear"),
+    (dict(lora_rank=0), "--lora_rank must be an integer >= 1"),
+])
+def test_bad_lora_finetune_input_is_one_line(tiny_ckpt, data, tmp_path, kw, words):
+    with pytest.raises(ConfigError) as e:
+        run(tiny_ckpt, data, tmp_path, **kw)
+    assert str(e.value).startswith(words) and "\n" not in str(e.value)
+
+
+def test_cli_lora_finetune_samples_and_exports(tiny_ckpt, data, tmp_path):
+    def cli(*args):
+        r = subprocess.run([sys.executable, "llama31.py", *args], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    cli("finetune", "--ckpt_dir", str(tiny_ckpt), "--train_data", data["train_data"], "--val_data", "",
+        "--out_dir", str(tmp_path / "run"), "--B", "2", "--T", "32", "--max_steps", "2", "--device", "cpu",
+        "--finetune_type", "lora", "--lora_targets", "wq,wv,w1", "--lora_rank", "2", "--sample_prompts", "[]")
+    saved = lora.read_adapters(tmp_path / "run" / "step_000002")
+    assert saved["config"].targets == ("wq", "wv", "w1") and saved["config"].rank == 2
+    r = cli("--ckpt_dir", str(tmp_path / "run" / "latest"), "--prompts", '["The cat"]', "--max_gen_len", "4",
+            "--device", "cpu", "--nostream")
+    assert "The cat" in r.stdout
+    cli("export", "--ckpt_dir", str(tmp_path / "run" / "step_000002"), "--out_dir", str(tmp_path / "hf"),
+        "--format", "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_lora_under_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_ckpt, data, tmp_path):
+    from test_finetune import torchrun
+    single = finetune(ckpt_dir=str(tiny_ckpt), out_dir=str(tmp_path / "single"), B=2, T=32, max_steps=3,
+                      total_batch_size=4 * 2 * 32, learning_rate=1e-3, warmup_steps=2, val_every=0, device="cpu",
+                      sample_prompts=[], finetune_type="lora", **data)
+    torchrun(tiny_ckpt, data, tmp_path / "ddp", "ddp", "-", "lora")
+    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
+    mine = lora.adapter_state(single["model"])
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert max((rank0[k] - v).abs().max().item() for k, v in mine.items()) < 1e-5
+    assert all(rank0[k].abs().max() > 0 for k in mine if k.endswith("lora_b"))
