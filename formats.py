@@ -173,6 +173,19 @@ def torch_load(path: Path, what: str = "re-download or re-export it"):
                           f"one: {what}") from None
 
 
+def load_saved(path: Path, holds: str, fits, what: str) -> dict:
+    """A file finetune wrote (train_state.pt, adapters.pt): torch_load, then fits(saved) (which
+    may raise on a missing or odd field) says whether it holds the fields `holds` names."""
+    saved = torch_load(path, what)
+    try:
+        ok = fits(saved)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{path} does not hold what finetune saves ({holds}); {what}")
+    return saved
+
+
 def check_finite(tensors, where):
     """Every float tensor in a (nested) dict or list holds finite values: a sum is one cheap pass,
     and NaN or infinity anywhere makes it non-finite."""

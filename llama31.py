@@ -675,8 +675,9 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
     "none" loads every tensor in dtype. A quantized model's dtype defaults to bf16 on CPU too.
     Sampling, finetune, export and reference.py all load through here. A LoRA finetune's
     checkpoint loads as its base with the adapters added (load_adapted)."""
-    if lora.adapter_dir(path):
-        return load_adapted(lora.adapter_dir(path), tokenizer_path, max_seq_len, max_batch_size, device, dtype,
+    adapters = lora.adapter_dir(path)
+    if adapters:
+        return load_adapted(adapters, tokenizer_path, max_seq_len, max_batch_size, device, dtype,
                             rope_scale_factor, tokenizer, vocab_size, quantize, group_size)
     path, kind = formats.locate(path)
     device = check_device(device or default_device())
@@ -717,10 +718,10 @@ def base_fingerprint(path) -> str:
 def load_adapted(path, *args) -> "Llama":
     """A LoRA checkpoint: the base adapters.pt names, checked against its fingerprint, with the adapters."""
     saved = lora.read_adapters(path)
-    base, fingerprint = saved["base"], saved["fingerprint"]
-    if base_fingerprint(base) != fingerprint:
+    base, fingerprint, now = saved["base"], saved["fingerprint"], base_fingerprint(saved["base"])
+    if now != fingerprint:
         raise ConfigError(f"{path}: its adapters were trained on other weights than {base} holds now "
-                          f"(fingerprint {fingerprint} vs {base_fingerprint(base)}); restore that base")
+                          f"(fingerprint {fingerprint} vs {now}); restore that base")
     llama = load_checkpoint(base, *args)
     lora.add_adapters(llama.model, saved["config"])
     lora.load_adapters(llama.model, saved["adapters"], Path(path) / lora.FILE)
@@ -1438,18 +1439,15 @@ def read_train_state(resume_dir: Path) -> dict:
     """train_state.pt, checked before anything trusts it: the fields finetune writes, of their
     kinds, and every float finite (the optimizer's moments)."""
     path = resume_dir / "train_state.pt"
-    state = formats.torch_load(path, "resume from another step_NNNNNN directory")
-    try:  # rng: a state per process, or (earlier) one dict
-        ranks = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        fits = (state["step"] >= 0 and isinstance(state["optimizer"], dict) and int(state["loader"]["shard"]) >= 0
+
+    def fits(state):
+        ranks = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # per process, or (earlier) one
+        return (state["step"] >= 0 and isinstance(state["optimizer"], dict) and int(state["loader"]["shard"]) >= 0
                 and int(state["loader"]["position"]) >= 0 and isinstance(state["config"]["world_size"], int)
                 and len(ranks) in (1, state["config"]["world_size"])
                 and all(r["cpu"].shape == torch.get_rng_state().shape for r in ranks))
-    except (KeyError, TypeError, AttributeError, ValueError):
-        fits = False
-    if not fits:
-        raise ConfigError(f"{path} does not hold what finetune saves (step, optimizer, loader, rng, config); resume "
-                          f"from another step_NNNNNN directory")
+    state = formats.load_saved(path, "step, optimizer, loader, rng, config", fits,
+                               "resume from another step_NNNNNN directory")
     formats.check_finite(state["optimizer"], path)
     return state
 
@@ -1634,9 +1632,8 @@ def training_data(plan: Plan, tokenizer: Tokenizer, vocab_size: int, info: DistI
     return train_loader, val_loader
 
 
-def training_autocast(dtype, dev):
+def training_autocast(train_dtype, dev):
     """Weights stay fp32 (the optimizer's master copy); a bf16 --dtype is autocast's job."""
-    train_dtype = resolve_dtype(dtype, dev)
     if train_dtype == torch.float16:
         raise ConfigError("fp16 training needs loss scaling, which this loop does not do; use --dtype bf16 or fp32")
     return torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32 else contextlib.nullcontext()
@@ -1762,7 +1759,8 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     log = print if info.master else (lambda *a, **k: None)
     plan = plan_run(given, ckpt_dir, out_dir, resume, compile, info, log)
     cfg, step, sharded = plan.cfg, plan.step, plan.cfg["fsdp"]
-    autocast = training_autocast(dtype, dev)
+    train_dtype = resolve_dtype(dtype, dev)
+    autocast = training_autocast(train_dtype, dev)
     llama, model, optimizer, train_loader, val_loader = setup_training(plan, tokenizer_path, compile,
                                                                        checkpoint_activations, seed, info, dev, log)
     raw_model, T = llama.model, cfg["T"]
@@ -1770,7 +1768,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     # a sharded model gathers its weights in hooks around forward(), so it is called, not forward_loss
     loss_of = model if sharded else raw_model.forward_loss
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    peak, fpt = peak_flops(dev, resolve_dtype(dtype, dev)), flops_per_token(raw_model, T)
+    peak, fpt = peak_flops(dev, train_dtype), flops_per_token(raw_model, T)
     bos = llama.tokenizer.bos_id if cfg["doc_mask"] else None
     config = {k: v for k, v in cfg.items() if SETTINGS[k].saved} | {"world_size": info.world_size, "demo": plan.demo}
     stats = {"train_loss": None, "val_loss": None}
@@ -1830,8 +1828,7 @@ def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, v
     if sample_prompts != []:
         default = ["Once upon a time, a little dog"] if plan.demo else DEFAULT_PROMPTS[:2]
         prompts = [sample_prompts] if isinstance(sample_prompts, str) else (sample_prompts or default)
-        sample_after_training(llama, optimizer, prompts, sample_len, sharded, info, dev, resolve_dtype(dtype, dev),
-                              plan.out, log)
+        sample_after_training(llama, optimizer, prompts, sample_len, sharded, info, dev, train_dtype, plan.out, log)
     if info.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

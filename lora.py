@@ -228,16 +228,13 @@ def save_adapters(out_dir: Path, state: Dict[str, torch.Tensor], config: LoRACon
 def read_adapters(ckpt_dir) -> dict:
     """adapters.pt, checked: its config as a LoRAConfig, every adapter a finite tensor."""
     path = Path(ckpt_dir) / FILE
-    saved = formats.torch_load(path, "point --ckpt_dir at another step_NNNNNN directory")
-    try:
+
+    def fits(saved):
         saved["config"] = check_config(**saved["config"])
-        fits = isinstance(saved["base"], str) and isinstance(saved["fingerprint"], str) and \
+        return isinstance(saved["base"], str) and isinstance(saved["fingerprint"], str) and \
             all(isinstance(v, torch.Tensor) for v in saved["adapters"].values())
-    except (KeyError, TypeError, AttributeError):
-        fits = False
-    if not fits:
-        raise ConfigError(f"{path} does not hold what finetune saves (adapters, config, base, fingerprint); use "
-                          f"another step_NNNNNN directory")
+    saved = formats.load_saved(path, "adapters, config, base, fingerprint", fits,
+                               "point --ckpt_dir at another step_NNNNNN directory")
     formats.check_finite(saved["adapters"], path)
     return saved
 
