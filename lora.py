@@ -75,16 +75,16 @@ class Frozen(nn.Module):
             return QuantizedProduct.apply(x, self)
         return super().forward(x)
 
-    def dense_weight(self) -> torch.Tensor:
-        """The base matrix in fp32. A quantized one in a kernel's packed layout is read back
-        through the kernel (x = I gives W^T), since those layouts have no dequantize."""
+    def dense_weight(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """Rows lo..hi of the base matrix in fp32 (all by default). CUDA's int4 tiles have no
+        dequantizer, so that layout is read back whole through its kernel (x = I gives W^T)."""
         if self.weight.is_floating_point():
-            return self.weight.float()
-        if getattr(self, "layout", "plain") == "plain":
-            return self.dequantize().float()
+            return self.weight[lo:hi].float()
+        if getattr(self, "layout", None) != "cuda":
+            return self.dequantize(lo, hi)
         dtype = next(t for t in self.buffers() if t.is_floating_point()).dtype
         eye = torch.eye(self.in_features, dtype=dtype, device=self.weight.device)
-        return self.base_class.forward(self, eye).T.float()
+        return self.base_class.forward(self, eye).T.float()[lo:hi]
 
 
 class LoRA(Frozen):
@@ -103,7 +103,10 @@ class LoRA(Frozen):
 
 class QuantizedProduct(torch.autograd.Function):
     """A quantized base's product, whose kernels have no backward: the gradient to x goes through
-    the matrix dequantized for the moment (the base is frozen, so it gets none)."""
+    the matrix dequantized for the moment, ROWS rows at a time (an 8B model's int8 output layer
+    would be 2 GB in fp32 at once); the base is frozen, so it gets none."""
+
+    ROWS = 4096  # a multiple of the CPU int4 layout's 32-row tiles
 
     @staticmethod
     def forward(ctx, x, module):
@@ -112,7 +115,13 @@ class QuantizedProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad @ ctx.module.dense_weight().to(grad.dtype), None
+        m, rows = ctx.module, QuantizedProduct.ROWS
+        if getattr(m, "layout", None) == "cuda":  # read back whole through the kernel
+            return grad @ m.dense_weight().to(grad.dtype), None
+        dx = 0  # summed in fp32: a bf16 gradient would round at every block
+        for lo in range(0, m.out_features, rows):
+            dx = dx + (grad[..., lo:lo + rows] @ m.dense_weight(lo, lo + rows).to(grad.dtype)).float()
+        return dx.to(grad.dtype), None
 
 
 _CLASSES: Dict[tuple, type] = {}

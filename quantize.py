@@ -125,8 +125,9 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         return int8_matmul(x, self.weight, self.scales, kernel=x.device.type == "cpu")
 
-    def dequantize(self) -> torch.Tensor:
-        return Int8Values(self.weight, self.scales).dequantize()
+    def dequantize(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """Rows lo..hi of the matrix in fp32 (all of it by default)."""
+        return Int8Values(self.weight[lo:hi], self.scales[lo:hi]).dequantize()
 
 
 class Int4Linear(nn.Module):
@@ -186,13 +187,33 @@ class Int4Linear(nn.Module):
             out = F.linear(x2, self.dequantize().to(x.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def dequantize(self) -> torch.Tensor:
-        """The matrix in fp32 (plain layout only; the kernels' tiles are not undone here)."""
-        if self.layout != "plain":
-            raise ConfigError("dequantize reads the plain int4 layout only")
-        q = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).flatten(1)
-        sz = self.scales_and_zeros.transpose(0, 1)
+    def dequantize(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """Rows lo..hi of the matrix in fp32 (all of it by default; in the CPU layout lo and hi
+        multiples of 32, or hi the last row). CUDA's tiles are not undone here: run the kernel on
+        an identity matrix instead (x = I gives W^T)."""
+        hi = self.out_features if hi is None else hi
+        if self.layout == "cpu":
+            q = unpack_int4_cpu(self.weight[lo:hi], self.in_features)
+        elif self.layout == "plain":
+            q = torch.stack([self.weight[lo:hi] & 15, self.weight[lo:hi] >> 4], dim=-1).flatten(1)
+        else:
+            raise ConfigError(f"dequantize reads the plain and CPU int4 layouts, not {self.layout}'s")
+        sz = self.scales_and_zeros[:, lo:hi].transpose(0, 1)
         return Int4Values(q, sz[..., 0], sz[..., 1]).dequantize()
+
+
+def unpack_int4_cpu(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """q (rows, in) uint8 from rows of aten's CPU layout (_convert_weight_to_int4pack_for_cpu, as
+    torch 2.5-2.13 writes it): tiles of 32 rows, each input column's 32 values in 16 bytes (row j
+    in the low nibble, row j + 16 in the high); a last tile of 16 rows (out % 32 == 16) holds each
+    column's 16 values in 8 bytes, two consecutive rows a byte, the first in the low nibble."""
+    rows, full = packed.shape[0], packed.shape[0] // 32 * 32
+    tiles = packed[:full].reshape(-1, in_features, 16)
+    q = torch.cat([tiles & 15, tiles >> 4], dim=-1).transpose(1, 2).reshape(full, in_features)
+    if full < rows:
+        tail = packed[full:].reshape(in_features, -1)
+        q = torch.cat([q, torch.stack([tail & 15, tail >> 4], dim=-1).flatten(1).T])
+    return q
 
 
 def cuda_k_tiles(in_features: int) -> int:

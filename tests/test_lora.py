@@ -96,6 +96,29 @@ def test_quantized_base_takes_adapters_and_merges_to_dense():
     assert (model.forward_inference(x) - unmerged).abs().max().item() <= 1e-4 * unmerged.abs().max().item()
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4-cpu", "int4-plain"])
+def test_gradient_through_a_quantized_base_equals_the_dequantized_matrix_s(kind, monkeypatch):
+    # the backward dequantizes the frozen base 32 rows at a time here (4096 in real runs)
+    monkeypatch.setattr(lora.QuantizedProduct, "ROWS", 32)
+    torch.manual_seed(0)
+    w = torch.randn(80, 64)
+    if kind == "int8":
+        module = quantize.Int8Linear(64, 80, torch.float32)
+        module.load_state_dict(quantize.Int8Linear.buffers_for(w, "cpu", torch.float32), assign=True)
+    else:
+        layout = kind.split("-")[1]
+        module = quantize.Int4Linear(64, 80, 32, torch.float32, layout=layout)
+        module.load_state_dict(quantize.Int4Linear.buffers_for(w, 32, layout, "cpu", torch.float32), assign=True)
+    dense = module.dequantize()
+    module.__class__ = lora.mixed(lora.Frozen, type(module))
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(3, 5, 80)
+    module(x).backward(g)
+    torch.nn.functional.linear(x_ref, dense).backward(g)
+    assert (x.grad - x_ref.grad).abs().max() <= 1e-5 * x_ref.grad.abs().max()
+
+
 def test_adapter_state_round_trips():
     a = with_adapters(random_model(tie_embeddings=False, **TINY), seed=1)
     b = with_adapters(random_model(tie_embeddings=False, **TINY), seed=2)
