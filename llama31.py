@@ -1589,9 +1589,9 @@ def check_lora_settings(cfg: dict):
                               f"--finetune_type lora, or drop --quantize")
         return
     lora_config(cfg)
-    if cfg["fsdp"]:
-        raise ConfigError("--fsdp with --finetune_type lora is not supported yet; drop --fsdp (DDP replicates "
-                          "the small adapters cheaply)")
+    if cfg["fsdp"] and cfg["quantize"] != "none":  # FSDP shards parameters; int weights are buffers
+        raise ConfigError(f"--fsdp with --quantize {cfg['quantize']}: the quantized base would not be sharded, "
+                          f"only the adapters; drop --fsdp (DDP replicates the small adapters cheaply)")
 
 
 def earlier_demo(out: Path) -> bool:
@@ -1719,7 +1719,11 @@ def sample_after_training(llama: "Llama", optimizer, prompts, sample_len: int, s
             torch.cuda.empty_cache()
         weights = full_state(model, None, sharded)[0]
         if info.master:
+            adapters = {k: weights.pop(k) for k in list(weights) if ".lora_" in k}
             model = assemble(model.args, weights, out, "the gathered shards", dev, dtype)
+            if adapters:
+                lora.add_adapters(model, llama.model.lora_config)
+                lora.load_adapters(model, adapters, "the gathered shards")
         del weights
     if info.master:
         sampler = Llama(model, llama.tokenizer, llama.chat_format)

@@ -164,6 +164,7 @@ def add_adapters(model: nn.Module, config: LoRAConfig, generator=None) -> list:
         module.lora_b = nn.Parameter(torch.zeros(module.out_features, config.rank, device=device))
         module.lora_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         module.lora_scale = config.scale
+    model.lora_config = config
     for module in model.modules():  # QLoRA: the other quantized matrices pass gradients back too
         if hasattr(module, "in_features") and not module.weight.is_floating_point() and not isinstance(module, Frozen):
             module.__class__ = mixed(Frozen, type(module))

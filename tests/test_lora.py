@@ -308,6 +308,15 @@ def test_bad_lora_finetune_input_is_one_line(tiny_ckpt, data, tmp_path, kw, word
     assert str(e.value).startswith(words) and "\n" not in str(e.value)
 
 
+def test_fsdp_over_a_quantized_base_is_refused_in_one_line():
+    from llama31 import SETTINGS, check_lora_settings
+    cfg = {k: s.default for k, s in SETTINGS.items()} | dict(finetune_type="lora", quantize="int4", fsdp=True)
+    with pytest.raises(ConfigError, match=r"^--fsdp with --quantize int4: the quantized base would not be sharded") as e:
+        check_lora_settings(cfg)
+    assert "\n" not in str(e.value)
+    check_lora_settings(cfg | dict(quantize="none"))  # a dense base shards
+
+
 def test_cli_lora_finetune_samples_and_exports(tiny_ckpt, data, tmp_path):
     def cli(*args):
         r = subprocess.run([sys.executable, "llama31.py", *args], cwd=REPO, capture_output=True, text=True,
@@ -328,14 +337,33 @@ def test_cli_lora_finetune_samples_and_exports(tiny_ckpt, data, tmp_path):
     assert (tmp_path / "hf" / "config.json").is_file()
 
 
-def test_lora_under_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_ckpt, data, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tiny_ckpt, data, tmp_path_factory):
+    """The adapters of one process with 4 micro-steps of accumulation: what 2 processes of 2 give."""
+    return finetune(ckpt_dir=str(tiny_ckpt), out_dir=str(tmp_path_factory.mktemp("single")), B=2, T=32, max_steps=3,
+                    total_batch_size=4 * 2 * 32, learning_rate=1e-3, warmup_steps=2, val_every=0, device="cpu",
+                    sample_prompts=[], finetune_type="lora", **data)["model"]
+
+
+def test_lora_under_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_ckpt, data, tmp_path,
+                                                                                 one_process):
     from test_finetune import torchrun
-    single = finetune(ckpt_dir=str(tiny_ckpt), out_dir=str(tmp_path / "single"), B=2, T=32, max_steps=3,
-                      total_batch_size=4 * 2 * 32, learning_rate=1e-3, warmup_steps=2, val_every=0, device="cpu",
-                      sample_prompts=[], finetune_type="lora", **data)
     torchrun(tiny_ckpt, data, tmp_path / "ddp", "ddp", "-", "lora")
     rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
-    mine = lora.adapter_state(single["model"])
+    mine = lora.adapter_state(one_process)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert max((rank0[k] - v).abs().max().item() for k, v in mine.items()) < 1e-5
     assert all(rank0[k].abs().max() > 0 for k in mine if k.endswith("lora_b"))
+
+
+def test_lora_under_fsdp_on_two_processes_equals_one_process(tiny_ckpt, data, tmp_path, one_process):
+    # frozen base and trainable adapters sharded in the same units; with activation checkpointing,
+    # validation, and rank 0 sampling from the gathered base plus adapters
+    from test_finetune import torchrun
+    log = torchrun(tiny_ckpt, data, tmp_path / "fsdp", "fsdp", "-", "lora")
+    assert "FSDP" in log and "val loss" in log and "The cat" in log
+    sharded = lora.read_adapters(tmp_path / "fsdp" / "step_000003")["adapters"]
+    mine = lora.adapter_state(one_process)
+    assert sharded.keys() == mine.keys()
+    assert max((sharded[k] - v).abs().max().item() for k, v in mine.items()) < 1e-5
+    assert all(sharded[k].abs().max() > 0 for k in mine if k.endswith("lora_b"))
