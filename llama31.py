@@ -715,14 +715,16 @@ def base_fingerprint(path) -> str:
     return lora.fingerprint(state[0] if isinstance(state, list) else state)  # model-parallel: the first file
 
 
-def load_adapted(path, *args) -> "Llama":
-    """A LoRA checkpoint: the base adapters.pt names, checked against its fingerprint, with the adapters."""
+def load_adapted(path, tokenizer_path, *args) -> "Llama":
+    """A LoRA checkpoint: the base adapters.pt names, checked against its fingerprint, with the
+    adapters, and the run's tokenizer.model saved beside them (unless tokenizer_path says otherwise)."""
     saved = lora.read_adapters(path)
     base, fingerprint, now = saved["base"], saved["fingerprint"], base_fingerprint(saved["base"])
     if now != fingerprint:
         raise ConfigError(f"{path}: its adapters were trained on other weights than {base} holds now "
                           f"(fingerprint {fingerprint} vs {now}); restore that base")
-    llama = load_checkpoint(base, *args)
+    own = Path(path) / "tokenizer.model"
+    llama = load_checkpoint(base, tokenizer_path or (own if own.is_file() else None), *args)
     lora.add_adapters(llama.model, saved["config"])
     lora.load_adapters(llama.model, saved["adapters"], Path(path) / lora.FILE)
     llama.model.lora_base = (base, fingerprint)
@@ -1395,6 +1397,8 @@ def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, model_st
         tmp.mkdir(parents=True)
         lora.save_adapters(tmp, {k: v for k, v in model_state.items() if ".lora_" in k},
                            lora_config(config), *model.lora_base)
+        if tokenizer.path is not None:  # the run's tokenizer travels with it (a GGUF base has its own)
+            shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
     elif tokenizer.path is not None:
         save_meta(model, tmp, dtype=torch.float32, state=model_state)
         shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")

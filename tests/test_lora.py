@@ -4,6 +4,7 @@ lora trains and saves only adapters, resumes exactly, loads and exports merged; 
 one-line errors."""
 
 import copy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,10 @@ import transformers
 
 import lora
 import quantize
-from conftest import FINETUNE_SHAPE, make_checkpoint, random_model
+from conftest import FINETUNE_SHAPE, STORIES, make_checkpoint, random_model
 from formats import permute_qk, save_hf
-from llama31 import Llama, export, finetune, load_model
-from tokenizer import ConfigError
+from llama31 import Llama, export, finetune, load_checkpoint, load_model, load_tokenizer, write_datafile
+from tokenizer import ConfigError, find_tokenizer_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,27 +251,106 @@ def run(ckpt, data, out, **kw):
     return finetune(**args)
 
 
-def test_lora_finetune_changes_only_the_adapters_and_saves_only_them(tiny_ckpt, data, tmp_path):
-    base = load_model(tiny_ckpt, device="cpu", dtype="fp32").state_dict()
-    model = run(tiny_ckpt, data, tmp_path)["model"]
+X = torch.tensor([[128000, 791, 8415, 3290]])
+
+
+@pytest.fixture(scope="module")
+def lora_run(data, tmp_path_factory):
+    """A 3-step LoRA run on a base with its own tokenizer.model: (run directory, base, trained model)."""
+    base = tmp_path_factory.mktemp("base")
+    make_checkpoint(base, seed=0, dtype=torch.float32, **FINETUNE_SHAPE)
+    shutil.copyfile(find_tokenizer_model(), base / "tokenizer.model")
+    out = tmp_path_factory.mktemp("run")
+    return out, base, run(base, data, out / "run")["model"].eval()
+
+
+def test_lora_finetune_changes_only_the_adapters_and_saves_only_them(lora_run):
+    out, base, model = lora_run
+    before = load_model(base, device="cpu", dtype="fp32").state_dict()
     state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in base.items())
+    assert all(torch.equal(state[k], v) for k, v in before.items())
     assert all(p.abs().max() > 0 for k, p in lora.adapter_state(model).items() if k.endswith("lora_b"))
-    saved = sorted(p.name for p in (tmp_path / "step_000003").iterdir())
-    assert saved == ["adapters.pt", "train_state.pt"]
-    assert (tmp_path / "step_000003" / "adapters.pt").stat().st_size < 2e6
+    step = out / "run" / "step_000003"
+    assert sorted(p.name for p in step.iterdir()) == ["adapters.pt", "tokenizer.model", "train_state.pt"]
+    assert (step / "adapters.pt").stat().st_size < 2e6
 
 
-def test_lora_checkpoint_loads_as_base_plus_adapters_and_exports_merged(tiny_ckpt, data, tmp_path):
-    model = run(tiny_ckpt, data, tmp_path / "run")["model"].eval()
-    x = torch.tensor([[128000, 791, 8415, 3290]])
-    step = tmp_path / "run" / "step_000003"
-    for path in (step, tmp_path / "run" / "latest"):
+def test_lora_checkpoint_loads_as_base_plus_adapters_with_the_runs_tokenizer(lora_run):
+    out, base, model = lora_run
+    step = out / "run" / "step_000003"
+    for path in (step, out / "run" / "latest"):
         llama = Llama.build(path, max_seq_len=64, device="cpu", dtype="fp32")
-        assert torch.equal(llama.model.forward_inference(x), model.forward_inference(x))
-    export(str(step), str(tmp_path / "merged"), format="meta", dtype="fp32")
+        assert torch.equal(llama.model.forward_inference(X), model.forward_inference(X))
+        assert llama.tokenizer.path == step / "tokenizer.model"
+    assert (step / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
+
+
+def test_lora_checkpoint_exports_merged(lora_run, tmp_path):
+    out, _, model = lora_run
+    export(str(out / "run" / "step_000003"), str(tmp_path / "merged"), format="meta", dtype="fp32")
     merged = load_model(tmp_path / "merged", device="cpu", dtype="fp32")
-    assert (merged.forward_inference(x) - model.forward_inference(x)).abs().max().item() <= 1e-5
+    assert (merged.forward_inference(X) - model.forward_inference(X)).abs().max().item() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def lora_gguf(lora_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_gguf")
+    export(str(lora_run[0] / "run" / "step_000003"), str(out), format="gguf", gguf_type="f32")
+    return out / "model.gguf"
+
+
+def test_gguf_export_of_a_lora_checkpoint_holds_w_plus_scaled_ba(lora_run, lora_gguf):
+    _, base, model = lora_run
+    back = load_checkpoint(lora_gguf, max_seq_len=64, device="cpu", dtype="fp32")
+    assert (back.model.forward_inference(X) - model.forward_inference(X)).abs().max().item() <= 1e-5
+    w = load_model(base, device="cpu", dtype="fp32").state_dict()["layers.1.attention.wk.weight"]
+    m = model.layers[1].attention.wk
+    by_hand = w + (16.0 / 4) * m.lora_b.detach() @ m.lora_a.detach()  # alpha 16, rank 4
+    assert torch.allclose(back.model.state_dict()["layers.1.attention.wk.weight"], by_hand, atol=1e-6)
+    assert back.tokenizer.n_words == 128256
+
+
+def test_llama_cpp_greedy_on_an_exported_lora_gguf_equals_ours(lora_run, lora_gguf):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (it builds llama.cpp)")
+    ours = Llama.build(lora_run[0] / "run" / "step_000003", max_seq_len=64, device="cpu", dtype="fp32")
+    prompt = ours.tokenizer.encode("The cat sat", bos=True, eos=False)
+    want = ours.generate([prompt], max_gen_len=6, temperature=0)[0]
+    cpp = llama_cpp.Llama(model_path=str(lora_gguf), n_ctx=64, verbose=False)
+    got = []
+    for token in cpp.generate(prompt, temp=0.0, top_k=1):
+        got.append(token)
+        if len(got) == len(want):
+            break
+    assert got == want
+
+
+def test_lora_on_an_hf_layout_base_trains_and_loads_back(data, tmp_path):
+    model = random_model(seed=5, **FINETUNE_SHAPE)
+    save_hf(model.state_dict(), model.args.to_params(), tmp_path / "hf", dtype=torch.float32)
+    trained = run(tmp_path / "hf", data, tmp_path / "run", max_steps=2)["model"].eval()
+    step = tmp_path / "run" / "step_000002"
+    assert lora.read_adapters(step)["base"] == str((tmp_path / "hf").resolve())
+    back = Llama.build(step, max_seq_len=64, device="cpu", dtype="fp32")
+    assert torch.equal(back.model.forward_inference(X), trained.forward_inference(X))
+    assert any(p.abs().max() > 0 for k, p in lora.adapter_state(back.model).items() if k.endswith("lora_b"))
+
+
+def test_lora_on_a_gguf_base_trains_and_loads_back_with_the_files_tokenizer(tiny_gguf, tmp_path):
+    # conftest's tiny GGUF (a byte-level vocabulary of its own, 4- to 8-bit tensor types), trained
+    # dequantized as finetune loads a GGUF; the demo SmolLM2 file works the same, but parsing its
+    # 49k-token vocabulary takes seconds per open
+    tok = load_tokenizer(tiny_gguf)
+    docs = [tok.encode(s, bos=True, eos=True) for s in STORIES]
+    write_datafile(tmp_path / "train.bin", [t for i in range(20) for t in docs[i % len(docs)]])
+    trained = run(tiny_gguf, {"train_data": str(tmp_path / "train.bin"), "val_data": ""}, tmp_path / "run",
+                  B=1, T=16, max_steps=2)["model"].eval()
+    step = tmp_path / "run" / "step_000002"
+    assert sorted(p.name for p in step.iterdir()) == ["adapters.pt", "train_state.pt"]  # no tokenizer.model
+    back = Llama.build(step, max_seq_len=64, device="cpu", dtype="fp32", quantize="none")  # as trained: dense
+    x = torch.tensor([docs[0]])
+    assert torch.equal(back.model.forward_inference(x), trained.forward_inference(x))
+    assert back.tokenizer.n_words == tok.n_words == 258
+    assert back.tokenizer.encode("The cat", bos=False, eos=False) == list(b"The cat")
 
 
 def test_lora_resume_continues_exactly(tiny_ckpt, data, tmp_path):
