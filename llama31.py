@@ -1264,7 +1264,10 @@ def flops_per_token(model: Transformer, seqlen: int) -> float:
     a = model.args
     multiplies = [p for name, p in model.named_parameters()  # a tied output matrix counted once
                   if a.tie_embeddings or not name.startswith("tok_embeddings.")]
-    n = sum(p.numel() for p in multiplies)
+    # QLoRA's quantized matrices are buffers; LoRA's adapters are the parameters that train
+    quantized = sum(m.in_features * m.out_features for m in model.modules()
+                    if hasattr(m, "in_features") and not m.weight.is_floating_point())
+    n = sum(p.numel() for p in multiplies) + quantized
     n_trained = sum(p.numel() for p in multiplies if p.requires_grad)
     return 4 * n + 2 * n_trained + 12 * a.n_layers * a.dim * seqlen
 
@@ -1549,6 +1552,9 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistIn
             raise ConfigError(f"{resume_dir} was saved by {state['config']['world_size']} process(es); resume "
                               f"with the same number (now {info.world_size})")
     cfg = resolve_settings(given, state and state["config"], demo, resume_dir)
+    adapters = lora.adapter_dir(ckpt_dir) if ckpt_dir is not None and resume_dir is None else None
+    if adapters:  # a fresh run from a LoRA checkpoint trains its adapters on
+        cfg.update(continued_lora_settings(adapters, given))
     step_tokens = cfg["B"] * cfg["T"] * info.world_size
     if cfg["total_batch_size"] and cfg["total_batch_size"] % step_tokens:
         raise ConfigError(f"total_batch_size {cfg['total_batch_size']} is not a multiple of B*T*processes = "
@@ -1582,6 +1588,23 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistIn
 
 def lora_config(cfg: dict) -> lora.LoRAConfig:
     return lora.check_config(cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
+
+
+def continued_lora_settings(path: Path, given: dict) -> dict:
+    """The settings of the adapters a LoRA checkpoint holds, which a run from it trains on (its
+    base frozen, as saved); a flag that contradicts them is refused rather than ignored."""
+    saved = lora.read_adapters(path)
+    c = saved["config"]
+    mine = {"finetune_type": "lora", "lora_rank": c.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout,
+            "lora_targets": ",".join(c.targets)}
+    if given.get("lora_targets") is not None:
+        given = {**given, "lora_targets": ",".join(lora.check_config(targets=given["lora_targets"]).targets)}
+    clash = [k for k, v in mine.items() if given.get(k) is not None and given[k] != v]
+    if clash:
+        raise ConfigError(f"{path} holds LoRA adapters ({', '.join(f'{k} {mine[k]}' for k in mine)}), which a run "
+                          f"from it trains on as they are; drop --{' --'.join(clash)}, or start from its base "
+                          f"{saved['base']}")
+    return mine
 
 
 def check_lora_settings(cfg: dict):

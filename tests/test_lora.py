@@ -324,6 +324,49 @@ def test_llama_cpp_greedy_on_an_exported_lora_gguf_equals_ours(lora_run, lora_gg
     assert got == want
 
 
+def test_a_run_from_a_lora_checkpoint_trains_its_adapters_on(lora_run, data, tmp_path):
+    out, base, model = lora_run
+    step = out / "run" / "step_000003"
+    # no finetune_type or lora flags: the saved adapters' settings (rank 4 here, not the default 8)
+    on = finetune(ckpt_dir=str(step), out_dir=str(tmp_path / "on"), B=2, T=32, max_steps=1, learning_rate=1e-2,
+                  val_every=0, device="cpu", sample_prompts=[], **data)["model"]
+    assert {p.shape[0] for k, p in lora.adapter_state(on).items() if k.endswith("lora_a")} == {4}
+    saved = lora.read_adapters(tmp_path / "on" / "step_000001")
+    assert saved["base"] == str(base.resolve()) and saved["config"] == lora.read_adapters(step)["config"]
+    a, b = lora.adapter_state(on), lora.adapter_state(model)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # trained on from the saved adapters
+
+
+@pytest.mark.parametrize("kw, flags", [(dict(lora_rank=16), "--lora_rank"), (dict(finetune_type="all"), "--finetune_type"),
+                                       (dict(lora_targets="wq,wk", lora_alpha=8.0), "--lora_alpha --lora_targets")])
+def test_flags_that_contradict_a_lora_checkpoint_are_one_line_errors(lora_run, data, tmp_path, kw, flags):
+    step = lora_run[0] / "run" / "step_000003"
+    with pytest.raises(ConfigError) as e:
+        finetune(ckpt_dir=str(step), out_dir=str(tmp_path), max_steps=1, device="cpu", **data, **kw)
+    assert str(e.value).startswith(f"{step} holds LoRA adapters (finetune_type lora, lora_rank 4, lora_alpha 16.0, "
+                                   f"lora_dropout 0.0, lora_targets wq,wk,wv,wo,w2)")
+    assert f"drop {flags}, or start from its base" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="was saved with different settings .* lora_rank 4 vs 16"):
+        finetune(resume=str(step), out_dir=str(tmp_path), max_steps=5, lora_rank=16, device="cpu")
+
+
+def test_flops_per_token_count_the_adapters_as_what_trains():
+    model = random_model(tie_embeddings=False, **TINY)
+    args, T = model.args, 32
+    d, kv, ffn = args.dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    base = 2 * (2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d) + 512 * d + d  # blocks, output, final norm
+    with_adapters(model, targets=("wq", "wv"), rank=4)
+    lora.adapted(model)  # the adapters below: A (4, in) and B (out, 4) on wq (d -> d) and wv (d -> kv)
+    adapters = 2 * (4 * (d + d) + 4 * (d + kv))
+    want = 4 * (base + adapters) + 2 * adapters + 12 * 2 * d * T
+    from llama31 import flops_per_token, select_trainable
+    select_trainable(model, "lora")
+    assert flops_per_token(model, T) == want
+    # QLoRA: the quantized matrices (buffers, not parameters) multiply as much
+    quantize.swap_modules(model, {f"layers.{i}.feed_forward.w2": ("int8",) for i in range(2)}, "cpu", torch.float32)
+    assert flops_per_token(model, T) == want
+
+
 def test_lora_on_an_hf_layout_base_trains_and_loads_back(data, tmp_path):
     model = random_model(seed=5, **FINETUNE_SHAPE)
     save_hf(model.state_dict(), model.args.to_params(), tmp_path / "hf", dtype=torch.float32)
