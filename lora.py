@@ -143,7 +143,8 @@ def target_names(model: nn.Module, targets) -> list:
 
 def add_adapters(model: nn.Module, config: LoRAConfig, generator=None) -> list:
     """Freeze the model and give each target an adapter: A as nn.Linear initialises its weight
-    (Kaiming-uniform, what PEFT uses too), B zero. Returns the adapted module names."""
+    (Kaiming-uniform, what PEFT uses too), B zero. The model keeps the config (model.lora_config).
+    Returns the adapted module names."""
     for p in model.parameters():
         p.requires_grad_(False)
     tok = getattr(model, "tok_embeddings", None)
