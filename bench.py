@@ -382,13 +382,14 @@ def random_state(args: ModelArgs, seed: int) -> dict:
     rows = quantize.ROWS_AT_ONCE
 
     def lazy(name, shape):
-        def block(i):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}/{i}".encode()))
-            return torch.randn(min(rows, shape[0] - i * rows), shape[1], generator=g) * 0.02
-
-        def read_rows(lo, hi):
-            first = lo // rows
-            return torch.cat([block(i) for i in range(first, (hi - 1) // rows + 1)])[lo - first * rows:][:hi - lo]
+        def read_rows(lo, hi):  # filled in place, block by block: no second copy of a matrix
+            out = torch.empty(hi - lo, shape[1])
+            for i in range(lo // rows, (hi - 1) // rows + 1):
+                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}/{i}".encode()))
+                block = torch.empty(min(rows, shape[0] - i * rows), shape[1]).normal_(0, 0.02, generator=g)
+                a, b = max(lo, i * rows), min(hi, i * rows + block.shape[0])
+                out[a - lo:b - lo] = block[a - i * rows:b - i * rows]
+            return out
         if len(shape) == 1:
             return formats.Lazy(shape, lambda: torch.ones(shape))
         return formats.Lazy(shape, lambda: read_rows(0, shape[0]), read_rows=read_rows)

@@ -9,7 +9,8 @@ Weight-only quantization: the model's matrices kept in 8 or 4 bits, activations 
 
 Each format runs on the fastest kernel PyTorch has for the device: on CPU aten's
 _weight_int8pack_mm and _weight_int4pack_mm_for_cpu (they want bf16 activations: with fp32 ones
-they run ~10x slower, so a quantized model defaults to bf16 on CPU); on CUDA
+they run ~10x slower, so a quantized model defaults to bf16 on CPU, and fp32 products of 8 rows or
+more dequantize the matrix 4096 rows at a time instead); on CUDA
 _weight_int4pack_mm, and for int8 a product with the int8 matrix whose rows are scaled after
 (what torch.compile fuses); elsewhere (MPS) the weights are dequantized for each product. Every
 path is tested equal to dequantize-then-matmul.
@@ -108,6 +109,23 @@ def int8_matmul(x, q, scales, kernel: bool):
     return F.linear(x, q.to(x.dtype)) * scales
 
 
+# aten's CPU int kernels are made for a few rows of bf16 activations: with fp32 ones their time
+# grows with the rows as if unvectorized (128 rows through the 1B shape's int8 output matrix: 49 s,
+# against 2.3 s dense). From FEW_ROWS rows on, a product in another dtype than bf16 dequantizes
+# W ROWS_AT_ONCE rows at a time instead (a prefill, a training step)
+FEW_ROWS = 8
+
+
+def by_blocks(x, module):
+    """x @ W.T with W dequantized ROWS_AT_ONCE rows at a time, never whole in x's dtype."""
+    return torch.cat([F.linear(x, module.dequantize(lo, lo + ROWS_AT_ONCE).to(x.dtype))
+                      for lo in range(0, module.out_features, ROWS_AT_ONCE)], dim=-1)
+
+
+def kernel_fits(x) -> bool:
+    return x.dtype == torch.bfloat16 or x.numel() < FEW_ROWS * x.shape[-1]
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scales[:, None]).T, q int8 (out, in)."""
 
@@ -123,6 +141,8 @@ class Int8Linear(nn.Module):
         return {"weight": values.q.to(device), "scales": values.scales.to(device, dtype)}
 
     def forward(self, x):
+        if x.device.type == "cpu" and not kernel_fits(x):
+            return by_blocks(x, self)
         return int8_matmul(x, self.weight, self.scales, kernel=x.device.type == "cpu")
 
     def dequantize(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
@@ -179,12 +199,12 @@ class Int4Linear(nn.Module):
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1])
         sz = self.scales_and_zeros if self.scales_and_zeros.dtype == x.dtype else self.scales_and_zeros.to(x.dtype)
-        if self.layout == "cpu":
+        if self.layout == "cpu" and kernel_fits(x2):
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz)
         elif self.layout == "cuda":
             out = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, sz)
         else:
-            out = F.linear(x2, self.dequantize().to(x.dtype))
+            out = by_blocks(x2, self)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
