@@ -677,8 +677,9 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
     checkpoint loads as its base with the adapters added (load_adapted)."""
     adapters = lora.adapter_dir(path)
     if adapters:
-        return load_adapted(adapters, tokenizer_path, max_seq_len, max_batch_size, device, dtype,
-                            rope_scale_factor, tokenizer, vocab_size, quantize, group_size)
+        return load_adapted(adapters, tokenizer_path, quantize, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                            device=device, dtype=dtype, rope_scale_factor=rope_scale_factor, tokenizer=tokenizer,
+                            vocab_size=vocab_size, group_size=group_size)
     path, kind = formats.locate(path)
     device = check_device(device or default_device())
     gguf = kind == "gguf"
@@ -715,16 +716,18 @@ def base_fingerprint(path) -> str:
     return lora.fingerprint(state[0] if isinstance(state, list) else state)  # model-parallel: the first file
 
 
-def load_adapted(path, tokenizer_path, *args) -> "Llama":
-    """A LoRA checkpoint: the base adapters.pt names, checked against its fingerprint, with the
-    adapters, and the run's tokenizer.model saved beside them (unless tokenizer_path says otherwise)."""
+def load_adapted(path, tokenizer_path, quantize, **kw) -> "Llama":
+    """A LoRA checkpoint: the base adapters.pt names, checked against its fingerprint, loaded as it
+    was trained on (dense, or QLoRA's int8/int4) unless quantize says otherwise, with the adapters
+    and the run's tokenizer.model saved beside them (unless tokenizer_path names another)."""
     saved = lora.read_adapters(path)
     base, fingerprint, now = saved["base"], saved["fingerprint"], base_fingerprint(saved["base"])
     if now != fingerprint:
         raise ConfigError(f"{path}: its adapters were trained on other weights than {base} holds now "
                           f"(fingerprint {fingerprint} vs {now}); restore that base")
     own = Path(path) / "tokenizer.model"
-    llama = load_checkpoint(base, tokenizer_path or (own if own.is_file() else None), *args)
+    llama = load_checkpoint(base, tokenizer_path or (own if own.is_file() else None),
+                            quantize=saved.get("quantize") if quantize is None else quantize, **kw)
     lora.add_adapters(llama.model, saved["config"])
     lora.load_adapters(llama.model, saved["adapters"], Path(path) / lora.FILE)
     llama.model.lora_base = (base, fingerprint)
@@ -1399,7 +1402,7 @@ def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, model_st
     if lora.adapted(model):  # the adapters and a reference to the base, not the base
         tmp.mkdir(parents=True)
         lora.save_adapters(tmp, {k: v for k, v in model_state.items() if ".lora_" in k},
-                           lora_config(config), *model.lora_base)
+                           lora_config(config), *model.lora_base, quantize=config["quantize"])
         if tokenizer.path is not None:  # the run's tokenizer travels with it (a GGUF base has its own)
             shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
     elif tokenizer.path is not None:

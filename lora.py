@@ -229,10 +229,12 @@ def adapter_dir(path) -> Optional[Path]:
     return path if (path / FILE).is_file() else None
 
 
-def save_adapters(out_dir: Path, state: Dict[str, torch.Tensor], config: LoRAConfig, base, base_fingerprint: str):
-    """The adapters in fp32, their settings, and the base's path and fingerprint: megabytes."""
+def save_adapters(out_dir: Path, state: Dict[str, torch.Tensor], config: LoRAConfig, base, base_fingerprint: str,
+                  quantize: str = "none"):
+    """The adapters in fp32, their settings, and the base's path and fingerprint: megabytes.
+    quantize: how the base was loaded for training (none: dense; int8, int4: QLoRA's)."""
     saved = {"adapters": {k: v.detach().float().cpu() for k, v in state.items()}, "config": asdict(config),
-             "base": str(Path(base).resolve()), "fingerprint": base_fingerprint}
+             "base": str(Path(base).resolve()), "fingerprint": base_fingerprint, "quantize": quantize}
     formats.atomic_write(Path(out_dir) / FILE, lambda tmp: torch.save(saved, tmp))
 
 
@@ -243,6 +245,7 @@ def read_adapters(ckpt_dir) -> dict:
     def fits(saved):
         saved["config"] = check_config(**saved["config"])
         return isinstance(saved["base"], str) and isinstance(saved["fingerprint"], str) and \
+            saved.get("quantize", "none") in ("none", "int8", "int4") and \
             all(isinstance(v, torch.Tensor) for v in saved["adapters"].values())
     saved = formats.load_saved(path, "adapters, config, base, fingerprint", fits,
                                "point --ckpt_dir at another step_NNNNNN directory")

@@ -389,7 +389,8 @@ def test_lora_on_a_gguf_base_trains_and_loads_back_with_the_files_tokenizer(tiny
                   B=1, T=16, max_steps=2)["model"].eval()
     step = tmp_path / "run" / "step_000002"
     assert sorted(p.name for p in step.iterdir()) == ["adapters.pt", "train_state.pt"]  # no tokenizer.model
-    back = Llama.build(step, max_seq_len=64, device="cpu", dtype="fp32", quantize="none")  # as trained: dense
+    back = Llama.build(step, max_seq_len=64, device="cpu", dtype="fp32")  # as trained: dense, not kept quantized
+    assert isinstance(back.model.layers[0].attention.wv, torch.nn.Linear)
     x = torch.tensor([docs[0]])
     assert torch.equal(back.model.forward_inference(x), trained.forward_inference(x))
     assert back.tokenizer.n_words == tok.n_words == 258
@@ -405,10 +406,15 @@ def test_lora_resume_continues_exactly(tiny_ckpt, data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_qlora_trains_adapters_on_an_int8_base(tiny_ckpt, data, tmp_path):
-    model = run(tiny_ckpt, data, tmp_path, quantize="int8")["model"]
+def test_qlora_trains_adapters_on_an_int8_base_and_loads_back_on_it(tiny_ckpt, data, tmp_path):
+    model = run(tiny_ckpt, data, tmp_path, quantize="int8")["model"].eval()
     assert isinstance(model.layers[0].attention.wq, quantize.Int8Linear)
     assert all(p.abs().max() > 0 for k, p in lora.adapter_state(model).items() if k.endswith("lora_b"))
+    back = Llama.build(tmp_path / "step_000003", max_seq_len=64, device="cpu", dtype="fp32")  # int8, as trained
+    assert isinstance(back.model.layers[0].attention.wq, quantize.Int8Linear)
+    assert torch.equal(back.model.forward_inference(X), model.forward_inference(X))
+    dense = Llama.build(tmp_path / "step_000003", max_seq_len=64, device="cpu", dtype="fp32", quantize="none")
+    assert isinstance(dense.model.layers[0].attention.wq, torch.nn.Linear)  # unless asked otherwise
 
 
 def test_adapters_on_a_changed_base_are_refused(data, tmp_path):
