@@ -24,6 +24,11 @@ per-round ratios with their range in brackets):
             and prefill, torch.compile(model) as finetune --compile); --nocompile drops these rows.
             Compiled decoding is decode_step over the whole fixed-length cache (CUDA graphs on
             CUDA); its "% of roof" counts only the cache up to the current position
+  lora      finetune (forward + backward + AdamW) of the whole model, of LoRA adapters (finetune's
+            defaults: rank 8 on wq,wk,wv,wo) on the fp32 base, and of the same adapters on an int8
+            and an int4 base (QLoRA), each in a fresh process on the same random weights, loaded
+            the way finetune loads them: tokens/s and peak memory (CPU: the process's peak RSS;
+            CUDA: peak allocated), over full finetuning's
   GPU       roof and read timings by CUDA events over at least 50 ms each
   load      peak RSS growth of load_model + touching every weight, in a fresh process, over the
             checkpoint's file size (the checkpoint is saved in the row's dtype, loaded in it)
@@ -47,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,6 +62,7 @@ import torch
 import chat
 import formats
 import llama31
+import lora
 import quantize
 from llama31 import Llama, ModelArgs, Transformer
 
@@ -72,7 +79,7 @@ SHAPES = {
 }
 for _shape in SHAPES.values():
     _shape.update(use_scaled_rope=True, rope_theta=500000.0)  # Llama 3.1's RoPE
-SECTIONS = ("roof", "decode", "prefill", "finetune", "load", "chat", "quant")
+SECTIONS = ("roof", "decode", "prefill", "finetune", "lora", "load", "chat", "quant")
 
 
 def sync(device):
@@ -363,6 +370,82 @@ def bench_finetune(args: ModelArgs, dtype, device, B: int, T: int, repeats: int,
     return res
 
 
+FINETUNE_MODES = ("full", "lora", "qlora-int8", "qlora-int4")
+
+
+def random_state(args: ModelArgs, seed: int) -> dict:
+    """Random weights under Meta's names as formats.Lazy tensors (matrices N(0, 0.02), gains 1),
+    made 4096 rows at a time as they are read, so a quantized load never holds a whole matrix in
+    fp32 (the 1B shape's embedding is 1 GB of it)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    rows = quantize.ROWS_AT_ONCE
+
+    def lazy(name, shape):
+        def read_rows(lo, hi):  # filled in place, block by block: no second copy of a matrix
+            out = torch.empty(hi - lo, shape[1])
+            for i in range(lo // rows, (hi - 1) // rows + 1):
+                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}/{i}".encode()))
+                block = torch.empty(min(rows, shape[0] - i * rows), shape[1]).normal_(0, 0.02, generator=g)
+                a, b = max(lo, i * rows), min(hi, i * rows + block.shape[0])
+                out[a - lo:b - lo] = block[a - i * rows:b - i * rows]
+            return out
+        if len(shape) == 1:
+            return formats.Lazy(shape, lambda: torch.ones(shape))
+        return formats.Lazy(shape, lambda: read_rows(0, shape[0]), read_rows=read_rows)
+    return {k: lazy(k, shape) for k, shape in shapes.items()}
+
+
+def finetune_worker(shape: dict, mode: str, dtype_name: str, device: str, B: int, T: int, steps: int, seed: int):
+    """Child process: one finetune setup of `mode` (FINETUNE_MODES) built as setup_training builds
+    it (fp32 weights, or an int8/int4 base, from load_checkpoint's assemble; adapters; AdamW on
+    what trains), then steps + 1 steps (the first a warm-up). Prints JSON: tokens/s of each timed
+    step, peak memory (CPU: VmHWM; CUDA: peak allocated) and RSS before the model existed."""
+    dev = torch.device(device)
+    with torch.device("meta"):  # pay the one-time import of torch's meta-device machinery first
+        Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=8))
+    before = rss_kb("VmRSS")
+    args = ModelArgs(**shape)
+    plan = quantize.plan_for(args.n_layers, mode.split("-")[1], 32) if mode.startswith("qlora") else None
+    model = llama31.assemble(args, random_state(args, seed), "bench", "random weights", dev, torch.float32,
+                             plan).train()
+    if mode != "full":
+        lora.add_adapters(model, lora.LoRAConfig(), torch.Generator().manual_seed(seed))
+    llama31.select_trainable(model, "all" if mode == "full" else "lora")
+    opt = model.configure_optimizers(0.0, 1e-5, device_type=dev.type)
+    autocast = llama31.training_autocast(llama31.DTYPES[dtype_name], dev)
+    data = torch.randint(0, args.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(seed + 2)).to(dev)
+    x, y = data[:, :-1], data[:, 1:]
+    rates = []
+    for _ in range(steps + 1):
+        sync(dev)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(x, y)
+        loss.backward()
+        opt.step()
+        sync(dev)
+        rates.append(B * T / (time.perf_counter() - t0))
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else rss_kb("VmHWM") * 1024
+    print(json.dumps({"rates": rates[1:], "peak_bytes": peak, "before_bytes": before * 1024, "loss": loss.item(),
+                      "trained": sum(p.numel() for p in model.parameters() if p.requires_grad)}))
+
+
+def bench_lora(shape: dict, dtype_name: str, dev, P) -> dict:
+    """finetune_worker of each mode, one fresh process after another."""
+    results = {}
+    for mode in FINETUNE_MODES:
+        code = (f"import bench, torch; torch.set_num_threads({torch.get_num_threads()}); bench.finetune_worker({shape!r}, {mode!r}, {dtype_name!r}, {str(dev)!r}, {P.B}, "
+                f"{P.T}, {P.train_repeats}, {P.seed})")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent)
+        if out.returncode:
+            raise RuntimeError(f"finetune worker ({mode}) failed:\n{out.stderr}")
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
 def rss_kb(field: str) -> int:
     """VmRSS (now) or VmHWM (peak) of this process in KiB, from /proc on Linux. Not ru_maxrss
     there: Linux carries it across fork + exec, so a child of a big parent reports the parent's
@@ -479,6 +562,28 @@ def finetune_rows(args, name, dev, sections, P):
     if P.compile:
         rows.append(("finetune tok/s, compiled", name, fmt(median(r["compiled"])), fmt(median(r["hf"])),
                      ratio(r, "compiled", "hf"), mfu("compiled")))
+    return rows
+
+
+def lora_rows(args, name, dev, sections, P):
+    r = bench_lora(P.shape_kwargs, name, dev, P)
+    full = r["full"]
+    what = "peak allocated" if dev.type == "cuda" else "peak RSS"
+    rows = [(f"finetune tok/s full (B={P.B} T={P.T})", name, fmt(median(full["rates"])), "", "",
+             f"{P.shape_note}{full['trained'] / 1e6:,.1f}M trained; {what} {fmt(full['peak_bytes'], 'B')} "
+             f"(process had {fmt(full['before_bytes'], 'B')} before the model)")]
+    goals = {"lora": (1.0, 0.45), "qlora-int8": (None, None), "qlora-int4": (None, 0.3)}
+    for mode in FINETUNE_MODES[1:]:
+        label = "LoRA" if mode == "lora" else f"QLoRA {mode.split('-')[1]}"
+        speed_goal, memory_goal = goals[mode]
+        tps = median(r[mode]["rates"]) / median(full["rates"])
+        rows.append((f"finetune tok/s {label} (vs full)", name, fmt(median(r[mode]["rates"])),
+                     fmt(median(full["rates"])), f"{tps:.2f}x",
+                     f"{r[mode]['trained'] / 1e6:.1f}M trained" + (f"; goal >= {speed_goal}x" if speed_goal else "")))
+        mem = r[mode]["peak_bytes"] / full["peak_bytes"]
+        rows.append((f"finetune {what} {label} (vs full)", name, fmt(r[mode]["peak_bytes"], "B"),
+                     fmt(full["peak_bytes"], "B"), f"{mem:.2f}x",
+                     f"goal <= {memory_goal}x" if memory_goal else ""))
     return rows
 
 
@@ -613,7 +718,7 @@ def prefill_rows(args, name, dev, sections, P):
 
 
 SECTION_ROWS = {"roof": roof_rows, "decode": decode_rows, "prefill": prefill_rows, "finetune": finetune_rows,
-                "load": load_rows, "chat": chat_rows, "quant": quant_rows}
+                "lora": lora_rows, "load": load_rows, "chat": chat_rows, "quant": quant_rows}
 
 
 # -----------------------------------------------------------------------------
@@ -668,9 +773,10 @@ def machine(device) -> str:
 def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len: int = 128,
          new_tokens: int = 32, prefill_len: int = 256, B: int = 1, T: int = 128, repeats: int = 5,
          train_repeats: int = 5, sections=",".join(SECTIONS), compile: bool = True, threads: int = 0,
-         seed: int = 0, markdown: str = ""):
+         seed: int = 0, markdown: str = "", layers: int = 0):
     """Print the benchmark table. dtypes and sections are comma-separated lists (sections: roof,
-    decode, prefill, finetune, load, chat, quant). compile: also time llama31 under torch.compile (decode
+    decode, prefill, finetune, lora, load, chat, quant). layers: keep only the shape's first N
+    blocks (0: all), for a width whose whole depth does not fit the machine. compile: also time llama31 under torch.compile (decode
     step, finetune step); --nocompile skips those rows and their compile time.
     threads sets torch's CPU threads (0: torch's default). markdown: also append the table, in
     Markdown under a line naming the shape and machine, to this file (scripts/gpu_check.sh)."""
@@ -690,7 +796,7 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
         dev = llama31.check_device(device)
         for name, value, low in [("repeats", repeats, 1), ("train_repeats", train_repeats, 1), ("threads", threads, 0),
                                  ("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 2),
-                                 ("prefill_len", prefill_len, 1), ("B", B, 1), ("T", T, 1)]:
+                                 ("prefill_len", prefill_len, 1), ("B", B, 1), ("T", T, 1), ("layers", layers, 0)]:
             llama31.check_number(name, value, int, low)
     except llama31.ConfigError as e:
         raise SystemExit(f"error: {e}") from None
@@ -699,7 +805,11 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
     P = SimpleNamespace(prompt_len=prompt_len, new_tokens=new_tokens, prefill_len=prefill_len, B=B, T=T,
                         repeats=repeats, train_repeats=train_repeats, compile=compile, seed=seed, roof={})
     transformers.logging.set_verbosity_error()
-    args = ModelArgs(**SHAPES[shape], max_seq_len=max(prompt_len + new_tokens, prefill_len, T), max_batch_size=1)
+    kwargs = {**SHAPES[shape], "max_seq_len": max(prompt_len + new_tokens, prefill_len, T), "max_batch_size": 1}
+    full_depth = kwargs["n_layers"]
+    kwargs["n_layers"] = layers or full_depth
+    P.shape_kwargs, P.shape_note = kwargs, (f"{shape} width, {layers} of its {full_depth} layers; " if layers else "")
+    args = ModelArgs(**kwargs)
     n_params = sum(p.numel() for p in build_ours(args, torch.float32, "meta", seed).parameters())
     about = [f"shape {shape}: {args.n_layers} layers, dim {args.dim}, {args.n_heads}/{args.n_kv_heads} heads, "
              f"ffn {args.ffn_hidden_dim}, vocab {args.vocab_size}, {n_params / 1e6:.1f}M params",

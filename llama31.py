@@ -677,8 +677,9 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
     checkpoint loads as its base with the adapters added (load_adapted)."""
     adapters = lora.adapter_dir(path)
     if adapters:
-        return load_adapted(adapters, tokenizer_path, max_seq_len, max_batch_size, device, dtype,
-                            rope_scale_factor, tokenizer, vocab_size, quantize, group_size)
+        return load_adapted(adapters, tokenizer_path, quantize, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                            device=device, dtype=dtype, rope_scale_factor=rope_scale_factor, tokenizer=tokenizer,
+                            vocab_size=vocab_size, group_size=group_size)
     path, kind = formats.locate(path)
     device = check_device(device or default_device())
     gguf = kind == "gguf"
@@ -715,14 +716,18 @@ def base_fingerprint(path) -> str:
     return lora.fingerprint(state[0] if isinstance(state, list) else state)  # model-parallel: the first file
 
 
-def load_adapted(path, *args) -> "Llama":
-    """A LoRA checkpoint: the base adapters.pt names, checked against its fingerprint, with the adapters."""
+def load_adapted(path, tokenizer_path, quantize, **kw) -> "Llama":
+    """A LoRA checkpoint: the base adapters.pt names, checked against its fingerprint, loaded as it
+    was trained on (dense, or QLoRA's int8/int4) unless quantize says otherwise, with the adapters
+    and the run's tokenizer.model saved beside them (unless tokenizer_path names another)."""
     saved = lora.read_adapters(path)
     base, fingerprint, now = saved["base"], saved["fingerprint"], base_fingerprint(saved["base"])
     if now != fingerprint:
         raise ConfigError(f"{path}: its adapters were trained on other weights than {base} holds now "
                           f"(fingerprint {fingerprint} vs {now}); restore that base")
-    llama = load_checkpoint(base, *args)
+    own = Path(path) / "tokenizer.model"
+    llama = load_checkpoint(base, tokenizer_path or (own if own.is_file() else None),
+                            quantize=saved.get("quantize") if quantize is None else quantize, **kw)
     lora.add_adapters(llama.model, saved["config"])
     lora.load_adapters(llama.model, saved["adapters"], Path(path) / lora.FILE)
     llama.model.lora_base = (base, fingerprint)
@@ -1262,7 +1267,10 @@ def flops_per_token(model: Transformer, seqlen: int) -> float:
     a = model.args
     multiplies = [p for name, p in model.named_parameters()  # a tied output matrix counted once
                   if a.tie_embeddings or not name.startswith("tok_embeddings.")]
-    n = sum(p.numel() for p in multiplies)
+    # QLoRA's quantized matrices are buffers; LoRA's adapters are the parameters that train
+    quantized = sum(m.in_features * m.out_features for m in model.modules()
+                    if hasattr(m, "in_features") and not m.weight.is_floating_point())
+    n = sum(p.numel() for p in multiplies) + quantized
     n_trained = sum(p.numel() for p in multiplies if p.requires_grad)
     return 4 * n + 2 * n_trained + 12 * a.n_layers * a.dim * seqlen
 
@@ -1394,7 +1402,9 @@ def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, model_st
     if lora.adapted(model):  # the adapters and a reference to the base, not the base
         tmp.mkdir(parents=True)
         lora.save_adapters(tmp, {k: v for k, v in model_state.items() if ".lora_" in k},
-                           lora_config(config), *model.lora_base)
+                           lora_config(config), *model.lora_base, quantize=config["quantize"])
+        if tokenizer.path is not None:  # the run's tokenizer travels with it (a GGUF base has its own)
+            shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
     elif tokenizer.path is not None:
         save_meta(model, tmp, dtype=torch.float32, state=model_state)
         shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
@@ -1545,6 +1555,9 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistIn
             raise ConfigError(f"{resume_dir} was saved by {state['config']['world_size']} process(es); resume "
                               f"with the same number (now {info.world_size})")
     cfg = resolve_settings(given, state and state["config"], demo, resume_dir)
+    adapters = lora.adapter_dir(ckpt_dir) if ckpt_dir is not None and resume_dir is None else None
+    if adapters:  # a fresh run from a LoRA checkpoint trains its adapters on
+        cfg.update(continued_lora_settings(adapters, given))
     step_tokens = cfg["B"] * cfg["T"] * info.world_size
     if cfg["total_batch_size"] and cfg["total_batch_size"] % step_tokens:
         raise ConfigError(f"total_batch_size {cfg['total_batch_size']} is not a multiple of B*T*processes = "
@@ -1580,6 +1593,23 @@ def lora_config(cfg: dict) -> lora.LoRAConfig:
     return lora.check_config(cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
 
 
+def continued_lora_settings(path: Path, given: dict) -> dict:
+    """The settings of the adapters a LoRA checkpoint holds, which a run from it trains on (its
+    base frozen, as saved); a flag that contradicts them is refused rather than ignored."""
+    saved = lora.read_adapters(path)
+    c = saved["config"]
+    mine = {"finetune_type": "lora", "lora_rank": c.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout,
+            "lora_targets": ",".join(c.targets)}
+    if given.get("lora_targets") is not None:
+        given = {**given, "lora_targets": ",".join(lora.check_config(targets=given["lora_targets"]).targets)}
+    clash = [k for k, v in mine.items() if given.get(k) is not None and given[k] != v]
+    if clash:
+        raise ConfigError(f"{path} holds LoRA adapters ({', '.join(f'{k} {mine[k]}' for k in mine)}), which a run "
+                          f"from it trains on as they are; drop --{' --'.join(clash)}, or start from its base "
+                          f"{saved['base']}")
+    return mine
+
+
 def check_lora_settings(cfg: dict):
     """LoRA's settings checked before the model loads; a quantized base only under adapters."""
     quantizer.check_mode(cfg["quantize"], 32)
@@ -1589,9 +1619,9 @@ def check_lora_settings(cfg: dict):
                               f"--finetune_type lora, or drop --quantize")
         return
     lora_config(cfg)
-    if cfg["fsdp"]:
-        raise ConfigError("--fsdp with --finetune_type lora is not supported yet; drop --fsdp (DDP replicates "
-                          "the small adapters cheaply)")
+    if cfg["fsdp"] and cfg["quantize"] != "none":  # FSDP shards parameters; int weights are buffers
+        raise ConfigError(f"--fsdp with --quantize {cfg['quantize']}: the quantized base would not be sharded, "
+                          f"only the adapters; drop --fsdp (DDP replicates the small adapters cheaply)")
 
 
 def earlier_demo(out: Path) -> bool:
@@ -1719,7 +1749,11 @@ def sample_after_training(llama: "Llama", optimizer, prompts, sample_len: int, s
             torch.cuda.empty_cache()
         weights = full_state(model, None, sharded)[0]
         if info.master:
+            adapters = {k: weights.pop(k) for k in list(weights) if ".lora_" in k}
             model = assemble(model.args, weights, out, "the gathered shards", dev, dtype)
+            if adapters:
+                lora.add_adapters(model, llama.model.lora_config)
+                lora.load_adapters(model, adapters, "the gathered shards")
         del weights
     if info.master:
         sampler = Llama(model, llama.tokenizer, llama.chat_format)

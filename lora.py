@@ -75,16 +75,16 @@ class Frozen(nn.Module):
             return QuantizedProduct.apply(x, self)
         return super().forward(x)
 
-    def dense_weight(self) -> torch.Tensor:
-        """The base matrix in fp32. A quantized one in a kernel's packed layout is read back
-        through the kernel (x = I gives W^T), since those layouts have no dequantize."""
+    def dense_weight(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """Rows lo..hi of the base matrix in fp32 (all by default). CUDA's int4 tiles have no
+        dequantizer, so that layout is read back whole through its kernel (x = I gives W^T)."""
         if self.weight.is_floating_point():
-            return self.weight.float()
-        if getattr(self, "layout", "plain") == "plain":
-            return self.dequantize().float()
+            return self.weight[lo:hi].float()
+        if getattr(self, "layout", None) != "cuda":
+            return self.dequantize(lo, hi)
         dtype = next(t for t in self.buffers() if t.is_floating_point()).dtype
         eye = torch.eye(self.in_features, dtype=dtype, device=self.weight.device)
-        return self.base_class.forward(self, eye).T.float()
+        return self.base_class.forward(self, eye).T.float()[lo:hi]
 
 
 class LoRA(Frozen):
@@ -103,7 +103,10 @@ class LoRA(Frozen):
 
 class QuantizedProduct(torch.autograd.Function):
     """A quantized base's product, whose kernels have no backward: the gradient to x goes through
-    the matrix dequantized for the moment (the base is frozen, so it gets none)."""
+    the matrix dequantized for the moment, ROWS rows at a time (an 8B model's int8 output layer
+    would be 2 GB in fp32 at once); the base is frozen, so it gets none."""
+
+    ROWS = 4096  # a multiple of the CPU int4 layout's 32-row tiles
 
     @staticmethod
     def forward(ctx, x, module):
@@ -112,7 +115,13 @@ class QuantizedProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad @ ctx.module.dense_weight().to(grad.dtype), None
+        m, rows = ctx.module, QuantizedProduct.ROWS
+        if getattr(m, "layout", None) == "cuda":  # read back whole through the kernel
+            return grad @ m.dense_weight().to(grad.dtype), None
+        dx = 0  # summed in fp32: a bf16 gradient would round at every block
+        for lo in range(0, m.out_features, rows):
+            dx = dx + (grad[..., lo:lo + rows] @ m.dense_weight(lo, lo + rows).to(grad.dtype)).float()
+        return dx.to(grad.dtype), None
 
 
 _CLASSES: Dict[tuple, type] = {}
@@ -134,7 +143,8 @@ def target_names(model: nn.Module, targets) -> list:
 
 def add_adapters(model: nn.Module, config: LoRAConfig, generator=None) -> list:
     """Freeze the model and give each target an adapter: A as nn.Linear initialises its weight
-    (Kaiming-uniform, what PEFT uses too), B zero. Returns the adapted module names."""
+    (Kaiming-uniform, what PEFT uses too), B zero. The model keeps the config (model.lora_config).
+    Returns the adapted module names."""
     for p in model.parameters():
         p.requires_grad_(False)
     tok = getattr(model, "tok_embeddings", None)
@@ -155,6 +165,7 @@ def add_adapters(model: nn.Module, config: LoRAConfig, generator=None) -> list:
         module.lora_b = nn.Parameter(torch.zeros(module.out_features, config.rank, device=device))
         module.lora_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         module.lora_scale = config.scale
+    model.lora_config = config
     for module in model.modules():  # QLoRA: the other quantized matrices pass gradients back too
         if hasattr(module, "in_features") and not module.weight.is_floating_point() and not isinstance(module, Frozen):
             module.__class__ = mixed(Frozen, type(module))
@@ -218,10 +229,12 @@ def adapter_dir(path) -> Optional[Path]:
     return path if (path / FILE).is_file() else None
 
 
-def save_adapters(out_dir: Path, state: Dict[str, torch.Tensor], config: LoRAConfig, base, base_fingerprint: str):
-    """The adapters in fp32, their settings, and the base's path and fingerprint: megabytes."""
+def save_adapters(out_dir: Path, state: Dict[str, torch.Tensor], config: LoRAConfig, base, base_fingerprint: str,
+                  quantize: str = "none"):
+    """The adapters in fp32, their settings, and the base's path and fingerprint: megabytes.
+    quantize: how the base was loaded for training (none: dense; int8, int4: QLoRA's)."""
     saved = {"adapters": {k: v.detach().float().cpu() for k, v in state.items()}, "config": asdict(config),
-             "base": str(Path(base).resolve()), "fingerprint": base_fingerprint}
+             "base": str(Path(base).resolve()), "fingerprint": base_fingerprint, "quantize": quantize}
     formats.atomic_write(Path(out_dir) / FILE, lambda tmp: torch.save(saved, tmp))
 
 
@@ -232,6 +245,7 @@ def read_adapters(ckpt_dir) -> dict:
     def fits(saved):
         saved["config"] = check_config(**saved["config"])
         return isinstance(saved["base"], str) and isinstance(saved["fingerprint"], str) and \
+            saved.get("quantize", "none") in ("none", "int8", "int4") and \
             all(isinstance(v, torch.Tensor) for v in saved["adapters"].values())
     saved = formats.load_saved(path, "adapters, config, base, fingerprint", fits,
                                "point --ckpt_dir at another step_NNNNNN directory")

@@ -9,7 +9,8 @@ Weight-only quantization: the model's matrices kept in 8 or 4 bits, activations 
 
 Each format runs on the fastest kernel PyTorch has for the device: on CPU aten's
 _weight_int8pack_mm and _weight_int4pack_mm_for_cpu (they want bf16 activations: with fp32 ones
-they run ~10x slower, so a quantized model defaults to bf16 on CPU); on CUDA
+they run ~10x slower, so a quantized model defaults to bf16 on CPU, and fp32 products of 8 rows or
+more dequantize the matrix 4096 rows at a time instead); on CUDA
 _weight_int4pack_mm, and for int8 a product with the int8 matrix whose rows are scaled after
 (what torch.compile fuses); elsewhere (MPS) the weights are dequantized for each product. Every
 path is tested equal to dequantize-then-matmul.
@@ -108,6 +109,23 @@ def int8_matmul(x, q, scales, kernel: bool):
     return F.linear(x, q.to(x.dtype)) * scales
 
 
+# aten's CPU int kernels are made for a few rows of bf16 activations: with fp32 ones their time
+# grows with the rows as if unvectorized (128 rows through the 1B shape's int8 output matrix: 49 s,
+# against 2.3 s dense). From FEW_ROWS rows on, a product in another dtype than bf16 dequantizes
+# W ROWS_AT_ONCE rows at a time instead (a prefill, a training step)
+FEW_ROWS = 8
+
+
+def by_blocks(x, module):
+    """x @ W.T with W dequantized ROWS_AT_ONCE rows at a time, never whole in x's dtype."""
+    return torch.cat([F.linear(x, module.dequantize(lo, lo + ROWS_AT_ONCE).to(x.dtype))
+                      for lo in range(0, module.out_features, ROWS_AT_ONCE)], dim=-1)
+
+
+def kernel_fits(x) -> bool:
+    return x.dtype == torch.bfloat16 or x.numel() < FEW_ROWS * x.shape[-1]
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scales[:, None]).T, q int8 (out, in)."""
 
@@ -123,10 +141,13 @@ class Int8Linear(nn.Module):
         return {"weight": values.q.to(device), "scales": values.scales.to(device, dtype)}
 
     def forward(self, x):
+        if x.device.type == "cpu" and not kernel_fits(x):
+            return by_blocks(x, self)
         return int8_matmul(x, self.weight, self.scales, kernel=x.device.type == "cpu")
 
-    def dequantize(self) -> torch.Tensor:
-        return Int8Values(self.weight, self.scales).dequantize()
+    def dequantize(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """Rows lo..hi of the matrix in fp32 (all of it by default)."""
+        return Int8Values(self.weight[lo:hi], self.scales[lo:hi]).dequantize()
 
 
 class Int4Linear(nn.Module):
@@ -178,21 +199,41 @@ class Int4Linear(nn.Module):
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1])
         sz = self.scales_and_zeros if self.scales_and_zeros.dtype == x.dtype else self.scales_and_zeros.to(x.dtype)
-        if self.layout == "cpu":
+        if self.layout == "cpu" and kernel_fits(x2):
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz)
         elif self.layout == "cuda":
             out = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, sz)
         else:
-            out = F.linear(x2, self.dequantize().to(x.dtype))
+            out = by_blocks(x2, self)
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def dequantize(self) -> torch.Tensor:
-        """The matrix in fp32 (plain layout only; the kernels' tiles are not undone here)."""
-        if self.layout != "plain":
-            raise ConfigError("dequantize reads the plain int4 layout only")
-        q = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).flatten(1)
-        sz = self.scales_and_zeros.transpose(0, 1)
+    def dequantize(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """Rows lo..hi of the matrix in fp32 (all of it by default; in the CPU layout lo and hi
+        multiples of 32, or hi the last row). CUDA's tiles are not undone here: run the kernel on
+        an identity matrix instead (x = I gives W^T)."""
+        hi = self.out_features if hi is None else hi
+        if self.layout == "cpu":
+            q = unpack_int4_cpu(self.weight[lo:hi], self.in_features)
+        elif self.layout == "plain":
+            q = torch.stack([self.weight[lo:hi] & 15, self.weight[lo:hi] >> 4], dim=-1).flatten(1)
+        else:
+            raise ConfigError(f"dequantize reads the plain and CPU int4 layouts, not {self.layout}'s")
+        sz = self.scales_and_zeros[:, lo:hi].transpose(0, 1)
         return Int4Values(q, sz[..., 0], sz[..., 1]).dequantize()
+
+
+def unpack_int4_cpu(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """q (rows, in) uint8 from rows of aten's CPU layout (_convert_weight_to_int4pack_for_cpu, as
+    torch 2.5-2.13 writes it): tiles of 32 rows, each input column's 32 values in 16 bytes (row j
+    in the low nibble, row j + 16 in the high); a last tile of 16 rows (out % 32 == 16) holds each
+    column's 16 values in 8 bytes, two consecutive rows a byte, the first in the low nibble."""
+    rows, full = packed.shape[0], packed.shape[0] // 32 * 32
+    tiles = packed[:full].reshape(-1, in_features, 16)
+    q = torch.cat([tiles & 15, tiles >> 4], dim=-1).transpose(1, 2).reshape(full, in_features)
+    if full < rows:
+        tail = packed[full:].reshape(in_features, -1)
+        q = torch.cat([q, torch.stack([tail & 15, tail >> 4], dim=-1).flatten(1).T])
+    return q
 
 
 def cuda_k_tiles(in_features: int) -> int:

@@ -5,8 +5,9 @@ import bench
 
 
 def test_bench_prints_every_row(capsys):
+    sections = [s for s in bench.SECTIONS if s != "lora"]  # test_bench_lora_rows: its own processes
     rows = bench.main(shape="tiny", dtypes="fp32", prompt_len=8, new_tokens=3, prefill_len=8, T=8,
-                      repeats=1, train_repeats=1, compile=False)
+                      repeats=1, train_repeats=1, compile=False, sections=sections)
     out = capsys.readouterr().out
     metrics = [r[0] for r in rows]
     for name in ("GEMV roof", "decode tok/s (HF generate)", "decode tok/s (HF forward loop)", "prefill tok/s",
@@ -21,6 +22,20 @@ def test_bench_prints_every_row(capsys):
             assert float(ratio.split("x")[0]) > 0
     load = next(r for r in rows if r[0].startswith("load"))
     assert float(load[2].rstrip("x")) >= 0  # a tiny checkpoint barely moves the RSS
+
+
+def test_bench_lora_rows_compare_lora_and_qlora_with_full_finetuning():
+    # four fresh processes (full, LoRA, QLoRA int8 and int4) of one step each on the tiny shape
+    rows = bench.main(shape="tiny", dtypes="fp32", T=8, train_repeats=1, sections="lora", layers=1)
+    metrics = [r[0] for r in rows]
+    assert metrics[0] == "finetune tok/s full (B=1 T=8)" and "tiny width, 1 of its 2 layers" in rows[0][5]
+    for label in ("LoRA", "QLoRA int8", "QLoRA int4"):
+        speed, memory = (next(r for r in rows if r[0] == f"finetune {m} {label} (vs full)")
+                         for m in ("tok/s", "peak RSS"))
+        assert speed[3] == rows[0][2] and float(speed[4].rstrip("x")) > 0
+        assert float(memory[4].rstrip("x")) > 0 and memory[2].endswith("B")
+    trained = [float(r[5].split("M trained")[0].split()[-1]) for r in rows if "tok/s" in r[0]]
+    assert trained[1] == trained[2] == trained[3] < trained[0]  # the same adapters, fewer than the whole
 
 
 def test_bench_rejects_unknown_shape_and_section(capsys):

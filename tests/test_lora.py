@@ -4,6 +4,7 @@ lora trains and saves only adapters, resumes exactly, loads and exports merged; 
 one-line errors."""
 
 import copy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,10 @@ import transformers
 
 import lora
 import quantize
-from conftest import FINETUNE_SHAPE, make_checkpoint, random_model
+from conftest import FINETUNE_SHAPE, STORIES, make_checkpoint, random_model
 from formats import permute_qk, save_hf
-from llama31 import Llama, export, finetune, load_model
-from tokenizer import ConfigError
+from llama31 import Llama, export, finetune, load_checkpoint, load_model, load_tokenizer, write_datafile
+from tokenizer import ConfigError, find_tokenizer_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +95,29 @@ def test_quantized_base_takes_adapters_and_merges_to_dense():
     lora.merge(model)
     assert isinstance(model.layers[0].attention.wq, torch.nn.Linear)
     assert (model.forward_inference(x) - unmerged).abs().max().item() <= 1e-4 * unmerged.abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4-cpu", "int4-plain"])
+def test_gradient_through_a_quantized_base_equals_the_dequantized_matrix_s(kind, monkeypatch):
+    # the backward dequantizes the frozen base 32 rows at a time here (4096 in real runs)
+    monkeypatch.setattr(lora.QuantizedProduct, "ROWS", 32)
+    torch.manual_seed(0)
+    w = torch.randn(80, 64)
+    if kind == "int8":
+        module = quantize.Int8Linear(64, 80, torch.float32)
+        module.load_state_dict(quantize.Int8Linear.buffers_for(w, "cpu", torch.float32), assign=True)
+    else:
+        layout = kind.split("-")[1]
+        module = quantize.Int4Linear(64, 80, 32, torch.float32, layout=layout)
+        module.load_state_dict(quantize.Int4Linear.buffers_for(w, 32, layout, "cpu", torch.float32), assign=True)
+    dense = module.dequantize()
+    module.__class__ = lora.mixed(lora.Frozen, type(module))
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(3, 5, 80)
+    module(x).backward(g)
+    torch.nn.functional.linear(x_ref, dense).backward(g)
+    assert (x.grad - x_ref.grad).abs().max() <= 1e-5 * x_ref.grad.abs().max()
 
 
 def test_adapter_state_round_trips():
@@ -227,27 +251,150 @@ def run(ckpt, data, out, **kw):
     return finetune(**args)
 
 
-def test_lora_finetune_changes_only_the_adapters_and_saves_only_them(tiny_ckpt, data, tmp_path):
-    base = load_model(tiny_ckpt, device="cpu", dtype="fp32").state_dict()
-    model = run(tiny_ckpt, data, tmp_path)["model"]
+X = torch.tensor([[128000, 791, 8415, 3290]])
+
+
+@pytest.fixture(scope="module")
+def lora_run(data, tmp_path_factory):
+    """A 3-step LoRA run on a base with its own tokenizer.model: (run directory, base, trained model)."""
+    base = tmp_path_factory.mktemp("base")
+    make_checkpoint(base, seed=0, dtype=torch.float32, **FINETUNE_SHAPE)
+    shutil.copyfile(find_tokenizer_model(), base / "tokenizer.model")
+    out = tmp_path_factory.mktemp("run")
+    return out, base, run(base, data, out / "run")["model"].eval()
+
+
+def test_lora_finetune_changes_only_the_adapters_and_saves_only_them(lora_run):
+    out, base, model = lora_run
+    before = load_model(base, device="cpu", dtype="fp32").state_dict()
     state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in base.items())
+    assert all(torch.equal(state[k], v) for k, v in before.items())
     assert all(p.abs().max() > 0 for k, p in lora.adapter_state(model).items() if k.endswith("lora_b"))
-    saved = sorted(p.name for p in (tmp_path / "step_000003").iterdir())
-    assert saved == ["adapters.pt", "train_state.pt"]
-    assert (tmp_path / "step_000003" / "adapters.pt").stat().st_size < 2e6
+    step = out / "run" / "step_000003"
+    assert sorted(p.name for p in step.iterdir()) == ["adapters.pt", "tokenizer.model", "train_state.pt"]
+    assert (step / "adapters.pt").stat().st_size < 2e6
 
 
-def test_lora_checkpoint_loads_as_base_plus_adapters_and_exports_merged(tiny_ckpt, data, tmp_path):
-    model = run(tiny_ckpt, data, tmp_path / "run")["model"].eval()
-    x = torch.tensor([[128000, 791, 8415, 3290]])
-    step = tmp_path / "run" / "step_000003"
-    for path in (step, tmp_path / "run" / "latest"):
+def test_lora_checkpoint_loads_as_base_plus_adapters_with_the_runs_tokenizer(lora_run):
+    out, base, model = lora_run
+    step = out / "run" / "step_000003"
+    for path in (step, out / "run" / "latest"):
         llama = Llama.build(path, max_seq_len=64, device="cpu", dtype="fp32")
-        assert torch.equal(llama.model.forward_inference(x), model.forward_inference(x))
-    export(str(step), str(tmp_path / "merged"), format="meta", dtype="fp32")
+        assert torch.equal(llama.model.forward_inference(X), model.forward_inference(X))
+        assert llama.tokenizer.path == step / "tokenizer.model"
+    assert (step / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
+
+
+def test_lora_checkpoint_exports_merged(lora_run, tmp_path):
+    out, _, model = lora_run
+    export(str(out / "run" / "step_000003"), str(tmp_path / "merged"), format="meta", dtype="fp32")
     merged = load_model(tmp_path / "merged", device="cpu", dtype="fp32")
-    assert (merged.forward_inference(x) - model.forward_inference(x)).abs().max().item() <= 1e-5
+    assert (merged.forward_inference(X) - model.forward_inference(X)).abs().max().item() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def lora_gguf(lora_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_gguf")
+    export(str(lora_run[0] / "run" / "step_000003"), str(out), format="gguf", gguf_type="f32")
+    return out / "model.gguf"
+
+
+def test_gguf_export_of_a_lora_checkpoint_holds_w_plus_scaled_ba(lora_run, lora_gguf):
+    _, base, model = lora_run
+    back = load_checkpoint(lora_gguf, max_seq_len=64, device="cpu", dtype="fp32")
+    assert (back.model.forward_inference(X) - model.forward_inference(X)).abs().max().item() <= 1e-5
+    w = load_model(base, device="cpu", dtype="fp32").state_dict()["layers.1.attention.wk.weight"]
+    m = model.layers[1].attention.wk
+    by_hand = w + (16.0 / 4) * m.lora_b.detach() @ m.lora_a.detach()  # alpha 16, rank 4
+    assert torch.allclose(back.model.state_dict()["layers.1.attention.wk.weight"], by_hand, atol=1e-6)
+    assert back.tokenizer.n_words == 128256
+
+
+def test_llama_cpp_greedy_on_an_exported_lora_gguf_equals_ours(lora_run, lora_gguf):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (it builds llama.cpp)")
+    ours = Llama.build(lora_run[0] / "run" / "step_000003", max_seq_len=64, device="cpu", dtype="fp32")
+    prompt = ours.tokenizer.encode("The cat sat", bos=True, eos=False)
+    want = ours.generate([prompt], max_gen_len=6, temperature=0)[0]
+    cpp = llama_cpp.Llama(model_path=str(lora_gguf), n_ctx=64, verbose=False)
+    got = []
+    for token in cpp.generate(prompt, temp=0.0, top_k=1):
+        got.append(token)
+        if len(got) == len(want):
+            break
+    assert got == want
+
+
+def test_a_run_from_a_lora_checkpoint_trains_its_adapters_on(lora_run, data, tmp_path):
+    out, base, model = lora_run
+    step = out / "run" / "step_000003"
+    # no finetune_type or lora flags: the saved adapters' settings (rank 4 here, not the default 8)
+    on = finetune(ckpt_dir=str(step), out_dir=str(tmp_path / "on"), B=2, T=32, max_steps=1, learning_rate=1e-2,
+                  val_every=0, device="cpu", sample_prompts=[], **data)["model"]
+    assert {p.shape[0] for k, p in lora.adapter_state(on).items() if k.endswith("lora_a")} == {4}
+    saved = lora.read_adapters(tmp_path / "on" / "step_000001")
+    assert saved["base"] == str(base.resolve()) and saved["config"] == lora.read_adapters(step)["config"]
+    a, b = lora.adapter_state(on), lora.adapter_state(model)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # trained on from the saved adapters
+
+
+@pytest.mark.parametrize("kw, flags", [(dict(lora_rank=16), "--lora_rank"), (dict(finetune_type="all"), "--finetune_type"),
+                                       (dict(lora_targets="wq,wk", lora_alpha=8.0), "--lora_alpha --lora_targets")])
+def test_flags_that_contradict_a_lora_checkpoint_are_one_line_errors(lora_run, data, tmp_path, kw, flags):
+    step = lora_run[0] / "run" / "step_000003"
+    with pytest.raises(ConfigError) as e:
+        finetune(ckpt_dir=str(step), out_dir=str(tmp_path), max_steps=1, device="cpu", **data, **kw)
+    assert str(e.value).startswith(f"{step} holds LoRA adapters (finetune_type lora, lora_rank 4, lora_alpha 16.0, "
+                                   f"lora_dropout 0.0, lora_targets wq,wk,wv,wo,w2)")
+    assert f"drop {flags}, or start from its base" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="was saved with different settings .* lora_rank 4 vs 16"):
+        finetune(resume=str(step), out_dir=str(tmp_path), max_steps=5, lora_rank=16, device="cpu")
+
+
+def test_flops_per_token_count_the_adapters_as_what_trains():
+    model = random_model(tie_embeddings=False, **TINY)
+    args, T = model.args, 32
+    d, kv, ffn = args.dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    base = 2 * (2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d) + 512 * d + d  # blocks, output, final norm
+    with_adapters(model, targets=("wq", "wv"), rank=4)
+    lora.adapted(model)  # the adapters below: A (4, in) and B (out, 4) on wq (d -> d) and wv (d -> kv)
+    adapters = 2 * (4 * (d + d) + 4 * (d + kv))
+    want = 4 * (base + adapters) + 2 * adapters + 12 * 2 * d * T
+    from llama31 import flops_per_token, select_trainable
+    select_trainable(model, "lora")
+    assert flops_per_token(model, T) == want
+    # QLoRA: the quantized matrices (buffers, not parameters) multiply as much
+    quantize.swap_modules(model, {f"layers.{i}.feed_forward.w2": ("int8",) for i in range(2)}, "cpu", torch.float32)
+    assert flops_per_token(model, T) == want
+
+
+def test_lora_on_an_hf_layout_base_trains_and_loads_back(data, tmp_path):
+    model = random_model(seed=5, **FINETUNE_SHAPE)
+    save_hf(model.state_dict(), model.args.to_params(), tmp_path / "hf", dtype=torch.float32)
+    trained = run(tmp_path / "hf", data, tmp_path / "run", max_steps=2)["model"].eval()
+    step = tmp_path / "run" / "step_000002"
+    assert lora.read_adapters(step)["base"] == str((tmp_path / "hf").resolve())
+    back = Llama.build(step, max_seq_len=64, device="cpu", dtype="fp32")
+    assert torch.equal(back.model.forward_inference(X), trained.forward_inference(X))
+    assert any(p.abs().max() > 0 for k, p in lora.adapter_state(back.model).items() if k.endswith("lora_b"))
+
+
+def test_lora_on_a_gguf_base_trains_and_loads_back_with_the_files_tokenizer(tiny_gguf, tmp_path):
+    # conftest's tiny GGUF (a byte-level vocabulary of its own, 4- to 8-bit tensor types), trained
+    # dequantized as finetune loads a GGUF; the demo SmolLM2 file works the same, but parsing its
+    # 49k-token vocabulary takes seconds per open
+    tok = load_tokenizer(tiny_gguf)
+    docs = [tok.encode(s, bos=True, eos=True) for s in STORIES]
+    write_datafile(tmp_path / "train.bin", [t for i in range(20) for t in docs[i % len(docs)]])
+    trained = run(tiny_gguf, {"train_data": str(tmp_path / "train.bin"), "val_data": ""}, tmp_path / "run",
+                  B=1, T=16, max_steps=2)["model"].eval()
+    step = tmp_path / "run" / "step_000002"
+    assert sorted(p.name for p in step.iterdir()) == ["adapters.pt", "train_state.pt"]  # no tokenizer.model
+    back = Llama.build(step, max_seq_len=64, device="cpu", dtype="fp32")  # as trained: dense, not kept quantized
+    assert isinstance(back.model.layers[0].attention.wv, torch.nn.Linear)
+    x = torch.tensor([docs[0]])
+    assert torch.equal(back.model.forward_inference(x), trained.forward_inference(x))
+    assert back.tokenizer.n_words == tok.n_words == 258
+    assert back.tokenizer.encode("The cat", bos=False, eos=False) == list(b"The cat")
 
 
 def test_lora_resume_continues_exactly(tiny_ckpt, data, tmp_path):
@@ -259,10 +406,15 @@ def test_lora_resume_continues_exactly(tiny_ckpt, data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_qlora_trains_adapters_on_an_int8_base(tiny_ckpt, data, tmp_path):
-    model = run(tiny_ckpt, data, tmp_path, quantize="int8")["model"]
+def test_qlora_trains_adapters_on_an_int8_base_and_loads_back_on_it(tiny_ckpt, data, tmp_path):
+    model = run(tiny_ckpt, data, tmp_path, quantize="int8")["model"].eval()
     assert isinstance(model.layers[0].attention.wq, quantize.Int8Linear)
     assert all(p.abs().max() > 0 for k, p in lora.adapter_state(model).items() if k.endswith("lora_b"))
+    back = Llama.build(tmp_path / "step_000003", max_seq_len=64, device="cpu", dtype="fp32")  # int8, as trained
+    assert isinstance(back.model.layers[0].attention.wq, quantize.Int8Linear)
+    assert torch.equal(back.model.forward_inference(X), model.forward_inference(X))
+    dense = Llama.build(tmp_path / "step_000003", max_seq_len=64, device="cpu", dtype="fp32", quantize="none")
+    assert isinstance(dense.model.layers[0].attention.wq, torch.nn.Linear)  # unless asked otherwise
 
 
 def test_adapters_on_a_changed_base_are_refused(data, tmp_path):
@@ -285,6 +437,15 @@ def test_bad_lora_finetune_input_is_one_line(tiny_ckpt, data, tmp_path, kw, word
     assert str(e.value).startswith(words) and "\n" not in str(e.value)
 
 
+def test_fsdp_over_a_quantized_base_is_refused_in_one_line():
+    from llama31 import SETTINGS, check_lora_settings
+    cfg = {k: s.default for k, s in SETTINGS.items()} | dict(finetune_type="lora", quantize="int4", fsdp=True)
+    with pytest.raises(ConfigError, match=r"^--fsdp with --quantize int4: the quantized base would not be sharded") as e:
+        check_lora_settings(cfg)
+    assert "\n" not in str(e.value)
+    check_lora_settings(cfg | dict(quantize="none"))  # a dense base shards
+
+
 def test_cli_lora_finetune_samples_and_exports(tiny_ckpt, data, tmp_path):
     def cli(*args):
         r = subprocess.run([sys.executable, "llama31.py", *args], cwd=REPO, capture_output=True, text=True,
@@ -305,14 +466,33 @@ def test_cli_lora_finetune_samples_and_exports(tiny_ckpt, data, tmp_path):
     assert (tmp_path / "hf" / "config.json").is_file()
 
 
-def test_lora_under_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_ckpt, data, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tiny_ckpt, data, tmp_path_factory):
+    """The adapters of one process with 4 micro-steps of accumulation: what 2 processes of 2 give."""
+    return finetune(ckpt_dir=str(tiny_ckpt), out_dir=str(tmp_path_factory.mktemp("single")), B=2, T=32, max_steps=3,
+                    total_batch_size=4 * 2 * 32, learning_rate=1e-3, warmup_steps=2, val_every=0, device="cpu",
+                    sample_prompts=[], finetune_type="lora", **data)["model"]
+
+
+def test_lora_under_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_ckpt, data, tmp_path,
+                                                                                 one_process):
     from test_finetune import torchrun
-    single = finetune(ckpt_dir=str(tiny_ckpt), out_dir=str(tmp_path / "single"), B=2, T=32, max_steps=3,
-                      total_batch_size=4 * 2 * 32, learning_rate=1e-3, warmup_steps=2, val_every=0, device="cpu",
-                      sample_prompts=[], finetune_type="lora", **data)
     torchrun(tiny_ckpt, data, tmp_path / "ddp", "ddp", "-", "lora")
     rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
-    mine = lora.adapter_state(single["model"])
+    mine = lora.adapter_state(one_process)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert max((rank0[k] - v).abs().max().item() for k, v in mine.items()) < 1e-5
     assert all(rank0[k].abs().max() > 0 for k in mine if k.endswith("lora_b"))
+
+
+def test_lora_under_fsdp_on_two_processes_equals_one_process(tiny_ckpt, data, tmp_path, one_process):
+    # frozen base and trainable adapters sharded in the same units; with activation checkpointing,
+    # validation, and rank 0 sampling from the gathered base plus adapters
+    from test_finetune import torchrun
+    log = torchrun(tiny_ckpt, data, tmp_path / "fsdp", "fsdp", "-", "lora")
+    assert "FSDP" in log and "val loss" in log and "The cat" in log
+    sharded = lora.read_adapters(tmp_path / "fsdp" / "step_000003")["adapters"]
+    mine = lora.adapter_state(one_process)
+    assert sharded.keys() == mine.keys()
+    assert max((sharded[k] - v).abs().max().item() for k, v in mine.items()) < 1e-5
+    assert all(sharded[k].abs().max() > 0 for k in mine if k.endswith("lora_b"))

@@ -113,6 +113,49 @@ def test_int4_linear_equals_dequantize_then_matmul(dtype, out_features, layout):
     assert Int4Linear.layout_for("cpu", 128, out_features) == ("cpu" if out_features % 16 == 0 else "plain")
 
 
+@pytest.mark.parametrize("out_features", [16, 48, 64, 80])
+def test_the_cpu_int4_layout_unpacks_to_its_values_whole_and_by_tiles(out_features):
+    # aten's tiles: 32 rows (16 + 16 per byte), a last tile of 16 rows when out % 32 == 16
+    torch.manual_seed(0)
+    v = int4_groups(torch.randn(out_features, 96), 32)
+    module = Int4Linear(96, out_features, 32, torch.float32, layout="cpu")
+    module.load_state_dict(Int4Linear.buffers_for(v, 32, "cpu", "cpu", torch.float32), assign=True)
+    assert torch.equal(quantize.unpack_int4_cpu(module.weight, 96), v.q)
+    assert torch.equal(module.dequantize(), Int4_values_in(torch.float32, v))
+    rows = torch.cat([module.dequantize(lo, lo + 32) for lo in range(0, out_features, 32)])
+    assert torch.equal(rows, module.dequantize())
+    # the kernel on an identity matrix (what QLoRA's backward used before) reads the same matrix
+    through_kernel = module(torch.eye(96)).T
+    assert (through_kernel - module.dequantize()).abs().max() <= 1e-6 * module.dequantize().abs().max()
+
+
+def test_int8_rows_dequantize_by_range():
+    module = Int8Linear(64, 48, torch.float32)
+    module.load_state_dict(Int8Linear.buffers_for(torch.randn(48, 64), "cpu", torch.float32), assign=True)
+    assert torch.equal(torch.cat([module.dequantize(0, 20), module.dequantize(20, 48)]), module.dequantize())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4-cpu", "int4-plain"])
+def test_fp32_products_of_many_rows_dequantize_by_blocks_and_equal_the_dense_product(mode, monkeypatch):
+    # aten's CPU kernels are slow for many fp32 rows; blocks of 32 rows of W here (4096 in use)
+    monkeypatch.setattr(quantize, "ROWS_AT_ONCE", 32)
+    calls = []
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", lambda *a: calls.append(a))
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(a))
+    torch.manual_seed(0)
+    w, x = torch.randn(80, 128), torch.randn(2, quantize.FEW_ROWS, 128)
+    if mode == "int8":
+        module = Int8Linear(128, 80, torch.float32)
+        module.load_state_dict(Int8Linear.buffers_for(w, "cpu", torch.float32), assign=True)
+    else:
+        layout = mode.split("-")[1]
+        module = Int4Linear(128, 80, 32, torch.float32, layout=layout)
+        module.load_state_dict(Int4Linear.buffers_for(w, 32, layout, "cpu", torch.float32), assign=True)
+    out = module(x)
+    assert not calls and out.shape == (2, quantize.FEW_ROWS, 80)
+    assert close(out, x @ module.dequantize().T, torch.float32)
+
+
 def Int4_values_in(dtype, v):
     """The matrix as the kernels see it: scales and zeros rounded to the activations' dtype."""
     return quantize.Int4Values(v.q, v.scales.to(dtype), v.zeros.to(dtype)).dequantize()
