@@ -325,6 +325,11 @@ def read_meta_slices(ckpt_dir: Path, full: Dict[str, torch.Size], layout: Layout
             raise ConfigError(f"{paths[i]} does not hold this model's weights: "
                               + (f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}")
                               + "; the files are not from one checkpoint, or params.json is not theirs")
+        rows, wq = state["layers.0.attention.wq.weight"].shape[0], layout.n_heads * layout.head_dim
+        if rows * n != wq and wq % rows == 0:
+            raise ConfigError(f"{ckpt_dir} holds {n} consolidated.NN.pth files, but {paths[i].name} is cut for "
+                              f"{wq // rows} (layers.0.attention.wq.weight has {rows} of {wq} rows); download "
+                              f"every file")
         wrong = next((k for k in expected if tuple(state[k].shape) != expected[k]), None)
         if wrong:
             raise ConfigError(f"{paths[i]}: {wrong} is {tuple(state[wrong].shape)}, but params.json's model cut into "
