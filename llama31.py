@@ -756,7 +756,7 @@ def assemble(args: ModelArgs, state, where, source: str, device, dtype, plan=Non
     with torch.device("meta"):
         model = Transformer(args)
     if layout is not None:
-        state = tp.local_state(state, model, layout)
+        state = tp.local_state(state, model, layout, device, dtype)
         tp.shard_modules(model, layout)
     if isinstance(state, list):  # Meta's model-parallel files
         state = merge_shards(state, model, where)

@@ -34,6 +34,8 @@ This file imports nothing from llama31.py: it takes modules by Meta's names and 
 typing (n_heads, n_kv_heads, head_dim, ffn_hidden_dim, vocab_size, dim).
 """
 
+import ctypes
+import mmap
 import os
 import re
 import sys
@@ -241,20 +243,45 @@ def connect(model: nn.Module, layout: Layout, group=None):
 # reading this process's slices: from Meta's files (only those holding them), or an HF checkpoint
 
 
-def cut(piece: Callable[[int], torch.Tensor], size: int, dim: int, lo: int, hi: int) -> torch.Tensor:
-    """lo..hi along dim of the tensor that equal pieces of `size` make, concatenated along dim;
-    piece(i) the i-th (only those the range overlaps are asked for). A range inside one piece is a
-    view of it (a memory-mapped file's pages, read when used); a cut of columns is made contiguous."""
-    parts = []
-    for i in range(lo // size, (hi - 1) // size + 1):
-        a, b = max(lo - i * size, 0), min(hi - i * size, size)
-        parts.append(piece(i) if (a, b) == (0, size) else piece(i).narrow(dim, a, b - a))
-    out = cat(parts, dim)
-    return out.contiguous() if not out.is_contiguous() else out
+def parts(piece: Callable[[int], torch.Tensor], size: int, dim: int, lo: int, hi: int) -> List[torch.Tensor]:
+    """The views that make lo..hi along dim of the tensor that equal pieces of `size` make,
+    concatenated along dim; piece(i) the i-th (only those the range overlaps are asked for)."""
+    return [piece(i).narrow(dim, max(lo - i * size, 0), min(hi - i * size, size) - max(lo - i * size, 0))
+            for i in range(lo // size, (hi - 1) // size + 1)]
 
 
-def cat(parts: List[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+def joined(views: List[torch.Tensor], dim: int, device, dtype) -> torch.Tensor:
+    """Views of memory-mapped files concatenated along dim, on device in dtype: the one view itself
+    when nothing needs to change (the file's pages, read when used); else a copy, each view's pages
+    dropped from this process (release) as soon as it is copied."""
+    if len(views) == 1:
+        out = views[0].to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
+        if out.untyped_storage().data_ptr() != views[0].untyped_storage().data_ptr():
+            release(views[0])
+        return out
+    shape = list(views[0].shape)
+    shape[dim] = sum(v.shape[dim] for v in views)
+    out, at = torch.empty(shape, device=device, dtype=dtype), 0
+    for v in views:
+        out.narrow(dim, at, v.shape[dim]).copy_(v)
+        at += v.shape[dim]
+        release(v)
+    return out
+
+
+LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
+def release(view: torch.Tensor):
+    """Drop the pages under a view of a memory-mapped file (torch.load's mmap, private and never
+    written) from this process: read once and copied, they would count in its RSS until the file
+    is closed; dropped, they would be read from the file again if ever touched."""
+    if LIBC is None or view.device.type != "cpu":
+        return
+    start = view.data_ptr()
+    end = start + (sum((n - 1) * s for n, s in zip(view.shape, view.stride())) + 1) * view.element_size()
+    lo, hi = start // mmap.PAGESIZE * mmap.PAGESIZE, -(-end // mmap.PAGESIZE) * mmap.PAGESIZE
+    LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
 
 
 def meta_files(ckpt_dir: Path) -> List[Path]:
@@ -291,10 +318,10 @@ def file_shapes(full: Dict[str, torch.Size], n_files: int, n_kv_heads: int, head
     return shapes
 
 
-def read_meta_slices(ckpt_dir: Path, full: Dict[str, torch.Size], layout: Layout) -> dict:
-    """This process's slices of a Meta checkpoint as formats.Lazy tensors; only the files holding
-    them are opened (one when the processes are as many as the files), memory-mapped, and their
-    keys and shapes checked against params.json first."""
+def read_meta_slices(ckpt_dir: Path, full: Dict[str, torch.Size], layout: Layout, device, dtype) -> dict:
+    """This process's slices of a Meta checkpoint as formats.Lazy tensors on device in dtype; only
+    the files holding them are opened (one when the processes are as many as the files),
+    memory-mapped, and their keys and shapes checked against params.json first."""
     paths = meta_files(ckpt_dir)
     n = len(paths)
     expected = file_shapes(full, n, layout.n_kv_heads, layout.head_dim)
@@ -344,11 +371,12 @@ def read_meta_slices(ckpt_dir: Path, full: Dict[str, torch.Size], layout: Layout
     for key, shape in full.items():
         dim, (lo, hi) = layout.ranges(key)
         if dim is None:
-            read = (lambda k: lambda: states[files[0]][k])(key)
+            views = (lambda k: lambda: [states[files[0]][k]])(key)
         elif key.endswith(("attention.wk.weight", "attention.wv.weight")):
-            read = (lambda k: lambda: cat([cut(piece(k), expected[k][0], 0, a * hd, b * hd) for a, b in runs]))(key)
+            views = (lambda k: lambda: [v for a, b in runs for v in parts(piece(k), expected[k][0], 0, a * hd, b * hd)])(key)
         else:
-            read = (lambda k, d, a, b: lambda: cut(piece(k), expected[k][d], d, a, b))(key, dim, lo, hi)
+            views = (lambda k, d, a, b: lambda: parts(piece(k), expected[k][d], d, a, b))(key, dim, lo, hi)
+        read = (lambda views, d: lambda: joined(views(), d, device, dtype))(views, dim or 0)
         slices[key] = formats.Lazy(layout.local_shape(key, shape), read)
     return slices
 
@@ -371,12 +399,12 @@ def read_hf_slices(state: dict, full: Dict[str, torch.Size], layout: Layout) -> 
     return slices
 
 
-def local_state(ckpt, model: nn.Module, layout: Layout) -> dict:
+def local_state(ckpt, model: nn.Module, layout: Layout, device, dtype) -> dict:
     """This process's slices of a checkpoint (a formats.Checkpoint), read when the loader asks for
     them; model: the whole model, built on the meta device, whose names and shapes they have."""
     full = {k: v.shape for k, v in model.state_dict().items()}
     if ckpt.source == "params.json":
-        return read_meta_slices(Path(ckpt.where), full, layout)
+        return read_meta_slices(Path(ckpt.where), full, layout, device, dtype)
     if ckpt.source == "config.json":
         return read_hf_slices(ckpt.read_state(), full, layout)
     raise ConfigError(f"{ckpt.where}: tensor-parallel sampling reads Meta's and HF's layouts, not GGUF files; run a "

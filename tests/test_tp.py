@@ -2,6 +2,7 @@
 as fairscale's layers hold them, read by 2 or 4 processes, against one process on the merged
 checkpoint and against Meta's reference code. fp32, random weights, the real 128256-token vocabulary."""
 
+import json
 import os
 import subprocess
 import sys
@@ -37,9 +38,8 @@ def ckpts(tmp_path_factory):
 def single(ckpts):
     """One process on the merged checkpoint: the result every process count must give."""
     llama = Llama.build(ckpts / "1", max_seq_len=64, max_batch_size=4, device="cpu", dtype="fp32")
-    return {**outputs(llama), "quantized_logits": Llama.build(ckpts / "1", max_seq_len=64, device="cpu",
-                                                              quantize="int8").model.forward_inference(
-        torch.tensor([PROMPTS[1]]))}
+    int8 = llama31.load_checkpoint(ckpts / "1", max_seq_len=64, device="cpu", quantize="int8", tokenizer=False)
+    return {**outputs(llama), "quantized_logits": int8.model.forward_inference(torch.tensor([PROMPTS[1]]))}
 
 
 def torchrun(*args, processes: int, script=None):
@@ -56,15 +56,15 @@ def run(ckpts, files: int, processes: int, tmp_path_factory):
     """tp_worker on `processes` ranks over the `files`-file checkpoint (once per module): each rank's results."""
     if (files, processes) not in RUNS:
         out = tmp_path_factory.mktemp(f"f{files}n{processes}")
-        r = torchrun(ckpts / str(files), out, *(["int8"] if (files, processes) == (2, 2) else []), processes=processes)
+        r = torchrun(ckpts / str(files), out, *(["int8"] if (files, processes) == (4, 2) else []), processes=processes)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         RUNS[files, processes] = [torch.load(out / f"rank{i}.pt") for i in range(processes)]
     return RUNS[files, processes]
 
 
-# files, processes: as many processes as files (70B on 8 GPUs), more (4 processes, 2 KV heads: each
-# replicated), fewer (405B's 16 files on 8 GPUs)
-LAYOUTS = [(2, 2), (2, 4), (4, 2)]
+# files, processes: more processes than files (4 processes, 2 KV heads: each replicated on 2), fewer
+# (405B's 16 files on 8 GPUs); as many (70B on 8 GPUs) is the CLI's test below
+LAYOUTS = [(2, 4), (4, 2)]
 
 
 @pytest.mark.parametrize("files, processes", LAYOUTS)
@@ -80,7 +80,7 @@ def test_every_process_count_gives_one_process_greedy_tokens_and_logits(ckpts, s
 
 def test_kv_heads_are_replicated_when_processes_outnumber_them(ckpts, tmp_path_factory):
     assert [r["local_kv_heads"] for r in run(ckpts, 2, 4, tmp_path_factory)] == [1, 1, 1, 1]
-    assert [r["local_kv_heads"] for r in run(ckpts, 2, 2, tmp_path_factory)] == [1, 1]
+    assert [r["local_kv_heads"] for r in run(ckpts, 4, 2, tmp_path_factory)] == [1, 1]
 
 
 def test_top_p_with_a_seed_gives_the_same_text_on_every_process_count(ckpts, single, tmp_path_factory):
@@ -100,44 +100,49 @@ def test_greedy_tokens_match_metas_reference(ckpts, tmp_path_factory):
     assert run(ckpts, 2, 4, tmp_path_factory)[0]["greedy"] == theirs
 
 
-def test_int8_quantizes_each_process_slices(ckpts, single, tmp_path_factory):
+def test_int8_on_each_process_is_as_close_to_full_precision_as_in_one_process(ckpts, single, tmp_path_factory):
     # wo's and w2's int8 scales are per row of each process's columns, so not one process's exactly
-    ranks = run(ckpts, 2, 2, tmp_path_factory)
-    gap = (ranks[0]["quantized_logits"] - single["quantized_logits"]).abs().max().item()
-    spread = single["quantized_logits"].std().item()
-    assert 0 < gap < 0.05 * spread, (gap, spread)
+    ranks = run(ckpts, 4, 2, tmp_path_factory)
+    full = single["logits"][1]  # the same prompt, fp32, one process
+    ours, one = (ranks[0]["quantized_logits"][0] - full).abs(), (single["quantized_logits"][0] - full).abs()
+    assert ours.mean() < 1.1 * one.mean() and ours.max() < 1.5 * one.max(), (ours.mean(), one.mean(), ours.max(), one.max())
     assert torch.equal(ranks[0]["quantized_logits"], ranks[1]["quantized_logits"])
 
 
 def test_each_process_holds_its_share_of_the_weights(ckpts, tmp_path_factory):
     # peak RSS growth over the RSS before loading, after every weight was read once (memory-mapped
-    # pages included): about weights / N, the vocabulary's two matrices being most of them
-    total = run(ckpts, 2, 2, tmp_path_factory)[0]["weight_bytes"] * 2
+    # pages included): this process's weights, 1/N of them, and while a slice is copied from two
+    # files (4 files on 2 processes) its pages of the files too, until they are dropped
+    total = run(ckpts, 4, 2, tmp_path_factory)[0]["weight_bytes"] * 2
     for files, processes in LAYOUTS:
         for r in run(ckpts, files, processes, tmp_path_factory):
             assert abs(r["weight_bytes"] - total / processes) < 0.01 * total
             growth = (r["peak_kb"] - r["before_kb"]) * 1024
-            assert growth < total / processes + 8e6, (files, processes, growth / 1e6, total / 1e6)
+            copying = r["largest_bytes"] if files > processes else 0
+            assert growth < r["weight_bytes"] + copying + 8e6, (files, processes, growth / 1e6, total / 1e6)
 
 
 def test_cli_under_torchrun_prints_once_what_one_process_prints(ckpts, capsys):
-    # one file read by 2 processes (8B's case); only rank 0 prints
+    # 2 files on 2 processes (70B's 8 on 8), against one process on the merged file; only rank 0 prints
     args = ["--prompts", '["The capital of France is", "def f(x):"]', "--temperature", "0", "--max_gen_len", "6",
             "--device", "cpu"]
     llama31.main(["--ckpt_dir", str(ckpts / "1"), *args])
     ours = capsys.readouterr().out
-    r = torchrun("--ckpt_dir", ckpts / "1", *args, processes=2, script=REPO / "llama31.py")
+    r = torchrun("--ckpt_dir", ckpts / "2", *args, processes=2, script=REPO / "llama31.py")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout == ours and ours.count("-" * 80) == 2
     assert r.stderr.count("loaded ") == 1
 
 
-def test_processes_that_cannot_split_the_heads_are_a_one_line_error(ckpts):
-    r = torchrun("--ckpt_dir", ckpts / "2", "--device", "cpu", processes=3, script=REPO / "llama31.py")
+def test_processes_that_cannot_split_the_heads_are_a_one_line_error(tmp_path):
+    # params.json alone: the layout is refused before any file of weights is looked for
+    (tmp_path / "params.json").write_text(json.dumps({**SHAPE, "dim": 96, "n_heads": 3, "n_kv_heads": 3}))
+    (tmp_path / "consolidated.00.pth").write_bytes(b"")  # never opened
+    r = torchrun("--ckpt_dir", tmp_path, "--device", "cpu", processes=2, script=REPO / "llama31.py")
     assert r.returncode != 0
     ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert ours == ["error: 3 processes cannot split the model of " + str(ckpts / "2" / "params.json") +
-                    " (4 heads, 2 KV heads, FFN width 224, vocabulary 128256); run --nproc_per_node 1 or 2 or 4"]
+    assert ours == [f"error: 2 processes cannot split the model of {tmp_path / 'params.json'} (3 heads, 3 KV heads, "
+                    f"FFN width 256, vocabulary 128256); run --nproc_per_node 1"]
     assert "Traceback (most recent call last):\n  File \"" + str(REPO / "llama31.py") not in r.stderr
 
 
@@ -149,7 +154,7 @@ def local_state(path, rank=0, world=2):
     args, ckpt = read_checkpoint(path, max_seq_len=64)
     with torch.device("meta"):
         model = Transformer(args)
-    return tp.local_state(ckpt, model, tp.Layout.of(args, rank, world, ckpt.params_path))
+    return tp.local_state(ckpt, model, tp.Layout.of(args, rank, world, ckpt.params_path), "cpu", torch.float32)
 
 
 def copy(src, dst):
@@ -186,7 +191,7 @@ def test_files_that_disagree_are_a_clear_error(ckpts, tmp_path):
     (d / "consolidated.01.pth").write_bytes((tmp_path / "other2" / "consolidated.01.pth").read_bytes())
     assert other.args.ffn_hidden_dim != 224
     with pytest.raises(ConfigError, match=r"consolidated.01.pth: layers.0.feed_forward.w1.weight is \(128, 64\), "
-                                          r"but params.json's model cut into 2 files would hold \(96, 64\)"):
+                                          r"but params.json's model cut into 2 files would hold \(112, 64\)"):
         local_state(d, rank=1)
     local_state(d, rank=0)  # rank 0 reads file 00 alone; under torchrun it learns of rank 1's error (tp.agree)
 

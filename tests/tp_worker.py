@@ -12,7 +12,8 @@ import llama31
 import tp
 from bench import rss_kb
 
-PROMPTS = [[128000, 791, 6864, 315, 9822, 374], [128000, 755, 282, 2120, 997]]  # BOS "The capital of France is", BOS "def f(x):"
+# BOS "The capital of France is", BOS "def f(x):"
+PROMPTS = [[128000, 791, 6864, 315, 9822, 374], [128000, 755, 282, 2120, 997]]
 
 
 def outputs(llama):
@@ -37,13 +38,14 @@ def main(ckpt, out, quantize=None):
     with torch.no_grad():  # every byte of this rank's weights read once (memory-mapped pages count from here)
         sum(float(t.float().sum()) for t in weights.values())
     result = {"before_kb": before, "peak_kb": rss_kb("VmHWM"), "weight_bytes": sum(t.nbytes for t in weights.values()),
+              "largest_bytes": max(t.nbytes for t in weights.values()),
               "local_kv_heads": llama.model.layers[0].attention.n_kv_heads}
     llama.tokenizer = llama31.load_tokenizer(ckpt)  # after the measurement: tiktoken's tables are ~100 MB
     result.update(outputs(llama))
     if quantize:
         del llama, weights
-        llama = llama31.Llama.build(ckpt, max_seq_len=64, max_batch_size=4, device=device, quantize=quantize,
-                                    parallel=parallel)
+        llama = llama31.load_checkpoint(ckpt, max_seq_len=64, device=device, quantize=quantize, tokenizer=False,
+                                        parallel=parallel)
         result["quantized_logits"] = llama.model.forward_inference(torch.tensor([PROMPTS[1]]))
     torch.save(result, os.path.join(out, f"rank{os.environ.get('RANK', 0)}.pt"))
     tp.finish()
