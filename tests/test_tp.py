@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import formats
 import llama31
 import reference
 import tp
@@ -200,3 +201,26 @@ def test_a_layout_that_does_not_divide_is_refused(ckpts):
     args, ckpt = read_checkpoint(ckpts / "1")
     with pytest.raises(ConfigError, match="8 processes cannot split .* run --nproc_per_node 1 or 2 or 4$"):
         tp.Layout.of(args, 0, 8, ckpt.params_path)
+
+
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+def test_each_process_slices_put_together_are_the_whole_model(ckpts, tmp_path, layout):
+    # every rank's slices against the one-process model's weights: rows (wq wk wv w1 w3, the vocabulary)
+    # and columns (wo w2) of its heads, hidden units and vocabulary; KV heads replicated past 2 ranks
+    whole = llama31.load_model(ckpts / "1", 64, device="cpu", dtype="fp32").state_dict()
+    path = ckpts / "4"
+    if layout == "hf":
+        formats.save_hf(whole, llama31.read_checkpoint(ckpts / "1")[0].to_params(), tmp_path, dtype=torch.float32)
+        path = tmp_path
+    for world in (2, 4):
+        ranks = [{k: formats.materialize(v) for k, v in local_state(path, rank, world).items()} for rank in range(world)]
+        for key, w in whole.items():
+            kind = key.split(".")[-2]
+            if kind in ("wk", "wv") and world == 4:  # 2 KV heads: ranks 0, 1 read head 0, ranks 2, 3 head 1
+                assert all(torch.equal(r[key], w.chunk(2)[i // 2]) for i, r in enumerate(ranks))
+            elif kind in ("wo", "w2"):
+                assert torch.equal(torch.cat([r[key] for r in ranks], dim=1), w)
+            elif kind in ("wq", "wk", "wv", "w1", "w3", "output", "tok_embeddings"):
+                assert torch.equal(torch.cat([r[key] for r in ranks]), w)
+            else:
+                assert all(torch.equal(r[key], w) for r in ranks)
