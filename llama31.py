@@ -2153,6 +2153,7 @@ def main(argv=None):
         fire.Fire(command, command=argv, name=name, serialize=lambda _: None)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        tp.let_rank_0_speak()
         sys.exit(2)
     finally:
         if command is not finetune:  # finetune ends its own process group

@@ -39,6 +39,7 @@ import mmap
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -94,6 +95,13 @@ def together(fn: Callable):
         result, error = None, str(e)
     agree(error)
     return result
+
+
+def let_rank_0_speak():
+    """On an error, the other processes wait a moment before they exit: torchrun stops every
+    process as soon as one ends with an error, which could be before rank 0 has printed it."""
+    if launched() and int(os.environ.get("RANK", "0")) > 0:
+        time.sleep(2)
 
 
 def finish():
