@@ -1962,7 +1962,9 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer
     generated, and the whole dialog stays in the model's chat format (its KV cache kept between
     turns, so a long dialog answers as fast as a short one). /reset starts over; /exit or end of
     input leaves; Ctrl-C stops an answer and keeps the dialog. Reads piped input too, one message
-    per line. --system sets a system message. Without --ckpt_dir, the demo model."""
+    per line. --system sets a system message. Without --ckpt_dir, the demo model. Under torchrun,
+    tensor parallel: rank 0 reads the lines and prints the answers."""
+    device, parallel = start_tensor_parallel(device)
     if ckpt_dir is None:
         ckpt_dir = find_demo_gguf()
         print(f"note: no --ckpt_dir given, so this is the demo model SmolLM2-135M-Instruct ({ckpt_dir.name})",
@@ -1973,7 +1975,7 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer
     if system is not None and not isinstance(system, str):
         raise ConfigError(f"--system must be a string, got {system!r}")
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, rope_scale_factor, compile,
-                        quantize, group_size)
+                        quantize, group_size, parallel)
     generator = torch.Generator(device=llama.model.output.weight.device).manual_seed(seed)
     conversation = Conversation(llama, system, max_gen_len, temperature, top_p, generator)
     terminal = sys.stdin.isatty()
@@ -1983,7 +1985,7 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer
         try:
             if terminal:
                 print("> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
+            line = tp.from_rank_0(sys.stdin.readline) if parallel else sys.stdin.readline()
         except KeyboardInterrupt:
             break
         if not line or line.strip() == "/exit":

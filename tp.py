@@ -97,6 +97,13 @@ def together(fn: Callable):
     return result
 
 
+def from_rank_0(read: Callable):
+    """read() on rank 0, its result handed to every process (the lines a chat reads)."""
+    box = [read() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def let_rank_0_speak():
     """On an error, the other processes wait a moment before they exit: torchrun stops every
     process as soon as one ends with an error, which could be before rank 0 has printed it."""
