@@ -194,8 +194,15 @@ def check_finite(tensors, where):
     for t in tensors:
         if isinstance(t, (dict, list, tuple)):
             check_finite(t, where)
-        elif isinstance(t, torch.Tensor) and t.is_floating_point() and not t.sum(dtype=torch.float32).isfinite():
+        elif isinstance(t, torch.Tensor) and t.is_floating_point() and not finite_sum(t):
             raise ConfigError(f"{where} holds NaN or infinite values; {DAMAGED}: re-download or re-create it")
+
+
+def finite_sum(t: torch.Tensor) -> bool:
+    """Whether the sum of t is finite, summed in pieces of 4M values: sum(dtype=float32) of a whole
+    bf16 tensor makes an fp32 copy of it first (a peak of twice its size, on top of the weights)."""
+    pieces = t.reshape(-1).split(1 << 22) if t.is_contiguous() else [t]
+    return bool(torch.stack([p.sum(dtype=torch.float32) for p in pieces]).sum().isfinite())
 
 
 def follow_latest(pointer: Path) -> Path:

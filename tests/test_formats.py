@@ -403,3 +403,15 @@ def test_gguf_export_of_a_gguf_keeps_its_tokenizer(tmp_path, smollm_path, smollm
         export(str(smollm_path), str(tmp_path / "hf"), format="hf")
     with pytest.raises(ConfigError, match="unknown gguf_type 'q3'"):
         export(str(smollm_path), str(tmp_path / "x"), format="gguf", gguf_type="q3")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_finite_finds_a_bad_value_past_the_first_piece(bad):
+    # summed in pieces of 4M values (a whole bf16 sum in fp32 would first copy the tensor to fp32)
+    w = torch.zeros(3 * (1 << 22) + 5, dtype=torch.bfloat16)
+    formats.check_finite({"w": w, "columns": torch.zeros(4, 6)[:, :3]}, "here")
+    w[-1] = bad
+    with pytest.raises(ConfigError, match="^here holds NaN or infinite values"):
+        formats.check_finite({"w": w}, "here")
+    with pytest.raises(ConfigError, match="^here holds NaN or infinite values"):
+        formats.check_finite([torch.full((2, 3), bad)[:, :2]], "here")  # not contiguous: one sum
