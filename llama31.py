@@ -2010,10 +2010,12 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer
 
 
 def describe(model: Transformer) -> str:
-    """The activations' dtype, and how the matrices are stored if quantized."""
+    """The activations' dtype, how the matrices are stored if quantized, over how many processes."""
     kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (quantizer.Int8Linear,
                                                                                 quantizer.Int4Linear))})
-    return str(model.norm.weight.dtype).removeprefix("torch.") + (f", {' + '.join(kinds)}" if kinds else "")
+    layout = getattr(model, "tensor_parallel", None)
+    return str(model.norm.weight.dtype).removeprefix("torch.") + (f", {' + '.join(kinds)}" if kinds else "") + \
+        (f", tensor parallel over {layout.world} processes" if layout else "")
 
 
 def perplexity(model: Transformer, tokens: torch.Tensor, T: int) -> tuple:

@@ -88,12 +88,19 @@ def agree(error: Optional[str]):
 
 
 def together(fn: Callable):
-    """fn() on every process, a ConfigError on any of them raised on all (see agree)."""
+    """fn() on every process; if it fails on any, every process stops (see agree): a ConfigError
+    with its message, and the process where something else failed with its own traceback."""
     try:
-        result, error = fn(), None
-    except ConfigError as e:
-        result, error = None, str(e)
-    agree(error)
+        result, failure = fn(), None
+    except Exception as e:
+        result, failure = None, e
+    try:
+        agree(None if failure is None else str(failure) if isinstance(failure, ConfigError) else
+              f"process {dist.get_rank()} failed: {type(failure).__name__}: {failure}")
+    except ConfigError:
+        if failure is not None and not isinstance(failure, ConfigError):
+            raise failure
+        raise
     return result
 
 
