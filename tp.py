@@ -277,7 +277,7 @@ def joined(views: List[torch.Tensor], dim: int, device, dtype) -> torch.Tensor:
     when nothing needs to change (the file's pages, read when used); else a copy, each view's pages
     dropped from this process (release) as soon as it is copied."""
     if len(views) == 1:
-        out = views[0].to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
+        out = views[0].to(device=device, dtype=dtype).contiguous()  # to() keeps a same-dtype view as it is
         if out.untyped_storage().data_ptr() != views[0].untyped_storage().data_ptr():
             release(views[0])
         return out
