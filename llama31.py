@@ -667,7 +667,7 @@ def load_tokenizer(path, tokenizer_path=None) -> Tokenizer:
 def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
                     dtype=None, rope_scale_factor: Optional[float] = None, tokenizer: bool = True,
                     vocab_size: Optional[int] = None, quantize: Optional[str] = None,
-                    group_size: int = 32, parallel: bool = False) -> "Llama":
+                    group_size: int = 32, parallel: bool = False, shard=None) -> "Llama":
     """A checkpoint in any layout as a Llama (see generation): the model on `device` in `dtype`,
     its tokenizer (load_tokenizer's; tokenizer=False: none, for jobs that need only weights, with
     vocab_size to check if given) and chat format (the GGUF's template, else Llama 3's).
@@ -676,7 +676,8 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
     "none" loads every tensor in dtype. A quantized model's dtype defaults to bf16 on CPU too.
     Sampling, finetune, export and reference.py all load through here. A LoRA finetune's
     checkpoint loads as its base with the adapters added (load_adapted). parallel: under torchrun,
-    this process's slices alone, tensor parallel over the process group (tp.py)."""
+    this process's slices alone, tensor parallel over the process group (tp.py). shard: FSDP's, given
+    the model on the meta device before its weights load (assemble)."""
     adapters = lora.adapter_dir(path)
     if adapters and parallel:
         raise ConfigError(f"{path} is a LoRA checkpoint, which samples in one process; merge it first "
@@ -715,7 +716,7 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
         layout = tp.Layout.of(args, dist.get_rank(), dist.get_world_size(), ckpt.params_path)
         model = tp.together(lambda: assemble(args, ckpt, ckpt.where, ckpt.source, device, dtype, plan, layout))
     else:
-        model = assemble(args, ckpt.read_state(), ckpt.where, ckpt.source, device, dtype, plan)
+        model = assemble(args, ckpt.read_state(), ckpt.where, ckpt.source, device, dtype, plan, shard=shard)
     return Llama(model, ckpt.tokenizer if gguf else tok, ckpt.chat_format if gguf else ChatFormat("llama3"))
 
 
@@ -747,12 +748,14 @@ def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, devic
 
 
 def assemble(args: ModelArgs, state, where, source: str, device, dtype, plan=None,
-             layout: Optional[tp.Layout] = None) -> Transformer:
+             layout: Optional[tp.Layout] = None, shard=None) -> Transformer:
     """A model whose parameters are the tensors of `state` (memory-mapped or formats.Lazy ones),
     read and converted one at a time, and quantized as they come when a quantize.py plan says so.
     The model is built on the meta device (no memory), so peak memory stays near one copy of the
     weights; tensors already in the right dtype and device (a memory-mapped file) are used as they are.
-    layout: tensor parallel; `state` is then the formats.Checkpoint, of which this process reads its slices."""
+    layout: tensor parallel; `state` is then the formats.Checkpoint, of which this process reads its slices.
+    shard(model): FSDP's fully_shard, applied on the meta device; each process then reads only its
+    rows of every weight (from one file, or HF's; model-parallel files are merged first)."""
     with torch.device("meta"):
         model = Transformer(args)
     if layout is not None:
@@ -763,6 +766,10 @@ def assemble(args: ModelArgs, state, where, source: str, device, dtype, plan=Non
     if args.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     check_state_dict(model, state, where, source)
+    if shard is not None:
+        shard(model)
+        tp.load_fsdp_shards(model, state, device, dtype, mapped=source == "params.json")
+        return model
     files = [*Path(where).glob("*.pth"), *Path(where).glob("*.safetensors")] if Path(where).is_dir() else []
     label = files[0] if len(files) == 1 else where  # the file the weights are in, for messages
     if plan:
@@ -1348,8 +1355,8 @@ def all_reduce_mean(x, info: DistInfo):
 def shard_model(model: Transformer, dev: torch.device):
     """FSDP (PyTorch's fully_shard): each process keeps 1/N of every block's weights, gradients
     and optimizer state, and of the rest (embeddings, final norm, output); a block's full
-    weights are gathered just before it runs and dropped after. Weights that come in on the CPU
-    go to dev one module at a time, so the full model never sits on one GPU."""
+    weights are gathered just before it runs and dropped after. Applied to the model on the meta
+    device, before its weights load (assemble), so that each process reads only its shards."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -1669,21 +1676,22 @@ def training_autocast(train_dtype, dev):
 def setup_training(plan: Plan, tokenizer_path, compile: bool, checkpoint_activations: bool, seed: int,
                    info: DistInfo, dev, log):
     """The model (sharded, compiled or wrapped in DDP as the run asks), its optimizer and the data,
-    restored to the resumed checkpoint's state. A sharded model loads on the CPU and moves to
-    the device one module at a time. Returns (Llama of the bare model, the model to call,
-    optimizer, train loader, validation loader or None)."""
+    restored to the resumed checkpoint's state. A sharded model is sharded on the meta device, and
+    each process reads only its rows of the weights, onto its device. Returns (Llama of the bare
+    model, the model to call, optimizer, train loader, validation loader or None)."""
     cfg, sharded = plan.cfg, plan.cfg["fsdp"]
     quantize = cfg["quantize"] if cfg["finetune_type"] == "lora" else "none"
-    llama = load_checkpoint(plan.source, tokenizer_path, max(cfg["T"], 2048), 4,
-                            torch.device("cpu") if sharded else dev, torch.float32, quantize=quantize)
+    # sharded: FSDP's shards made on the meta device, and each process reads only its rows of the weights
+    shard = (lambda m: (select_trainable(m, cfg["finetune_type"]), shard_model(m, dev))) if sharded else None
+    llama = load_checkpoint(plan.source, tokenizer_path, max(cfg["T"], 2048), 4, dev, torch.float32,
+                            quantize=quantize, shard=shard)
     model = llama.model.train()
     model.checkpoint_activations = checkpoint_activations
     if cfg["finetune_type"] == "lora" and not lora.adapted(model):  # a resumed run's came with it
         lora.add_adapters(model, lora_config(cfg), torch.Generator().manual_seed(seed))
         model.lora_base = (str(plan.source), base_fingerprint(plan.source))
-    select_trainable(model, cfg["finetune_type"])
-    if sharded:
-        shard_model(model, dev)
+    if not sharded:
+        select_trainable(model, cfg["finetune_type"])
     train_loader, val_loader = training_data(plan, llama.tokenizer, model.args.vocab_size, info, log)
     # after the data: the demo's T may be smaller now (a given total batch stays a multiple)
     cfg["total_batch_size"] = cfg["total_batch_size"] or cfg["B"] * cfg["T"] * info.world_size

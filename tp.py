@@ -431,3 +431,37 @@ def local_state(ckpt, model: nn.Module, layout: Layout, device, dtype) -> dict:
         return read_hf_slices(ckpt.read_state(), full, layout)
     raise ConfigError(f"{ckpt.where}: tensor-parallel sampling reads Meta's and HF's layouts, not GGUF files; run a "
                       f"GGUF model in one process (python llama31.py --ckpt_dir ...)")
+
+
+# -----------------------------------------------------------------------------
+# FSDP (finetune --fsdp): each process's rows of every weight, read straight from the checkpoint
+
+
+def load_fsdp_shards(model: nn.Module, state: dict, device, dtype, mapped: bool):
+    """A model built on the meta device and sharded with fully_shard gets its weights: each process
+    reads only its rows of every tensor (FSDP's dim-0 chunk) from `state`, memory-mapped tensors
+    (mapped: torch.load's, whose pages are then dropped) or formats.Lazy ones, on device in dtype,
+    and assigns them as its shards. Tied parameters stay one."""
+    from torch.distributed.tensor import DTensor
+
+    made = {}
+    shards = {}
+    for key, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in made:
+            value, rows = state[key], p.shape[0]
+            mesh = p.device_mesh
+            size = -(-rows // mesh.size())
+            lo = min(mesh.get_local_rank() * size, rows)
+            hi = min(lo + size, rows)
+            if hasattr(value, "read_rows"):
+                local = value.read_rows(lo, hi)
+            else:
+                local = formats.materialize(value)[lo:hi]
+            local = local.to(device=device, dtype=dtype, copy=True)
+            if mapped and not isinstance(value, formats.Lazy):
+                release(value[lo:hi])
+            formats.check_finite([local], f"{key} (rows {lo}..{hi})")
+            made[id(p)] = nn.Parameter(DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=p.stride()),
+                                       requires_grad=p.requires_grad)
+        shards[key] = made[id(p)]
+    model.load_state_dict(shards, strict=True, assign=True)
