@@ -41,6 +41,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -371,9 +372,12 @@ def read_meta_slices(ckpt_dir: Path, full: Dict[str, torch.Size], layout: Layout
             raise ConfigError(f"{paths[i]} is not a state dict; re-download it")
         missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
         if missing or extra:
-            raise ConfigError(f"{paths[i]} does not hold this model's weights: "
-                              + (f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}")
-                              + "; the files are not from one checkpoint, or params.json is not theirs")
+            which = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}"
+            raise ConfigError(f"{paths[i]} does not hold this model's weights ({which}); the files are not from one "
+                              f"checkpoint, or params.json is not theirs")
+        odd = next((k for k in expected if not (isinstance(state[k], torch.Tensor) and state[k].is_floating_point())), None)
+        if odd:
+            raise ConfigError(f"{paths[i]}: {odd} is not a float tensor; re-download the file")
         rows, wq = state["layers.0.attention.wq.weight"].shape[0], layout.n_heads * layout.head_dim
         if rows * n != wq and wq % rows == 0:
             raise ConfigError(f"{ckpt_dir} holds {n} consolidated.NN.pth files, but {paths[i].name} is cut for "
@@ -389,35 +393,33 @@ def read_meta_slices(ckpt_dir: Path, full: Dict[str, torch.Size], layout: Layout
     def piece(key):
         return lambda i: states[i][key]
 
-    slices = {}
-    for key, shape in full.items():
+    def read(key):
         dim, (lo, hi) = layout.ranges(key)
-        if dim is None:
-            views = (lambda k: lambda: [states[files[0]][k]])(key)
+        if dim is None:  # copied whole into every file: the first one's
+            views = [states[files[0]][key]]
         elif key.endswith(("attention.wk.weight", "attention.wv.weight")):
-            views = (lambda k: lambda: [v for a, b in runs for v in parts(piece(k), expected[k][0], 0, a * hd, b * hd)])(key)
+            views = [v for a, b in runs for v in parts(piece(key), expected[key][0], 0, a * hd, b * hd)]
         else:
-            views = (lambda k, d, a, b: lambda: parts(piece(k), expected[k][d], d, a, b))(key, dim, lo, hi)
-        read = (lambda views, d: lambda: joined(views(), d, device, dtype))(views, dim or 0)
-        slices[key] = formats.Lazy(layout.local_shape(key, shape), read)
-    return slices
+            views = parts(piece(key), expected[key][dim], dim, lo, hi)
+        return joined(views, dim or 0, device, dtype)
+
+    return {key: formats.Lazy(layout.local_shape(key, shape), partial(read, key)) for key, shape in full.items()}
 
 
 def read_hf_slices(state: dict, full: Dict[str, torch.Size], layout: Layout) -> dict:
     """This process's slices of an HF checkpoint's lazy tensors: rows read alone where safetensors
     can (the vocabulary, wv, w1, w3); wq and wk (whose rows HF permutes) and the column-cut wo and
     w2 read whole, one at a time, then cut."""
+    def read(value, dim, lo, hi):
+        if dim == 0 and hasattr(value, "read_rows"):
+            return value.read_rows(lo, hi)
+        return formats.materialize(value).narrow(dim, lo, hi - lo).contiguous()
+
     slices = {}
     for key, value in state.items():
         dim, (lo, hi) = layout.ranges(key)
-        if dim is None:
-            slices[key] = value
-            continue
-        if dim == 0 and hasattr(value, "read_rows"):
-            read = (lambda v, a, b: lambda: v.read_rows(a, b))(value, lo, hi)
-        else:
-            read = (lambda v, d, a, b: lambda: formats.materialize(v).narrow(d, a, b - a).contiguous())(value, dim, lo, hi)
-        slices[key] = formats.Lazy(layout.local_shape(key, full.get(key, value.shape)), read)
+        slices[key] = value if dim is None else \
+            formats.Lazy(layout.local_shape(key, full.get(key, value.shape)), partial(read, value, dim, lo, hi))
     return slices
 
 
@@ -437,6 +439,9 @@ def local_state(ckpt, model: nn.Module, layout: Layout, device, dtype) -> dict:
 # FSDP (finetune --fsdp): each process's rows of every weight, read straight from the checkpoint
 
 
+ROWS_AT_ONCE = 1024
+
+
 def load_fsdp_shards(model: nn.Module, state: dict, device, dtype, mapped: bool):
     """A model built on the meta device and sharded with fully_shard gets its weights: each process
     reads only its rows of every tensor (FSDP's dim-0 chunk) from `state`, memory-mapped tensors
@@ -453,13 +458,15 @@ def load_fsdp_shards(model: nn.Module, state: dict, device, dtype, mapped: bool)
             size = -(-rows // mesh.size())
             lo = min(mesh.get_local_rank() * size, rows)
             hi = min(lo + size, rows)
-            if hasattr(value, "read_rows"):
-                local = value.read_rows(lo, hi)
+            if mapped and not isinstance(value, formats.Lazy):  # copied a few rows at a time, each's pages then dropped
+                local = torch.empty((hi - lo, *p.shape[1:]), device=device, dtype=dtype)
+                for a in range(lo, hi, ROWS_AT_ONCE):
+                    rows = value[a:min(a + ROWS_AT_ONCE, hi)]
+                    local[a - lo:a - lo + len(rows)].copy_(rows)
+                    release(rows)
             else:
-                local = formats.materialize(value)[lo:hi]
-            local = local.to(device=device, dtype=dtype, copy=True)
-            if mapped and not isinstance(value, formats.Lazy):
-                release(value[lo:hi])
+                local = value.read_rows(lo, hi) if hasattr(value, "read_rows") else formats.materialize(value)[lo:hi]
+                local = local.to(device=device, dtype=dtype, copy=True)
             formats.check_finite([local], f"{key} (rows {lo}..{hi})")
             made[id(p)] = nn.Parameter(DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=p.stride()),
                                        requires_grad=p.requires_grad)

@@ -1,7 +1,8 @@
-"""Run by test_tp (and bench.py --tp) under torchrun: argv ckpt out [quantize]. Each rank loads its
+"""Run by test_tp under torchrun: argv ckpt out [quantize | fsdp]. Each rank loads its
 slices tensor parallel (fp32, CPU) and saves to out/rank{N}.pt: its RSS before loading and at its
 peak after loading and reading every weight once, the bytes of its weights, the logits of a fixed
-batch, greedy and seeded top-p tokens; with a quantize mode, the logits of that model too."""
+batch, greedy and seeded top-p tokens; with a quantize mode, the logits of that model too. fsdp:
+finetune --fsdp's load instead, and its memory."""
 
 import os
 import sys
@@ -25,7 +26,26 @@ def outputs(llama):
     return {"logits": logits, "greedy": greedy, "top_p": sampled}
 
 
+def fsdp(ckpt, out):
+    """finetune --fsdp's load: this rank's rows of every weight, as FSDP shards; its memory."""
+    info, device = llama31.setup_distributed("cpu")
+    with torch.device("meta"):
+        llama31.Transformer(llama31.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=8))
+    tp.agree(None)
+    before = rss_kb("VmRSS")
+    model = llama31.load_checkpoint(ckpt, None, 64, 4, device, torch.float32, tokenizer=False, quantize="none",
+                                    shard=lambda m: llama31.shard_model(m, device)).model
+    shards = [p.to_local() for p in model.parameters()]
+    with torch.no_grad():
+        sum(float(t.sum()) for t in shards)
+    torch.save({"before_kb": before, "peak_kb": rss_kb("VmHWM"), "weight_bytes": sum(t.nbytes for t in shards),
+                "largest_bytes": max(t.nbytes for t in shards)}, os.path.join(out, f"rank{info.rank}.pt"))
+    tp.finish()
+
+
 def main(ckpt, out, quantize=None):
+    if quantize == "fsdp":
+        return fsdp(ckpt, out)
     device, parallel = llama31.start_tensor_parallel("cpu")
     with torch.device("meta"):  # one-time costs first: torch's meta-device machinery, gloo's first collective
         llama31.Transformer(llama31.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=8))
