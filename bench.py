@@ -38,6 +38,9 @@ per-round ratios with their range in brackets):
   quant     decode tokens/s of the shape's weights in int8 and int4 (quantize.py) against the same
             weights dense, in the row's dtype; and the demo GGUF kept quantized against llama.cpp
             (llama-cpp-python, when installed) on the same file and thread count
+  --tp N    decode tokens/s of the shape sampled tensor parallel (tp.py) by N processes under
+            torchrun against one, and each process's peak RSS growth over its RSS before loading
+            (memory-mapped pages of the file included), from one Meta-layout file of the weights
 """
 
 import gc
@@ -64,6 +67,7 @@ import formats
 import llama31
 import lora
 import quantize
+import tp as tensor_parallel
 from llama31 import Llama, ModelArgs, Transformer
 
 # Llama 3.1 shapes; 90m keeps the real vocabulary, so its output layer is the largest matrix
@@ -717,6 +721,72 @@ def prefill_rows(args, name, dev, sections, P):
     return [] if "decode" in sections else decode_rows(args, name, dev, sections, P)  # done with decode
 
 
+def tp_worker(ckpt_dir: str, dtype: str, device: str, prompt_len: int, new_tokens: int, repeats: int, seed: int):
+    """Under torchrun (or alone): load ckpt_dir tensor parallel, read every weight once, time greedy
+    decoding; rank 0 prints, as JSON, every process's RSS before loading and peak after, and the rates."""
+    dev, parallel = llama31.start_tensor_parallel(device)
+    with torch.device("meta"):  # one-time costs before the baseline, as load_worker
+        Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=8))
+    if parallel:
+        tensor_parallel.agree(None)
+    before = rss_kb("VmRSS")
+    llama = llama31.load_checkpoint(ckpt_dir, None, prompt_len + new_tokens, 1, dev, dtype, tokenizer=False,
+                                    parallel=parallel)
+    tensors = {id(t): t for t in list(llama.model.parameters()) + list(llama.model.buffers())}
+    with torch.no_grad():  # every page read, in pieces: t.float() would add an fp32 copy to the peak
+        sum(float(c.sum()) for t in tensors.values() for c in t.reshape(-1).split(1 << 20))
+    mine = {"before_kb": before, "peak_kb": rss_kb("VmHWM"), "weight_bytes": sum(t.nbytes for t in tensors.values())}
+    llama.tokenizer = _Ids()
+    prompt = torch.randint(0, llama.model.args.vocab_size, (prompt_len,),
+                           generator=torch.Generator().manual_seed(seed)).tolist()
+    rates = [decode_rate_of(llama, prompt, new_tokens) for _ in range(repeats + 1)][1:]  # the first warms up
+    ranks = [mine]
+    if parallel:
+        ranks = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(ranks, mine)
+    print(json.dumps({"ranks": ranks, "rates": rates}))
+    tensor_parallel.finish()
+
+
+def bench_tp(args: ModelArgs, dtype_name: str, dev, processes: int, P) -> dict:
+    """tp_worker on 1 and on `processes` processes (torchrun) over one Meta-layout file of the
+    shape's random weights (8B's one file read by 2 processes is this case)."""
+    model = build_ours(args, llama31.DTYPES[dtype_name], torch.device("cpu"), P.seed)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bench_tp_") as d:
+        llama31.save_meta(model, d, dtype=llama31.DTYPES[dtype_name])
+        del model
+        gc.collect()
+        for n in sorted({1, processes}):
+            launch = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     "--nproc_per_node", str(n)]
+            cmd = [*launch, str(Path(__file__).resolve()), "tp-worker", d, dtype_name, dev.type, str(P.prompt_len),
+                   str(P.new_tokens), str(P.repeats), str(P.seed)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // n))}
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent)
+            if r.returncode:
+                raise RuntimeError(f"tensor-parallel worker failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+            out[n] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def tp_rows(args, name, dev, processes, P):
+    runs = bench_tp(args, name, dev, processes, P)
+    rows = []
+    for n, r in runs.items():
+        rate = median(r["rates"])
+        grown = [(x["peak_kb"] - x["before_kb"]) * 1024 for x in r["ranks"]]
+        ratio = f"{rate / median(runs[1]['rates']):.2f}x" if n > 1 else ""
+        who = f"{n} processes (tensor parallel)" if n > 1 else "1 process"
+        rows.append((f"decode tok/s, {who}", name, fmt(rate), "", ratio,
+                     f"threads per process {max(1, torch.get_num_threads() // n)}"))
+        rows.append((f"peak RSS growth per process, {who}", name,
+                     " / ".join(fmt(g, "B") for g in grown), "", "",
+                     f"its weights {fmt(r['ranks'][0]['weight_bytes'], 'B')}; RSS before loading "
+                     f"{fmt(r['ranks'][0]['before_kb'] * 1024, 'B')}"))
+    return rows
+
+
 SECTION_ROWS = {"roof": roof_rows, "decode": decode_rows, "prefill": prefill_rows, "finetune": finetune_rows,
                 "lora": lora_rows, "load": load_rows, "chat": chat_rows, "quant": quant_rows}
 
@@ -772,11 +842,13 @@ def machine(device) -> str:
 
 def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len: int = 128,
          new_tokens: int = 32, prefill_len: int = 256, B: int = 1, T: int = 128, repeats: int = 5,
-         train_repeats: int = 5, sections=",".join(SECTIONS), compile: bool = True, threads: int = 0,
-         seed: int = 0, markdown: str = "", layers: int = 0):
+         train_repeats: int = 5, sections=None, compile: bool = True, threads: int = 0,
+         seed: int = 0, markdown: str = "", layers: int = 0, tp: int = 0):
     """Print the benchmark table. dtypes and sections are comma-separated lists (sections: roof,
-    decode, prefill, finetune, lora, load, chat, quant). layers: keep only the shape's first N
-    blocks (0: all), for a width whose whole depth does not fit the machine. compile: also time llama31 under torch.compile (decode
+    decode, prefill, finetune, lora, load, chat, quant; default all, none with --tp). layers: keep
+    only the shape's first N blocks (0: all), for a width whose whole depth does not fit the
+    machine. tp N: decode tok/s and each process's peak RSS of the shape sampled tensor parallel
+    on N processes (torchrun) against one. compile: also time llama31 under torch.compile (decode
     step, finetune step); --nocompile skips those rows and their compile time.
     threads sets torch's CPU threads (0: torch's default). markdown: also append the table, in
     Markdown under a line naming the shape and machine, to this file (scripts/gpu_check.sh)."""
@@ -785,6 +857,8 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
     def as_list(v):
         return [s.strip() for s in (v.split(",") if isinstance(v, str) else v) if s.strip()]
 
+    if sections is None:
+        sections = "" if tp else ",".join(SECTIONS)
     dtypes, sections = as_list(dtypes), as_list(sections)
     if shape not in SHAPES:
         raise SystemExit(f"error: unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
@@ -796,7 +870,8 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
         dev = llama31.check_device(device)
         for name, value, low in [("repeats", repeats, 1), ("train_repeats", train_repeats, 1), ("threads", threads, 0),
                                  ("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 2),
-                                 ("prefill_len", prefill_len, 1), ("B", B, 1), ("T", T, 1), ("layers", layers, 0)]:
+                                 ("prefill_len", prefill_len, 1), ("B", B, 1), ("T", T, 1), ("layers", layers, 0),
+                                 ("tp", tp, 0)]:
             llama31.check_number(name, value, int, low)
     except llama31.ConfigError as e:
         raise SystemExit(f"error: {e}") from None
@@ -832,6 +907,8 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+        if tp:
+            rows += tp_rows(args, name, dev, tp, P)
         print(f"[{name} done in {time.time() - t0:.0f}s]", file=sys.stderr, flush=True)
     print()
     print_table(rows)
@@ -844,4 +921,7 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
 if __name__ == "__main__":
     import fire
 
-    fire.Fire(main, serialize=lambda _: None)
+    if sys.argv[1:2] == ["tp-worker"]:  # one process of bench_tp's
+        tp_worker(*sys.argv[2:4], sys.argv[4], *map(int, sys.argv[5:]))
+    else:
+        fire.Fire(main, serialize=lambda _: None)

@@ -194,8 +194,16 @@ def check_finite(tensors, where):
     for t in tensors:
         if isinstance(t, (dict, list, tuple)):
             check_finite(t, where)
-        elif isinstance(t, torch.Tensor) and t.is_floating_point() and not t.sum(dtype=torch.float32).isfinite():
+        elif isinstance(t, torch.Tensor) and t.is_floating_point() and not finite_sum(t):
             raise ConfigError(f"{where} holds NaN or infinite values; {DAMAGED}: re-download or re-create it")
+
+
+def finite_sum(t: torch.Tensor) -> bool:
+    """Whether the sum of t is finite. bf16 and fp32 tensors are summed in their own dtype (fp32's
+    range, accumulated in fp32): sum(dtype=float32) of a bf16 tensor first makes an fp32 copy of it,
+    a transient of twice its size on top of the weights. fp16's range is too narrow for a sum, so
+    an fp16 tensor is summed in fp32."""
+    return bool((t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()).isfinite())
 
 
 def follow_latest(pointer: Path) -> Path:

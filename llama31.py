@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import formats
 import lora
 import quantize as quantizer
+import tp
 from chat import Conversation
 from formats import atomic_write, find_demo_gguf, read_json, write_json
 from tokenizer import ChatFormat, ConfigError, Tokenizer, find_tokenizer_model, gguf_vocab_fields
@@ -483,7 +484,7 @@ class Transformer(nn.Module):
     def setup_caches(self, batch_size: int, max_seq_len: int):
         p = self.norm.weight  # the activations' dtype and device (output.weight may be quantized)
         for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads,
+            layer.attention.cache = KVCache(batch_size, max_seq_len, layer.attention.n_kv_heads,
                                             self.args.head_dim, p.dtype, p.device)
 
     def install_kept_caches(self) -> list:
@@ -666,7 +667,7 @@ def load_tokenizer(path, tokenizer_path=None) -> Tokenizer:
 def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
                     dtype=None, rope_scale_factor: Optional[float] = None, tokenizer: bool = True,
                     vocab_size: Optional[int] = None, quantize: Optional[str] = None,
-                    group_size: int = 32) -> "Llama":
+                    group_size: int = 32, parallel: bool = False, shard=None) -> "Llama":
     """A checkpoint in any layout as a Llama (see generation): the model on `device` in `dtype`,
     its tokenizer (load_tokenizer's; tokenizer=False: none, for jobs that need only weights, with
     vocab_size to check if given) and chat format (the GGUF's template, else Llama 3's).
@@ -674,8 +675,13 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
     (quantize.py); None keeps a GGUF file's quantized tensors quantized and loads others in dtype;
     "none" loads every tensor in dtype. A quantized model's dtype defaults to bf16 on CPU too.
     Sampling, finetune, export and reference.py all load through here. A LoRA finetune's
-    checkpoint loads as its base with the adapters added (load_adapted)."""
+    checkpoint loads as its base with the adapters added (load_adapted). parallel: under torchrun,
+    this process's slices alone, tensor parallel over the process group (tp.py). shard: FSDP's, given
+    the model on the meta device before its weights load (assemble)."""
     adapters = lora.adapter_dir(path)
+    if adapters and parallel:
+        raise ConfigError(f"{path} is a LoRA checkpoint, which samples in one process; merge it first "
+                          f"(export --format meta) to run it tensor parallel")
     if adapters:
         return load_adapted(adapters, tokenizer_path, quantize, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                             device=device, dtype=dtype, rope_scale_factor=rope_scale_factor, tokenizer=tokenizer,
@@ -707,7 +713,11 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
             print(f"note: {path.name}: {how}; --quantize none dequantizes them to --dtype", file=sys.stderr)
     # the int kernels run ~10x slower with fp32 activations on CPU than with bf16 ones
     dtype = resolve_dtype(dtype or ("bf16" if plan and device.type == "cpu" else None), device)
-    model = assemble(args, ckpt.read_state(), ckpt.where, ckpt.source, device, dtype, plan)
+    if parallel:  # every process reads its slices; a bad file on any one is an error on all
+        layout = tp.Layout.of(args, dist.get_rank(), dist.get_world_size(), ckpt.params_path)
+        model = tp.together(lambda: assemble(args, ckpt, ckpt.where, ckpt.source, device, dtype, plan, layout))
+    else:
+        model = assemble(args, ckpt.read_state(), ckpt.where, ckpt.source, device, dtype, plan, shard=shard)
     return Llama(model, ckpt.tokenizer if gguf else tok, ckpt.chat_format if gguf else ChatFormat("llama3"))
 
 
@@ -742,18 +752,29 @@ def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, devic
                            tokenizer=False, vocab_size=vocab_size, quantize="none").model
 
 
-def assemble(args: ModelArgs, state, where, source: str, device, dtype, plan=None) -> Transformer:
+def assemble(args: ModelArgs, state, where, source: str, device, dtype, plan=None,
+             layout: Optional[tp.Layout] = None, shard=None) -> Transformer:
     """A model whose parameters are the tensors of `state` (memory-mapped or formats.Lazy ones),
     read and converted one at a time, and quantized as they come when a quantize.py plan says so.
     The model is built on the meta device (no memory), so peak memory stays near one copy of the
-    weights; tensors already in the right dtype and device (a memory-mapped file) are used as they are."""
+    weights; tensors already in the right dtype and device (a memory-mapped file) are used as they are.
+    layout: tensor parallel; `state` is then the formats.Checkpoint, of which this process reads its slices.
+    shard(model): FSDP's fully_shard, applied on the meta device; each process then reads only its
+    rows of every weight (from one file, or HF's; model-parallel files are merged first)."""
     with torch.device("meta"):
         model = Transformer(args)
+    if layout is not None:
+        state = tp.local_state(state, model, layout, device, dtype)
+        tp.shard_modules(model, layout)
     if isinstance(state, list):  # Meta's model-parallel files
         state = merge_shards(state, model, where)
     if args.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     check_state_dict(model, state, where, source)
+    if shard is not None:
+        shard(model)
+        tp.load_fsdp_shards(model, state, device, dtype, mapped=source == "params.json")
+        return model
     files = [*Path(where).glob("*.pth"), *Path(where).glob("*.safetensors")] if Path(where).is_dir() else []
     label = files[0] if len(files) == 1 else where  # the file the weights are in, for messages
     if plan:
@@ -770,6 +791,8 @@ def assemble(args: ModelArgs, state, where, source: str, device, dtype, plan=Non
         model.output.weight = model.tok_embeddings.weight
     elif args.tie_embeddings:
         quantizer.tie(model)
+    if layout is not None:
+        tp.connect(model, layout)
     return model.eval()
 
 
@@ -889,7 +912,8 @@ class Llama:
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, rope_scale_factor: Optional[float] = None,
-              compile: bool = False, quantize: Optional[str] = None, group_size: int = 32) -> "Llama":
+              compile: bool = False, quantize: Optional[str] = None, group_size: int = 32,
+              parallel: bool = False) -> "Llama":
         """Load tokenizer and weights. ckpt_dir is a checkpoint directory (Meta's or HF's layout)
         or a .gguf file. tokenizer_path defaults to ckpt_dir/tokenizer.model, then to the copy
         inside Meta's llama-models package (a GGUF carries its own). device: cuda, mps or cpu
@@ -897,9 +921,9 @@ class Llama:
         elsewhere); rope_scale_factor: for checkpoints that don't state theirs; compile: run
         prefill and decoding through torch.compile (Transformer.compile_inference); quantize:
         int8, int4 (groups of group_size) or none, as load_checkpoint says (a GGUF's quantized
-        tensors stay quantized unless none)."""
+        tensors stay quantized unless none); parallel: under torchrun, tensor parallel (tp.py)."""
         llama = load_checkpoint(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype,
-                                rope_scale_factor, quantize=quantize, group_size=group_size)
+                                rope_scale_factor, quantize=quantize, group_size=group_size, parallel=parallel)
         if compile:
             llama.model.compile_inference()
         return llama
@@ -1315,6 +1339,16 @@ def setup_distributed(device: Optional[str]):
     return info, dev
 
 
+def start_tensor_parallel(device) -> tuple:
+    """(device, parallel) for sampling: under torchrun, the process group as finetune makes it, with
+    only rank 0 printing; in one process, the device asked for."""
+    if not tp.launched():
+        return check_device(device or default_device()), False
+    info, dev = setup_distributed(device)
+    tp.quiet_unless_master(info.rank)
+    return dev, True
+
+
 def all_reduce_mean(x, info: DistInfo):
     if info.world_size > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)  # gloo has no AVG
@@ -1329,8 +1363,8 @@ def all_reduce_mean(x, info: DistInfo):
 def shard_model(model: Transformer, dev: torch.device):
     """FSDP (PyTorch's fully_shard): each process keeps 1/N of every block's weights, gradients
     and optimizer state, and of the rest (embeddings, final norm, output); a block's full
-    weights are gathered just before it runs and dropped after. Weights that come in on the CPU
-    go to dev one module at a time, so the full model never sits on one GPU."""
+    weights are gathered just before it runs and dropped after. Applied to the model on the meta
+    device, before its weights load (assemble), so that each process reads only its shards."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -1672,21 +1706,22 @@ def training_autocast(train_dtype, dev):
 def setup_training(plan: Plan, tokenizer_path, compile: bool, checkpoint_activations: bool, seed: int,
                    info: DistInfo, dev, log):
     """The model (sharded, compiled or wrapped in DDP as the run asks), its optimizer and the data,
-    restored to the resumed checkpoint's state. A sharded model loads on the CPU and moves to
-    the device one module at a time. Returns (Llama of the bare model, the model to call,
-    optimizer, train loader, validation loader or None)."""
+    restored to the resumed checkpoint's state. A sharded model is sharded on the meta device, and
+    each process reads only its rows of the weights, onto its device. Returns (Llama of the bare
+    model, the model to call, optimizer, train loader, validation loader or None)."""
     cfg, sharded = plan.cfg, plan.cfg["fsdp"]
     quantize = cfg["quantize"] if cfg["finetune_type"] == "lora" else "none"
-    llama = load_checkpoint(plan.source, tokenizer_path, max(cfg["T"], 2048), 4,
-                            torch.device("cpu") if sharded else dev, torch.float32, quantize=quantize)
+    # sharded: FSDP's shards made on the meta device, and each process reads only its rows of the weights
+    shard = (lambda m: (select_trainable(m, cfg["finetune_type"]), shard_model(m, dev))) if sharded else None
+    llama = load_checkpoint(plan.source, tokenizer_path, max(cfg["T"], 2048), 4, dev, torch.float32,
+                            quantize=quantize, shard=shard)
     model = llama.model.train()
     model.checkpoint_activations = checkpoint_activations
     if cfg["finetune_type"] == "lora" and not lora.adapted(model):  # a resumed run's came with it
         lora.add_adapters(model, lora_config(cfg), torch.Generator().manual_seed(seed))
         model.lora_base = (str(plan.source), base_fingerprint(plan.source))
-    select_trainable(model, cfg["finetune_type"])
-    if sharded:
-        shard_model(model, dev)
+    if not sharded:
+        select_trainable(model, cfg["finetune_type"])
     train_loader, val_loader = training_data(plan, llama.tokenizer, model.args.vocab_size, info, log)
     # after the data: the demo's T may be smaller now (a given total batch stays a multiple)
     cfg["total_batch_size"] = cfg["total_batch_size"] or cfg["B"] * cfg["T"] * info.world_size
@@ -1902,6 +1937,7 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     decode (a slow first prompt, faster after). --quantize int8|int4|none: weight-only quantization
     (a GGUF's quantized tensors stay quantized unless none; --group_size for int4). Other commands:
     python llama31.py chat | eval | finetune | export | shards ... (each with --help)."""
+    device, parallel = start_tensor_parallel(device)  # first: under torchrun only rank 0 prints
     demo = ckpt_dir is None
     if demo:
         ckpt_dir = find_demo_gguf()
@@ -1924,10 +1960,9 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
             # ' word' is one token, so a prompt ending in a space makes the next token unnatural
             print(f"note: prompt {i} ends with whitespace, which usually hurts a base model's completion",
                   file=sys.stderr)
-    device = check_device(device or default_device())
     t0 = time.time()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size or len(prompts), device, dtype,
-                        rope_scale_factor, compile, quantize, group_size)
+                        rope_scale_factor, compile, quantize, group_size, parallel)
     print(f"loaded {ckpt_dir} on {device} ({describe(llama.model)}) in {time.time() - t0:.1f}s", file=sys.stderr)
     if chat and llama.chat_format is None:
         raise ConfigError(f"{ckpt_dir} has no chat template in a format we know (Llama 3 headers or "
@@ -1969,7 +2004,9 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer
     generated, and the whole dialog stays in the model's chat format (its KV cache kept between
     turns, so a long dialog answers as fast as a short one). /reset starts over; /exit or end of
     input leaves; Ctrl-C stops an answer and keeps the dialog. Reads piped input too, one message
-    per line. --system sets a system message. Without --ckpt_dir, the demo model."""
+    per line. --system sets a system message. Without --ckpt_dir, the demo model. Under torchrun,
+    tensor parallel: rank 0 reads the lines and prints the answers."""
+    device, parallel = start_tensor_parallel(device)
     if ckpt_dir is None:
         ckpt_dir = find_demo_gguf()
         print(f"note: no --ckpt_dir given, so this is the demo model SmolLM2-135M-Instruct ({ckpt_dir.name})",
@@ -1980,7 +2017,7 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer
     if system is not None and not isinstance(system, str):
         raise ConfigError(f"--system must be a string, got {system!r}")
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, rope_scale_factor, compile,
-                        quantize, group_size)
+                        quantize, group_size, parallel)
     generator = torch.Generator(device=llama.model.output.weight.device).manual_seed(seed)
     conversation = Conversation(llama, system, max_gen_len, temperature, top_p, generator)
     terminal = sys.stdin.isatty()
@@ -1990,7 +2027,7 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer
         try:
             if terminal:
                 print("> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
+            line = tp.from_rank_0(sys.stdin.readline) if parallel else sys.stdin.readline()
         except KeyboardInterrupt:
             break
         if not line or line.strip() == "/exit":
@@ -2015,10 +2052,12 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer
 
 
 def describe(model: Transformer) -> str:
-    """The activations' dtype, and how the matrices are stored if quantized."""
+    """The activations' dtype, how the matrices are stored if quantized, over how many processes."""
     kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (quantizer.Int8Linear,
                                                                                 quantizer.Int4Linear))})
-    return str(model.norm.weight.dtype).removeprefix("torch.") + (f", {' + '.join(kinds)}" if kinds else "")
+    layout = getattr(model, "tensor_parallel", None)
+    return str(model.norm.weight.dtype).removeprefix("torch.") + (f", {' + '.join(kinds)}" if kinds else "") + \
+        (f", tensor parallel over {layout.world} processes" if layout else "")
 
 
 def perplexity(model: Transformer, tokens: torch.Tensor, T: int) -> tuple:
@@ -2042,12 +2081,13 @@ def evaluate(ckpt_dir: Optional[str] = None, data: Optional[str] = None, T: int 
     BOS if the tokenizer wants one, as text_completion does) or on .bin token shards (a glob), in
     windows of T tokens. Without --data, data/sample.txt; without --ckpt_dir, the demo model.
     --quantize as for sampling. The last line printed is `perplexity P over N tokens`."""
+    device, parallel = start_tensor_parallel(device)
     check_number("T", T, int, 2)
     if ckpt_dir is None:
         ckpt_dir = find_demo_gguf()
     data = DEMO_TEXT if data is None else data
     llama = Llama.build(ckpt_dir, tokenizer_path, T, 1, device, dtype, rope_scale_factor, quantize=quantize,
-                        group_size=group_size)
+                        group_size=group_size, parallel=parallel)
     tok = llama.tokenizer
     if str(data).endswith(".bin") or glob.has_magic(str(data)):
         files = sorted(glob.glob(str(data)))
@@ -2159,7 +2199,11 @@ def main(argv=None):
         fire.Fire(command, command=argv, name=name, serialize=lambda _: None)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        tp.let_rank_0_speak()
         sys.exit(2)
+    finally:
+        if command is not finetune:  # finetune ends its own process group
+            tp.finish()
 
 
 if __name__ == "__main__":

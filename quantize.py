@@ -75,8 +75,9 @@ def int4_groups(w: torch.Tensor, group_size: int) -> Int4Values:
     """Asymmetric int4 per group of inputs: each group's range split in 15 steps."""
     out_features, in_features = w.shape
     if in_features % group_size:
-        raise ConfigError(f"int4 group size {group_size} does not divide a layer's {in_features} inputs; use a "
-                          f"group size that does ({', '.join(str(g) for g in GROUP_SIZES if in_features % g == 0)})")
+        fits = [str(g) for g in GROUP_SIZES if in_features % g == 0]
+        raise ConfigError(f"int4 group size {group_size} does not divide a layer's {in_features} inputs; use "
+                          + (f"a group size that does ({', '.join(fits)})" if fits else "--quantize int8"))
     groups = w.float().unflatten(1, (-1, group_size))
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
     scales = (hi - lo).clamp(min=1e-12) / 15

@@ -78,3 +78,16 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     tables = [line for line in report.splitlines() if line.startswith("| ")]
     for name in ("GEMV roof", "decode tok/s (HF generate)", "prefill tok/s", "finetune tok/s"):
         assert any(line.startswith(f"| {name}") for line in tables), name
+
+
+def test_bench_tp_rows_time_one_and_n_processes():
+    rows = bench.main(shape="tiny", dtypes="fp32", prompt_len=8, new_tokens=3, repeats=1, tp=2)
+    metrics = [r[0] for r in rows]
+    assert metrics == ["decode tok/s, 1 process", "peak RSS growth per process, 1 process",
+                       "decode tok/s, 2 processes (tensor parallel)", "peak RSS growth per process, 2 processes "
+                       "(tensor parallel)"]  # --tp alone: no other section
+    one, two = rows[1], rows[3]
+    assert len(two[2].split(" / ")) == 2  # one figure per process
+    halved = float(two[5].split("its weights ")[1].split(" B")[0].replace(",", ""))
+    whole = float(one[5].split("its weights ")[1].split(" B")[0].replace(",", ""))
+    assert abs(halved - whole / 2) < 0.01 * whole

@@ -403,3 +403,14 @@ def test_gguf_export_of_a_gguf_keeps_its_tokenizer(tmp_path, smollm_path, smollm
         export(str(smollm_path), str(tmp_path / "hf"), format="hf")
     with pytest.raises(ConfigError, match="unknown gguf_type 'q3'"):
         export(str(smollm_path), str(tmp_path / "x"), format="gguf", gguf_type="q3")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_check_finite_finds_nan_or_infinity_but_not_a_large_sum(bad, dtype):
+    # bf16 and fp32 are summed in their own dtype (no fp32 copy), fp16 in fp32: 10^6 x 60000 overflows fp16
+    w = torch.full((1000, 1000), 6e4, dtype=dtype)
+    formats.check_finite({"w": w, "columns": w[:, :3]}, "here")
+    w[-1, -1] = bad
+    with pytest.raises(ConfigError, match="^here holds NaN or infinite values"):
+        formats.check_finite({"w": w}, "here")

@@ -1,0 +1,75 @@
+"""Run by test_tp under torchrun: argv ckpt out [quantize | fsdp]. Each rank loads its
+slices tensor parallel (fp32, CPU) and saves to out/rank{N}.pt: its RSS before loading and at its
+peak after loading and reading every weight once, the bytes of its weights, the logits of a fixed
+batch, greedy and seeded top-p tokens; with a quantize mode, the logits of that model too. fsdp:
+finetune --fsdp's load instead, and its memory."""
+
+import os
+import sys
+
+import torch
+
+import llama31
+import tp
+from bench import rss_kb
+
+# BOS "The capital of France is", BOS "def f(x):"
+PROMPTS = [[128000, 791, 6864, 315, 9822, 374], [128000, 755, 282, 2120, 997]]
+
+
+def outputs(llama):
+    model = llama.model
+    logits = model.forward_inference(torch.tensor([PROMPTS[0][:5], PROMPTS[1]]))
+    greedy = llama.generate(PROMPTS, max_gen_len=12, temperature=0)
+    sampled = llama.generate(PROMPTS, max_gen_len=12, temperature=1.0, top_p=0.9,
+                             generator=torch.Generator().manual_seed(7))
+    return {"logits": logits, "greedy": greedy, "top_p": sampled}
+
+
+def fsdp(ckpt, out):
+    """finetune --fsdp's load: this rank's rows of every weight, as FSDP shards; its memory."""
+    info, device = llama31.setup_distributed("cpu")
+    with torch.device("meta"):
+        llama31.Transformer(llama31.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=8))
+    tp.agree(None)
+    before = rss_kb("VmRSS")
+    model = llama31.load_checkpoint(ckpt, None, 64, 4, device, torch.float32, tokenizer=False, quantize="none",
+                                    shard=lambda m: llama31.shard_model(m, device)).model
+    shards = [p.to_local() for p in model.parameters()]
+    with torch.no_grad():
+        sum(float(t.sum()) for t in shards)
+    torch.save({"before_kb": before, "peak_kb": rss_kb("VmHWM"), "weight_bytes": sum(t.nbytes for t in shards),
+                "largest_bytes": max(t.nbytes for t in shards)}, os.path.join(out, f"rank{info.rank}.pt"))
+    tp.finish()
+
+
+def main(ckpt, out, quantize=None):
+    if quantize == "fsdp":
+        return fsdp(ckpt, out)
+    device, parallel = llama31.start_tensor_parallel("cpu")
+    with torch.device("meta"):  # one-time costs first: torch's meta-device machinery, gloo's first collective
+        llama31.Transformer(llama31.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=8))
+    if parallel:
+        tp.agree(None)
+    before = rss_kb("VmRSS")
+    llama = llama31.load_checkpoint(ckpt, max_seq_len=64, max_batch_size=4, device=device, dtype="fp32",
+                                    tokenizer=False, parallel=parallel)
+    weights = {id(t): t for t in list(llama.model.parameters()) + list(llama.model.buffers())}
+    with torch.no_grad():  # every byte of this rank's weights read once (memory-mapped pages count from here)
+        sum(float(t.float().sum()) for t in weights.values())
+    result = {"before_kb": before, "peak_kb": rss_kb("VmHWM"), "weight_bytes": sum(t.nbytes for t in weights.values()),
+              "largest_bytes": max(t.nbytes for t in weights.values()),
+              "local_kv_heads": llama.model.layers[0].attention.n_kv_heads}
+    llama.tokenizer = llama31.load_tokenizer(ckpt)  # after the measurement: tiktoken's tables are ~100 MB
+    result.update(outputs(llama))
+    if quantize:
+        del llama, weights
+        llama = llama31.load_checkpoint(ckpt, max_seq_len=64, device=device, quantize=quantize, tokenizer=False,
+                                        parallel=parallel)
+        result["quantized_logits"] = llama.model.forward_inference(torch.tensor([PROMPTS[1]]))
+    torch.save(result, os.path.join(out, f"rank{os.environ.get('RANK', 0)}.pt"))
+    tp.finish()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
