@@ -1364,7 +1364,8 @@ def shard_model(model: Transformer, dev: torch.device):
     """FSDP (PyTorch's fully_shard): each process keeps 1/N of every block's weights, gradients
     and optimizer state, and of the rest (embeddings, final norm, output); a block's full
     weights are gathered just before it runs and dropped after. Applied to the model on the meta
-    device, before its weights load (assemble), so that each process reads only its shards."""
+    device, before its weights load (assemble), so that each process reads only its shards; a LoRA
+    run's model after it has loaded on the CPU and gained its adapters."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -1711,17 +1712,23 @@ def setup_training(plan: Plan, tokenizer_path, compile: bool, checkpoint_activat
     model, the model to call, optimizer, train loader, validation loader or None)."""
     cfg, sharded = plan.cfg, plan.cfg["fsdp"]
     quantize = cfg["quantize"] if cfg["finetune_type"] == "lora" else "none"
-    # sharded: FSDP's shards made on the meta device, and each process reads only its rows of the weights
-    shard = (lambda m: (select_trainable(m, cfg["finetune_type"]), shard_model(m, dev))) if sharded else None
-    llama = load_checkpoint(plan.source, tokenizer_path, max(cfg["T"], 2048), 4, dev, torch.float32,
-                            quantize=quantize, shard=shard)
+    # sharded: FSDP's shards made on the meta device, and each process reads only its rows of the
+    # weights. LoRA's adapters join each block's FSDP unit, so they must exist before it is sharded:
+    # its base loads whole on the CPU, then gains adapters, then is sharded
+    lora_sharded = sharded and cfg["finetune_type"] == "lora"
+    shard = (lambda m: (select_trainable(m, cfg["finetune_type"]), shard_model(m, dev))) \
+        if sharded and not lora_sharded else None
+    llama = load_checkpoint(plan.source, tokenizer_path, max(cfg["T"], 2048), 4,
+                            torch.device("cpu") if lora_sharded else dev, torch.float32, quantize=quantize, shard=shard)
     model = llama.model.train()
     model.checkpoint_activations = checkpoint_activations
     if cfg["finetune_type"] == "lora" and not lora.adapted(model):  # a resumed run's came with it
         lora.add_adapters(model, lora_config(cfg), torch.Generator().manual_seed(seed))
         model.lora_base = (str(plan.source), base_fingerprint(plan.source))
-    if not sharded:
+    if not sharded or lora_sharded:
         select_trainable(model, cfg["finetune_type"])
+    if lora_sharded:
+        shard_model(model, dev)
     train_loader, val_loader = training_data(plan, llama.tokenizer, model.args.vocab_size, info, log)
     # after the data: the demo's T may be smaller now (a given total batch stays a multiple)
     cfg["total_batch_size"] = cfg["total_batch_size"] or cfg["B"] * cfg["T"] * info.world_size
