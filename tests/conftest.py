@@ -1,6 +1,7 @@
 """Shared fixtures: the real Llama 3 tokenizer, small random-weight checkpoints in Meta's layout,
 small GGUF files written as llama.cpp writes them, and the demo GGUF."""
 
+import importlib.util
 import numpy as np
 import pytest
 import torch
@@ -113,6 +114,24 @@ def write_gguf(path, arch="llama", args: ModelArgs = None, tensors=(), vocab=Non
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                     reason="llama-cpp-python is optional (it builds llama.cpp)")
+
+
+def llama_cpp_greedy(model_path, prompt, n: int) -> list:
+    """The first n tokens llama.cpp (llama-cpp-python) generates greedily after `prompt` from a
+    GGUF file (tests using it are marked needs_llama_cpp)."""
+    import llama_cpp
+
+    cpp = llama_cpp.Llama(model_path=str(model_path), n_ctx=64, verbose=False)
+    got = []
+    for token in cpp.generate(prompt, temp=0.0, top_k=1):
+        got.append(token)
+        if len(got) == n:
+            break
+    return got
 
 
 def byte_vocab():

@@ -16,7 +16,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGML_QUANT_SIZES
 
 import formats
-from conftest import TINY, byte_vocab, make_checkpoint, random_model, tiny_tensors, write_gguf
+from conftest import (TINY, byte_vocab, llama_cpp_greedy, make_checkpoint, needs_llama_cpp, random_model, tiny_tensors,
+                      write_gguf)
 from formats import save_hf, save_hf_tokenizer
 from llama31 import (Llama, ModelArgs, export, load_checkpoint, load_model, main,
                      precompute_rope, read_checkpoint, save_meta)
@@ -381,18 +382,12 @@ def test_gguf_export_quantized_stays_close(tmp_path, ckpt_dir, gguf_type, bound)
     assert (back.model.forward_inference(TOKENS) - ours).abs().max().item() < bound * ours.abs().max().item()
 
 
+@needs_llama_cpp
 def test_llama_cpp_greedy_on_an_exported_gguf_equals_ours(exported, ckpt_dir):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (it builds llama.cpp)")
     ours = Llama.build(ckpt_dir, max_seq_len=64, device="cpu", dtype="fp32")
     prompt = ours.tokenizer.encode("The capital of France is", bos=True, eos=False)
     want = ours.generate([prompt], max_gen_len=8, temperature=0)[0]
-    cpp = llama_cpp.Llama(model_path=str(exported), n_ctx=64, verbose=False)
-    got = []
-    for token in cpp.generate(prompt, temp=0.0, top_k=1):
-        got.append(token)
-        if len(got) == len(want):
-            break
-    assert got == want
+    assert llama_cpp_greedy(exported, prompt, len(want)) == want
 
 
 def test_gguf_export_of_a_gguf_keeps_its_tokenizer(tmp_path, smollm_path, smollm_tokenizer):

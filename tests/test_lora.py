@@ -15,7 +15,7 @@ import transformers
 
 import lora
 import quantize
-from conftest import FINETUNE_SHAPE, STORIES, make_checkpoint, random_model
+from conftest import FINETUNE_SHAPE, STORIES, llama_cpp_greedy, make_checkpoint, needs_llama_cpp, random_model
 from formats import permute_qk, save_hf
 from llama31 import Llama, export, finetune, load_checkpoint, load_model, load_tokenizer, write_datafile
 from tokenizer import ConfigError, find_tokenizer_model
@@ -310,18 +310,12 @@ def test_gguf_export_of_a_lora_checkpoint_holds_w_plus_scaled_ba(lora_run, lora_
     assert back.tokenizer.n_words == 128256
 
 
+@needs_llama_cpp
 def test_llama_cpp_greedy_on_an_exported_lora_gguf_equals_ours(lora_run, lora_gguf):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (it builds llama.cpp)")
     ours = Llama.build(lora_run[0] / "run" / "step_000003", max_seq_len=64, device="cpu", dtype="fp32")
     prompt = ours.tokenizer.encode("The cat sat", bos=True, eos=False)
     want = ours.generate([prompt], max_gen_len=6, temperature=0)[0]
-    cpp = llama_cpp.Llama(model_path=str(lora_gguf), n_ctx=64, verbose=False)
-    got = []
-    for token in cpp.generate(prompt, temp=0.0, top_k=1):
-        got.append(token)
-        if len(got) == len(want):
-            break
-    assert got == want
+    assert llama_cpp_greedy(lora_gguf, prompt, len(want)) == want
 
 
 def test_a_run_from_a_lora_checkpoint_trains_its_adapters_on(lora_run, data, tmp_path):
