@@ -406,9 +406,7 @@ def finetune_worker(shape: dict, mode: str, dtype_name: str, device: str, B: int
     what trains), then steps + 1 steps (the first a warm-up). Prints JSON: tokens/s of each timed
     step, peak memory (CPU: VmHWM; CUDA: peak allocated) and RSS before the model existed."""
     dev = torch.device(device)
-    with torch.device("meta"):  # pay the one-time import of torch's meta-device machinery first
-        Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=8))
-    before = rss_kb("VmRSS")
+    before = baseline_rss_kb()
     args = ModelArgs(**shape)
     plan = quantize.plan_for(args.n_layers, mode.split("-")[1], 32) if mode.startswith("qlora") else None
     model = llama31.assemble(args, random_state(args, seed), "bench", "random weights", dev, torch.float32,
@@ -440,14 +438,23 @@ def bench_lora(shape: dict, dtype_name: str, dev, P) -> dict:
     """finetune_worker of each mode, one fresh process after another."""
     results = {}
     for mode in FINETUNE_MODES:
-        code = (f"import bench, torch; torch.set_num_threads({torch.get_num_threads()}); bench.finetune_worker({shape!r}, {mode!r}, {dtype_name!r}, {str(dev)!r}, {P.B}, "
-                f"{P.T}, {P.train_repeats}, {P.seed})")
+        code = (f"import bench, torch; torch.set_num_threads({torch.get_num_threads()}); "
+                f"bench.finetune_worker({shape!r}, {mode!r}, {dtype_name!r}, {str(dev)!r}, {P.B}, {P.T}, "
+                f"{P.train_repeats}, {P.seed})")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent)
         if out.returncode:
             raise RuntimeError(f"finetune worker ({mode}) failed:\n{out.stderr}")
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     return results
+
+
+def baseline_rss_kb() -> int:
+    """A worker's RSS before its model, in KiB, after the one-time import of torch's meta-device
+    machinery (which would otherwise count as the model's)."""
+    with torch.device("meta"):
+        Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=8))
+    return rss_kb("VmRSS")
 
 
 def rss_kb(field: str) -> int:
@@ -467,9 +474,7 @@ def rss_kb(field: str) -> int:
 def load_worker(ckpt_dir: str, dtype: str, quantize_mode=None):
     """Child process: RSS before and peak after loading and touching every weight, as JSON (with
     quantize_mode: load_checkpoint's, and the bytes of the weights it made)."""
-    with torch.device("meta"):  # pay the one-time import of torch's meta-device machinery first
-        Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=8))
-    before = rss_kb("VmRSS")
+    before = baseline_rss_kb()
     if quantize_mode is None:
         model = llama31.load_model(ckpt_dir, max_seq_len=256, max_batch_size=1, device="cpu", dtype=dtype)
     else:
@@ -725,11 +730,9 @@ def tp_worker(ckpt_dir: str, dtype: str, device: str, prompt_len: int, new_token
     """Under torchrun (or alone): load ckpt_dir tensor parallel, read every weight once, time greedy
     decoding; rank 0 prints, as JSON, every process's RSS before loading and peak after, and the rates."""
     dev, parallel = llama31.start_tensor_parallel(device)
-    with torch.device("meta"):  # one-time costs before the baseline, as load_worker
-        Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=8))
     if parallel:
         tensor_parallel.agree(None)
-    before = rss_kb("VmRSS")
+    before = baseline_rss_kb()
     llama = llama31.load_checkpoint(ckpt_dir, None, prompt_len + new_tokens, 1, dev, dtype, tokenizer=False,
                                     parallel=parallel)
     tensors = {id(t): t for t in list(llama.model.parameters()) + list(llama.model.buffers())}

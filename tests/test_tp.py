@@ -4,6 +4,7 @@ checkpoint and against Meta's reference code. fp32, random weights, the real 128
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -171,13 +172,6 @@ def local_state(path, rank=0, world=2):
     return tp.local_state(ckpt, model, tp.Layout.of(args, rank, world, ckpt.params_path), "cpu", torch.float32)
 
 
-def copy(src, dst):
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
-
-
 def test_a_process_opens_only_the_files_holding_its_slices(ckpts, monkeypatch):
     opened = []
     load = tp.formats.torch_load
@@ -188,7 +182,7 @@ def test_a_process_opens_only_the_files_holding_its_slices(ckpts, monkeypatch):
 
 
 def test_a_missing_file_is_a_clear_error(ckpts, tmp_path):
-    d = copy(ckpts / "4", tmp_path / "d")
+    d = shutil.copytree(ckpts / "4", tmp_path / "d")
     (d / "consolidated.02.pth").unlink()
     with pytest.raises(ConfigError, match=r"has no consolidated.02.pth of its 4 model-parallel files; download"):
         local_state(d)
@@ -199,7 +193,7 @@ def test_a_missing_file_is_a_clear_error(ckpts, tmp_path):
 
 
 def test_files_that_disagree_are_a_clear_error(ckpts, tmp_path):
-    d = copy(ckpts / "2", tmp_path / "d")
+    d = shutil.copytree(ckpts / "2", tmp_path / "d")
     other = make_checkpoint(tmp_path / "other", seed=3, dtype=torch.float32, **{**SHAPE, "multiple_of": 128})
     split_like_meta(tmp_path / "other", tmp_path / "other2", 2, n_kv_heads=2, head_dim=16)
     (d / "consolidated.01.pth").write_bytes((tmp_path / "other2" / "consolidated.01.pth").read_bytes())

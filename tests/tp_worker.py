@@ -11,7 +11,7 @@ import torch
 
 import llama31
 import tp
-from bench import rss_kb
+from bench import baseline_rss_kb, rss_kb
 
 # BOS "The capital of France is", BOS "def f(x):"
 PROMPTS = [[128000, 791, 6864, 315, 9822, 374], [128000, 755, 282, 2120, 997]]
@@ -29,10 +29,8 @@ def outputs(llama):
 def fsdp(ckpt, out):
     """finetune --fsdp's load: this rank's rows of every weight, as FSDP shards; its memory."""
     info, device = llama31.setup_distributed("cpu")
-    with torch.device("meta"):
-        llama31.Transformer(llama31.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=8))
-    tp.agree(None)
-    before = rss_kb("VmRSS")
+    tp.agree(None)  # gloo's first collective, before the baseline
+    before = baseline_rss_kb()
     model = llama31.load_checkpoint(ckpt, None, 64, 4, device, torch.float32, tokenizer=False, quantize="none",
                                     shard=lambda m: llama31.shard_model(m, device)).model
     shards = [p.to_local() for p in model.parameters()]
@@ -47,11 +45,9 @@ def main(ckpt, out, quantize=None):
     if quantize == "fsdp":
         return fsdp(ckpt, out)
     device, parallel = llama31.start_tensor_parallel("cpu")
-    with torch.device("meta"):  # one-time costs first: torch's meta-device machinery, gloo's first collective
-        llama31.Transformer(llama31.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=8))
-    if parallel:
+    if parallel:  # gloo's first collective, before the baseline
         tp.agree(None)
-    before = rss_kb("VmRSS")
+    before = baseline_rss_kb()
     llama = llama31.load_checkpoint(ckpt, max_seq_len=64, max_batch_size=4, device=device, dtype="fp32",
                                     tokenizer=False, parallel=parallel)
     weights = {id(t): t for t in list(llama.model.parameters()) + list(llama.model.buffers())}
