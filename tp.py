@@ -378,7 +378,8 @@ def read_meta_slices(ckpt_dir: Path, full: Dict[str, torch.Size], layout: Layout
             which = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}"
             raise ConfigError(f"{paths[i]} does not hold this model's weights ({which}); the files are not from one "
                               f"checkpoint, or params.json is not theirs")
-        odd = next((k for k in expected if not (isinstance(state[k], torch.Tensor) and state[k].is_floating_point())), None)
+        odd = next((k for k in expected
+                    if not (isinstance(state[k], torch.Tensor) and state[k].is_floating_point())), None)
         if odd:
             raise ConfigError(f"{paths[i]}: {odd} is not a float tensor; re-download the file")
         rows, wq = state["layers.0.attention.wq.weight"].shape[0], layout.n_heads * layout.head_dim
