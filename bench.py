@@ -20,7 +20,7 @@ per-round ratios with their range in brackets):
   finetune  tokens/s of forward + backward + AdamW step (fused AdamW on both sides, HF Trainer's
             default; bf16: autocast over fp32 weights, as llama31.py finetune does; MFU on known
             GPUs)
-  compiled  the same for llama31 under torch.compile (Transformer.compile_inference for decode
+  compiled  the same for llama31 under torch.compile (compiled.compile_inference for decode
             and prefill, torch.compile(model) as finetune --compile); --nocompile drops these rows.
             Compiled decoding is decode_step over the whole fixed-length cache (CUDA graphs on
             CUDA); its "% of roof" counts only the cache up to the current position
@@ -63,10 +63,13 @@ from types import SimpleNamespace
 import torch
 
 import chat
+import compiled
 import formats
 import llama31
 import lora
+import matvec
 import quantize
+import runs
 import tp as tensor_parallel
 from llama31 import Llama, ModelArgs, Transformer
 
@@ -129,9 +132,13 @@ def ratio(r: dict, a: str, b: str) -> str:
 
 
 def build_ours(args: ModelArgs, dtype, device, seed: int) -> Transformer:
+    """Random weights, with the one-row products a load gives a CPU model (matvec.py)."""
     torch.manual_seed(seed)
     with torch.device(device), default_dtype(dtype):
-        return Transformer(args).eval()
+        model = Transformer(args).eval()
+    if torch.device(device).type == "cpu":
+        matvec.OneRow().loaded(model)
+    return model
 
 
 def build_hf(ours: Transformer):
@@ -164,7 +171,7 @@ def gemv_roof(args: ModelArgs, dtype, device, repeats: int, compile: bool = True
 
     def timer(fn, onednn=True):
         def run():
-            with llama31.onednn_enabled(onednn):
+            with matvec.onednn_enabled(onednn):
                 if device.type == "cuda":
                     return w.nbytes / gpu_seconds(fn)
                 t0 = time.perf_counter()
@@ -241,18 +248,17 @@ def decode_rate(times) -> float:
 
 
 def with_compiled(ours: Transformer, fn):
-    """fn run with ours' inference compiled (Transformer.compile_inference), eager outside it."""
+    """fn(llama) run with ours' inference compiled (compiled.compile_inference), eager outside it."""
     if getattr(ours, "_bench_compiled", None) is None:
-        ours.compile_inference()
-        ours._bench_compiled = ours.compiled_logits, ours.static_decode
-        ours.compiled_logits = ours.static_decode = None
+        llama = compiled.compile_inference(Llama(ours, _Ids()))
+        ours._bench_compiled = llama, ours.__dict__.pop("logits")
 
     def run():
-        ours.compiled_logits, ours.static_decode = ours._bench_compiled
+        llama, ours.logits = ours._bench_compiled
         try:
-            return fn()
+            return fn(llama)
         finally:
-            ours.compiled_logits = ours.static_decode = None
+            ours.__dict__.pop("logits")
     return run
 
 
@@ -262,9 +268,9 @@ def bench_decode(ours, hf, prompt_len: int, new_tokens: int, repeats: int, seed:
     device = ours.output.weight.device
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, ours.args.vocab_size, (1, prompt_len), generator=g)
-    llama = Llama(ours, _Ids())
+    eager = Llama(ours, _Ids())
 
-    def run_ours():
+    def run_ours(llama=eager):
         times = []
         for _ in llama.generate_stream([prompt[0].tolist()], new_tokens, temperature=0):
             times.append(time.perf_counter())  # each step ends in .tolist(), so the device is done
@@ -328,7 +334,7 @@ def bench_prefill(ours, hf, prompt_len: int, repeats: int, seed: int, compile: b
 
     cases = {"ours": timed(ours_prefill), "hf": timed(hf_prefill)}
     if compile:
-        cases["compiled"] = with_compiled(ours, timed(ours_prefill))  # its warm-up run compiles
+        cases["compiled"] = with_compiled(ours, lambda _: timed(ours_prefill)())  # its warm-up run compiles
     return interleaved(cases, repeats)
 
 
@@ -367,9 +373,9 @@ def bench_finetune(args: ModelArgs, dtype, device, B: int, T: int, repeats: int,
         compiled = torch.compile(ours)
         cases["compiled"] = step(lambda: compiled(x, y), ours.configure_optimizers(0.0, 1e-5, device_type=device.type))
     res = interleaved(cases, repeats)
-    peak = llama31.peak_flops(device, dtype)
+    peak = runs.peak_flops(device, dtype)
     if peak:
-        fpt = llama31.flops_per_token(ours, T)
+        fpt = runs.flops_per_token(ours, T)
         res["mfu"] = {k: median(v) * fpt / peak for k, v in res.items()}
     return res
 
@@ -408,9 +414,9 @@ def finetune_worker(shape: dict, mode: str, dtype_name: str, device: str, B: int
     dev = torch.device(device)
     before = baseline_rss_kb()
     args = ModelArgs(**shape)
-    plan = quantize.plan_for(args.n_layers, mode.split("-")[1], 32) if mode.startswith("qlora") else None
+    variants = [quantize.Quantize(mode.split("-")[1])] if mode.startswith("qlora") else []
     model = llama31.assemble(args, random_state(args, seed), "bench", "random weights", dev, torch.float32,
-                             plan).train()
+                             variants).train()
     if mode != "full":
         lora.add_adapters(model, lora.LoRAConfig(), torch.Generator().manual_seed(seed))
     llama31.select_trainable(model, "all" if mode == "full" else "lora")
@@ -478,8 +484,8 @@ def load_worker(ckpt_dir: str, dtype: str, quantize_mode=None):
     if quantize_mode is None:
         model = llama31.load_model(ckpt_dir, max_seq_len=256, max_batch_size=1, device="cpu", dtype=dtype)
     else:
-        model = llama31.load_checkpoint(ckpt_dir, None, 256, 1, "cpu", dtype, tokenizer=False,
-                                        quantize=None if quantize_mode == "keep" else quantize_mode).model
+        model = llama31.load_checkpoint(ckpt_dir, None, "cpu", dtype, quantize_mode, tokenizer=False,
+                                        max_seq_len=256, max_batch_size=1).model
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     with torch.no_grad():  # reads every byte of every weight
         total = sum(float(t.float().sum()) for t in tensors.values())
@@ -623,8 +629,8 @@ def bench_quant(args: ModelArgs, dtype_name: str, dev, P):
     dense = build_ours(args, dtype, dev, P.seed)
     models = {"dense": dense}
     for mode in quantize.MODES:
-        plan = quantize.plan_for(args.n_layers, mode, 32)
-        models[mode] = llama31.assemble(args, dict(dense.state_dict()), "bench", "weights", dev, dtype, plan)
+        models[mode] = llama31.assemble(args, dict(dense.state_dict()), "bench", "weights", dev, dtype,
+                                        [quantize.Quantize(mode), matvec.OneRow()])
     g = torch.Generator().manual_seed(P.seed)
     prompt = torch.randint(0, args.vocab_size, (P.prompt_len,), generator=g).tolist()
     cases = {k: (lambda m=m: decode_rate_of(Llama(m, _Ids()), prompt, P.new_tokens)) for k, m in models.items()}
@@ -729,12 +735,12 @@ def prefill_rows(args, name, dev, sections, P):
 def tp_worker(ckpt_dir: str, dtype: str, device: str, prompt_len: int, new_tokens: int, repeats: int, seed: int):
     """Under torchrun (or alone): load ckpt_dir tensor parallel, read every weight once, time greedy
     decoding; rank 0 prints, as JSON, every process's RSS before loading and peak after, and the rates."""
-    dev, parallel = llama31.start_tensor_parallel(device)
+    dev, parallel = llama31.sampling_device(device)
     if parallel:
         tensor_parallel.agree(None)
     before = baseline_rss_kb()
-    llama = llama31.load_checkpoint(ckpt_dir, None, prompt_len + new_tokens, 1, dev, dtype, tokenizer=False,
-                                    parallel=parallel)
+    llama = llama31.load_checkpoint(ckpt_dir, None, dev, dtype, variants=[tensor_parallel.TensorParallel()] if parallel
+                                    else [], tokenizer=False, max_seq_len=prompt_len + new_tokens, max_batch_size=1)
     tensors = {id(t): t for t in list(llama.model.parameters()) + list(llama.model.buffers())}
     with torch.no_grad():  # every page read, in pieces: t.float() would add an fp32 copy to the peak
         sum(float(c.sum()) for t in tensors.values() for c in t.reshape(-1).split(1 << 20))

@@ -1,8 +1,8 @@
 """
-A conversation with an instruct model whose KV cache outlives each turn: what `python llama31.py
-chat` runs. It takes a llama31.Llama (model, tokenizer, chat format) and uses its
-generate_stream(cache_from=...), which prefills only the tokens the cache does not hold yet;
-nothing here imports llama31.py.
+Talk to an instruct model: python chat.py [--ckpt_dir X] [--system "..."] (each line typed is a
+message; /reset, /exit). Conversation keeps the KV cache between turns: it takes a llama31.Llama
+(model, tokenizer, chat format) and uses its generate_stream(cache_from=...), which prefills only
+the tokens the cache does not hold yet.
 """
 
 import sys
@@ -10,6 +10,8 @@ from typing import Iterator, List, Optional
 
 import torch
 
+import llama31
+import tp
 from tokenizer import ConfigError
 
 
@@ -82,9 +84,67 @@ class Conversation:
                 yield step
 
         try:
-            for token, piece in self.llama.texts(counted()):
+            for token, piece in self.llama.tokenizer.pieces(token for (token,) in counted()):
                 ids += [token] if token is not None else []
                 yield piece
         finally:  # after k steps the cache holds the prompt and the first k - 1 tokens generated
             self.cached = (prompt + ids)[:len(prompt) + steps - 1] if steps else prompt[:reuse]
             self.messages.append({"role": "assistant", "content": self.llama.tokenizer.decode(ids)})
+
+
+def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer_path: Optional[str] = None,
+         temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int = 256, max_seq_len: int = 2048,
+         device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1,
+         rope_scale_factor: Optional[float] = None, compile: bool = False, quantize: Optional[str] = None,
+         group_size: int = 32):
+    """Talk to an instruct model: each line you type is a message, each answer streams as it is
+    generated, and the whole dialog stays in the model's chat format (its KV cache kept between
+    turns, so a long dialog answers as fast as a short one). /reset starts over; /exit or end of
+    input leaves; Ctrl-C stops an answer and keeps the dialog. Reads piped input too, one message
+    per line. --system sets a system message. Without --ckpt_dir, the demo model. Under torchrun,
+    tensor parallel: rank 0 reads the lines and prints the answers."""
+    device, parallel = llama31.sampling_device(device)
+    if ckpt_dir is None:
+        ckpt_dir, quantize = llama31.demo_checkpoint(quantize)
+    llama31.check_sampling_args(temperature, top_p, max_gen_len)
+    llama31.check_number("max_seq_len", max_seq_len, int, 2)
+    llama31.check_number("seed", seed, int, 0)
+    if system is not None and not isinstance(system, str):
+        raise ConfigError(f"--system must be a string, got {system!r}")
+    llama = llama31.Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, rope_scale_factor,
+                                compile, quantize, group_size, parallel)
+    generator = torch.Generator(device=llama.model.output.weight.device).manual_seed(seed)
+    conversation = Conversation(llama, system, max_gen_len, temperature, top_p, generator)
+    terminal = sys.stdin.isatty()
+    if terminal:
+        print("type a message; /reset starts over, /exit leaves", file=sys.stderr)
+    while True:
+        try:
+            if terminal:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = tp.from_rank_0(sys.stdin.readline) if parallel else sys.stdin.readline()
+        except KeyboardInterrupt:
+            break
+        if not line or line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            conversation.reset()
+            print("note: the dialog starts over", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        answer = conversation.ask(line.rstrip("\n"))
+        try:
+            for piece in answer:
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # stop this answer, keep the dialog
+            answer.close()
+            print(" [stopped]", end="", file=sys.stderr)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+        print(flush=True)
+    conversation.close()
+
+
+if __name__ == "__main__":
+    llama31.run(chat, sys.argv[1:], "chat.py")

@@ -14,6 +14,7 @@ becomes one); nothing here imports llama31.py.
     export    the tokenizer that goes along with converted weights (export_tokenizer)
 """
 
+import ctypes
 import importlib.metadata
 import importlib.util
 import json
@@ -94,6 +95,75 @@ def locate(path) -> Tuple[Path, str]:
         return locate(follow_latest(path))
     raise ConfigError(f"{path} is a file but neither a GGUF file nor a finetune's `latest` pointer; --ckpt_dir takes "
                       f"a checkpoint directory (Meta's or HF's layout), a .gguf file or out/latest")
+
+
+# -----------------------------------------------------------------------------
+# Meta's layout (params.json + consolidated.NN.pth), and reading any layout
+
+
+def read_params(ckpt_dir: Path) -> dict:
+    path = ckpt_dir / "params.json"
+    if not path.exists():
+        raise ConfigError(f"{path} not found; a Meta checkpoint directory holds params.json "
+                          f"next to consolidated.00.pth")
+    params = read_json(path)
+    check_params(params, path)
+    return params
+
+
+def read_meta(ckpt_dir: Path) -> Checkpoint:
+    """params.json, and the state dict(s) of a Meta-layout checkpoint memory-mapped when asked for
+    (a list of them for model-parallel files); assemble converts the tensors one at a time."""
+    params = read_params(ckpt_dir)
+    shards = sorted(ckpt_dir.glob("*.pth"))
+    if not shards:
+        raise ConfigError(f"no *.pth file in {ckpt_dir}; expected Meta's consolidated.00.pth")
+
+    def read_state():
+        states = [torch_load(shard) for shard in shards]
+        for shard, state in zip(shards, states):  # a state dict of float tensors, not some other file
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) and v.is_floating_point()
+                                                      for v in state.values()):
+                raise ConfigError(f"{shard} is not a state dict of float tensors; re-download or re-export it")
+        return states[0] if len(states) == 1 else states
+
+    return Checkpoint(params, read_state, ckpt_dir, "params.json")
+
+
+def load_tokenizer(path, tokenizer_path=None) -> Tokenizer:
+    """A checkpoint's tokenizer: a GGUF file's own vocabulary; else tokenizer_path, else the
+    directory's tokenizer.model, else the official one from llama-models."""
+    path, kind = locate(path)
+    if kind == "gguf":
+        if tokenizer_path is not None:
+            raise ConfigError("a GGUF file carries its own tokenizer; drop --tokenizer_path")
+        return Tokenizer.from_gguf(open_gguf(path)[1], path.name)
+    return Tokenizer(find_tokenizer_model(tokenizer_path, path))
+
+
+def read(path, tokenizer_path=None, tokenizer: bool = True, vocab_size: Optional[int] = None) -> Checkpoint:
+    """The checkpoint a --ckpt_dir names (locate), read by its layout's reader into Meta's form, its
+    weights not read yet, with its tokenizer (a GGUF file's own; else tokenizer_path, the
+    directory's tokenizer.model, or Llama 3's from llama-models; tokenizer=False: none) and chat
+    format (a GGUF's template, else Llama 3's). The tokenizer's size (or vocab_size, without one)
+    must be the model's: a params.json of -1 takes it."""
+    path, kind = locate(path)
+    if kind == "gguf" and tokenizer_path is not None:
+        raise ConfigError("a GGUF file carries its own tokenizer; drop --tokenizer_path")
+    tok = Tokenizer(find_tokenizer_model(tokenizer_path, path)) if tokenizer and kind != "gguf" else None
+    ckpt = {"meta": read_meta, "hf": read_hf, "gguf": read_gguf}[kind](path)
+    if kind == "gguf":  # a GGUF's embeddings may outnumber its tokens (read_gguf checks)
+        return ckpt
+    vocab_size = tok.n_words if tok is not None else vocab_size
+    if vocab_size is not None and ckpt.params.get("vocab_size", -1) <= 0:  # old params.json files say -1
+        ckpt.params["vocab_size"] = vocab_size
+    if vocab_size is not None and ckpt.params["vocab_size"] != vocab_size:
+        raise ConfigError(f"{ckpt.params_path} says vocab_size {ckpt.params['vocab_size']} but the tokenizer has "
+                          f"{vocab_size} tokens{f' ({tok.path})' if tok is not None else ''}; use the "
+                          f"tokenizer that came with the checkpoint")
+    ckpt.tokenizer, ckpt.chat_format = tok, ChatFormat("llama3")
+    return ckpt
+
 
 
 # -----------------------------------------------------------------------------
@@ -815,6 +885,21 @@ def read_gguf(path) -> Checkpoint:
                       ChatFormat.from_template(meta.get("tokenizer.chat_template")), rope_freqs, types)
 
 
+LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
+def release_view(view: torch.Tensor):
+    """Drop the pages under a view of a memory-mapped file (torch.load's mmap, private and never
+    written) from this process: read once and copied, they would count in its RSS until the file
+    is closed; dropped, they would be read from the file again if ever touched."""
+    if LIBC is None or view.device.type != "cpu":
+        return
+    start = view.data_ptr()
+    end = start + (sum((n - 1) * s for n, s in zip(view.shape, view.stride())) + 1) * view.element_size()
+    lo, hi = start // mmap.PAGESIZE * mmap.PAGESIZE, -(-end // mmap.PAGESIZE) * mmap.PAGESIZE
+    LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+
+
 def release_pages(reader, tensor):
     """Drop a tensor's pages of the memory-mapped file: clean pages the kernel may drop anyway, but
     until it does they count in the process's RSS (the whole file, by the end of a load)."""
@@ -1001,3 +1086,165 @@ def export_tokenizer(src: Path, out: Path, format: str, params: dict):
         print(f"note: no tokenizer written ({why}); put the model's tokenizer beside the weights", file=sys.stderr)
     if written:
         print(f"tokenizer: {', '.join(written)}", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# data: token shards on disk (.bin) written and checked here; llama31's loader reads them
+#
+# A shard is a header of 256 little-endian int32 (magic 20240801, version 7, token count, then
+# zeros) followed by the tokens as little-endian uint32, the layout llm.c uses for Llama 3.
+
+DATA_MAGIC = 20240801
+DATA_VERSION = 7
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+def write_datafile(path, tokens) -> int:
+    """Write tokens (any 1-D sequence of ints in [0, 2**32)) as a shard; return the count.
+    The bytes go to a temporary name that is renamed when complete, so a crash never leaves a
+    half-written shard under the real name."""
+    toks = np.asarray(tokens)
+    if toks.size == 0:
+        toks = toks.astype(np.uint32)
+    if toks.ndim != 1 or not np.issubdtype(toks.dtype, np.integer):
+        raise ConfigError(f"tokens for {path} must be a 1-D sequence of ints, got {toks.dtype} "
+                          f"with shape {toks.shape}")
+    if toks.dtype != np.uint32 and toks.size and (toks.min() < 0 or toks.max() >= 2**32):
+        raise ConfigError(f"tokens for {path} must lie in [0, 2**32) to be stored as uint32, "
+                          f"got values from {toks.min()} to {toks.max()}")
+    if len(toks) >= 2**31:  # the header keeps the count as an int32
+        raise ConfigError(f"{len(toks)} tokens are too many for one shard ({path}); split them "
+                          f"into shards of fewer than 2**31 tokens")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = DATA_MAGIC, DATA_VERSION, len(toks)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            toks.astype("<u4", copy=False).tofile(f)
+
+    atomic_write(Path(path), write, f".tmp{os.getpid()}")  # the demo's ranks write the same shards at once
+    return len(toks)
+
+
+def read_datafile_header(path) -> int:
+    """Check a shard's header (magic, version, token count against the file size); return the
+    token count. Every problem is a ConfigError that names the file."""
+    path = Path(path)
+    redo = "re-create it with tiny_stories.py (or write_datafile)"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise ConfigError(f"could not read {path} as a token shard ({e}); {redo}") from None
+    if len(raw) < HEADER_BYTES:
+        raise ConfigError(f"{path} is {size} bytes, too short for the {HEADER_BYTES}-byte header of a "
+                          f"token shard; {redo}")
+    magic, version, ntok = (int(v) for v in np.frombuffer(raw, dtype="<i4")[:3])
+    if magic != DATA_MAGIC:
+        raise ConfigError(f"{path} has magic {magic}, not {DATA_MAGIC}, so it is not a token shard; {redo}")
+    if version != DATA_VERSION:
+        raise ConfigError(f"{path} is shard format version {version}, but this loader reads version "
+                          f"{DATA_VERSION} (uint32 tokens); {redo}")
+    expected = HEADER_BYTES + 4 * ntok
+    if ntok < 0 or size != expected:
+        raise ConfigError(f"{path} header says {ntok} tokens ({expected} bytes) but the file is {size} "
+                          f"bytes, so it is truncated or corrupt; {redo}")
+    return ntok
+
+
+def text_to_shards(text_path: Path, tokenizer: Tokenizer, out_dir: Path, n_val: Optional[int] = None,
+                   min_val_tokens: int = 0):
+    """Blank-line-separated documents of a text file as BOS ... EOS token shards: the last n_val
+    documents (default: 1%, at least 2, and as many as make min_val_tokens) become NAME_val.bin,
+    the rest NAME_train.bin, NAME being the text file's. Returns the two paths."""
+    if not text_path.is_file():
+        raise ConfigError(f"text file {text_path} does not exist")
+    docs = [d.strip() for d in text_path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    ids = [[tokenizer.bos_id, *tokenizer.encode(d, bos=False, eos=False), tokenizer.eos_id] for d in docs]
+    if n_val is None:
+        n_val = max(2, len(docs) // 100)
+        while n_val < len(docs) and sum(map(len, ids[len(docs) - n_val:])) < min_val_tokens:
+            n_val += 1
+    if len(docs) <= n_val:
+        raise ConfigError(f"{text_path} has {len(docs)} documents (blank-line separated); need more than {n_val}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / f"{text_path.stem}_train.bin", out_dir / f"{text_path.stem}_val.bin"
+    for path, part in zip(paths, (ids[:-n_val], ids[-n_val:])):
+        write_datafile(path, [t for doc in part for t in doc])
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# Meta's model-parallel checkpoints (70B: 8 files, 405B: 16), merged into one state dict: each file
+# holds a cut of every weight, column-parallel layers by output rows, row-parallel layers by input
+# columns; norms are copied whole to every file.
+
+COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
+ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
+
+
+def merge_shards(states: List[dict], expected: dict, head_dim: int, ckpt_dir) -> dict:
+    """One state dict from model-parallel shards, key by key. The shards are memory-mapped, so
+    only the pieces of the tensor being merged are read at any moment. expected: the model's
+    shapes by name."""
+    paths = sorted(Path(ckpt_dir).glob("*.pth"))
+    merged = {}
+    for key in states[0]:
+        missing = [str(p) for p, s in zip(paths, states) if key not in s]
+        if missing:
+            raise ConfigError(f"{key} is in {paths[0]} but not in {', '.join(missing)}; the shards "
+                              f"are not from one checkpoint")
+        pieces = [s[key] for s in states]
+        name = key.removesuffix(".weight")
+        if name.endswith(ROW_PARALLEL):
+            dim = 1
+        elif name.endswith(COLUMN_PARALLEL) or name == "output":
+            dim = 0
+        elif name == "tok_embeddings" and key in expected:
+            # Llama 3 splits the vocabulary (rows); Llama 2 split the features (columns)
+            dim = 0 if pieces[0].shape[0] != expected[key][0] else 1
+        else:  # replicated
+            merged[key] = pieces[0]
+            continue
+        merged[key] = torch.cat(pieces, dim=dim)
+        if name.endswith(("attention.wk", "attention.wv")) and key in expected:
+            merged[key] = dedupe_kv_heads(merged[key], expected[key][0] // head_dim, head_dim, key)
+    return merged
+
+
+def dedupe_kv_heads(w, n_kv_heads: int, head_dim: int, key: str):
+    """With more shards than KV heads (405B: 16 files, 8 KV heads) each file holds a copy of the
+    head it shares with its neighbours; keep one copy of each, checking the copies agree."""
+    repeats = w.shape[0] // (n_kv_heads * head_dim)
+    if repeats <= 1 or w.shape[0] != repeats * n_kv_heads * head_dim:
+        return w
+    heads = w.view(n_kv_heads, repeats, head_dim, w.shape[1])
+    if not all(torch.equal(heads[:, 0], heads[:, r]) for r in range(1, repeats)):
+        raise ConfigError(f"{key}: the shards hold {repeats}x the KV heads params.json declares, and the "
+                          f"copies differ; check n_kv_heads in params.json")
+    return heads[:, 0].reshape(n_kv_heads * head_dim, w.shape[1])
+
+
+def check_state_dict(expected: dict, state: dict, where, source: str = "params.json"):
+    """Name every missing, unexpected or wrongly shaped tensor in one message; expected: the
+    model's shapes by name."""
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(s)}" for k, s in expected.items()
+             if k in state and state[k].shape != s]
+
+    def head(names):
+        return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {head(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}: {head(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch (checkpoint vs {source}) {len(wrong)}: {head(wrong)}")
+    if problems:
+        raise ConfigError(f"weights in {where} do not match its {source}: " + "; ".join(problems))

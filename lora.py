@@ -15,6 +15,7 @@ Like quantize.py, this file imports nothing from llama31.py.
 
 import hashlib
 import math
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -269,3 +270,109 @@ def fingerprint(state: Dict[str, torch.Tensor]) -> str:
         h.update(f"{name}{tuple(value.shape)}".encode())
         h.update(row.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def fingerprint_of(ckpt) -> str:
+    """fingerprint of a formats.Checkpoint's weights (of its first file, if model-parallel)."""
+    state = ckpt.read_state()
+    return fingerprint(state[0] if isinstance(state, list) else state)
+
+
+# -----------------------------------------------------------------------------
+# the variants: llama31.load_checkpoint's and finetune's hooks
+
+
+def checkpoint(path) -> Optional["Adapters"]:
+    """The LoRA run's step a --ckpt_dir names (a step directory or its `latest` pointer), as the
+    load variant that adds its adapters to its base; None for any other checkpoint."""
+    found = adapter_dir(path) if path is not None else None
+    return Adapters(found, read_adapters(found)) if found else None
+
+
+class Adapters:
+    """A LoRA checkpoint: its base (base, loaded as it was trained: quantize), checked against the
+    fingerprint the adapters were trained on, the adapters added once it has loaded, and the run's
+    own tokenizer.model (tokenizer)."""
+
+    def __init__(self, path: Path, saved: dict):
+        self.path, self.saved, self.base, self.quantize = path, saved, saved["base"], saved.get("quantize")
+        self.tokenizer = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None
+
+    def build(self, model: nn.Module, ckpt, device, dtype):
+        if getattr(model, "tensor_parallel", None):
+            raise ConfigError(f"{self.path} is a LoRA checkpoint, which samples in one process; merge it first "
+                              f"(python export.py --format meta) to run it tensor parallel")
+        now = fingerprint_of(ckpt)
+        if now != self.saved["fingerprint"]:
+            raise ConfigError(f"{self.path}: its adapters were trained on other weights than {self.base} holds now "
+                              f"(fingerprint {self.saved['fingerprint']} vs {now}); restore that base")
+
+    def loaded(self, model: nn.Module):
+        add_adapters(model, self.saved["config"])
+        load_adapters(model, self.saved["adapters"], self.path / FILE)
+        model.lora_base = (self.base, self.saved["fingerprint"])
+
+    def settings(self, given: dict) -> dict:
+        """The finetune settings of these adapters, which a run from them trains on (its base frozen,
+        as saved); a given setting that contradicts them is refused rather than ignored."""
+        c = self.saved["config"]
+        mine = {"finetune_type": "lora", "lora_rank": c.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout,
+                "lora_targets": ",".join(c.targets)}
+        if given.get("lora_targets") is not None:
+            given = {**given, "lora_targets": ",".join(check_config(targets=given["lora_targets"]).targets)}
+        clash = [k for k, v in mine.items() if given.get(k) is not None and given[k] != v]
+        if clash:
+            raise ConfigError(f"{self.path} holds LoRA adapters ({', '.join(f'{k} {mine[k]}' for k in mine)}), which "
+                              f"a run from it trains on as they are; drop --{' --'.join(clash)}, or start from its "
+                              f"base {self.base}")
+        return mine
+
+
+class Train:
+    """finetune --finetune_type lora: adapters on the loaded base (unless a resumed run's came with
+    it), a checkpoint of the adapters alone, and the adapters of gathered FSDP weights."""
+
+    def __init__(self, config: LoRAConfig, source, seed: int):
+        self.config, self.source, self.seed, self.fingerprint = config, source, seed, None
+
+    @classmethod
+    def of(cls, cfg: dict, source) -> Optional["Train"]:
+        """The variant a run's settings ask for (None: not a LoRA run), its settings checked."""
+        if cfg["finetune_type"] != "lora":
+            if cfg["quantize"] != "none":
+                raise ConfigError(f"--quantize {cfg['quantize']} freezes the base, so only adapters can train; add "
+                                  f"--finetune_type lora, or drop --quantize")
+            return None
+        config = check_config(cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
+        return cls(config, source, cfg["seed"])
+
+    def build(self, model: nn.Module, ckpt, device, dtype):
+        self.fingerprint = fingerprint_of(ckpt)
+
+    def prepare(self, model: nn.Module):
+        if not adapted(model):
+            add_adapters(model, self.config, torch.Generator().manual_seed(self.seed))
+            model.lora_base = (str(self.source), self.fingerprint)
+
+    def save(self, out_dir: Path, model: nn.Module, state: dict, config: dict, tokenizer) -> bool:
+        """The adapters and a reference to the base, not the base; the run's tokenizer beside them
+        (a GGUF base has its own)."""
+        save_adapters(out_dir, {k: v for k, v in state.items() if ".lora_" in k}, self.config, *model.lora_base,
+                      quantize=config["quantize"])
+        if tokenizer.path is not None:
+            shutil.copyfile(tokenizer.path, out_dir / "tokenizer.model")
+        return True
+
+    def take_adapters(self, weights: dict) -> "Gathered":
+        return Gathered(self.config, {k: weights.pop(k) for k in list(weights) if ".lora_" in k})
+
+
+class Gathered:
+    """Adapters gathered apart from their model, added back once it has loaded."""
+
+    def __init__(self, config: LoRAConfig, adapters: Dict[str, torch.Tensor]):
+        self.config, self.adapters = config, adapters
+
+    def loaded(self, model: nn.Module):
+        add_adapters(model, self.config)
+        load_adapters(model, self.adapters, "the gathered shards")

@@ -427,3 +427,43 @@ def tie(model: nn.Module):
     """A model with tied embeddings whose output and embedding are both int8: one matrix for both."""
     if isinstance(model.output, Int8Linear) and isinstance(model.tok_embeddings, Int8Embedding):
         model.tok_embeddings.weight, model.tok_embeddings.scales = model.output.weight, model.output.scales
+
+
+# -----------------------------------------------------------------------------
+# the load variant: llama31.load_checkpoint's hooks
+
+
+class Quantize:
+    """mode int8 or int4 (groups of group_size): every block's matrix quantized as it loads, the
+    output layer and the token table in int8 (plan_for); None or "keep": a GGUF file's quantized
+    tensors kept in their nearest format here (plan_for_gguf), said in one line on stderr."""
+
+    def __init__(self, mode: Optional[str], group_size: int = 32):
+        self.mode, self.group_size, self.plan = check_mode(mode, group_size), group_size, None
+
+    def planned(self, n_layers: int, ckpt) -> Plan:
+        if self.plan is None and self.mode in MODES:
+            self.plan = plan_for(n_layers, self.mode, self.group_size)
+        elif self.plan is None:
+            self.plan, how = plan_for_gguf(n_layers, getattr(ckpt, "tensor_types", None) or {})
+            if how:
+                print(f"note: {ckpt.where.name}: {how}; --quantize none dequantizes them to --dtype", file=sys.stderr)
+        return self.plan
+
+    def dtype(self, args, ckpt, device) -> Optional[str]:
+        # the int kernels run ~10x slower with fp32 activations on CPU than with bf16 ones
+        planned = self.planned(args.n_layers, ckpt)
+        return "bf16" if planned and torch.device(device).type == "cpu" else None
+
+    def swap(self, model: nn.Module, ckpt, device, dtype):
+        swap_modules(model, self.planned(len(model.layers), ckpt), device, dtype)
+
+    def convert(self, model: nn.Module, key: str, value, device, dtype) -> Optional[Dict[str, torch.Tensor]]:
+        name, _, leaf = key.rpartition(".")
+        if name in self.plan and leaf == "weight":
+            return quantized_state(model, self.plan, key, value, device, dtype)
+        return None
+
+    def loaded(self, model: nn.Module):
+        if model.args.tie_embeddings:
+            tie(model)

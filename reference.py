@@ -24,8 +24,9 @@ from typing import List, Optional
 import torch
 
 import formats
-from llama31 import (DEFAULT_PROMPTS, Llama, check_device, check_sampling_args, default_device, read_params,
-                     resolve_dtype, resolve_rope_factor)
+from formats import read_params
+from llama31 import (DEFAULT_PROMPTS, Llama, check_device, check_sampling_args, default_device, resolve_dtype,
+                     resolve_rope_factor)
 from tokenizer import ConfigError, find_tokenizer_model
 
 

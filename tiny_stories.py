@@ -39,7 +39,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-from llama31 import write_datafile
+from formats import write_datafile
 from tokenizer import ConfigError, Tokenizer, find_tokenizer_model
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"

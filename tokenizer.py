@@ -17,7 +17,7 @@ import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Optional, Sequence, Union
+from typing import AbstractSet, Collection, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 import tiktoken
 
@@ -306,6 +306,26 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.model.decode(list(ids))
+
+    def pieces(self, tokens: Iterable[Optional[int]]) -> Iterator[Tuple[Optional[int], str]]:
+        """(token, text) for each token as it arrives (None entries skipped): text is what the token
+        adds to the decoded whole, "" while a character is split across tokens, whose bytes then
+        come with the token that completes it; a last (None, text) flushes any rest. The texts
+        join to exactly what the tokens decode to."""
+        ids, shown = [], ""
+        for token in tokens:
+            if token is None:
+                continue
+            ids.append(token)
+            text = self.decode(ids)
+            if text.endswith("\ufffd"):  # wait for the character's other bytes
+                yield token, ""
+                continue
+            yield token, text[len(shown):]
+            shown = text
+        text = self.decode(ids)
+        if text != shown:
+            yield None, text[len(shown):]
 
 
 def _unique(ids: List[int]) -> List[int]:

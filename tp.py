@@ -37,8 +37,6 @@ This file imports nothing from llama31.py: it takes modules by Meta's names and 
 typing (n_heads, n_kv_heads, head_dim, ffn_hidden_dim, vocab_size, dim).
 """
 
-import ctypes
-import mmap
 import os
 import re
 import sys
@@ -262,7 +260,26 @@ def connect(model: nn.Module, layout: Layout, group=None):
 
     model.tok_embeddings.forward = embed
     model.output.forward = lambda x: all_gather_last(project(x), group)
-    model.tensor_parallel = layout
+
+
+class TensorParallel:
+    """The load variant (llama31.load_checkpoint's hooks): under torchrun, each process builds the
+    model cut to its slices, reads only those, and connects the pieces; a failure on any process
+    stops every one (together)."""
+
+    def build(self, model: nn.Module, ckpt, device, dtype) -> dict:
+        if not isinstance(ckpt, formats.Checkpoint):
+            raise ConfigError("tensor-parallel sampling reads a checkpoint's files, not a state dict in memory")
+        self.layout = Layout.of(model.args, dist.get_rank(), dist.get_world_size(), ckpt.params_path)
+        state = local_state(ckpt, model, self.layout, device, dtype)
+        shard_modules(model, self.layout)
+        model.tensor_parallel = self.layout
+        return state
+
+    def loaded(self, model: nn.Module):
+        connect(model, self.layout)
+
+    run = staticmethod(together)
 
 
 # -----------------------------------------------------------------------------
@@ -283,7 +300,7 @@ def joined(views: List[torch.Tensor], dim: int, device, dtype) -> torch.Tensor:
     if len(views) == 1:
         out = views[0].to(device=device, dtype=dtype).contiguous()  # to() keeps a same-dtype view as it is
         if out.untyped_storage().data_ptr() != views[0].untyped_storage().data_ptr():
-            release(views[0])
+            formats.release_view(views[0])
         return out
     shape = list(views[0].shape)
     shape[dim] = sum(v.shape[dim] for v in views)
@@ -291,23 +308,8 @@ def joined(views: List[torch.Tensor], dim: int, device, dtype) -> torch.Tensor:
     for v in views:
         out.narrow(dim, at, v.shape[dim]).copy_(v)
         at += v.shape[dim]
-        release(v)
+        formats.release_view(v)
     return out
-
-
-LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-
-
-def release(view: torch.Tensor):
-    """Drop the pages under a view of a memory-mapped file (torch.load's mmap, private and never
-    written) from this process: read once and copied, they would count in its RSS until the file
-    is closed; dropped, they would be read from the file again if ever touched."""
-    if LIBC is None or view.device.type != "cpu":
-        return
-    start = view.data_ptr()
-    end = start + (sum((n - 1) * s for n, s in zip(view.shape, view.stride())) + 1) * view.element_size()
-    lo, hi = start // mmap.PAGESIZE * mmap.PAGESIZE, -(-end // mmap.PAGESIZE) * mmap.PAGESIZE
-    LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
 
 
 def meta_files(ckpt_dir: Path) -> List[Path]:
@@ -437,42 +439,3 @@ def local_state(ckpt, model: nn.Module, layout: Layout, device, dtype) -> dict:
         return read_hf_slices(ckpt.read_state(), full, layout)
     raise ConfigError(f"{ckpt.where}: tensor-parallel sampling reads Meta's and HF's layouts, not GGUF files; run a "
                       f"GGUF model in one process (python llama31.py --ckpt_dir ...)")
-
-
-# -----------------------------------------------------------------------------
-# FSDP (finetune --fsdp): each process's rows of every weight, read straight from the checkpoint
-
-
-ROWS_AT_ONCE = 1024
-
-
-def load_fsdp_shards(model: nn.Module, state: dict, device, dtype, mapped: bool):
-    """A model built on the meta device and sharded with fully_shard gets its weights: each process
-    reads only its rows of every tensor (FSDP's dim-0 chunk) from `state`, memory-mapped tensors
-    (mapped: torch.load's, whose pages are then dropped) or formats.Lazy ones, on device in dtype,
-    and assigns them as its shards. Tied parameters stay one."""
-    from torch.distributed.tensor import DTensor
-
-    made = {}
-    shards = {}
-    for key, p in model.named_parameters(remove_duplicate=False):
-        if id(p) not in made:
-            value, rows = state[key], p.shape[0]
-            mesh = p.device_mesh
-            size = -(-rows // mesh.size())
-            lo = min(mesh.get_local_rank() * size, rows)
-            hi = min(lo + size, rows)
-            if mapped and not isinstance(value, formats.Lazy):  # copied a few rows at a time, each's pages then dropped
-                local = torch.empty((hi - lo, *p.shape[1:]), device=device, dtype=dtype)
-                for a in range(lo, hi, ROWS_AT_ONCE):
-                    rows = value[a:min(a + ROWS_AT_ONCE, hi)]
-                    local[a - lo:a - lo + len(rows)].copy_(rows)
-                    release(rows)
-            else:
-                local = value.read_rows(lo, hi) if hasattr(value, "read_rows") else formats.materialize(value)[lo:hi]
-                local = local.to(device=device, dtype=dtype, copy=True)
-            formats.check_finite([local], f"{key} (rows {lo}..{hi})")
-            made[id(p)] = nn.Parameter(DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=p.stride()),
-                                       requires_grad=p.requires_grad)
-        shards[key] = made[id(p)]
-    model.load_state_dict(shards, strict=True, assign=True)

@@ -19,7 +19,8 @@ from gguf import GGUFWriter, TokenType
 from gguf.quants import quantize
 
 from formats import find_demo_gguf
-from llama31 import ModelArgs, Transformer, load_tokenizer, save_meta, write_datafile
+from formats import load_tokenizer, write_datafile
+from llama31 import ModelArgs, Transformer, save_meta
 from tokenizer import Tokenizer, bytes_to_unicode, find_tokenizer_model
 
 # Small but complete: GQA 4:1, the real 128256 vocab, Llama 3.1 RoPE scaling, an FFN multiplier.

@@ -1,9 +1,12 @@
 """bench.py runs end to end and prints every row of its table (a smoke test: tiny shape, one
 repeat; timings are not checked)."""
 
+import pytest
+
 import bench
 
 
+@pytest.mark.slow
 def test_bench_prints_every_row(capsys):
     sections = [s for s in bench.SECTIONS if s != "lora"]  # test_bench_lora_rows: its own processes
     rows = bench.main(shape="tiny", dtypes="fp32", prompt_len=8, new_tokens=3, prefill_len=8, T=8,
@@ -24,6 +27,7 @@ def test_bench_prints_every_row(capsys):
     assert float(load[2].rstrip("x")) >= 0  # a tiny checkpoint barely moves the RSS
 
 
+@pytest.mark.slow
 def test_bench_lora_rows_compare_lora_and_qlora_with_full_finetuning():
     # four fresh processes (full, LoRA, QLoRA int8 and int4) of one step each on the tiny shape
     rows = bench.main(shape="tiny", dtypes="fp32", T=8, train_repeats=1, sections="lora", layers=1)
@@ -56,6 +60,7 @@ def test_bench_rejects_bad_numbers_and_devices_in_one_line():
         bench.main(shape="tiny", device="tpu")
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_writes_its_report(tmp_path):
     # scripts/gpu_check.sh's own steps on the CPU: the CUDA tests (each skipped, with its reason, on
     # a machine without one) and bench.py's GPU sections on a tiny shape, into one markdown report
@@ -80,6 +85,7 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
         assert any(line.startswith(f"| {name}") for line in tables), name
 
 
+@pytest.mark.slow
 def test_bench_tp_rows_time_one_and_n_processes():
     rows = bench.main(shape="tiny", dtypes="fp32", prompt_len=8, new_tokens=3, repeats=1, tp=2)
     metrics = [r[0] for r in rows]

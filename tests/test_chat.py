@@ -1,4 +1,4 @@
-"""Conversation and `python llama31.py chat`: each turn answers as chat_completion does on the whole
+"""Conversation and `python chat.py`: each turn answers as chat_completion does on the whole
 dialog from scratch, while the KV cache kept between turns means a turn prefills only its new tokens."""
 
 import subprocess
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import compiled
 from chat import Conversation
 from llama31 import Llama
 
@@ -30,8 +31,9 @@ def fresh_answer(llama, dialog, max_gen_len):
     return llama.chat_completion([dialog], max_gen_len, temperature=0)[0]["content"]
 
 
+@pytest.mark.slow
 def test_piped_chat_cli_answers_each_turn_as_chat_completion_of_the_whole_dialog(ckpt_dir, tiny):
-    r = subprocess.run([sys.executable, "llama31.py", "chat", "--ckpt_dir", str(ckpt_dir), "--temperature", "0",
+    r = subprocess.run([sys.executable, "chat.py", "--ckpt_dir", str(ckpt_dir), "--temperature", "0",
                         "--max_gen_len", "6", "--max_seq_len", "256", "--device", "cpu"],
                        input="Hello there!\n\nAnd what else?\n", cwd=REPO, capture_output=True, text=True,
                        timeout=300)
@@ -42,6 +44,7 @@ def test_piped_chat_cli_answers_each_turn_as_chat_completion_of_the_whole_dialog
     assert r.stdout == f"{first}\n{second}\n"  # the empty line is no message
 
 
+@pytest.mark.slow
 def test_a_turn_prefills_only_the_tokens_the_cache_does_not_hold(smollm):
     conv = Conversation(smollm, max_gen_len=24, temperature=0)
     try:
@@ -81,7 +84,8 @@ def test_another_generation_between_turns_leaves_the_dialog_right(tiny, fixed):
     # must come back as it was (eagerly, a generation takes the cache and the next turn refills it)
     model = tiny.model
     conv = Conversation(tiny, max_gen_len=5, temperature=0)
-    model.static_decode = model.decode_step if fixed else None
+    if fixed:
+        tiny.decoder = compiled.StaticDecoder(model, compile=False, eager=tiny.decoder)
     try:
         first = "".join(conv.ask("One"))
         tiny.text_completion(["Something else entirely"], 6, temperature=0)
@@ -90,7 +94,7 @@ def test_another_generation_between_turns_leaves_the_dialog_right(tiny, fixed):
         assert "".join(conv.ask("Two")) == fresh_answer(tiny, dialog, 5)
     finally:
         conv.close()
-        model.static_decode = model.kept_caches = None
+        compiled.eager(tiny)
 
 
 def test_an_answer_stopped_early_stays_in_the_dialog_and_the_next_turn_is_right(tiny):
@@ -107,6 +111,7 @@ def test_an_answer_stopped_early_stays_in_the_dialog_and_the_next_turn_is_right(
         conv.close()
 
 
+@pytest.mark.slow
 def test_a_dialog_past_max_seq_len_drops_its_oldest_turns_and_still_answers(smollm_path, capsys):
     llama = Llama.build(smollm_path, max_seq_len=96, max_batch_size=1, device="cpu", dtype="fp32", quantize="none")
     conv = Conversation(llama, system="Answer in one short sentence.", max_gen_len=16, temperature=0)

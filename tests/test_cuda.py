@@ -8,8 +8,10 @@ import re
 import pytest
 import torch
 
+import compiled
 import llama31
 import reference
+import runs
 from conftest import random_model
 from llama31 import DistInfo, Llama, document_mask
 from test_finetune import max_difference, run, torchrun
@@ -35,7 +37,7 @@ def test_bf16_autocast_finetune_learns_and_tracks_fp32(tiny_ckpt, data, tmp_path
     assert len(fp32) == len(bf16) == 12
     assert bf16[-1] < 0.7 * bf16[0]
     assert max(abs(a - b) / a for a, b in zip(fp32, bf16)) < 0.1  # stated bound: 10% at any step
-    known = llama31.peak_flops(CUDA, torch.bfloat16) is not None
+    known = runs.peak_flops(CUDA, torch.bfloat16) is not None
     assert ("mfu" in bf16_log) == known and "mfu" not in fp32_log  # no MFU against a bf16 peak for fp32
 
 
@@ -102,12 +104,12 @@ def test_compiled_decoding_replays_cuda_graphs_and_equals_eager():
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    llama.model.compile_inference()
+    compiled.compile_inference(llama)
     try:
-        compiled = [llama.generate(prompts, 16, temperature=0), llama.generate(prompts[:1], 16, temperature=0)]
+        compiled_runs = [llama.generate(prompts, 16, temperature=0), llama.generate(prompts[:1], 16, temperature=0)]
     finally:
-        llama.model.compiled_logits = llama.model.static_decode = llama.model.kept_caches = None
-    assert compiled == eager
+        compiled.eager(llama)
+    assert compiled_runs == eager
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
@@ -121,10 +123,10 @@ def test_batches_reach_the_gpu_from_pinned_memory(data):
 
 def test_a_checkpoint_holds_and_restores_this_gpus_random_state():
     torch.cuda.manual_seed(7)
-    saved = llama31.rng_states(DistInfo(), CUDA)
+    saved = runs.rng_states(DistInfo(), CUDA)
     want = torch.rand(4, device=CUDA)
     torch.cuda.manual_seed(8)
-    llama31.restore_rng(saved, DistInfo(), CUDA)
+    runs.restore_rng(saved, DistInfo(), CUDA)
     assert torch.equal(torch.rand(4, device=CUDA), want)
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from llama31 import DistributedShardedDataLoader, write_datafile
+from formats import write_datafile
+from llama31 import DistributedShardedDataLoader
 from tokenizer import ConfigError
 
 MAGIC, VERSION = 20240801, 7

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+import compiled
 import quantize
 from conftest import random_model
 from llama31 import Llama, document_mask
@@ -47,7 +48,7 @@ def test_cached_decoding_matches_the_whole_sequence_forward(device, dtype):
     try:
         steps = [model.forward_inference(x[:, :6], 0)]
         steps += [model.forward_inference(x[:, p:p + 1], p) for p in range(6, 16)]
-        fixed = [model.decode_step(x[:, p:p + 1], torch.tensor([p], device=device)) for p in range(6, 16)]
+        fixed = [compiled.decode_step(model, x[:, p:p + 1], torch.tensor([p], device=device)) for p in range(6, 16)]
     finally:
         model.clear_caches()
     scale = whole.abs().max().item()

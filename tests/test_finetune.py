@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import fsdp
 import llama31
+import runs
 from conftest import FINETUNE_SHAPE, MISSING_DEVICE, make_checkpoint, random_model
-from llama31 import ConfigError, Llama, finetune, read_datafile_header, write_datafile
+from formats import read_datafile_header, write_datafile
+from llama31 import ConfigError, Llama, finetune
 
 REPO = Path(__file__).resolve().parents[1]
 def run(tiny_ckpt, data, out, **kw):
@@ -31,6 +34,7 @@ def max_difference(state: dict, model) -> float:
     return max((state[k] - want[k]).abs().max().item() for k in want)
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_repetitive_data_and_val_loss_is_reported(tiny_ckpt, data, tmp_path, capsys):
     result = run(tiny_ckpt, data, tmp_path, max_steps=25, val_every=5, log_every=5, learning_rate=3e-3)
     log = capsys.readouterr().out
@@ -55,6 +59,7 @@ def test_saved_checkpoint_loads_with_build_and_gives_the_trained_logits(tiny_ckp
         Llama.build(tmp_path / "notes.txt", device="cpu")
 
 
+@pytest.mark.slow
 def test_a_short_run_reaches_its_learning_rate(tiny_ckpt, data, tmp_path, capsys):
     run(tiny_ckpt, data, tmp_path / "a", max_steps=4, warmup_steps=None, learning_rate=1e-3)
     lrs = [line.split("| lr ")[1].split(" ")[0] for line in capsys.readouterr().out.splitlines() if "| lr " in line]
@@ -76,6 +81,7 @@ def test_finetune_types_leave_frozen_weights_untouched(tiny_ckpt, data, tmp_path
         assert torch.equal(before[k], after[k]) == frozen(k), k
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_ckpt, data, tmp_path):
     straight = run(tiny_ckpt, data, tmp_path / "a", max_steps=6)
     run(tiny_ckpt, data, tmp_path / "b", max_steps=6, stop_after=3)
@@ -99,6 +105,7 @@ def torchrun(tiny_ckpt, data, out, *args, processes=2, device="cpu"):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_ckpt, data, tmp_path):
     # 2 processes x 2 micro-steps (no_sync on the first) vs 1 process x 4 micro-steps
     single = run(tiny_ckpt, data, tmp_path / "single", max_steps=3, total_batch_size=4 * 2 * 32)
@@ -109,6 +116,7 @@ def test_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_ckpt, da
     assert (worst := max_difference(rank0, single["model"])) < 1e-5, worst
 
 
+@pytest.mark.slow
 def test_fsdp_on_two_processes_equals_one_process_and_resumes(tiny_ckpt, data, tmp_path):
     # sharded weights, gradients and AdamW state; the gathered checkpoint is what is compared
     single = run(tiny_ckpt, data, tmp_path / "single", max_steps=3, total_batch_size=4 * 2 * 32)
@@ -124,6 +132,7 @@ def test_fsdp_on_two_processes_equals_one_process_and_resumes(tiny_ckpt, data, t
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied, finetune_type", [(True, "all"), (False, "rmsnorm")], ids=["tied", "frozen"])
 def test_fsdp_with_tied_embeddings_or_frozen_weights_equals_one_process(tmp_path, data, tied, finetune_type):
     # tied: one Parameter under two names, sharded once; frozen: parameters with no gradient
@@ -157,6 +166,7 @@ llama31.finetune(ckpt_dir=sys.argv[1], train_data=sys.argv[2], val_data="", out_
 """
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tiny_ckpt, data, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-c", KILL_ON_SECOND_SAVE, str(tiny_ckpt), data["train_data"], str(out)],
@@ -206,6 +216,7 @@ def test_batch_larger_than_a_shard_is_a_clear_error(tiny_ckpt, data, tmp_path):
         run(tiny_ckpt, data, tmp_path, B=64, T=512)
 
 
+@pytest.mark.slow
 def test_cli_finetune_runs_and_samples(tiny_ckpt, data, tmp_path):
     r = subprocess.run([sys.executable, "llama31.py", "finetune", "--ckpt_dir", str(tiny_ckpt),
                         "--train_data", data["train_data"], "--val_data", data["val_data"],
@@ -254,9 +265,17 @@ def test_tokens_outside_the_vocabulary_are_a_clear_error(tiny_ckpt, data, tmp_pa
 
 def test_cli_unknown_command_lists_the_commands():
     r = subprocess.run([sys.executable, "llama31.py", "expor"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip() == ("error: unknown command 'expor'; the commands are chat, "
-                                                      "eval, finetune, export, shards (python llama31.py COMMAND --help), and "
-                                                      "sampling takes --ckpt_dir")
+    assert r.returncode == 2 and r.stderr.strip() == ("error: unknown command 'expor'; python llama31.py samples "
+                                                      "(--help), python llama31.py finetune finetunes, and chat.py, "
+                                                      "eval.py, export.py, shards.py are scripts of their own")
+
+
+@pytest.mark.parametrize("command", ["chat", "eval", "export", "shards"])
+def test_a_command_that_became_a_script_says_so_in_one_line(command):
+    r = subprocess.run([sys.executable, "llama31.py", command, "--ckpt_dir", "x"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: {command} is a script of its own now: "
+                                                      f"python {command}.py --ckpt_dir x")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -276,11 +295,11 @@ def test_cli_finetune_rejects_bad_arguments_in_one_line(tiny_ckpt, data, tmp_pat
 def test_shards_command_splits_documents_and_uses_the_checkpoints_tokenizer(tiny_ckpt, tokenizer, tmp_path):
     import numpy as np
 
-    from llama31 import HEADER_INTS
+    from formats import HEADER_INTS
 
     docs = [f"Story {i}: the fox ran {i} times around the old oak." for i in range(5)]
     (tmp_path / "my.txt").write_text("\n\n".join(docs) + "\n")
-    r = subprocess.run([sys.executable, "llama31.py", "shards", "--text", str(tmp_path / "my.txt"),
+    r = subprocess.run([sys.executable, "shards.py", "--text", str(tmp_path / "my.txt"),
                         "--out_dir", str(tmp_path / "s"), "--ckpt_dir", str(tiny_ckpt)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -293,6 +312,7 @@ def test_shards_command_splits_documents_and_uses_the_checkpoints_tokenizer(tiny
         assert got.tolist() == ids(part), name
 
 
+@pytest.mark.slow
 def test_fresh_run_refuses_an_out_dir_holding_a_run_and_resume_by_path_stays_in_its_dir(tiny_ckpt, data, tmp_path):
     from llama31 import ConfigError
 
@@ -378,10 +398,11 @@ def test_ddp_wraps_the_model_before_it_is_compiled(monkeypatch):
 
     monkeypatch.setattr(llama31, "DDP", FakeDDP)
     model = random_model(max_seq_len=32)
-    wrapped = llama31.wrap_for_training(model, llama31.DistInfo(0, 0, 2), torch.device("cpu"), False, True)
+    wrapped = llama31.wrap_for_training(model, llama31.DistInfo(0, 0, 2), torch.device("cpu"), [], True)
     assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule)
     assert isinstance(wrapped._orig_mod, FakeDDP) and wrapped._orig_mod.module is model
-    sharded = llama31.wrap_for_training(model, llama31.DistInfo(0, 0, 2), torch.device("cpu"), True, False)
+    fsdp_run = [fsdp.Sharded(torch.device("cpu"), True, llama31.select_trainable, "all")]
+    sharded = llama31.wrap_for_training(model, llama31.DistInfo(0, 0, 2), torch.device("cpu"), fsdp_run, False)
     assert sharded is model  # FSDP shards in place; no DDP
 
 
@@ -396,10 +417,10 @@ def test_flops_per_token_counts_frozen_weights_without_their_gradient():
     model = random_model(max_seq_len=64)
     a, T = model.args, 64
     n, attention = matmul_weights(a), 12 * a.n_layers * a.dim * T
-    assert llama31.flops_per_token(model, T) == 6 * n + attention
+    assert runs.flops_per_token(model, T) == 6 * n + attention
     llama31.select_trainable(model, "rmsnorm")
     norms = (2 * a.n_layers + 1) * a.dim
-    assert llama31.flops_per_token(model, T) == 4 * n + 2 * norms + attention
+    assert runs.flops_per_token(model, T) == 4 * n + 2 * norms + attention
 
 
 @pytest.mark.parametrize("name, dtype, peak", [
@@ -409,8 +430,8 @@ def test_flops_per_token_counts_frozen_weights_without_their_gradient():
     ("NVIDIA H100 80GB HBM3", torch.float32, None), ("Some Future GPU", torch.bfloat16, None)])
 def test_mfu_peak_by_gpu_name_and_none_for_fp32(monkeypatch, name, dtype, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: name)
-    assert llama31.peak_flops(torch.device("cuda", 0), dtype) == peak
-    assert llama31.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    assert runs.peak_flops(torch.device("cuda", 0), dtype) == peak
+    assert runs.peak_flops(torch.device("cpu"), torch.bfloat16) is None
 
 
 def test_each_rank_restores_its_own_random_state():
@@ -418,11 +439,11 @@ def test_each_rank_restores_its_own_random_state():
     first = torch.get_rng_state()
     torch.manual_seed(2)
     second = torch.get_rng_state()
-    llama31.restore_rng([{"cpu": first, "cuda": None}, {"cpu": second, "cuda": None}],
+    runs.restore_rng([{"cpu": first, "cuda": None}, {"cpu": second, "cuda": None}],
                         llama31.DistInfo(1, 1, 2), torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), second)
     # the format before per-rank states: rank 0's CPU state and a list of its GPUs' states
-    llama31.restore_rng({"cpu": first, "cuda": []}, llama31.DistInfo(1, 1, 2), torch.device("cpu"))
+    runs.restore_rng({"cpu": first, "cuda": []}, llama31.DistInfo(1, 1, 2), torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), first)
 
 
@@ -435,14 +456,16 @@ def test_sharded_sampling_lets_go_of_gradients_and_optimizer_state_first(monkeyp
     optimizer.step()
     seen = {}
 
-    def gather(model, optimizer_, sharded):  # what FSDP's gather would give, and what was held then
+    def gather(model, optimizer_):  # what FSDP's gather would give, and what was held then
         seen.update(state=len(optimizer.state), grads=sum(p.grad is not None for p in model.parameters()))
         return model.state_dict(), None
 
     assemble = llama31.assemble
-    monkeypatch.setattr(llama31, "full_state", gather)
-    monkeypatch.setattr(llama31, "assemble", lambda *a: seen.update(dtype=a[-1]) or assemble(*a))
-    llama31.sample_after_training(llama, optimizer, ["Hi"], 2, True, llama31.DistInfo(), torch.device("cpu"),
-                                  torch.bfloat16, "out", print)
+    sharded = fsdp.Sharded(torch.device("cpu"), True, llama31.select_trainable, "all")
+    monkeypatch.setattr(sharded, "state_dicts", gather)
+    monkeypatch.setattr(llama31, "assemble", lambda *a, **k: seen.update(dtype=a[5]) or assemble(*a, **k))
+    run = runs.Run(llama31.TrainConfig(sample_len=2), Path("out"), tiny_ckpt, False, None, None, 0, 1,
+                      llama31.DistInfo(), torch.device("cpu"), [sharded])
+    llama31.sample_after_training(run, llama, optimizer, ["Hi"], torch.bfloat16)
     assert seen == {"state": 0, "grads": 0, "dtype": torch.bfloat16}  # sampled in the training dtype
     assert capsys.readouterr().out.startswith("Hi")

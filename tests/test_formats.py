@@ -19,8 +19,8 @@ import formats
 from conftest import (TINY, byte_vocab, llama_cpp_greedy, make_checkpoint, needs_llama_cpp, random_model, tiny_tensors,
                       write_gguf)
 from formats import save_hf, save_hf_tokenizer
-from llama31 import (Llama, ModelArgs, export, load_checkpoint, load_model, main,
-                     precompute_rope, read_checkpoint, save_meta)
+from export import export
+from llama31 import Llama, ModelArgs, load_checkpoint, load_model, main, precompute_rope, read_checkpoint, save_meta
 from tokenizer import ChatFormat, ConfigError, find_tokenizer_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,8 +134,9 @@ def test_missing_shard_named_in_the_index_is_a_clear_error(tmp_path):
         load_model(tmp_path, device="cpu")
 
 
+@pytest.mark.slow
 def test_cli_export_writes_an_hf_checkpoint_transformers_reads(tmp_path, ckpt_dir):
-    r = subprocess.run([sys.executable, "llama31.py", "export", "--ckpt_dir", str(ckpt_dir),
+    r = subprocess.run([sys.executable, "export.py", "--ckpt_dir", str(ckpt_dir),
                         "--out_dir", str(tmp_path / "hf"), "--dtype", "fp32"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -150,9 +151,10 @@ EXPORT_TEXTS = ["The capital of France is", "  leading spaces,\ttabs\n\nand newl
                 "Ünïcödé: naïve café, 東京, Привет, مرحبا, 🙂🚀", "'s 're 've don't I'M", ""]
 
 
+@pytest.mark.slow
 def test_export_hf_writes_a_tokenizer_transformers_loads(tmp_path, ckpt_dir, tokenizer):
     out = tmp_path / "hf"
-    r = subprocess.run([sys.executable, "llama31.py", "export", "--ckpt_dir", str(ckpt_dir),
+    r = subprocess.run([sys.executable, "export.py", "--ckpt_dir", str(ckpt_dir),
                         "--out_dir", str(out), "--dtype", "fp32"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -172,6 +174,7 @@ def test_export_hf_writes_a_tokenizer_transformers_loads(tmp_path, ckpt_dir, tok
     assert gen.bos_token_id == tokenizer.bos_id and sorted(gen.eos_token_id) == sorted(tokenizer.stop_tokens)
 
 
+@pytest.mark.slow
 def test_export_meta_copies_tokenizer_model_and_hf_copies_the_sources_files(tmp_path, ckpt_dir):
     export(str(ckpt_dir), str(tmp_path / "meta"), format="meta", dtype="fp32")
     assert (tmp_path / "meta" / "tokenizer.model").read_bytes() == find_tokenizer_model().read_bytes()
@@ -231,6 +234,7 @@ def test_every_tensor_type_and_name_loads_as_hf_reads_it(tiny_gguf):
     assert (ours - ref).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_gguf_model_comes_with_the_files_tokenizer_and_chat_format(smollm, smollm_path, smollm_tokenizer):
     # the tokenizer and template that test_tokenizer checks against HF are the ones Llama.build uses
     text = "Hello, 12345 worlds! <|im_start|>"
@@ -358,6 +362,7 @@ def exported(tmp_path_factory, ckpt_dir):
     return out / "model.gguf"
 
 
+@pytest.mark.slow
 def test_gguf_export_f32_reads_back_bit_exact_with_tokenizer_and_template(exported, ckpt_dir, tokenizer):
     ours, back = load_model(ckpt_dir, 64, device="cpu"), load_model(exported, 64, device="cpu")
     a, b = ours.state_dict(), back.state_dict()
@@ -369,6 +374,7 @@ def test_gguf_export_f32_reads_back_bit_exact_with_tokenizer_and_template(export
     assert llama.tokenizer.special_tokens == tokenizer.special_tokens and llama.chat_format == ChatFormat("llama3")
 
 
+@pytest.mark.slow
 def test_gguf_export_loads_in_transformers_to_the_same_logits(exported, ckpt_dir):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(exported.parent), gguf_file=exported.name,
                                                            dtype=torch.float32)
@@ -383,6 +389,7 @@ def test_gguf_export_loads_in_transformers_to_the_same_logits(exported, ckpt_dir
     assert (model.forward_inference(TOKENS) - theirs).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gguf_type, bound", [("q8_0", 0.02), ("q4_0", 0.3)])
 def test_gguf_export_quantized_stays_close(tmp_path, ckpt_dir, gguf_type, bound):
     export(str(ckpt_dir), str(tmp_path), format="gguf", gguf_type=gguf_type)
@@ -399,6 +406,7 @@ def test_llama_cpp_greedy_on_an_exported_gguf_equals_ours(exported, ckpt_dir):
     assert llama_cpp_greedy(exported, prompt, len(want)) == want
 
 
+@pytest.mark.slow
 def test_gguf_export_of_a_gguf_keeps_its_tokenizer(tmp_path, smollm_path, smollm_tokenizer):
     export(str(smollm_path), str(tmp_path), format="gguf", gguf_type="q8_0")
     fields, source = formats.gguf_fields(tmp_path / "model.gguf"), formats.gguf_fields(smollm_path)

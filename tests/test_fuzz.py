@@ -26,10 +26,12 @@ import numpy as np
 import pytest
 import torch
 
+import export
+import formats
 import llama31
 from conftest import make_checkpoint
-from formats import save_hf
-from llama31 import DistributedShardedDataLoader, finetune, load_checkpoint, write_datafile
+from formats import save_hf, write_datafile
+from llama31 import DistributedShardedDataLoader, finetune, load_checkpoint
 from tokenizer import ConfigError
 
 CASES = int(os.environ.get("FUZZ_CASES", 12))
@@ -104,7 +106,8 @@ def read_header(path):
     if args.tie_embeddings:  # as assemble() does
         state.setdefault("output.weight", state.get("tok_embeddings.weight"))
     with torch.device("meta"):
-        llama31.check_state_dict(llama31.Transformer(args), state, path, ckpt.source)
+        shapes = {k: v.shape for k, v in llama31.Transformer(args).state_dict().items()}
+        formats.check_state_dict(shapes, state, path, ckpt.source)
     return {"args": asdict(args), "params": ckpt.params, "shapes": {k: v.shape for k, v in ckpt.read_state().items()},
             "vocab": (ckpt.tokenizer.vocab.mergeable_ranks, ckpt.tokenizer.special_tokens)}
 
@@ -113,7 +116,7 @@ def export_hf(path):
     """Exported weights and config; tokenizer.json is copied as it is, so it must at least be JSON."""
     out = path.parent / "exported"
     try:
-        llama31.export(str(path), str(out), format="hf", dtype="fp32")
+        export.export(str(path), str(out), format="hf", dtype="fp32")
     except ConfigError:
         assert not out.exists(), f"{out} written by a failed export"
         raise
@@ -273,6 +276,7 @@ def only_unchecked_values_differ(got, want) -> bool:
     return isinstance(got, dict) and isinstance(want, dict) and "args" in want and same(strip(got), strip(want))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reader", READERS)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # gguf dequantizing a damaged scale; the NaN is refused
 def test_a_damaged_file_is_one_clear_error_or_loads_the_same(files, reader, tmp_path):

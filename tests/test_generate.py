@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import compiled
 from llama31 import ConfigError, Llama
 
 
@@ -41,16 +42,16 @@ def test_fixed_shape_decode_step_gives_the_same_tokens(llama):
 
     sliced = run()
     assert sliced[1] != sliced[0][:2]  # sampled, not greedy
-    model.static_decode = model.decode_step
+    llama.decoder = compiled.StaticDecoder(model, compile=False, eager=llama.decoder)
     try:
         fixed = run()
-        cache = model.kept_caches[0]  # kept, at the model's full size, for the next call; not left installed
+        cache = llama.decoder.kept[0]  # kept, at the model's full size, for the next call; not left installed
         assert cache.k.shape[::2] == (model.args.max_batch_size, model.args.max_seq_len)
         assert model.layers[0].attention.cache is None
         reused = llama.generate(prompts[:2], 12, temperature=0)  # over the keys the last call left there
-        assert model.kept_caches[0] is cache
+        assert llama.decoder.kept[0] is cache
     finally:
-        model.static_decode = model.kept_caches = None
+        compiled.eager(llama)
     assert fixed == sliced
     assert reused == sliced[0][:2]
 
@@ -69,6 +70,7 @@ def test_greedy_is_deterministic(llama):
     assert llama.generate(prompts, 10, temperature=0) == llama.generate(prompts, 10, temperature=0)
 
 
+@pytest.mark.slow
 def test_seeded_top_p_is_reproducible_and_seed_dependent(llama):
     prompts = encode(llama, PROMPTS[:2])
 
@@ -112,6 +114,7 @@ def test_echo_returns_prompt_then_completion(llama):
     assert echoed == [p + c for p, c in zip(prompts, plain)]
 
 
+@pytest.mark.slow
 def test_max_gen_len_is_bounded_by_max_seq_len(llama):
     prompt = encode(llama, ["Hello"])
     out = llama.generate(prompt, max_gen_len=10_000, temperature=0)

@@ -105,6 +105,7 @@ def run_cli(*args):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_samples_from_a_checkpoint(ckpt_dir):
     r = run_cli("--ckpt_dir", str(ckpt_dir), "--prompts", '["The capital of France is", "Hello"]',
                 "--max_gen_len", "8", "--temperature", "0", "--device", "cpu")
@@ -117,6 +118,7 @@ def test_cli_samples_from_a_checkpoint(ckpt_dir):
     assert blocks[0] == "The capital of France is" + want + "\n"
 
 
+@pytest.mark.slow
 def test_cli_batch_mode_prints_the_same_as_streaming(ckpt_dir):
     args = ["--ckpt_dir", str(ckpt_dir), "--prompts", '["Hello", "一二三"]', "--max_gen_len", "12",
             "--temperature", "0", "--device", "cpu"]
@@ -138,6 +140,7 @@ def test_cli_rejects_bad_top_p_in_one_line(ckpt_dir):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_chat_sends_prompts_as_user_turns(ckpt_dir):
     r = run_cli("--ckpt_dir", str(ckpt_dir), "--chat", "--prompts", '["Hi there"]', "--max_gen_len", "5",
                 "--temperature", "0", "--device", "cpu")

@@ -17,7 +17,9 @@ import lora
 import quantize
 from conftest import FINETUNE_SHAPE, STORIES, llama_cpp_greedy, make_checkpoint, needs_llama_cpp, random_model
 from formats import permute_qk, save_hf
-from llama31 import Llama, export, finetune, load_checkpoint, load_model, load_tokenizer, write_datafile
+from export import export
+from formats import load_tokenizer, write_datafile
+from llama31 import Llama, finetune, load_checkpoint, load_model
 from tokenizer import ConfigError, find_tokenizer_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -300,6 +302,7 @@ def lora_gguf(lora_run, tmp_path_factory):
     return out / "model.gguf"
 
 
+@pytest.mark.slow
 def test_gguf_export_of_a_lora_checkpoint_holds_w_plus_scaled_ba(lora_run, lora_gguf):
     _, base, model = lora_run
     back = load_checkpoint(lora_gguf, max_seq_len=64, device="cpu", dtype="fp32")
@@ -354,7 +357,8 @@ def test_flops_per_token_count_the_adapters_as_what_trains():
     lora.adapted(model)  # the adapters below: A (4, in) and B (out, 4) on wq (d -> d) and wv (d -> kv)
     adapters = 2 * (4 * (d + d) + 4 * (d + kv))
     want = 4 * (base + adapters) + 2 * adapters + 12 * 2 * d * T
-    from llama31 import flops_per_token, select_trainable
+    from llama31 import select_trainable
+    from runs import flops_per_token
     select_trainable(model, "lora")
     assert flops_per_token(model, T) == want
     # QLoRA: the quantized matrices (buffers, not parameters) multiply as much
@@ -401,6 +405,7 @@ def test_lora_resume_continues_exactly(tiny_ckpt, data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_lora_with_activation_checkpointing_and_compile_equals_eager(tiny_ckpt, data, tmp_path):
     """Recomputing blocks in the backward and torch.compile change how, not what: the same adapters."""
     eager = run(tiny_ckpt, data, tmp_path / "eager", max_steps=2)
@@ -442,17 +447,21 @@ def test_bad_lora_finetune_input_is_one_line(tiny_ckpt, data, tmp_path, kw, word
 
 
 def test_fsdp_over_a_quantized_base_is_refused_in_one_line():
-    from llama31 import SETTINGS, check_lora_settings
-    cfg = {k: s.default for k, s in SETTINGS.items()} | dict(finetune_type="lora", quantize="int4", fsdp=True)
+    from dataclasses import asdict
+
+    import fsdp
+    from llama31 import TrainConfig, select_trainable
+    cfg = asdict(TrainConfig(finetune_type="lora", quantize="int4", fsdp=True))
     with pytest.raises(ConfigError, match=r"^--fsdp with --quantize int4: the quantized base would not be sharded") as e:
-        check_lora_settings(cfg)
+        fsdp.Sharded.of(cfg, 2, "cpu", select_trainable)
     assert "\n" not in str(e.value)
-    check_lora_settings(cfg | dict(quantize="none"))  # a dense base shards
+    assert fsdp.Sharded.of(cfg | dict(quantize="none"), 2, "cpu", select_trainable)  # a dense base shards
 
 
+@pytest.mark.slow
 def test_cli_lora_finetune_samples_and_exports(tiny_ckpt, data, tmp_path):
-    def cli(*args):
-        r = subprocess.run([sys.executable, "llama31.py", *args], cwd=REPO, capture_output=True, text=True,
+    def cli(*args, script="llama31.py"):
+        r = subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         return r
@@ -465,8 +474,8 @@ def test_cli_lora_finetune_samples_and_exports(tiny_ckpt, data, tmp_path):
     r = cli("--ckpt_dir", str(tmp_path / "run" / "latest"), "--prompts", '["The cat"]', "--max_gen_len", "4",
             "--device", "cpu", "--nostream")
     assert "The cat" in r.stdout
-    cli("export", "--ckpt_dir", str(tmp_path / "run" / "step_000002"), "--out_dir", str(tmp_path / "hf"),
-        "--format", "hf")
+    cli("--ckpt_dir", str(tmp_path / "run" / "step_000002"), "--out_dir", str(tmp_path / "hf"),
+        "--format", "hf", script="export.py")
     assert (tmp_path / "hf" / "config.json").is_file()
 
 
@@ -478,6 +487,7 @@ def one_process(tiny_ckpt, data, tmp_path_factory):
                     sample_prompts=[], finetune_type="lora", **data)["model"]
 
 
+@pytest.mark.slow
 def test_lora_under_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_ckpt, data, tmp_path,
                                                                                  one_process):
     from test_finetune import torchrun
@@ -489,6 +499,7 @@ def test_lora_under_ddp_on_two_processes_equals_one_process_with_accumulation(ti
     assert all(rank0[k].abs().max() > 0 for k in mine if k.endswith("lora_b"))
 
 
+@pytest.mark.slow
 def test_lora_under_fsdp_on_two_processes_equals_one_process(tiny_ckpt, data, tmp_path, one_process):
     # frozen base and trainable adapters sharded in the same units; with activation checkpointing,
     # validation, and rank 0 sampling from the gathered base plus adapters

@@ -5,10 +5,13 @@ import math
 import pytest
 import torch
 
+import compiled
 import llama31
+import matvec
 from conftest import random_model
-from llama31 import (Linear, Llama, ModelArgs, RMSNorm, apply_rope, document_mask, onednn_enabled, precompute_rope,
-                     rope_pairs, scale_rope_freqs)
+from llama31 import (Llama, ModelArgs, RMSNorm, apply_rope, document_mask, precompute_rope, rope_pairs,
+                     scale_rope_freqs)
+from matvec import Linear, onednn_enabled
 
 
 def llama31_scaled_freq(freq, factor=8.0, low=1.0, high=4.0, old_len=8192):
@@ -149,7 +152,7 @@ def test_configure_optimizers_decays_matrices_only():
 def test_one_row_linear_matches_the_matrix_product(dtype):
     # one row takes PyTorch's own matrix-vector kernel (oneDNN off); several rows take the usual one
     torch.manual_seed(0)
-    layer = Linear(256, 1000).to(dtype)
+    layer = Linear(256, 1000, bias=False).to(dtype)
     x = torch.randn(3, 1, 256).to(dtype)
     want = (x.double() @ layer.weight.double().T).to(dtype)
     with onednn_enabled(True):
@@ -167,7 +170,7 @@ def test_one_row_linear_from_many_threads_leaves_onednn_as_it_was():
     user_setting = True
     import threading
 
-    layer = Linear(512, 4096).to(torch.bfloat16)
+    layer = Linear(512, 4096, bias=False).to(torch.bfloat16)
     x = torch.randn(1, 1, 512).to(torch.bfloat16)
     want = layer(x)
 
@@ -206,29 +209,30 @@ def test_compiled_inference_matches_eager():
     class Ids:  # what generate needs of a tokenizer: no stop tokens, so every row runs to the end
         pad_id, stop_tokens = 0, []
 
+    matvec.OneRow().loaded(model)  # a CPU model's one-row products, as a load gives them
     llama = Llama(model, Ids())
     prompts = [tokens[0, :5].tolist(), tokens[1, :9].tolist()]
     eager = [llama.generate([p], 6, temperature=0) for p in prompts] + [decode(1), decode(2)]
     torch._dynamo.reset()  # count graphs from nothing
-    model.compile_inference()
+    compiled.compile_inference(llama)
     counters = torch._dynamo.utils.counters
     counters.clear()
     try:  # past the recompile limit torch would quietly run eager; here that is an error
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            compiled = [llama.generate([prompts[0]], 6, temperature=0)]
+            results = [llama.generate([prompts[0]], 6, temperature=0)]
             graphs = counters["stats"]["unique_graphs"]  # prefill and decode_step
-            compiled.append(llama.generate([prompts[1]], 6, temperature=0))  # another length: no new graph
+            results.append(llama.generate([prompts[1]], 6, temperature=0))  # another length: no new graph
             assert counters["stats"]["unique_graphs"] == graphs == 2
-            compiled += [decode(1), decode(2)]  # one row (multiply-and-sum matmuls), then a batch
+            results += [decode(1), decode(2)]  # one row (multiply-and-sum matmuls), then a batch
             seeded = [llama.generate([prompts[0]], 6, temperature=0.1, top_p=0.9,
                                      generator=torch.Generator().manual_seed(3))]
     finally:
-        model.compiled_logits = model.static_decode = model.kept_caches = None
+        compiled.eager(llama)
     assert seeded == [llama.generate([prompts[0]], 6, temperature=0.1, top_p=0.9,
                                      generator=torch.Generator().manual_seed(3))]
     assert not counters["graph_break"], dict(counters["graph_break"])  # whole graphs, no eager pieces
-    assert eager[:2] == compiled[:2]
-    for e, c in zip(eager[2:], compiled[2:]):
+    assert eager[:2] == results[:2]
+    for e, c in zip(eager[2:], results[2:]):
         assert torch.allclose(e, c, atol=1e-4), (e - c).abs().max()
 
 

@@ -69,6 +69,7 @@ def text_batch(tokenizer, n_rows=2, seqlen=40):
 # logits and greedy tokens
 
 
+@pytest.mark.slow
 def test_logits_match_meta_transformer(trio):
     x = text_batch(trio.ours.tokenizer)
     ours = trio.ours.model.forward_inference(x)

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 import transformers
 from gguf import GGMLQuantizationType as Q
 
+import compiled
 import quantize
 from conftest import make_checkpoint, random_kquant_blocks, write_gguf
 from formats import gguf_int4, save_hf
-from llama31 import Llama, load_checkpoint, load_model, perplexity
+from eval import perplexity
+from llama31 import Llama, load_checkpoint, load_model
 from quantize import Int4Linear, Int8Embedding, Int8Linear, int4_groups, int8_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,18 +294,18 @@ def test_a_compiled_int4_linear_equals_eager_and_the_values_with_few_and_many_ro
     v = int4_groups(torch.randn(512, 256), 32)
     module = Int4Linear(256, 512, 32, torch.float32, layout="cpu")
     module.load_state_dict(Int4Linear.buffers_for(v, 32, "cpu", "cpu", torch.float32), assign=True)
-    compiled = torch.compile(module)
+    compiled_module = torch.compile(module)
     for rows in (4, 12):  # 4: aten's kernel; 12 fp32 rows: W dequantized by blocks
         x = torch.randn(rows, 256)
         want = x @ Int4_values_in(torch.float32, v).T
-        assert close(module(x), want, torch.float32) and close(compiled(x), want, torch.float32), rows
+        assert close(module(x), want, torch.float32) and close(compiled_module(x), want, torch.float32), rows
 
 
 @pytest.mark.slow
 def test_compiled_quantized_model_equals_eager(tiny_ckpt):
     q = load_checkpoint(tiny_ckpt, max_seq_len=64, device="cpu", dtype="fp32", quantize="int4")
     eager = q.model.forward_inference(TOKENS)
-    q.model.compile_inference()
+    compiled.compile_inference(q)
     assert close(q.model.forward_inference(TOKENS), eager, torch.float32)
 
 
@@ -314,6 +316,7 @@ def demo(smollm_path):
     return kept, full
 
 
+@pytest.mark.slow
 def test_the_demo_gguf_stays_quantized_on_its_own_grid(demo):
     kept, full = demo
     layers = [m for m in kept.model.modules() if isinstance(m, Int4Linear)]
@@ -339,6 +342,7 @@ def test_the_kept_gguf_in_fp32_gives_the_dequantized_models_greedy_tokens(demo, 
     assert greedy[1] == greedy[2]
 
 
+@pytest.mark.slow
 def test_perplexity_of_the_kept_gguf_is_within_one_percent_of_dequantized(demo):
     kept, full = demo
     text = (REPO / "data" / "sample.txt").read_text().split("\n\n")[:4]
@@ -365,13 +369,14 @@ def test_a_tiny_gguf_keeps_each_type_in_its_nearest_format(tiny_gguf):
 # eval: perplexity, against HF transformers on the same weights
 
 
+@pytest.mark.slow
 def test_eval_cli_perplexity_equals_hf_transformers(tmp_path):
     model = make_checkpoint(tmp_path / "meta", seed=4, dtype=torch.float32, dim=128, n_layers=2, n_heads=4,
                             n_kv_heads=2)
     save_hf(model.state_dict(), model.args.to_params(), tmp_path / "hf", dtype=torch.float32)
     (tmp_path / "t.txt").write_text("The cat sat on the mat.\n\nA second story, with more words in it, "
                                     "about a dog and a ball.\n\nThird: the end.\n")
-    r = subprocess.run([sys.executable, "llama31.py", "eval", "--ckpt_dir", str(tmp_path / "meta"), "--data",
+    r = subprocess.run([sys.executable, "eval.py", "--ckpt_dir", str(tmp_path / "meta"), "--data",
                         str(tmp_path / "t.txt"), "--T", "16", "--device", "cpu", "--dtype", "fp32"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -396,8 +401,9 @@ def test_eval_cli_perplexity_equals_hf_transformers(tmp_path):
     assert n == count and abs(ours / math.exp(total / count) - 1) < 1e-4
 
 
+@pytest.mark.slow
 def test_eval_cli_bad_group_size_is_one_line():
-    r = subprocess.run([sys.executable, "llama31.py", "eval", "--quantize", "int4", "--group_size", "128"],
+    r = subprocess.run([sys.executable, "eval.py", "--quantize", "int4", "--group_size", "128"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: int4 group size 128 does not divide a layer's 576")

@@ -170,6 +170,7 @@ def smollm_reference_pretokenizer(hf_tokenizer):
     return hf_tokenizer
 
 
+@pytest.mark.slow
 def test_smollm_tokenizer_matches_hf_on_mixed_scripts(smollm_tokenizer, hf_smollm_tokenizer):
     hf = smollm_reference_pretokenizer(hf_smollm_tokenizer)
     for text in CORPUS:
@@ -222,6 +223,7 @@ def test_llama3_gguf_tokenizer_matches_tokenizer_model(llama3_gguf_tokenizer, to
 # chat formats
 
 
+@pytest.mark.slow
 def test_chatml_dialog_matches_hf_chat_template(smollm_tokenizer, smollm_chat_format, hf_smollm_tokenizer):
     # transformers renders the GGUF's own Jinja template, default system message included
     dialog = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},

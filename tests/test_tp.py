@@ -69,6 +69,7 @@ def run(ckpts, files: int, processes: int, tmp_path_factory):
 LAYOUTS = [(2, 4), (4, 2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("files, processes", LAYOUTS)
 def test_every_process_count_gives_one_process_greedy_tokens_and_logits(ckpts, single, files, processes,
                                                                         tmp_path_factory):
@@ -124,6 +125,7 @@ def test_each_process_holds_its_share_of_the_weights(ckpts, tmp_path_factory):
             assert growth < r["weight_bytes"] + copying + 8e6, (files, processes, growth / 1e6, total / 1e6)
 
 
+@pytest.mark.slow
 def test_each_fsdp_process_reads_only_its_rows(ckpts, tmp_path):
     # finetune --fsdp's load from one file: FSDP's shards made on the meta device, each process's rows
     # copied from the memory-mapped file a few at a time (their pages then dropped), never the whole model
@@ -137,6 +139,7 @@ def test_each_fsdp_process_reads_only_its_rows(ckpts, tmp_path):
         assert growth < r["weight_bytes"] + 12e6, (growth / 1e6, total / 1e6)
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_prints_once_what_one_process_prints(ckpts, capsys):
     # 2 files on 2 processes (70B's 8 on 8), against one process on the merged file; only rank 0 prints
     args = ["--prompts", '["The capital of France is", "def f(x):"]', "--temperature", "0", "--max_gen_len", "6",
@@ -149,6 +152,7 @@ def test_cli_under_torchrun_prints_once_what_one_process_prints(ckpts, capsys):
     assert r.stderr.count("loaded ") == 1
 
 
+@pytest.mark.slow
 def test_processes_that_cannot_split_the_heads_are_a_one_line_error(tmp_path):
     # params.json alone: the layout is refused before any file of weights is looked for
     (tmp_path / "params.json").write_text(json.dumps({**SHAPE, "dim": 96, "n_heads": 3, "n_kv_heads": 3}))

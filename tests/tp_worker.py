@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+import formats
+import fsdp as fsdp_variant
 import llama31
 import tp
 from bench import baseline_rss_kb, rss_kb
@@ -31,8 +33,9 @@ def fsdp(ckpt, out):
     info, device = llama31.setup_distributed("cpu")
     tp.agree(None)  # gloo's first collective, before the baseline
     before = baseline_rss_kb()
-    model = llama31.load_checkpoint(ckpt, None, 64, 4, device, torch.float32, tokenizer=False, quantize="none",
-                                    shard=lambda m: llama31.shard_model(m, device)).model
+    sharded = fsdp_variant.Sharded(device, True, llama31.select_trainable, "all")
+    model = llama31.load_checkpoint(ckpt, None, device, torch.float32, "none", variants=[sharded], tokenizer=False,
+                                    max_seq_len=64, max_batch_size=4).model
     shards = [p.to_local() for p in model.parameters()]
     with torch.no_grad():
         sum(float(t.sum()) for t in shards)
@@ -44,24 +47,25 @@ def fsdp(ckpt, out):
 def main(ckpt, out, quantize=None):
     if quantize == "fsdp":
         return fsdp(ckpt, out)
-    device, parallel = llama31.start_tensor_parallel("cpu")
+    device, parallel = llama31.sampling_device("cpu")
     if parallel:  # gloo's first collective, before the baseline
         tp.agree(None)
     before = baseline_rss_kb()
+    variants = [tp.TensorParallel()] if parallel else []
     llama = llama31.load_checkpoint(ckpt, max_seq_len=64, max_batch_size=4, device=device, dtype="fp32",
-                                    tokenizer=False, parallel=parallel)
+                                    tokenizer=False, variants=variants)
     weights = {id(t): t for t in list(llama.model.parameters()) + list(llama.model.buffers())}
     with torch.no_grad():  # every byte of this rank's weights read once (memory-mapped pages count from here)
         sum(float(t.float().sum()) for t in weights.values())
     result = {"before_kb": before, "peak_kb": rss_kb("VmHWM"), "weight_bytes": sum(t.nbytes for t in weights.values()),
               "largest_bytes": max(t.nbytes for t in weights.values()),
               "local_kv_heads": llama.model.layers[0].attention.n_kv_heads}
-    llama.tokenizer = llama31.load_tokenizer(ckpt)  # after the measurement: tiktoken's tables are ~100 MB
+    llama.tokenizer = formats.load_tokenizer(ckpt)  # after the measurement: tiktoken's tables are ~100 MB
     result.update(outputs(llama))
     if quantize:
         del llama, weights
         llama = llama31.load_checkpoint(ckpt, max_seq_len=64, device=device, quantize=quantize, tokenizer=False,
-                                        parallel=parallel)
+                                        variants=[tp.TensorParallel()] if parallel else [])
         result["quantized_logits"] = llama.model.forward_inference(torch.tensor([PROMPTS[1]]))
     torch.save(result, os.path.join(out, f"rank{os.environ.get('RANK', 0)}.pt"))
     tp.finish()

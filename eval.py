@@ -1,0 +1,72 @@
+"""
+Perplexity of a model on a text file or on .bin token shards: python eval.py [--ckpt_dir X]
+[--data FILE] [--quantize ...] [--T 512]. The last line printed is `perplexity P over N tokens`.
+"""
+
+import glob
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import llama31
+from formats import HEADER_BYTES, find_demo_gguf, read_datafile_header
+from llama31 import DEMO_TEXT, ConfigError, Llama, Transformer, check_number, describe
+
+
+def perplexity(model: Transformer, tokens: torch.Tensor, T: int) -> tuple:
+    """(perplexity, tokens predicted) of a 1-D token sequence cut into windows of T tokens; in
+    each window every token is predicted from those before it, the first is context only."""
+    total, n = 0.0, 0
+    for start in range(0, len(tokens) - 1, T):
+        window = tokens[start:start + T][None].to(model.norm.weight.device)
+        if window.shape[1] < 2:
+            break
+        logits = model.forward_inference(window[:, :-1])
+        total += F.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+        n += window.shape[1] - 1
+    return math.exp(total / n), n
+
+
+def evaluate(ckpt_dir: Optional[str] = None, data: Optional[str] = None, T: int = 512,
+             quantize: Optional[str] = None, group_size: int = 32, tokenizer_path: Optional[str] = None,
+             device: Optional[str] = None, dtype: Optional[str] = None, rope_scale_factor: Optional[float] = None):
+    """Perplexity of a model on a text file (documents separated by blank lines, each begun with
+    BOS if the tokenizer wants one, as text_completion does) or on .bin token shards (a glob), in
+    windows of T tokens. Without --data, data/sample.txt; without --ckpt_dir, the demo model.
+    --quantize as for sampling. The last line printed is `perplexity P over N tokens`."""
+    device, parallel = llama31.sampling_device(device)
+    check_number("T", T, int, 2)
+    if ckpt_dir is None:
+        ckpt_dir = find_demo_gguf()
+    data = DEMO_TEXT if data is None else data
+    llama = Llama.build(ckpt_dir, tokenizer_path, T, 1, device, dtype, rope_scale_factor, quantize=quantize,
+                        group_size=group_size, parallel=parallel)
+    tok = llama.tokenizer
+    if str(data).endswith(".bin") or glob.has_magic(str(data)):
+        files = sorted(glob.glob(str(data)))
+        if not files:
+            raise ConfigError(f"no token shards match {data}")
+        tokens = np.concatenate([np.memmap(f, dtype="<u4", mode="r", offset=HEADER_BYTES,
+                                           shape=(read_datafile_header(f),)) for f in files]).astype(np.int64)
+    elif Path(data).is_file():
+        docs = [d.strip() for d in Path(data).read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        tokens = [t for d in docs for t in tok.encode(d, bos=tok.add_bos, eos=False)]
+    else:
+        raise ConfigError(f"--data {data} is neither a text file nor a pattern of .bin shards")
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    if len(tokens) < 2 or int(tokens.max()) >= llama.model.args.vocab_size:
+        raise ConfigError(f"{data} holds {len(tokens)} tokens" + (", some outside this model's vocabulary; tokenize "
+                                                                  "it with the model's tokenizer" if len(tokens) else ""))
+    ppl, n = perplexity(llama.model, tokens, T)
+    print(f"{ckpt_dir} ({describe(llama.model)}) on {data}, windows of {T}", file=sys.stderr)
+    print(f"perplexity {ppl:.4f} over {n} tokens")
+    return ppl
+
+
+if __name__ == "__main__":
+    llama31.run(evaluate, sys.argv[1:], "eval.py")

@@ -1,0 +1,225 @@
+"""
+The bookkeeping of a finetune run (llama31.finetune's): its settings against a resumed
+checkpoint's, step directories that a kill never leaves half-written, every process's random
+states, the demo's data, and the FLOPs behind MFU. Imports nothing from llama31.py: models and
+processes are taken by duck typing (model.args, info.rank, info.world_size).
+"""
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+import formats
+from tokenizer import ConfigError
+
+
+@dataclass
+class Run:
+    """What a finetune run will do, settled before any model loads, and where it runs."""
+    cfg: object  # llama31.TrainConfig
+    out: Path
+    source: Path  # the checkpoint the weights come from
+    demo: bool
+    resume_dir: Optional[Path]
+    state: Optional[dict]  # the resumed checkpoint's train_state.pt
+    step: int  # the first step to run
+    last_stop: int  # the step this run stops after
+    info: object  # llama31.DistInfo
+    dev: object  # torch.device
+    variants: list = field(default_factory=list)  # lora.py's and fsdp.py's (llama31.finetune's hooks)
+
+    def log(self, *a, **k):
+        if self.info.master:
+            print(*a, **k)
+
+    def variant(self, hook: str, default):
+        """The first variant's `hook`, else default."""
+        return next((getattr(v, hook) for v in self.variants if hasattr(v, hook)), default)
+
+
+def plan(config_class, demo_settings: dict, saved_names, given: dict, ckpt_dir, out_dir, resume, info, dev) -> Run:
+    """Settings (config_class's fields: given, a resumed run's, demo_settings for the demo, defaults),
+    out dir and resume point of a run, each checked before any model loads."""
+    demo = ckpt_dir is None and not resume
+    if out_dir is None:  # a named checkpoint's run goes on in its own directory
+        out_dir = Path(resume).parent if resume not in (None, True, "latest") else "out/demo" if demo else "out"
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out_dir {out} is a file; give a directory (it is created if missing)")
+    resume_dir = resolve_resume(resume, out) if resume else None
+    state = read_train_state(resume_dir) if resume_dir is not None else None
+    if state and state["config"]["world_size"] != info.world_size:
+        raise ConfigError(f"{resume_dir} was saved by {state['config']['world_size']} process(es); resume "
+                          f"with the same number (now {info.world_size})")
+    defaults = {**vars(config_class()), **(demo_settings if demo else {})}
+    cfg = config_class(**resolve_settings(defaults, given, state and state["config"], saved_names, resume_dir))
+    if cfg.warmup_steps is None:  # a short run still reaches its learning rate
+        cfg.warmup_steps = min(10, int(0.1 * cfg.max_steps))
+    elif cfg.warmup_steps > cfg.max_steps and info.master:
+        print(f"note: --warmup_steps {cfg.warmup_steps} is more than --max_steps {cfg.max_steps}, so the "
+              f"learning rate never reaches --learning_rate", file=sys.stderr)
+    step, last_stop = state["step"] if state else 0, min(cfg.max_steps, cfg.stop_after or cfg.max_steps)
+    if step >= last_stop:
+        raise ConfigError(f"{resume_dir} is at step {step} already, and this run would stop at step {last_stop}; "
+                          f"raise --max_steps to train on")
+    # never overwrite another run's checkpoints (a demo may replace an earlier demo's)
+    if resume_dir is None and (out / "latest").is_file() and not (demo and earlier_demo(out)):
+        raise ConfigError(f"{out} holds the checkpoints of an earlier run ({out / 'latest'}); continue it with "
+                          f"--resume latest, or give another --out_dir")
+    source = resume_dir or (formats.find_demo_gguf() if demo else Path(ckpt_dir))
+    return Run(cfg, out, source, demo, resume_dir, state, step, last_stop, info, dev)
+
+
+def resolve_settings(defaults: dict, given: dict, saved: Optional[dict], saved_names, where) -> dict:
+    """The settings of a run: given ones, then a resumed checkpoint's (saved_names of them; saves
+    from before a setting existed had its default), then defaults. A given one must not contradict
+    a saved one, but for max_steps (to train longer)."""
+    if saved is None:
+        return {**defaults, **given}
+    saved = {**{k: defaults[k] for k in saved_names}, **{k: v for k, v in saved.items() if k in saved_names}}
+    clash = {k: (saved[k], v) for k, v in given.items() if k in saved and k != "max_steps" and saved[k] != v}
+    if clash:
+        raise ConfigError(f"{where} was saved with different settings (saved, now): " +
+                          ", ".join(f"{k} {a} vs {b}" for k, (a, b) in clash.items()) +
+                          "; resume with the same settings, or leave them out to use the saved ones")
+    return {**defaults, **saved, **given}
+
+
+def resolve_resume(resume, out_dir: Path) -> Path:
+    """--resume DIR, or --resume latest (the newest complete checkpoint in out_dir)."""
+    if resume in (True, "latest"):
+        pointer = out_dir / "latest"
+        if not pointer.exists():
+            raise ConfigError(f"--resume latest: no checkpoint in {out_dir} (no {pointer}); "
+                              f"give a step_NNNNNN directory or start without --resume")
+        path = formats.follow_latest(pointer)
+    else:
+        path = Path(resume)
+    if not (path / "train_state.pt").is_file():
+        raise ConfigError(f"cannot resume from {path}: no train_state.pt there; point --resume at a "
+                          f"step_NNNNNN directory written by finetune")
+    return path
+
+
+def read_train_state(resume_dir: Path) -> dict:
+    """train_state.pt, checked before anything trusts it: the fields finetune writes, of their
+    kinds, and every float finite (the optimizer's moments)."""
+    path = resume_dir / "train_state.pt"
+
+    def fits(state):
+        ranks = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # per process, or (earlier) one
+        return (state["step"] >= 0 and isinstance(state["optimizer"], dict) and int(state["loader"]["shard"]) >= 0
+                and int(state["loader"]["position"]) >= 0 and isinstance(state["config"]["world_size"], int)
+                and len(ranks) in (1, state["config"]["world_size"])
+                and all(r["cpu"].shape == torch.get_rng_state().shape for r in ranks))
+    state = formats.load_saved(path, "step, optimizer, loader, rng, config", fits,
+                               "resume from another step_NNNNNN directory")
+    formats.check_finite(state["optimizer"], path)
+    return state
+
+
+def earlier_demo(out: Path) -> bool:
+    """Whether out's latest checkpoint is a demo's (which a new demo may replace)."""
+    try:
+        state = formats.torch_load(resolve_resume("latest", out) / "train_state.pt")
+    except ConfigError:  # unreadable: not known to be a demo's, so kept
+        return False
+    return isinstance(state, dict) and isinstance(state.get("config"), dict) and bool(state["config"].get("demo"))
+
+
+def write_step(out_dir: Path, step: int, write_model: Callable[[Path], None], train_state: dict,
+               keep: int = 2) -> Path:
+    """out_dir/step_NNNNNN/: write_model(dir) writes the weights, then train_state.pt. Written under
+    a .tmp name and renamed, then `latest` is switched atomically, so a kill at any moment leaves
+    the previous checkpoint whole and `latest` pointing at it; only the newest `keep` are kept."""
+    final, tmp = out_dir / f"step_{step:06d}", out_dir / f"step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_model(tmp)
+    formats.atomic_write(tmp / "train_state.pt", lambda t: torch.save(train_state, t))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    formats.atomic_write(out_dir / "latest", lambda t: t.write_text(final.name + "\n"))
+    fd = os.open(out_dir, os.O_RDONLY)  # make the renames themselves durable
+    os.fsync(fd)
+    os.close(fd)
+    for old in sorted(out_dir.glob("step_*"))[:-keep]:
+        if old.is_dir() and old != final and not old.name.endswith(".tmp"):
+            shutil.rmtree(old)
+    return final
+
+
+def rng_states(info, dev) -> List[dict]:
+    """Every process's own random states (CPU, and its GPU's), gathered for rank 0 to save;
+    every rank must call this."""
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+    if info.world_size == 1:
+        return [mine]
+    everyone = [None] * info.world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def restore_rng(saved, info, dev):
+    """This process's random states from a checkpoint (saved by as many processes: plan_run checks).
+    Checkpoints from before per-process states hold rank 0's CPU state and its GPUs' states."""
+    if isinstance(saved, dict):  # the earlier format
+        saved = [{"cpu": saved["cpu"], "cuda": (saved["cuda"][dev.index] if dev.type == "cuda"
+                                                and dev.index < len(saved["cuda"]) else None)}] * info.world_size
+    mine = saved[info.rank]
+    torch.set_rng_state(mine["cpu"])
+    if dev.type == "cuda" and mine["cuda"] is not None:
+        torch.cuda.set_rng_state(mine["cuda"], dev)
+
+
+def demo_data(text: Path, tokenizer, out_dir: Path, B: int, T: int, world_size: int, log) -> tuple:
+    """The demo's train and validation shards of a small text, cut so that the validation part
+    holds one step of every process; where the text is too short for that, T is halved, with a
+    note. Returns (train shard, validation shard, T)."""
+    t = T
+    while True:
+        need = B * t * world_size + 1
+        train, val = formats.text_to_shards(text, tokenizer, out_dir, min_val_tokens=need)
+        if t == 1 or min(formats.read_datafile_header(train), formats.read_datafile_header(val)) >= need:
+            break
+        t //= 2
+    if t != T:
+        log(f"note: {text.name} is too short for a step of T={T} on {world_size} processes; using T={t}")
+    return train, val, t
+
+
+# dense bf16 peaks, matched against torch.cuda.get_device_name in this order (the NVL and PCIe
+# cards before the SXM ones whose names they contain)
+PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
+                   "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def flops_per_token(model, seqlen: int) -> float:
+    """Training FLOPs per token. Each weight that multiplies (the embedding lookup does not) costs
+    2 in the forward pass and 2 in the backward pass for the activations' gradient, and 2 more
+    for its own gradient only if it is trained; attention's scores and weighted sum add
+    12 * layers * dim * seqlen (PaLM, appendix B). All trained: 6N + 12LdT."""
+    a = model.args
+    multiplies = [p for name, p in model.named_parameters()  # a tied output matrix counted once
+                  if a.tie_embeddings or not name.startswith("tok_embeddings.")]
+    # QLoRA's quantized matrices are buffers; LoRA's adapters are the parameters that train
+    quantized = sum(m.in_features * m.out_features for m in model.modules()
+                    if hasattr(m, "in_features") and not m.weight.is_floating_point())
+    n = sum(p.numel() for p in multiplies) + quantized
+    n_trained = sum(p.numel() for p in multiplies if p.requires_grad)
+    return 4 * n + 2 * n_trained + 12 * a.n_layers * a.dim * seqlen
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """The GPU's dense bf16 peak for MFU; None where unknown, and for fp32 runs (a bf16 peak
+    would make their MFU meaningless)."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
