@@ -208,7 +208,7 @@ class KVCache:
 
     def update(self, start_pos, k, v):
         """Write k, v (B, H, T, hd) at start_pos in place; return everything up to start_pos + T.
-        start_pos a one-element tensor (Transformer.decode_step): write there, return all of it."""
+        start_pos a one-element tensor (compiled.decode_step): write there, return all of it."""
         bsz = k.shape[0]
         if isinstance(start_pos, torch.Tensor):
             self.k[:bsz].index_copy_(2, start_pos, k)
@@ -275,7 +275,7 @@ def one_query_attention(q, k, v, bias=None):
     """Attention of one new position (q: B, H, 1, hd) over all of k, v (B, KV, S, hd), each KV head
     serving H / KV query heads, written out as Meta's reference writes it (softmax in fp32); bias:
     additive, broadcast to (B, 1, 1, S). On CPU the fused SDPA kernel costs more than this math for
-    a single query (bench.py decode); with a bias (decode_step) it also spares repeating KV heads."""
+    a single query (bench.py decode); with a bias (compiled.py) it also spares repeating KV heads."""
     bsz, n_heads, _, head_dim = q.shape
     q = q.view(bsz, k.shape[1], -1, head_dim)  # (B, KV, H / KV, hd): query heads grouped by KV head
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)

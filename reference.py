@@ -121,7 +121,7 @@ def load_reference(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_b
         raise ConfigError(f"checkpoint directory {ckpt_dir} does not exist")
     if (ckpt_dir / "config.json").is_file() and not (ckpt_dir / "params.json").is_file():
         raise ConfigError(f"{ckpt_dir} is in HF's layout; Meta's code reads only Meta's: convert it with "
-                          f"python llama31.py export --ckpt_dir {ckpt_dir} --out_dir DIR --format meta")
+                          f"python export.py --ckpt_dir {ckpt_dir} --out_dir DIR --format meta")
     params = read_params(ckpt_dir)
     shards = sorted(ckpt_dir.glob("*.pth"))
     if len(shards) != 1:

@@ -30,7 +30,7 @@ left its all-reduces unwaited at exit (a warning per process); and it shards Par
 int8/int4 buffers quantize.py swaps in. Cutting the modules ourselves keeps quantization, the KV
 cache and torch.compile the model's own.
 
-The same reading serves finetune --fsdp (load_fsdp_shards): there FSDP shards every weight by rows,
+fsdp.py reads the same way for finetune --fsdp (load_shards): there FSDP shards every weight by rows,
 and each process reads only its rows, from the memory-mapped file, onto its device.
 
 This file imports nothing from llama31.py: it takes modules by Meta's names and args by duck
