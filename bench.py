@@ -421,7 +421,7 @@ def finetune_worker(shape: dict, mode: str, dtype_name: str, device: str, B: int
         lora.add_adapters(model, lora.LoRAConfig(), torch.Generator().manual_seed(seed))
     llama31.select_trainable(model, "all" if mode == "full" else "lora")
     opt = model.configure_optimizers(0.0, 1e-5, device_type=dev.type)
-    autocast = llama31.training_autocast(llama31.DTYPES[dtype_name], dev)
+    autocast = runs.training_autocast(runs.DTYPES[dtype_name], dev)
     data = torch.randint(0, args.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(seed + 2)).to(dev)
     x, y = data[:, :-1], data[:, 1:]
     rates = []
@@ -506,7 +506,7 @@ def quantized_load(path: str, mode: str) -> dict:
 
 def bench_load(args: ModelArgs, dtype_name: str, seed: int):
     """Save a checkpoint in dtype, load it in dtype in a fresh process; RSS growth / file bytes."""
-    dtype = llama31.DTYPES[dtype_name]
+    dtype = runs.DTYPES[dtype_name]
     model = build_ours(args, dtype, torch.device("cpu"), seed)
     with tempfile.TemporaryDirectory(prefix="bench_ckpt_") as d:
         llama31.save_meta(model, d, dtype=dtype)
@@ -528,13 +528,13 @@ def bench_load(args: ModelArgs, dtype_name: str, seed: int):
 
 
 def roof_rows(args, name, dev, sections, P):
-    roof, note, P.roof[name] = gemv_roof(args, llama31.DTYPES[name], dev, P.repeats, P.compile)
+    roof, note, P.roof[name] = gemv_roof(args, runs.DTYPES[name], dev, P.repeats, P.compile)
     return [(f"GEMV roof {args.vocab_size}x{args.dim}", name, fmt(roof, "B/s"), "", "", note)]
 
 
 def decode_rows(args, name, dev, sections, P):
     """Decode and prefill (both or either) on one pair of models."""
-    ours = build_ours(args, llama31.DTYPES[name], dev, P.seed)
+    ours = build_ours(args, runs.DTYPES[name], dev, P.seed)
     hf = build_hf(ours)
     rows = []
     if "decode" in sections:
@@ -566,7 +566,7 @@ def decode_rows(args, name, dev, sections, P):
 
 
 def finetune_rows(args, name, dev, sections, P):
-    dtype = llama31.DTYPES[name]
+    dtype = runs.DTYPES[name]
     r = bench_finetune(args, dtype, dev, P.B, P.T, P.train_repeats, P.seed, P.compile)
     note = "autocast over fp32 weights" if dtype != torch.float32 else ""
 
@@ -625,7 +625,7 @@ def decode_rate_of(llama: Llama, prompt: list, new_tokens: int) -> float:
 def bench_quant(args: ModelArgs, dtype_name: str, dev, P):
     """Decode tokens/s of the same random weights dense, int8 and int4 (group 32), quantized as
     load_checkpoint does, round by round."""
-    dtype = llama31.DTYPES[dtype_name]
+    dtype = runs.DTYPES[dtype_name]
     dense = build_ours(args, dtype, dev, P.seed)
     models = {"dense": dense}
     for mode in quantize.MODES:
@@ -735,7 +735,7 @@ def prefill_rows(args, name, dev, sections, P):
 def tp_worker(ckpt_dir: str, dtype: str, device: str, prompt_len: int, new_tokens: int, repeats: int, seed: int):
     """Under torchrun (or alone): load ckpt_dir tensor parallel, read every weight once, time greedy
     decoding; rank 0 prints, as JSON, every process's RSS before loading and peak after, and the rates."""
-    dev, parallel = llama31.sampling_device(device)
+    dev, parallel = tensor_parallel.start(device, llama31.setup_distributed)
     if parallel:
         tensor_parallel.agree(None)
     before = baseline_rss_kb()
@@ -760,10 +760,10 @@ def tp_worker(ckpt_dir: str, dtype: str, device: str, prompt_len: int, new_token
 def bench_tp(args: ModelArgs, dtype_name: str, dev, processes: int, P) -> dict:
     """tp_worker on 1 and on `processes` processes (torchrun) over one Meta-layout file of the
     shape's random weights (8B's one file read by 2 processes is this case)."""
-    model = build_ours(args, llama31.DTYPES[dtype_name], torch.device("cpu"), P.seed)
+    model = build_ours(args, runs.DTYPES[dtype_name], torch.device("cpu"), P.seed)
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench_tp_") as d:
-        llama31.save_meta(model, d, dtype=llama31.DTYPES[dtype_name])
+        llama31.save_meta(model, d, dtype=runs.DTYPES[dtype_name])
         del model
         gc.collect()
         for n in sorted({1, processes}):
@@ -871,10 +871,10 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
     dtypes, sections = as_list(dtypes), as_list(sections)
     if shape not in SHAPES:
         raise SystemExit(f"error: unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
-    unknown = [s for s in sections if s not in SECTIONS] + [d for d in dtypes if d not in llama31.DTYPES]
+    unknown = [s for s in sections if s not in SECTIONS] + [d for d in dtypes if d not in runs.DTYPES]
     if unknown:
         raise SystemExit(f"error: unknown section or dtype {', '.join(unknown)}; sections: "
-                         f"{', '.join(SECTIONS)}; dtypes: {', '.join(llama31.DTYPES)}")
+                         f"{', '.join(SECTIONS)}; dtypes: {', '.join(runs.DTYPES)}")
     try:
         dev = llama31.check_device(device)
         for name, value, low in [("repeats", repeats, 1), ("train_repeats", train_repeats, 1), ("threads", threads, 0),

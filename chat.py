@@ -10,6 +10,7 @@ from typing import Iterator, List, Optional
 
 import torch
 
+import formats
 import llama31
 import tp
 from tokenizer import ConfigError
@@ -103,9 +104,9 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer
     input leaves; Ctrl-C stops an answer and keeps the dialog. Reads piped input too, one message
     per line. --system sets a system message. Without --ckpt_dir, the demo model. Under torchrun,
     tensor parallel: rank 0 reads the lines and prints the answers."""
-    device, parallel = llama31.sampling_device(device)
+    device, parallel = tp.start(device, llama31.setup_distributed)
     if ckpt_dir is None:
-        ckpt_dir, quantize = llama31.demo_checkpoint(quantize)
+        ckpt_dir, quantize = formats.demo_checkpoint(quantize)
     llama31.check_sampling_args(temperature, top_p, max_gen_len)
     llama31.check_number("max_seq_len", max_seq_len, int, 2)
     llama31.check_number("seed", seed, int, 0)

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import llama31
+import tp
 from formats import HEADER_BYTES, find_demo_gguf, read_datafile_header
-from llama31 import DEMO_TEXT, ConfigError, Llama, Transformer, check_number, describe
+from llama31 import DEMO_TEXT, ConfigError, Llama, Transformer, check_number
+from runs import describe
 
 
 def perplexity(model: Transformer, tokens: torch.Tensor, T: int) -> tuple:
@@ -39,7 +41,7 @@ def evaluate(ckpt_dir: Optional[str] = None, data: Optional[str] = None, T: int 
     BOS if the tokenizer wants one, as text_completion does) or on .bin token shards (a glob), in
     windows of T tokens. Without --data, data/sample.txt; without --ckpt_dir, the demo model.
     --quantize as for sampling. The last line printed is `perplexity P over N tokens`."""
-    device, parallel = llama31.sampling_device(device)
+    device, parallel = tp.start(device, llama31.setup_distributed)
     check_number("T", T, int, 2)
     if ckpt_dir is None:
         ckpt_dir = find_demo_gguf()
@@ -60,8 +62,8 @@ def evaluate(ckpt_dir: Optional[str] = None, data: Optional[str] = None, T: int 
         raise ConfigError(f"--data {data} is neither a text file nor a pattern of .bin shards")
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if len(tokens) < 2 or int(tokens.max()) >= llama.model.args.vocab_size:
-        raise ConfigError(f"{data} holds {len(tokens)} tokens" + (", some outside this model's vocabulary; tokenize "
-                                                                  "it with the model's tokenizer" if len(tokens) else ""))
+        raise ConfigError(f"{data} holds {len(tokens)} tokens" + (
+            ", some outside this model's vocabulary; tokenize it with the model's tokenizer" if len(tokens) else ""))
     ppl, n = perplexity(llama.model, tokens, T)
     print(f"{ckpt_dir} ({describe(llama.model)}) on {data}, windows of {T}", file=sys.stderr)
     print(f"perplexity {ppl:.4f} over {n} tokens")

@@ -10,7 +10,8 @@ from typing import Optional
 import formats
 import llama31
 import lora
-from llama31 import ConfigError, check_out_dir, load_checkpoint, load_model, resolve_dtype, rope_divisors, save_meta
+from llama31 import ConfigError, load_checkpoint, load_model, rope_divisors, save_meta
+from runs import check_out_dir, resolve_dtype
 from tokenizer import gguf_vocab_fields
 
 

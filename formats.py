@@ -141,6 +141,52 @@ def load_tokenizer(path, tokenizer_path=None) -> Tokenizer:
     return Tokenizer(find_tokenizer_model(tokenizer_path, path))
 
 
+# RoPE scaling factors of published models whose Meta params.json doesn't say: Llama 3.2 1B and
+# 3B were trained with 32 (Meta's llama-models reference hard-codes Llama 3.1's 8 for them).
+KNOWN_ROPE_FACTORS = {(2048, 16): 32.0, (3072, 28): 32.0}
+
+
+def resolve_rope_factor(declared: Optional[float], override: Optional[float], dim: int, n_layers: int,
+                        where, scaled: bool = True, source: str = "params.json") -> Optional[float]:
+    """The RoPE scale factor of a model: the one its file declares, else a user's override, else
+    a published model's (KNOWN_ROPE_FACTORS), else Llama 3.1's 8; None for a model not scaled."""
+    if not scaled and override is not None:
+        how = "does not use scaled RoPE (use_scaled_rope false)" if source == "params.json" else "uses no RoPE scaling"
+        raise ConfigError(f"rope_scale_factor={override} given, but {where} {how}; drop the override")
+    if not scaled:
+        return None
+    if override is not None and declared is not None and float(override) != float(declared):
+        raise ConfigError(f"{where} sets RoPE scale factor {declared} but rope_scale_factor={override} was "
+                          f"asked for; drop the override or fix {Path(where).name}")
+    if override is not None:
+        return float(override)
+    if declared is not None:
+        return float(declared)
+    return KNOWN_ROPE_FACTORS.get((dim, n_layers), 8.0)
+
+
+def save_meta(state: dict, params: dict, ckpt_dir, dtype=torch.bfloat16):
+    """params.json + consolidated.00.pth as Meta ships them, each written whole or not at all."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype) for k, v in state.items()}
+    atomic_write(ckpt_dir / "consolidated.00.pth", lambda tmp: torch.save(state, tmp))
+    write_json(ckpt_dir / "params.json", params)
+
+
+def save_trained(state: dict, params: dict, out_dir: Path, tokenizer_path: Optional[Path], source: Path,
+                 rope_divisors=None):
+    """A finetuned model's weights in fp32 where a resumed run reads them: Meta's layout with the
+    run's tokenizer.model beside it (reference.py loads it too), or, for a model that came from a
+    GGUF file (no tokenizer.model), one GGUF file with that file's tokenizer and chat template."""
+    if tokenizer_path is not None:
+        save_meta(state, params, out_dir, torch.float32)
+        shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
+    else:
+        save_gguf({k: v.detach().float().cpu() for k, v in state.items()}, params, out_dir / "model.gguf",
+                  gguf_fields(locate(source)[0]), "f32", rope_divisors)
+
+
 def read(path, tokenizer_path=None, tokenizer: bool = True, vocab_size: Optional[int] = None) -> Checkpoint:
     """The checkpoint a --ckpt_dir names (locate), read by its layout's reader into Meta's form, its
     weights not read yet, with its tokenizer (a GGUF file's own; else tokenizer_path, the
@@ -1035,6 +1081,29 @@ def find_demo_gguf() -> Path:
                 return Path(folder) / DEMO_FILE
     raise ConfigError(f"no --ckpt_dir given and the demo model is not installed: `{DEMO_INSTALL}` "
                       f"(or pass --ckpt_dir with a Meta checkpoint directory or a .gguf file)")
+
+
+# What the demo answers as a chat: questions with short answers, so that a small instruct model
+# finishes within max_gen_len
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "Explain gravity in one sentence.",
+    "Why is the sky blue? Answer in two sentences.",
+    "Write one sentence about a cat.",
+]
+
+
+def demo_checkpoint(quantize: Optional[str]) -> Tuple[Path, str]:
+    """The demo GGUF (find_demo_gguf), said on stderr, and how to load it: dequantized unless
+    quantize says otherwise, since with bf16 activations on its int4 matrices a model this small
+    answers differently from one CPU to another."""
+    path = find_demo_gguf()
+    print(f"note: no --ckpt_dir given, so this is the demo model SmolLM2-135M-Instruct ({path.name}), not Llama "
+          f"3.1; pass --ckpt_dir Meta-Llama-3.1-8B (Meta's download) or --ckpt_dir model.gguf", file=sys.stderr)
+    if quantize is None:
+        print("note: the demo runs dequantized (fp32 on CPU): --quantize keep keeps its 4-bit matrices, faster",
+              file=sys.stderr)
+    return path, "none" if quantize is None else quantize
 
 
 # -----------------------------------------------------------------------------

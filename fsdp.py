@@ -42,7 +42,8 @@ class Sharded:
                               "(N > 1), or drop --fsdp")
         if cfg["compile"]:
             raise ConfigError("--fsdp with --compile is not supported here; drop one of them")
-        if cfg["finetune_type"] == "lora" and cfg["quantize"] != "none":  # FSDP shards parameters; int weights are buffers
+        # FSDP shards parameters; int weights are buffers
+        if cfg["finetune_type"] == "lora" and cfg["quantize"] != "none":
             raise ConfigError(f"--fsdp with --quantize {cfg['quantize']}: the quantized base would not be sharded, "
                               f"only the adapters; drop --fsdp (DDP replicates the small adapters cheaply)")
         return cls(torch.device(device), cfg["finetune_type"] != "lora", select, cfg["finetune_type"])

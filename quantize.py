@@ -17,8 +17,9 @@ path is tested equal to dequantize-then-matmul.
 
 The token embedding becomes an int8 table whose lookup dequantizes only the rows it gathers (4-bit
 rows would need the CPU kernel's tile layout undone), and --quantize int4 keeps the output layer in
-int8 too; a model with tied embeddings then keeps one int8 matrix for both. Modules are swapped in by name (swap_modules), so
-this file imports nothing from llama31.py.
+int8 too; a model with tied embeddings then keeps one int8 matrix for both. Modules are swapped in
+by name (swap_modules) through llama31.load_checkpoint's hooks (Quantize, at the end), so this file
+imports nothing from llama31.py.
 """
 
 import functools
@@ -163,7 +164,8 @@ class Int4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, group_size: int, dtype=torch.bfloat16, device=None,
                  layout: str = "plain"):
         super().__init__()
-        self.in_features, self.out_features, self.group_size, self.layout = in_features, out_features, group_size, layout
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.layout = layout
         shape = (out_features, in_features // 2)
         if layout == "cuda":  # the kernel's int32 tiles: their shape, from its meta function
             shape = torch.ops.aten._convert_weight_to_int4pack(torch.empty(shape, dtype=torch.uint8, device="meta"),

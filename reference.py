@@ -24,9 +24,8 @@ from typing import List, Optional
 import torch
 
 import formats
-from formats import read_params
-from llama31 import (DEFAULT_PROMPTS, Llama, check_device, check_sampling_args, default_device, resolve_dtype,
-                     resolve_rope_factor)
+from formats import read_params, resolve_rope_factor
+from llama31 import DEFAULT_PROMPTS, Llama, check_device, check_sampling_args, default_device, resolve_dtype
 from tokenizer import ConfigError, find_tokenizer_model
 
 

@@ -1,22 +1,150 @@
 """
-The bookkeeping of a finetune run (llama31.finetune's): its settings against a resumed
+What llama31.py's runs stand on: devices, dtypes and the processes torchrun starts (checked, with
+one-line errors), and the bookkeeping of a finetune run: its settings against a resumed
 checkpoint's, step directories that a kill never leaves half-written, every process's random
-states, the demo's data, and the FLOPs behind MFU. Imports nothing from llama31.py: models and
-processes are taken by duck typing (model.args, info.rank, info.world_size).
+states, the demo's data, and the FLOPs behind MFU. Imports nothing from llama31.py: models are
+taken by duck typing (model.args).
 """
 
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, List, Optional
+
+import contextlib
 
 import torch
 import torch.distributed as dist
 
 import formats
 from tokenizer import ConfigError
+
+
+# -----------------------------------------------------------------------------
+# devices, dtypes and processes
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def check_device(device) -> torch.device:
+    """A torch.device that exists on this machine, or a one-line error saying what to use."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cuda, cuda:N, mps or cpu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}); "
+                          f"use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: MPS is not available here; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """None picks bf16 on CUDA (where supported) and fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        cuda_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_out_dir(out_dir):
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"--out_dir {out_dir} is a file; give a directory (it is created if missing)")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: Optional[str]):
+    """Rank and world from torchrun's environment; NCCL on CUDA, gloo on CPU. One process when
+    launched with plain python. Under torchrun each process takes GPU LOCAL_RANK modulo the GPUs it
+    sees (a launcher that gives each task its own CUDA_VISIBLE_DEVICES shows it one, index 0)."""
+    info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                    int(os.environ.get("WORLD_SIZE", 1)))
+    if info.world_size > 1 and device is not None and str(device).startswith("cuda:"):
+        raise ConfigError(f"--device {device} would put all {info.world_size} processes on one GPU; "
+                          f"use --device cuda (each process takes its own)")
+    dev = check_device(device or default_device())
+    if dev.type == "cuda":
+        dev = torch.device("cuda", info.local_rank % torch.cuda.device_count() if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if info.world_size > 1:
+        # generous: the other ranks wait in an all-reduce while rank 0 writes a checkpoint
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=1),
+                                device_id=dev if dev.type == "cuda" else None)
+    return info, dev
+
+
+def all_reduce_mean(x, info: DistInfo):
+    if info.world_size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        x /= info.world_size
+    return x
+
+
+def describe(model) -> str:
+    """The activations' dtype, the classes of any quantized matrices, over how many processes."""
+    kinds = sorted({type(m).__name__ for m in model.modules()
+                    if hasattr(m, "in_features") and not m.weight.is_floating_point()})
+    layout = getattr(model, "tensor_parallel", None)
+    return str(model.norm.weight.dtype).removeprefix("torch.") + (f", {' + '.join(kinds)}" if kinds else "") + \
+        (f", tensor parallel over {layout.world} processes" if layout else "")
+
+
+def check_sampling_args(temperature, top_p, max_gen_len):
+    check_number("temperature", temperature)
+    check_number("top_p", top_p)
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if max_gen_len is not None and (check_number("max_gen_len", max_gen_len, int) < 1):
+        raise ConfigError(f"max_gen_len must be at least 1, got {max_gen_len}")
+
+
+def training_autocast(train_dtype, dev):
+    """Weights stay fp32 (the optimizer's master copy); a bf16 --dtype is autocast's job."""
+    if train_dtype == torch.float16:
+        raise ConfigError("fp16 training needs loss scaling, which this loop does not do; use --dtype bf16 or fp32")
+    return torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32 else contextlib.nullcontext()
+
+
+def next_batch(loader, dev):
+    x, y = loader.next_batch()
+    if dev.type == "cuda":  # from pinned memory the copy need not hold up the host
+        return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
+    return x.to(dev), y.to(dev)
+
+
+# -----------------------------------------------------------------------------
+# a finetune run
 
 
 @dataclass
@@ -50,8 +178,7 @@ def plan(config_class, demo_settings: dict, saved_names, given: dict, ckpt_dir, 
     if out_dir is None:  # a named checkpoint's run goes on in its own directory
         out_dir = Path(resume).parent if resume not in (None, True, "latest") else "out/demo" if demo else "out"
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out_dir {out} is a file; give a directory (it is created if missing)")
+    check_out_dir(out)
     resume_dir = resolve_resume(resume, out) if resume else None
     state = read_train_state(resume_dir) if resume_dir is not None else None
     if state and state["config"]["world_size"] != info.world_size:
@@ -73,7 +200,34 @@ def plan(config_class, demo_settings: dict, saved_names, given: dict, ckpt_dir, 
         raise ConfigError(f"{out} holds the checkpoints of an earlier run ({out / 'latest'}); continue it with "
                           f"--resume latest, or give another --out_dir")
     source = resume_dir or (formats.find_demo_gguf() if demo else Path(ckpt_dir))
-    return Run(cfg, out, source, demo, resume_dir, state, step, last_stop, info, dev)
+    run = Run(cfg, out, source, demo, resume_dir, state, step, last_stop, info, dev)
+    if demo:
+        run.log("note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
+                "data/sample.txt; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
+    return run
+
+
+def check_settings(config_class, minimum: dict, given: dict):
+    """What the user typed: each a field of config_class, numbers of the right kind at or above
+    minimum's bound."""
+    kinds = {f.name: f.type for f in fields(config_class)}
+    for name, value in given.items():
+        if name not in kinds:
+            raise ConfigError(f"unknown setting --{name}; finetune takes --ckpt_dir, --resume, --out_dir and "
+                              f"{', '.join('--' + k for k in kinds)}")
+        if name in minimum:
+            check_number(name, value, int if "int" in str(kinds[name]) else float, minimum[name])
+    if isinstance(given.get("lora_targets"), (tuple, list)):  # fire reads wq,wk as a tuple
+        given["lora_targets"] = ",".join(map(str, given["lora_targets"]))
+
+
+def check_number(name: str, value, kind=float, minimum=None):
+    """CLI arguments arrive as whatever fire parsed: say clearly when one is not a number."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
+    if not ok or (minimum is not None and value < minimum):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"--{name} must be {what}{f' >= {minimum}' if minimum is not None else ''}, got {value!r}")
+    return value
 
 
 def resolve_settings(defaults: dict, given: dict, saved: Optional[dict], saved_names, where) -> dict:

@@ -65,6 +65,16 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def start(device, setup: Callable) -> tuple:
+    """(device, parallel) for sampling: under torchrun, setup(device)'s process group (finetune's)
+    with only rank 0 printing; in one process, the device asked for (None: the best there is)."""
+    if not launched():
+        return device, False
+    info, dev = setup(device)
+    quiet_unless_master(info.rank)
+    return dev, True
+
+
 def quiet_unless_master(rank: int):
     """Processes other than rank 0 print nothing (their stdout and stderr go to /dev/null); an
     unexpected exception's traceback still reaches the real stderr."""

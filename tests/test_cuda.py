@@ -117,7 +117,7 @@ def test_batches_reach_the_gpu_from_pinned_memory(data):
     loader = llama31.DistributedShardedDataLoader(data["train_data"], 2, 32)
     want = loader.next_batch()
     loader.reset()
-    x, y = llama31.next_batch(loader, CUDA)
+    x, y = runs.next_batch(loader, CUDA)
     assert x.device.type == "cuda" and torch.equal(x.cpu(), want[0]) and torch.equal(y.cpu(), want[1])
 
 

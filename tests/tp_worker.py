@@ -47,7 +47,7 @@ def fsdp(ckpt, out):
 def main(ckpt, out, quantize=None):
     if quantize == "fsdp":
         return fsdp(ckpt, out)
-    device, parallel = llama31.sampling_device("cpu")
+    device, parallel = tp.start("cpu", llama31.setup_distributed)
     if parallel:  # gloo's first collective, before the baseline
         tp.agree(None)
     before = baseline_rss_kb()
