@@ -184,7 +184,8 @@ def test_an_unknown_int4_layout_is_read_back_through_the_kernel_with_one_note(mo
         x = torch.randn(2, quantize.FEW_ROWS, 128)  # fp32, many rows: by blocks
         assert close(modules[0](x), x @ Int4_values_in(torch.float32, v).T, torch.float32)
         notes = capsys.readouterr().err.splitlines()
-        assert len(notes) == 1 and notes[0].startswith("note: this torch") and "read back through aten's own" in notes[0]
+        assert len(notes) == 1 and notes[0].startswith("note: this torch")
+        assert "read back through aten's own" in notes[0]
     finally:
         quantize.cpu_int4_layout.cache_clear()
 
