@@ -449,7 +449,8 @@ def rope_divisors(args: ModelArgs) -> torch.Tensor:
 
 # A variant joins a load through hooks: whichever of these methods it has are called, variant by
 # variant in the order of the list (quantize.py, tp.py, fsdp.py, lora.py, matvec.py have some):
-#   dtype(args, ckpt, device)           the activations' dtype it wants when none is asked for
+#   plan(args, ckpt, device)            decide and check (on every process, before any weight); may
+#                                       return the activations' dtype it wants when none is asked for
 #   build(model, ckpt, device, dtype)   the full model on the meta device: cut it (tp; returns its slices)
 #   swap(model, ckpt, device, dtype)    once the state is checked against it: replace or shard modules
 #   convert(model, key, value, device, dtype)  one tensor as it loads, as {name: tensor}; None: not its
@@ -480,7 +481,7 @@ def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None, quantize
     args, ckpt = read_checkpoint(path, tokenizer_path=tokenizer_path, tokenizer=tokenizer, **overrides)
     variants = [v for v in (matvec.OneRow() if device.type == "cpu" else None, *variants,
                             quantizer.Quantize(quantize, group_size) if quantize != "none" else None, adapters) if v]
-    wanted = [d for d in (want(args, ckpt, device) for want in hooks(variants, "dtype")) if d]
+    wanted = [d for d in (plan(args, ckpt, device) for plan in hooks(variants, "plan")) if d]
     dtype = resolve_dtype(dtype or (wanted[0] if wanted else None), device)
     load = partial(assemble, args, ckpt, ckpt.where, ckpt.source, device, dtype, variants)
     for run in hooks(variants, "run"):

@@ -441,18 +441,18 @@ class Quantize:
     tensors kept in their nearest format here (plan_for_gguf), said in one line on stderr."""
 
     def __init__(self, mode: Optional[str], group_size: int = 32):
-        self.mode, self.group_size, self.plan = check_mode(mode, group_size), group_size, None
+        self.mode, self.group_size, self.table = check_mode(mode, group_size), group_size, None
 
     def planned(self, n_layers: int, ckpt) -> Plan:
-        if self.plan is None and self.mode in MODES:
-            self.plan = plan_for(n_layers, self.mode, self.group_size)
-        elif self.plan is None:
-            self.plan, how = plan_for_gguf(n_layers, getattr(ckpt, "tensor_types", None) or {})
+        if self.table is None and self.mode in MODES:
+            self.table = plan_for(n_layers, self.mode, self.group_size)
+        elif self.table is None:
+            self.table, how = plan_for_gguf(n_layers, getattr(ckpt, "tensor_types", None) or {})
             if how:
                 print(f"note: {ckpt.where.name}: {how}; --quantize none dequantizes them to --dtype", file=sys.stderr)
-        return self.plan
+        return self.table
 
-    def dtype(self, args, ckpt, device) -> Optional[str]:
+    def plan(self, args, ckpt, device) -> Optional[str]:
         # the int kernels run ~10x slower with fp32 activations on CPU than with bf16 ones
         planned = self.planned(args.n_layers, ckpt)
         return "bf16" if planned and torch.device(device).type == "cpu" else None
@@ -462,8 +462,8 @@ class Quantize:
 
     def convert(self, model: nn.Module, key: str, value, device, dtype) -> Optional[Dict[str, torch.Tensor]]:
         name, _, leaf = key.rpartition(".")
-        if name in self.plan and leaf == "weight":
-            return quantized_state(model, self.plan, key, value, device, dtype)
+        if name in self.table and leaf == "weight":
+            return quantized_state(model, self.table, key, value, device, dtype)
         return None
 
     def loaded(self, model: nn.Module):

@@ -203,7 +203,7 @@ def plan(config_class, demo_settings: dict, saved_names, given: dict, ckpt_dir, 
     run = Run(cfg, out, source, demo, resume_dir, state, step, last_stop, info, dev)
     if demo:
         run.log("note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
-                "data/sample.txt; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
+                "sample.txt; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
     return run
 
 

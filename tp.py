@@ -277,10 +277,15 @@ class TensorParallel:
     model cut to its slices, reads only those, and connects the pieces; a failure on any process
     stops every one (together)."""
 
-    def build(self, model: nn.Module, ckpt, device, dtype) -> dict:
+    def plan(self, args, ckpt, device):
+        """This process's share, refused on every process alike before any collective starts."""
         if not isinstance(ckpt, formats.Checkpoint):
             raise ConfigError("tensor-parallel sampling reads a checkpoint's files, not a state dict in memory")
-        self.layout = Layout.of(model.args, dist.get_rank(), dist.get_world_size(), ckpt.params_path)
+        self.layout = Layout.of(args, dist.get_rank(), dist.get_world_size(), ckpt.params_path)
+
+    def build(self, model: nn.Module, ckpt, device, dtype) -> dict:
+        if not hasattr(self, "layout"):  # assemble called without load_checkpoint's plan
+            self.plan(model.args, ckpt, device)
         state = local_state(ckpt, model, self.layout, device, dtype)
         shard_modules(model, self.layout)
         model.tensor_parallel = self.layout
