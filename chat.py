@@ -105,6 +105,7 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer
     per line. --system sets a system message. Without --ckpt_dir, the demo model. Under torchrun,
     tensor parallel: rank 0 reads the lines and prints the answers."""
     device, parallel = tp.start(device, llama31.setup_distributed)
+    device = llama31.check_device(device or llama31.default_device())
     if ckpt_dir is None:
         ckpt_dir, quantize = formats.demo_checkpoint(quantize)
     llama31.check_sampling_args(temperature, top_p, max_gen_len)
@@ -148,4 +149,4 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tokenizer
 
 
 if __name__ == "__main__":
-    llama31.run(chat, sys.argv[1:], "chat.py")
+    llama31.cli(chat, sys.argv[1:], "chat.py")

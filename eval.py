@@ -42,6 +42,7 @@ def evaluate(ckpt_dir: Optional[str] = None, data: Optional[str] = None, T: int 
     windows of T tokens. Without --data, data/sample.txt; without --ckpt_dir, the demo model.
     --quantize as for sampling. The last line printed is `perplexity P over N tokens`."""
     device, parallel = tp.start(device, llama31.setup_distributed)
+    device = llama31.check_device(device or llama31.default_device())
     check_number("T", T, int, 2)
     if ckpt_dir is None:
         ckpt_dir = find_demo_gguf()
@@ -71,4 +72,4 @@ def evaluate(ckpt_dir: Optional[str] = None, data: Optional[str] = None, T: int 
 
 
 if __name__ == "__main__":
-    llama31.run(evaluate, sys.argv[1:], "eval.py")
+    llama31.cli(evaluate, sys.argv[1:], "eval.py")

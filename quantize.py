@@ -18,7 +18,7 @@ path is tested equal to dequantize-then-matmul.
 The token embedding becomes an int8 table whose lookup dequantizes only the rows it gathers (4-bit
 rows would need the CPU kernel's tile layout undone), and --quantize int4 keeps the output layer in
 int8 too; a model with tied embeddings then keeps one int8 matrix for both. Modules are swapped in
-by name (swap_modules) through llama31.load_checkpoint's hooks (Quantize, at the end), so this file
+by name (swap_modules) through llama31.load_checkpoint's hooks (Quantize, below), so this file
 imports nothing from llama31.py.
 """
 

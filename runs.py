@@ -158,9 +158,10 @@ class Run:
     state: Optional[dict]  # the resumed checkpoint's train_state.pt
     step: int  # the first step to run
     last_stop: int  # the step this run stops after
-    info: object  # llama31.DistInfo
+    info: object  # DistInfo (above)
     dev: object  # torch.device
     variants: list = field(default_factory=list)  # lora.py's and fsdp.py's (llama31.finetune's hooks)
+    note: str = ""  # said once every check has passed (the demo's)
 
     def log(self, *a, **k):
         if self.info.master:
@@ -200,11 +201,9 @@ def plan(config_class, demo_settings: dict, saved_names, given: dict, ckpt_dir, 
         raise ConfigError(f"{out} holds the checkpoints of an earlier run ({out / 'latest'}); continue it with "
                           f"--resume latest, or give another --out_dir")
     source = resume_dir or (formats.find_demo_gguf() if demo else Path(ckpt_dir))
-    run = Run(cfg, out, source, demo, resume_dir, state, step, last_stop, info, dev)
-    if demo:
-        run.log("note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
-                "sample.txt; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run")
-    return run
+    note = ("note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
+            "sample.txt; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run") if demo else ""
+    return Run(cfg, out, source, demo, resume_dir, state, step, last_stop, info, dev, note=note)
 
 
 def check_settings(config_class, minimum: dict, given: dict):
@@ -321,7 +320,7 @@ def rng_states(info, dev) -> List[dict]:
 
 
 def restore_rng(saved, info, dev):
-    """This process's random states from a checkpoint (saved by as many processes: plan_run checks).
+    """This process's random states from a checkpoint (saved by as many processes: plan checks).
     Checkpoints from before per-process states hold rank 0's CPU state and its GPUs' states."""
     if isinstance(saved, dict):  # the earlier format
         saved = [{"cpu": saved["cpu"], "cuda": (saved["cuda"][dev.index] if dev.type == "cuda"

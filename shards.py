@@ -35,4 +35,4 @@ def shards(text: str, out_dir: str, ckpt_dir: Optional[str] = None, tokenizer_pa
 
 
 if __name__ == "__main__":
-    llama31.run(shards, sys.argv[1:], "shards.py")
+    llama31.cli(shards, sys.argv[1:], "shards.py")

@@ -55,8 +55,7 @@ import formats
 from tokenizer import ConfigError
 
 # Meta's names for how each weight is cut, and along which dimension (0: rows, 1: columns)
-COLUMN = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
-ROW = ("attention.wo", "feed_forward.w2")
+COLUMN, ROW = formats.COLUMN_PARALLEL, formats.ROW_PARALLEL
 VOCAB = ("tok_embeddings", "output")
 
 
@@ -294,7 +293,7 @@ class TensorParallel:
     def loaded(self, model: nn.Module):
         connect(model, self.layout)
 
-    run = staticmethod(together)
+    around = staticmethod(together)
 
 
 # -----------------------------------------------------------------------------

@@ -288,6 +288,19 @@ def test_lora_checkpoint_loads_as_base_plus_adapters_with_the_runs_tokenizer(lor
     assert (step / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
 
 
+def test_a_lora_checkpoint_with_dropout_samples_without_it(lora_run, tmp_path):
+    # the same adapters saved with dropout 0.5: loaded to sample, dropout is off (the model in eval
+    # mode, adapters included), so the logits are the same every call and the trained model's
+    out, _, model = lora_run
+    saved = lora.read_adapters(out / "run" / "step_000003")
+    c = saved["config"]
+    lora.save_adapters(tmp_path, saved["adapters"], lora.check_config(c.rank, c.alpha, 0.5, c.targets),
+                       saved["base"], saved["fingerprint"])
+    llama = Llama.build(tmp_path, max_seq_len=64, device="cpu", dtype="fp32")
+    first, again = llama.model.forward_inference(X), llama.model.forward_inference(X)
+    assert torch.equal(first, again) and torch.equal(first, model.forward_inference(X))
+
+
 def test_lora_checkpoint_exports_merged(lora_run, tmp_path):
     out, _, model = lora_run
     export(str(out / "run" / "step_000003"), str(tmp_path / "merged"), format="meta", dtype="fp32")
