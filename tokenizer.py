@@ -8,8 +8,8 @@ find_tokenizer_model() uses when no path is given.
 The same class also serves the byte-level BPE vocabularies that GGUF files carry (Llama 3.x GGUFs
 from llama.cpp/ollama, SmolLM2): Tokenizer.from_gguf builds it from the file's metadata.
 
-ChatFormat, at the end, writes a dialog as prompt tokens (Llama 3's headers or ChatML), as Meta
-keeps chat_format.py beside its tokenizer.
+ChatFormat, at the end, writes a dialog as prompt tokens (Llama 3's headers or ChatML) and reads a
+generated reply back into content and tool calls, as Meta keeps chat_format.py beside its tokenizer.
 """
 
 import ast
@@ -476,27 +476,25 @@ def _parse_tool_calls(text: str, after_python_tag: bool) -> List[dict]:
 
 @dataclass
 class ChatFormat:
-    """How an instruct model wants a dialog. style "llama3" is Meta's format, as llama-models 0.3.0's
-    ChatFormat writes and reads it; "chatml" is <|im_start|>role\\ncontent<|im_end|>\\n. default_system
-    is the system message a template puts first when the dialog has none (SmolLM2's does).
-    tool_format is how a custom function call is written back into a prompt (TOOL_FORMATS).
+    """How an instruct model wants a dialog. style "llama3" is Meta's format as llama-models 0.3.0's
+    ChatFormat writes and reads it; "chatml" is <|im_start|>role\\ncontent<|im_end|>\\n (no tool calls).
+    default_system is the system message a template puts first when the dialog has none (SmolLM2's
+    does). tool_format is how a custom function call is written into a prompt (TOOL_FORMATS).
 
-    A dialog is a list of message dicts:
-      {"role": "system" | "user", "content": str}      a user message may add "context": str (RAG), as
-                                                      Meta's does: written after a blank line
-      {"role": "assistant", "content": str,            content may be "" or absent when there are calls
-       "tool_calls": [{"tool_name": str, "arguments": dict, "call_id": str}],   call_id optional
-       "stop_reason": "end_of_turn" | "end_of_message" | "out_of_tokens"}     optional
-      {"role": "ipython" (or "tool"), "content": str}  a tool's answer; "call_id"/"tool_name" may ride along
-    content may also be a list of str or {"type": "text", "text": str} items (each encoded on its own).
-    A built-in tool's arguments are {"query": str}, code_interpreter's {"code": str}; a custom
-    function's any JSON-like dict. An assistant message ends with <|eom_id|> when its stop_reason is
-    "end_of_message" (the model stopped for a tool's answer), else <|eot_id|>. Its tool calls follow
-    its content: code_interpreter's code after <|python_tag|>, a built-in `name.call(query="...")`, a
-    custom call in tool_format. As llama-models 0.3.0 writes them, only code_interpreter's call gets
-    <|python_tag|> (the model writes one before every built-in call; Meta's 3.1 prompt-format page
-    and HF's template write it too). decode_assistant returns a message in this shape, stop_reason
-    included, so it goes back into the dialog as it is."""
+    A dialog is a list of message dicts, in the shape decode_assistant returns (a reply goes back as is):
+      {"role": "system", "content": str}                 llama3_system_prompt() writes the tools/date lines
+      {"role": "user", "content": str, "context": str}   context optional (RAG): after a blank line
+      {"role": "assistant", "content": str,              content may be absent when it only calls tools
+       "tool_calls": [{"tool_name": str, "arguments": dict, "call_id": str}],          optional
+       "stop_reason": "end_of_turn" | "end_of_message" | "out_of_tokens"}             optional
+      {"role": "ipython" or "tool", "content": str}      a tool's answer; other keys (call_id) are ignored
+    content may also be a list of str or {"type": "text", "text": str} items, each encoded on its own.
+    Arguments: a built-in tool's {"query": str}, code_interpreter's {"code": str}, a custom function's
+    a JSON-like dict. An assistant message's tool calls follow its content: the code after
+    <|python_tag|>, `brave_search.call(query="...")`, a custom call in tool_format; it ends with
+    <|eom_id|> when stop_reason is "end_of_message" (it stopped for a tool's answer), else <|eot_id|>.
+    As in llama-models 0.3.0, only code_interpreter's call gets <|python_tag|>; the model writes one
+    before every built-in call, and so do Meta's 3.1 prompt-format page and HF's template."""
     style: str = "llama3"
     default_system: Optional[str] = None
     tool_format: str = "json"
