@@ -8,13 +8,17 @@ find_tokenizer_model() uses when no path is given.
 The same class also serves the byte-level BPE vocabularies that GGUF files carry (Llama 3.x GGUFs
 from llama.cpp/ollama, SmolLM2): Tokenizer.from_gguf builds it from the file's metadata.
 
-ChatFormat, at the end, writes a dialog as prompt tokens (Llama 3's headers or ChatML), as Meta
-keeps chat_format.py beside its tokenizer.
+ChatFormat, at the end, writes a dialog as prompt tokens (Llama 3's headers or ChatML) and reads a
+generated reply back into content and tool calls, as Meta keeps chat_format.py beside its tokenizer.
 """
 
+import ast
 import base64
+import datetime
 import importlib.util
+import json
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AbstractSet, Collection, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
@@ -349,16 +353,171 @@ def split_long_runs(s: str, max_run: int) -> Iterator[str]:
 
 
 # -----------------------------------------------------------------------------
-# chat: a dialog as prompt tokens, in Llama 3's header format or ChatML (SmolLM2)
+# chat: a dialog as prompt tokens, in Llama 3's header format or ChatML (SmolLM2), and a generated
+# assistant message back into content and tool calls
+
+# The role a header names, by the role a message dict gives; a tool's answer is "ipython" in Llama 3
+LLAMA3_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "ipython": "ipython", "tool": "ipython"}
+# Tools the Llama 3.1 models were trained to call by name; the others are custom functions
+BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")
+# How a custom function call is written: {"type": "function", "name": ..., "parameters": ...} (3.1's
+# default), <function=name>{...}</function>, or [name(key=value, ...)] (3.2's 1B/3B)
+TOOL_FORMATS = ("json", "function_tag", "python_list")
+STOP_REASONS = ("end_of_turn", "end_of_message", "out_of_tokens")
+KNOWLEDGE_CUTOFF = "December 2023"
+
+# What decode_assistant reads as a call: a built-in's `name.call(query="...")`, a function tag
+BUILTIN_CALL = re.compile(r'\b(\w+)\.call\(query="([^"]*)"\)')
+FUNCTION_TAG = re.compile(r"<function=([^}]+)>(\{.*?\})")
+
+
+def llama3_system_prompt(instruction: Optional[str] = None, tools: Sequence[str] = (),
+                         date: Union[None, str, datetime.date] = None) -> str:
+    """A system message's content as Meta's Llama 3.1 templates write it: "Environment: ipython" when
+    any tool is on, a "Tools:" line naming the built-in tools other than code_interpreter (which the
+    environment line alone turns on), the knowledge cutoff and today's date (date, default today),
+    then the instruction. tools are names; a custom function's name only turns the environment on,
+    its description is the caller's to write (in the system or a user message)."""
+    lines = []
+    if tools:
+        named = [t for t in tools if t in BUILTIN_TOOLS and t != "code_interpreter"]
+        lines += ["Environment: ipython", "Tools: " + ", ".join(named) if named else ""]
+    day = date if isinstance(date, str) else (date or datetime.date.today()).strftime("%d %B %Y")
+    text = "\n".join(lines + [f"Cutting Knowledge Date: {KNOWLEDGE_CUTOFF}", f"Today Date: {day}"])
+    return text + (f"\n\n{instruction}" if instruction else "") + "\n"
+
+
+def _python_value(v) -> str:
+    """v as a Python literal, for the python_list format."""
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if v is None or isinstance(v, (bool, int, float)):
+        return str(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_python_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_python_value(x)}" for k, x in v.items()) + "}"
+    raise ConfigError(f"tool call argument {v!r} is a {type(v).__name__}; use str, number, bool, None, list or dict")
+
+
+def _tool_call(call, where: str):
+    """(name, arguments) of a tool call dict, checked."""
+    if not isinstance(call, dict) or not call.get("tool_name"):
+        raise ConfigError(f"{where} has no tool_name; write it as "
+                          '{"tool_name": "...", "arguments": {...}}')
+    name, args = call["tool_name"], call.get("arguments", {})
+    if not isinstance(args, dict):
+        raise ConfigError(f"{where}: arguments of {name!r} is a {type(args).__name__}; give a dict")
+    need = "code" if name == "code_interpreter" else "query" if name in BUILTIN_TOOLS else None
+    if need and not isinstance(args.get(need), str):
+        raise ConfigError(f"{where}: built-in tool {name!r} takes one string argument, {need!r}; "
+                          f'give "arguments": {{"{need}": "..."}}')
+    return name, args
+
+
+def _tool_call_texts(calls, tool_format: str, where: str) -> List[str]:
+    """Each call as the model writes it. Several custom calls in the python_list format make one list,
+    as the 3.2 models write them (Meta's encoder writes one list per call)."""
+    calls = [_tool_call(c, f"{where}, tool call {i + 1}") for i, c in enumerate(calls)]
+    texts = []
+    for name, args in calls:
+        if name == "code_interpreter":
+            texts.append(args["code"])
+        elif name in BUILTIN_TOOLS:
+            texts.append(f'{name}.call(query="{args["query"]}")')
+        elif tool_format == "json":
+            texts.append(json.dumps({"type": "function", "name": name, "parameters": args}))
+        elif tool_format == "function_tag":
+            texts.append(f"<function={name}>{json.dumps(args)}</function>")
+        else:
+            texts.append(f"[{name}(" + ", ".join(f"{k}={_python_value(v)}" for k, v in args.items()) + ")]")
+    if tool_format == "python_list" and len(calls) > 1 and not any(n in BUILTIN_TOOLS for n, _ in calls):
+        return ["[" + ", ".join(t[1:-1] for t in texts) + "]"]
+    return texts
+
+
+def _python_list_calls(text: str):
+    """[(name, arguments)] of a Python list of keyword-argument calls with literal values, else None."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr) or not isinstance(tree.body[0].value, ast.List):
+        return None
+    calls = []
+    for e in tree.body[0].value.elts:
+        if not (isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and not e.args):
+            return None
+        try:
+            calls.append((e.func.id, {k.arg: ast.literal_eval(k.value) for k in e.keywords}))
+        except ValueError:  # a value that is not a literal (a name, an expression)
+            return None
+    return calls or None
+
+
+def _custom_calls(text: str):
+    """[(name, arguments)] of the custom function calls in a reply, else None: a function tag anywhere,
+    else the whole reply a JSON object naming a function, else the whole reply a Python list of calls."""
+    m = FUNCTION_TAG.search(text)
+    if m:
+        try:
+            return [(m.group(1), json.loads(m.group(2).replace("'", '"')))]
+        except ValueError:
+            return None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict):
+        if "name" in obj:  # {"type": "function", "name": ..., "parameters": {...}}
+            return [(obj["name"], obj.get("parameters", {}))]
+        return None
+    return _python_list_calls(text)
+
+
+def _parse_tool_calls(text: str, after_python_tag: bool) -> List[dict]:
+    """The tool calls in a reply, read the way llama-models reads them: custom calls first, then a
+    built-in `name.call(query="...")`, then, after <|python_tag|>, the whole reply as code_interpreter's code."""
+    calls = _custom_calls(text)
+    if calls is not None:
+        for i, (name, args) in enumerate(calls):
+            if name in BUILTIN_TOOLS and isinstance(args, dict) and args:  # a built-in written as a custom call
+                calls[i] = (name, {"code" if name == "code_interpreter" else "query": next(iter(args.values()))})
+    else:
+        m = BUILTIN_CALL.search(text)
+        if m:
+            calls = [(m.group(1), {"query": m.group(2)})]
+        elif after_python_tag:
+            calls = [("code_interpreter", {"code": text})]
+        else:
+            calls = []
+    return [{"call_id": str(uuid.uuid4()), "tool_name": n, "arguments": a} for n, a in calls]
 
 
 @dataclass
 class ChatFormat:
-    """How an instruct model wants a dialog. style "llama3" is Meta's format (as llama-models'
-    ChatFormat writes it); "chatml" is <|im_start|>role\\ncontent<|im_end|>\\n. default_system is the
-    system message a template puts first when the dialog has none (SmolLM2's does)."""
+    """How an instruct model wants a dialog. style "llama3" is Meta's format as llama-models 0.3.0's
+    ChatFormat writes and reads it; "chatml" is <|im_start|>role\\ncontent<|im_end|>\\n (no tool calls).
+    default_system is the system message a template puts first when the dialog has none (SmolLM2's
+    does). tool_format is how a custom function call is written into a prompt (TOOL_FORMATS).
+
+    A dialog is a list of message dicts, in the shape decode_assistant returns (a reply goes back as is):
+      {"role": "system", "content": str}                 llama3_system_prompt() writes the tools/date lines
+      {"role": "user", "content": str, "context": str}   context optional (RAG): after a blank line
+      {"role": "assistant", "content": str,              content may be absent when it only calls tools
+       "tool_calls": [{"tool_name": str, "arguments": dict, "call_id": str}],          optional
+       "stop_reason": "end_of_turn" | "end_of_message" | "out_of_tokens"}             optional
+      {"role": "ipython" or "tool", "content": str}      a tool's answer; other keys (call_id) are ignored
+    content may also be a list of str or {"type": "text", "text": str} items, each encoded on its own.
+    Arguments: a built-in tool's {"query": str}, code_interpreter's {"code": str}, a custom function's
+    a JSON-like dict. An assistant message's tool calls follow its content: the code after
+    <|python_tag|>, `brave_search.call(query="...")`, a custom call in tool_format; it ends with
+    <|eom_id|> when stop_reason is "end_of_message" (it stopped for a tool's answer), else <|eot_id|>.
+    As in llama-models 0.3.0, only code_interpreter's call gets <|python_tag|>; the model writes one
+    before every built-in call, and so do Meta's 3.1 prompt-format page and HF's template."""
     style: str = "llama3"
     default_system: Optional[str] = None
+    tool_format: str = "json"
 
     @classmethod
     def from_template(cls, template: Optional[str]) -> Optional["ChatFormat"]:
@@ -374,9 +533,9 @@ class ChatFormat:
 
     def encode_dialog(self, tokenizer: Tokenizer, dialog: List[dict],
                       add_generation_prompt: bool = True) -> List[int]:
-        """Token ids of a dialog [{"role": ..., "content": ...}, ...], ending with the assistant's
-        header so the model writes the next turn. Special tokens come from ids, never from message
-        text, so a message cannot inject one."""
+        """Token ids of a dialog (the message dicts above), ending with the assistant's header so the
+        model writes the next turn. Special tokens come from ids, never from message text, so a
+        message cannot inject one."""
         if self.default_system and (not dialog or dialog[0]["role"] != "system"):
             dialog = [{"role": "system", "content": self.default_system}] + list(dialog)
         sp = tokenizer.special_tokens
@@ -386,21 +545,98 @@ class ChatFormat:
 
         if self.style == "chatml":
             ids = []
-            for m in dialog:
+            for i, m in enumerate(dialog):
+                if m.get("tool_calls"):
+                    raise ConfigError(f"message {i + 1} has tool_calls, which the chatml format does not write; "
+                                      "use a llama3 model for tool calls")
                 ids += [sp["<|im_start|>"]] + text(f"{m['role']}\n{m['content']}") + [sp["<|im_end|>"]]
                 ids += text("\n")
             if add_generation_prompt:
                 ids += [sp["<|im_start|>"]] + text("assistant\n")
             return ids
         if self.style == "llama3":
-            def header(role: str) -> List[int]:
-                return [sp["<|start_header_id|>"]] + text(role) + [sp["<|end_header_id|>"]] + text("\n\n")
-
+            if self.tool_format not in TOOL_FORMATS:
+                raise ConfigError(f"unknown tool_format {self.tool_format!r}; use one of {', '.join(TOOL_FORMATS)}")
             ids = [tokenizer.bos_id]
-            for m in dialog:  # as llama-models: content as given; a tool's answer is "ipython"
-                role = "ipython" if m["role"] == "tool" else m["role"]
-                ids += header(role) + text(m["content"]) + [sp["<|eot_id|>"]]
+            for i, m in enumerate(dialog):
+                ids += self._llama3_message(tokenizer, m, f"message {i + 1}")
             if add_generation_prompt:
-                ids += header("assistant")
+                ids += self._header(tokenizer, "assistant")
             return ids
         raise ConfigError(f"unknown chat style {self.style!r}; use 'llama3' or 'chatml'")
+
+    @staticmethod
+    def _header(tokenizer: Tokenizer, role: str) -> List[int]:
+        sp = tokenizer.special_tokens
+        return ([sp["<|start_header_id|>"]] + tokenizer.encode(role, bos=False, eos=False)
+                + [sp["<|end_header_id|>"]] + tokenizer.encode("\n\n", bos=False, eos=False))
+
+    def _llama3_message(self, tokenizer: Tokenizer, m: dict, where: str) -> List[int]:
+        sp = tokenizer.special_tokens
+        if not isinstance(m, dict) or m.get("role") not in LLAMA3_ROLES:
+            got = m.get("role") if isinstance(m, dict) else m
+            raise ConfigError(f"{where} has role {got!r}; use one of system, user, assistant, ipython (or tool)")
+        role = LLAMA3_ROLES[m["role"]]
+        where = f"{where} ({m['role']})"
+        calls = m.get("tool_calls") or []
+        if calls and role != "assistant":
+            raise ConfigError(f"{where} has tool_calls; only an assistant message makes tool calls")
+        stop = m.get("stop_reason")
+        if stop is not None and stop not in STOP_REASONS:
+            raise ConfigError(f"{where} has stop_reason {stop!r}; use one of {', '.join(STOP_REASONS)}")
+        content = m.get("content")
+        if content is None and role != "assistant":
+            raise ConfigError(f'{where} has no content; give it "content": "..."')
+        texts = self._content_texts(content or "", where)
+        if role == "user" and m.get("context") is not None:  # as Meta's RawMessage.context
+            texts += ["\n\n"] + self._content_texts(m["context"], where)
+        texts += _tool_call_texts(calls, self.tool_format, where)
+        ids = self._header(tokenizer, role)
+        if calls and calls[0]["tool_name"] == "code_interpreter":
+            ids.append(sp["<|python_tag|>"])
+        for t in texts:  # each piece on its own, as Meta's encoder does (token boundaries between them)
+            ids += tokenizer.encode(t, bos=False, eos=False)
+        return ids + [sp["<|eom_id|>" if role == "assistant" and stop == "end_of_message" else "<|eot_id|>"]]
+
+    @staticmethod
+    def _content_texts(content, where: str) -> List[str]:
+        if isinstance(content, str):
+            return [content]
+        items = content if isinstance(content, list) else [content]
+        texts = []
+        for item in items:
+            if isinstance(item, dict) and item.get("type", "text") == "text" and isinstance(item.get("text"), str):
+                item = item["text"]
+            if not isinstance(item, str):
+                raise ConfigError(f"{where}: content item {item!r:.60} is not text; this model reads "
+                                  'text only: give a str or {"type": "text", "text": "..."}')
+            texts.append(item)
+        return texts
+
+    def decode_assistant(self, tokenizer: Tokenizer, ids: Sequence[int]) -> dict:
+        """A generated assistant message (its ids, the stop token included when it stopped on one) as
+        {"role": "assistant", "content": str, "tool_calls": [{"call_id", "tool_name", "arguments"}],
+         "stop_reason": str}, read as llama-models' decode_assistant_message reads it. stop_reason is
+        "end_of_message" after <|eom_id|>, "end_of_turn" after another stop token, else "out_of_tokens".
+        A reply that is a tool call has content "". Every call of a Python list is returned (Meta's
+        keeps the first); call_id is a fresh uuid4."""
+        ids = list(ids)
+        stop_reason = "out_of_tokens"
+        if ids and ids[-1] == tokenizer.eom_id:
+            ids, stop_reason = ids[:-1], "end_of_message"
+        elif ids and ids[-1] in tokenizer.stop_tokens + tokenizer.instruct_stop_tokens:
+            ids, stop_reason = ids[:-1], "end_of_turn"
+        if self.style != "llama3":
+            return {"role": "assistant", "content": tokenizer.decode(ids), "tool_calls": [], "stop_reason": stop_reason}
+        header = self._header(tokenizer, "assistant")
+        if ids[:len(header)] == header:
+            ids = ids[len(header):]
+        tag = tokenizer.special_tokens["<|python_tag|>"]
+        after_tag = tag in ids and not tokenizer.decode(ids[:ids.index(tag)]).strip(" ")
+        content = tokenizer.decode(ids[ids.index(tag) + 1:] if after_tag else ids)
+        # Meta strips spaces around the decoded text, stop token and <|python_tag|> included
+        content = content if after_tag else content.lstrip(" ")
+        content = content if stop_reason != "out_of_tokens" else content.rstrip(" ")
+        calls = _parse_tool_calls(content, after_tag)
+        return {"role": "assistant", "content": "" if calls else content, "tool_calls": calls,
+                "stop_reason": stop_reason}
