@@ -611,12 +611,12 @@ class Llama:
     @torch.inference_mode()
     def generate_stream(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int] = None,
                         temperature: float = 0.6, top_p: float = 0.9, generator: Optional[torch.Generator] = None,
-                        cache_from: Optional[int] = None) -> Iterator[List[Optional[int]]]:
-        """Yield, at every step, one new token per row (None: still in its prompt, or stopped).
-        Decoding starts at the shortest prompt's end; a longer row keeps its own prompt tokens, as
-        in Meta's generate, and each row stops after max_gen_len new tokens. cache_from: the
-        installed cache holds the first cache_from tokens of the one prompt already, and stays
-        installed (after k steps: the prompt and the first k - 1 tokens; chat.Conversation)."""
+                        cache_from: Optional[int] = None, stops: bool = False) -> Iterator[List[Optional[int]]]:
+        """Yield, at every step, one new token per row (None: still in its prompt, or stopped; stops:
+        the stop token too). Decoding starts at the shortest prompt's end; a longer row keeps its own
+        prompt tokens, as in Meta's generate; each row stops after max_gen_len. cache_from: the installed
+        cache holds the first cache_from tokens of the one prompt already, and stays installed (after
+        k steps: the prompt and the first k - 1 tokens; chat.Conversation)."""
         self.check_sampling(prompt_tokens, temperature, top_p, max_gen_len)
         if cache_from is not None and not (len(prompt_tokens) == 1 and 0 <= cache_from < len(prompt_tokens[0])):
             raise ConfigError(f"cache_from {cache_from} needs one prompt longer than it")
@@ -648,7 +648,7 @@ class Llama:
                 tokens[:, cur_pos] = next_token
                 fresh = ~in_prompt[:, cur_pos] & ~done  # rows that produced a token they still want
                 stopped = fresh & torch.isin(next_token, stop_tokens)
-                emit = fresh & ~stopped
+                emit = fresh if stops else fresh & ~stopped
                 n_new += emit
                 done |= stopped | (n_new >= max_gen_len)  # every row gets at most max_gen_len new tokens
                 # the step's one wait for the device
@@ -660,11 +660,11 @@ class Llama:
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int] = None,
                  temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
-                 generator: Optional[torch.Generator] = None) -> List[List[int]]:
-        """New tokens for each prompt (prompt included if echo), up to and excluding a stop token.
-        temperature 0 is greedy; pass a seeded torch.Generator for reproducible sampling."""
+                 generator: Optional[torch.Generator] = None, stops: bool = False) -> List[List[int]]:
+        """New tokens for each prompt (prompt included if echo), up to a stop token (included if
+        stops). temperature 0 is greedy; pass a seeded torch.Generator for reproducible sampling."""
         out = [list(t) if echo else [] for t in prompt_tokens]
-        for step in self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, generator):
+        for step in self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, generator, stops=stops):
             for row, t in zip(out, step):
                 if t is not None:
                     row.append(t)
@@ -690,13 +690,13 @@ class Llama:
     def chat_completion(self, dialogs: List[List[dict]], max_gen_len: Optional[int] = None,
                         temperature: float = 0.6, top_p: float = 0.9,
                         generator: Optional[torch.Generator] = None) -> List[dict]:
-        """The assistant's next message for each dialog (a list of {"role", "content"}), in the model's
-        chat format (Llama 3's headers for Meta checkpoints); it stops at <|eot_id|> or <|eom_id|>."""
+        """The assistant's next message for each dialog (message dicts: tokenizer.ChatFormat), read back
+        as {"role", "content", "tool_calls", "stop_reason"} (<|eom_id|>: it waits for a tool's answer)."""
         if self.chat_format is None:
             raise ConfigError("this model has no known chat format; use text_completion")
         prompt_tokens = [self.chat_format.encode_dialog(self.tokenizer, d) for d in dialogs]
-        outs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, generator=generator)
-        return [{"role": "assistant", "content": self.tokenizer.decode(t)} for t in outs]
+        outs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, generator=generator, stops=True)
+        return [self.chat_format.decode_assistant(self.tokenizer, t) for t in outs]
 
 
 # -----------------------------------------------------------------------------

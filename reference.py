@@ -4,6 +4,7 @@ llama31.py against it.
 
     python reference.py --ckpt_dir DIR            # print completions exactly as `python llama31.py` does
     python reference.py compare --ckpt_dir DIR    # run both greedily, report the first divergence
+    python reference.py compare --ckpt_dir DIR --dialogs dialogs.json   # chats, tool calls included
 
 The model (`llama_models.llama3.model.Transformer`), its tokenizer and its sampling loop
 (`Llama3.generate`) are Meta's. Loading alone is done here instead of by `Llama3.build`: build
@@ -14,6 +15,7 @@ make fp32 cross-checks impossible. Loading here uses the same dtype rule as llam
 """
 
 import contextlib
+import json
 import sys
 import time
 import types
@@ -192,6 +194,37 @@ def reference_text_completion(ref, prompts: List[str], max_gen_len: Optional[int
     return [ref.tokenizer.decode(t) for t in outs]
 
 
+def meta_messages(dialog: List[dict]):
+    """A dialog of message dicts (tokenizer.ChatFormat's shape) as llama-models' RawMessages (a tool's
+    answer has role "tool" there)."""
+    from llama_models.datatypes import RawMessage, RawTextItem, StopReason, ToolCall
+
+    out = []
+    for m in dialog:
+        m = dict(m, role="tool" if m["role"] == "ipython" else m["role"])
+        if isinstance(m.get("content"), list):
+            m["content"] = [RawTextItem(text=x) if isinstance(x, str) else RawTextItem(**x) for x in m["content"]]
+        if m.get("stop_reason"):
+            m["stop_reason"] = StopReason(m["stop_reason"])
+        m["tool_calls"] = [ToolCall(call_id=c.get("call_id", "id"), tool_name=c["tool_name"], arguments=c["arguments"])
+                           for c in m.get("tool_calls", [])]
+        out.append(RawMessage(**m))
+    return out
+
+
+def read_dialogs(dialogs) -> List[List[dict]]:
+    """--dialogs: a JSON file of a list of dialogs (lists of message dicts), or that list itself."""
+    if isinstance(dialogs, str) and Path(dialogs).is_file():
+        try:
+            dialogs = json.loads(Path(dialogs).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--dialogs {dialogs} is not a JSON file ({e}); give a JSON list of dialogs") from None
+    if not isinstance(dialogs, list) or not dialogs or not all(isinstance(d, list) and d for d in dialogs):
+        raise ConfigError(f"--dialogs must be a JSON file (or list) of dialogs, each a list of messages, got "
+                          f"{str(dialogs)[:60]!r}")
+    return dialogs
+
+
 def check_prompts(prompt_tokens, max_seq_len: int, max_batch_size: int):
     """Meta's loop silently yields nothing for a prompt that is too long; say what to do instead."""
     if len(prompt_tokens) > max_batch_size:
@@ -311,13 +344,17 @@ def sample(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, te
 
 
 def compare(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, max_gen_len: int = 64,
-            max_seq_len: int = 512, device: Optional[str] = None, dtype: str = "fp32"):
+            max_seq_len: int = 512, device: Optional[str] = None, dtype: str = "fp32", dialogs=None):
     """Load the checkpoint into both llama31 and Meta's reference (two copies of the weights),
     decode every prompt greedily with both, and report the first divergence. Exits with status 1
     if there is one (or if the tokenizers disagree), so scripts can use it as a check. fp32 on
     every device unless --dtype says otherwise: in bf16 the two differ by rounding alone (SDPA
-    against Meta's matmul and softmax, a batch against one row), which greedy decoding amplifies."""
-    prompts = _prompt_list(prompts)
+    against Meta's matmul and softmax, a batch against one row), which greedy decoding amplifies.
+    --dialogs (a JSON file of dialogs, tool calls and tool answers included): the prompts are those
+    dialogs in Llama 3's chat format, written by both, and each greedy reply is read back by both
+    (content, tool calls, stop reason)."""
+    dialogs = read_dialogs(dialogs) if dialogs is not None else None
+    prompts = _prompt_list(prompts) if dialogs is None else [str(d[-1].get("content", "")) for d in dialogs]
     check_sampling_args(0.0, 1.0, max_gen_len)
     device = check_device(device or default_device())
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, len(prompts), device, dtype)
@@ -326,7 +363,11 @@ def compare(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, m
     note = "" if dtype == torch.float32 else "; not fp32, so rounding alone can make them diverge"
     print(f"comparing llama31 and Meta's reference on {device} ({dtype}{note}), "
           f"{len(prompts)} prompts x {max_gen_len} greedy tokens", file=sys.stderr)
-    ours, theirs = [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts], encode_prompts(ref, prompts)
+    if dialogs is None:
+        ours, theirs = [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts], encode_prompts(ref, prompts)
+    else:
+        ours = [llama.chat_format.encode_dialog(llama.tokenizer, d) for d in dialogs]
+        theirs = [ref.formatter.encode_dialog_prompt(meta_messages(d)).tokens for d in dialogs]
     for i, (a, b) in enumerate(zip(ours, theirs)):
         if a != b:
             k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -335,8 +376,22 @@ def compare(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts=None, m
     check_prompts(ours, max_seq_len, len(prompts))
     reports = compare_models(llama, ref, ours, max_gen_len)
     print(format_report(reports, llama.tokenizer.decode))
-    if any(r.diverge_at is not None for r in reports):
+    misread = [i for i, r in enumerate(reports) if dialogs is not None and not same_reading(llama, ref, r.ours)]
+    if misread:
+        print(f"the replies to dialogs {misread} are read back differently (content, tool calls or stop reason)")
+    if misread or any(r.diverge_at is not None for r in reports):
         sys.exit(1)  # not a return value: fire would print it
+
+
+def same_reading(llama: Llama, ref, tokens: List[int]) -> bool:
+    """Whether our ChatFormat.decode_assistant and Meta's decode_assistant_message read a reply alike."""
+    from llama_models.datatypes import StopReason
+
+    ours = llama.chat_format.decode_assistant(llama.tokenizer, tokens)
+    theirs = ref.formatter.decode_assistant_message(tokens, StopReason.out_of_tokens)
+    calls = [(getattr(c.tool_name, "value", c.tool_name), c.arguments) for c in theirs.tool_calls]
+    return (ours["content"], ours["stop_reason"], [(c["tool_name"], c["arguments"]) for c in ours["tool_calls"]]) \
+        == (theirs.content, theirs.stop_reason.value, calls)
 
 
 def main(argv=None):

@@ -1,15 +1,20 @@
 """Conversation and `python chat.py`: each turn answers as chat_completion does on the whole
 dialog from scratch, while the KV cache kept between turns means a turn prefills only its new tokens."""
 
+import json
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
+import chat
 import compiled
 from chat import Conversation
 from llama31 import Llama
+from test_chat_format import meta_ids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,8 +32,14 @@ def smollm(smollm_path):
 
 
 def fresh_answer(llama, dialog, max_gen_len):
-    """What a prefill of the whole dialog from scratch answers (greedy)."""
-    return llama.chat_completion([dialog], max_gen_len, temperature=0)[0]["content"]
+    """What a prefill of the whole dialog from scratch answers (greedy), as the conversation streams it."""
+    prompt = llama.chat_format.encode_dialog(llama.tokenizer, dialog)
+    return llama.tokenizer.decode(llama.generate([prompt], max_gen_len, temperature=0)[0])
+
+
+def kept(llama, dialog, max_gen_len):
+    """The answer as a dialog keeps it: chat_completion's message (read back as Meta's code reads it)."""
+    return llama.chat_completion([dialog], max_gen_len, temperature=0)[0]
 
 
 @pytest.mark.slow
@@ -38,9 +49,9 @@ def test_piped_chat_cli_answers_each_turn_as_chat_completion_of_the_whole_dialog
                        input="Hello there!\n\nAnd what else?\n", cwd=REPO, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr  # end of input leaves cleanly
-    first = fresh_answer(tiny, [{"role": "user", "content": "Hello there!"}], 6)
-    second = fresh_answer(tiny, [{"role": "user", "content": "Hello there!"}, {"role": "assistant", "content": first},
-                                 {"role": "user", "content": "And what else?"}], 6)
+    hello = [{"role": "user", "content": "Hello there!"}]
+    first = fresh_answer(tiny, hello, 6)
+    second = fresh_answer(tiny, hello + [kept(tiny, hello, 6), {"role": "user", "content": "And what else?"}], 6)
     assert r.stdout == f"{first}\n{second}\n"  # the empty line is no message
 
 
@@ -89,8 +100,9 @@ def test_another_generation_between_turns_leaves_the_dialog_right(tiny, fixed):
     try:
         first = "".join(conv.ask("One"))
         tiny.text_completion(["Something else entirely"], 6, temperature=0)
-        dialog = [{"role": "user", "content": "One"}, {"role": "assistant", "content": first},
-                  {"role": "user", "content": "Two"}]
+        one = [{"role": "user", "content": "One"}]
+        assert first == fresh_answer(tiny, one, 5)
+        dialog = one + [kept(tiny, one, 5), {"role": "user", "content": "Two"}]
         assert "".join(conv.ask("Two")) == fresh_answer(tiny, dialog, 5)
     finally:
         conv.close()
@@ -135,3 +147,82 @@ def test_a_dialog_past_max_seq_len_drops_its_oldest_turns_and_still_answers(smol
 def test_chat_on_a_model_without_a_chat_format_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="no known chat format"):
         Conversation(Llama(tiny.model, tiny.tokenizer, None))
+
+
+# -----------------------------------------------------------------------------
+# tool calls: what the model writes is read back as Meta's code reads it, and the tool's answer
+# goes back in as an ipython message
+
+
+class Scripted:
+    """A decoder (Llama.decoder) that makes the model write the given tokens, one a step."""
+
+    def __init__(self, tokens, vocab_size: int):
+        self.tokens, self.vocab_size, self.at = list(tokens), vocab_size, 0
+
+    @contextmanager
+    def caches(self, batch_size, total_len):
+        yield
+
+    def logits(self, tokens, start_pos):
+        out = torch.full((tokens.shape[0], self.vocab_size), -1e9)
+        out[:, self.tokens[min(self.at, len(self.tokens) - 1)]] = 0
+        self.at += 1
+        return out
+
+
+CALL = '<|python_tag|>brave_search.call(query="weather in Menlo Park")'
+
+
+def scripted(llama, text):
+    ids = llama.tokenizer.encode(text, bos=False, eos=False, allowed_special="all")
+    return Llama(llama.model, llama.tokenizer, llama.chat_format), ids
+
+
+def test_chat_completion_returns_the_tool_call_meta_reads_and_its_stop_reason(tiny):
+    from llama_models.datatypes import StopReason
+    from llama_models.llama3.chat_format import ChatFormat as MetaChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+
+    llama, ids = scripted(tiny, CALL + "<|eom_id|>")
+    llama.decoder = Scripted(ids, tiny.model.args.vocab_size)
+    reply = llama.chat_completion([[{"role": "user", "content": "Weather?"}]], 32, temperature=0)[0]
+    meta = MetaChatFormat(MetaTokenizer.get_instance()).decode_assistant_message(ids, StopReason.out_of_tokens)
+    assert reply["stop_reason"] == meta.stop_reason.value == "end_of_message"
+    assert [(c["tool_name"], c["arguments"]) for c in reply["tool_calls"]] == \
+        [(meta.tool_calls[0].tool_name.value, meta.tool_calls[0].arguments)] == \
+        [("brave_search", {"query": "weather in Menlo Park"})]
+    assert reply["content"] == meta.content == ""
+
+
+def test_a_tool_call_shows_as_one_json_line_and_slash_tool_answers_it_as_meta_encodes_it(tiny, capsys):
+    from llama_models.llama3.chat_format import ChatFormat as MetaChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+
+    llama, ids = scripted(tiny, CALL + "<|eom_id|>")
+    answer = llama.tokenizer.encode("It is sunny.<|eot_id|>", bos=False, eos=False, allowed_special="all")
+    llama.decoder = Scripted(ids + answer, tiny.model.args.vocab_size)
+    conv = Conversation(llama, max_gen_len=32, temperature=0)
+    try:
+        chat.show(conv, "Weather in Menlo Park?", "user")
+        out = capsys.readouterr().out.splitlines()
+        assert out[-1].startswith("tool call: ") and json.loads(out[-1][len("tool call: "):])["tool_name"] == \
+            "brave_search"
+        assert conv.last["stop_reason"] == "end_of_message"
+        llama.decoder.at = len(ids)  # the script goes on with the answer after the tool's
+        chat.show(conv, '{"temperature": "20 C", "sky": "clear"}', "ipython")
+        assert capsys.readouterr().out == "It is sunny.\n"
+        assert [m["role"] for m in conv.messages] == ["user", "assistant", "ipython", "assistant"]
+        # the call (<|python_tag|> ... <|eom_id|>) and the tool's answer, as Meta writes them
+        want = meta_ids(MetaChatFormat(MetaTokenizer.get_instance()), conv.messages[:3])
+        assert conv.cached[:len(want)] == want
+    finally:
+        conv.close()
+
+
+@pytest.mark.slow
+def test_tools_on_a_model_without_llama3s_format_is_a_one_line_error():
+    r = subprocess.run([sys.executable, "chat.py", "--tools", "brave_search", "--device", "cpu"], input="Hi\n",
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        "error: --tools writes Llama 3's tool prompt, and ") and "Traceback" not in r.stderr

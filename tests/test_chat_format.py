@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import reference
 from tokenizer import ChatFormat, ConfigError, llama3_system_prompt
 
 INSTRUCTION = "You are a helpful assistant."
@@ -29,20 +30,8 @@ def meta_format():
 
 
 def meta_dialog(dialog):
-    """The same dialog as llama-models' RawMessages (a tool's answer has role "tool" there)."""
-    from llama_models.datatypes import RawMessage, RawTextItem, StopReason, ToolCall
-
-    out = []
-    for m in dialog:
-        m = dict(m, role="tool" if m["role"] == "ipython" else m["role"])
-        if isinstance(m.get("content"), list):
-            m["content"] = [RawTextItem(text=x) if isinstance(x, str) else RawTextItem(**x) for x in m["content"]]
-        if m.get("stop_reason"):
-            m["stop_reason"] = StopReason(m["stop_reason"])
-        m["tool_calls"] = [ToolCall(call_id=c.get("call_id", "id"), tool_name=c["tool_name"], arguments=c["arguments"])
-                           for c in m.get("tool_calls", [])]
-        out.append(RawMessage(**m))
-    return out
+    """The same dialog as llama-models' RawMessages (reference.py's conversion)."""
+    return reference.meta_messages(dialog)
 
 
 def meta_ids(meta_format, dialog, tool_format="json"):

@@ -166,7 +166,12 @@ def test_streamed_pieces_join_to_the_batch_completion(llama):
             assert not any("\ufffd" in piece for _, piece in pairs)
 
 
-def test_chat_completion_answers_in_llama3_format(llama):
+def test_chat_completion_answers_in_llama3_format_read_back_as_metas_code_reads_it(llama):
+    from llama_models.datatypes import StopReason
+    from llama_models.llama3.chat_format import ChatFormat as MetaChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+
+    meta = MetaChatFormat(MetaTokenizer.get_instance())
     dialogs = [[{"role": "user", "content": "Hi"}],
                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]]
     replies = llama.chat_completion(dialogs, max_gen_len=6, temperature=0)
@@ -176,5 +181,8 @@ def test_chat_completion_answers_in_llama3_format(llama):
     for dialog, reply in zip(dialogs, replies):
         prompt = llama.chat_format.encode_dialog(llama.tokenizer, dialog)
         assert prompt[0] == 128000 and prompt[-len(header):] == header
-        assert reply == {"role": "assistant",
-                         "content": llama.tokenizer.decode(llama.generate([prompt], 6, temperature=0)[0])}
+        tokens = llama.generate([prompt], 6, temperature=0, stops=True)[0]  # the stop token too, if any
+        assert tokens[:-1] == llama.generate([prompt], 6, temperature=0)[0][:len(tokens) - 1]
+        theirs = meta.decode_assistant_message(tokens, StopReason.out_of_tokens)
+        assert reply["role"] == "assistant" and reply["content"] == theirs.content
+        assert reply["stop_reason"] == theirs.stop_reason.value and reply["tool_calls"] == theirs.tool_calls == []

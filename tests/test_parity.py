@@ -278,6 +278,21 @@ def test_compare_reports_identical_outputs(ckpt_dir, model_parallel, capsys):
     assert "(torch.float32)" in captured.err  # fp32 unless asked: on CUDA too, where models default to bf16
 
 
+def test_compare_on_a_tool_dialog_writes_and_reads_it_as_metas_code_does(ckpt_dir, model_parallel, capsys, tmp_path):
+    from tokenizer import llama3_system_prompt
+
+    weather = [{"role": "system", "content": llama3_system_prompt("Be brief.", ["brave_search"], "21 September 2024")},
+               {"role": "user", "content": "Weather in Menlo Park?"},
+               {"role": "assistant", "content": "", "stop_reason": "end_of_message",
+                "tool_calls": [{"tool_name": "brave_search", "arguments": {"query": "Menlo Park weather"}}]},
+               {"role": "ipython", "content": '{"temperature": "20 C"}'}]
+    (tmp_path / "dialogs.json").write_text(json.dumps([weather, [{"role": "user", "content": "Hi"}]]))
+    reference.main(["compare", "--ckpt_dir", str(ckpt_dir), "--dialogs", str(tmp_path / "dialogs.json"),
+                    "--max_gen_len", "6", "--device", "cpu"])
+    out = capsys.readouterr().out  # exit status 1 (SystemExit) on a divergence or a different reading
+    assert out.rstrip().endswith("identical: all 2 prompts give the same greedy tokens")
+
+
 def test_compare_in_bf16_says_rounding_can_diverge(ckpt_dir, model_parallel, capsys):
     try:
         reference.main(["compare", "--ckpt_dir", str(ckpt_dir), *CLI_ARGS[:2], "--max_gen_len", "2",
