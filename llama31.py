@@ -37,6 +37,7 @@ import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import compiled
+import dialogs
 import formats
 import fsdp
 import lora
@@ -46,7 +47,7 @@ import runs
 import tp
 from formats import HEADER_BYTES, read_datafile_header
 from runs import (DistInfo, all_reduce_mean, check_device, check_number, check_sampling_args, default_device,
-                  next_batch, resolve_dtype, setup_distributed, training_autocast)
+                  hooks, next_batch, resolve_dtype, setup_distributed, training_autocast)
 from tokenizer import ChatFormat, ConfigError, Tokenizer
 
 
@@ -457,10 +458,6 @@ def rope_divisors(args: ModelArgs) -> torch.Tensor:
 #   around(load)                        run the whole load its way (tp: on every process, failing together)
 
 
-def hooks(variants, name: str) -> list:
-    return [getattr(v, name) for v in variants if hasattr(v, name)]
-
-
 def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None, quantize: Optional[str] = None,
                     group_size: int = 32, variants=(), tokenizer: bool = True, **overrides) -> "Llama":
     """A checkpoint in any layout (formats.read: a Meta or HF directory, a .gguf file) as a Llama: the
@@ -809,6 +806,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: str = ",".join(lora.DEFAULT_TARGETS)
     quantize: str = "none"  # int8 or int4 with lora: QLoRA's frozen quantized base (quantize.py)
+    train_on_input: bool = False  # dialogs (dialogs.py): every token a target, not the assistant's alone
     stop_after: Optional[int] = None  # stop early, at this step; the schedule still ends at max_steps
     val_every: int = 50
     val_steps: int = 10
@@ -878,11 +876,14 @@ def plan_run(given: dict, ckpt_dir, out_dir, resume, info: DistInfo, dev) -> run
     return run
 
 
-def training_data(run: runs.Run, tokenizer: Tokenizer, vocab_size: int):
+def training_data(run: runs.Run, tokenizer: Tokenizer, chat_format, vocab_size: int):
     """The train and validation loaders (None: no validation), every token checked against the
-    vocabulary first; the demo's, from data/sample.txt (runs.demo_data)."""
+    vocabulary first: token shards, conversations (dialogs.py), or the demo's data/sample.txt."""
     cfg, world, rank = run.cfg, run.info.world_size, run.info.rank
     train_data, val_data = cfg.train_data, cfg.val_data
+    if train_data is not None and dialogs.is_dialogs(train_data):
+        return dialogs.loaders(train_data, val_data, cfg.B, cfg.T, rank, world, tokenizer, chat_format,
+                               cfg.train_on_input, run.log)
     if train_data is None:  # the demo's own data
         train_data, demo_val, cfg.T = runs.demo_data(DEMO_TEXT, tokenizer, run.out / "demo_data", cfg.B, cfg.T,
                                                      world, run.log)
@@ -911,7 +912,7 @@ def setup_training(run: runs.Run):
     for prepare in hooks(run.variants, "prepare"):  # LoRA adds its adapters, FSDP shards what it has not
         prepare(model)
     select_trainable(model, cfg.finetune_type)
-    train_loader, val_loader = training_data(run, llama.tokenizer, model.args.vocab_size)
+    train_loader, val_loader = training_data(run, llama.tokenizer, llama.chat_format, model.args.vocab_size)
     # after the data: the demo's T may be smaller now (a given total batch stays a multiple)
     cfg.total_batch_size = cfg.total_batch_size or cfg.B * cfg.T * run.info.world_size
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, device_type=dev.type)
@@ -927,12 +928,11 @@ def setup_training(run: runs.Run):
     else:
         torch.manual_seed(cfg.seed)
     wrapped = wrap_for_training(model, run.info, dev, run.variants, cfg.compile)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_trainable, ckpt = sum(p.numel() for p in model.parameters() if p.requires_grad), cfg.checkpoint_activations
     run.log(f"finetune ({cfg.finetune_type}): {n_trainable / 1e6:.1f}M trainable parameters, {run.info.world_size} "
             f"process(es), grad_accum {cfg.total_batch_size // (cfg.B * cfg.T * run.info.world_size)}, "
             f"{cfg.total_batch_size} tokens/step, {train_loader.ntok_total} train tokens, document masking "
-            f"{'on' if cfg.doc_mask else 'off'}{', FSDP' if cfg.fsdp else ''}"
-            f"{', activation checkpointing' if cfg.checkpoint_activations else ''}")
+            f"{'on' if cfg.doc_mask else 'off'}{', FSDP' if cfg.fsdp else ''}{', activation checkpointing' * ckpt}")
     return llama, wrapped, optimizer, train_loader, val_loader
 
 
@@ -944,16 +944,16 @@ def wrap_for_training(model: Transformer, info: DistInfo, dev, variants=(), comp
     return torch.compile(model) if compile else model
 
 
-def mean_loss(loss_of, loader, steps: int, dev, autocast, bos_id: Optional[int], info: DistInfo) -> float:
-    """The loss over the first `steps` batches of loader, averaged over the processes (bos_id:
-    document masking at that token)."""
+def mean_loss(loss_of, loader, steps: int, dev, autocast, mask_of, info: DistInfo) -> float:
+    """The loss over the first `steps` batches of loader, averaged over the processes (mask_of: the
+    attention mask of a batch whose loader gives none)."""
     loader.reset()
     total = torch.zeros((), device=dev)
     with torch.no_grad():
         for _ in range(steps):
-            x, y = next_batch(loader, dev)
+            x, y, mask = next_batch(loader, dev, mask_of)
             with autocast:
-                total += loss_of(x, y, mask=document_mask(x, bos_id) if bos_id is not None else None)
+                total += loss_of(x, y, mask=mask)
     return all_reduce_mean(total / steps, info).item()
 
 
@@ -1008,11 +1008,11 @@ def sample_after_training(run: runs.Run, llama: "Llama", optimizer, prompts, dty
 
 
 def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str] = None, **settings):
-    """Finetune a Meta or HF directory or a .gguf file on .bin token shards, in one process or many
-    (torchrun --nproc_per_node N llama31.py finetune ...: DDP, or --fsdp). Checkpoints go to
-    out_dir/step_NNNNNN; --resume latest continues exactly. Without --ckpt_dir or --resume, the
-    demo: SmolLM2 on data/sample.txt. The settings are TrainConfig's (--help lists them); --finetune_type
-    lora trains adapters (with --quantize int8|int4: QLoRA). Returns the losses, step and model."""
+    """Finetune a Meta or HF directory or a .gguf file on .bin token shards or dialogs (.jsonl), in one
+    process or many (torchrun: DDP, or --fsdp); checkpoints in out_dir/step_NNNNNN, --resume latest
+    goes on exactly, out_dir/metrics.jsonl and loss.png record it. Without --ckpt_dir or --resume, the
+    demo (SmolLM2). The settings are TrainConfig's (--help lists them); --finetune_type lora trains
+    adapters (--quantize int8|int4: QLoRA). Returns the losses, step and model."""
     given = {k: v for k, v in settings.items() if v is not None}
     runs.check_settings(TrainConfig, MINIMUM, given)
     info, dev = setup_distributed(given.get("device"))
@@ -1020,7 +1020,7 @@ def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str]
     cfg, dtype = run.cfg, resolve_dtype(run.cfg.dtype, dev)
     autocast = training_autocast(dtype, dev)
     llama, model, optimizer, train_loader, val_loader = setup_training(run)
-    raw_model, bos = llama.model, llama.tokenizer.bos_id if cfg.doc_mask else None
+    raw_model, mask_of = llama.model, partial(document_mask, bos_id=llama.tokenizer.bos_id) if cfg.doc_mask else None
     grad_accum = cfg.total_batch_size // (cfg.B * cfg.T * info.world_size)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     peak, fpt = runs.peak_flops(dev, dtype), runs.flops_per_token(raw_model, cfg.T)
@@ -1028,30 +1028,30 @@ def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str]
 
     def validate():  # the bare model called (not forward_loss): a sharded one gathers in its hooks
         raw_model.eval()
-        stats["val_loss"] = mean_loss(raw_model, val_loader, cfg.val_steps, dev, autocast, bos, info)
+        stats["val_loss"] = mean_loss(raw_model, val_loader, cfg.val_steps, dev, autocast, mask_of, info)
         raw_model.train()
-        run.log(f"step {step:5d} | val loss {stats['val_loss']:.4f}")
+        runs.log_step(run, step, val_loss=stats["val_loss"])
 
     while step < run.last_stop:
         if val_loader is not None and cfg.val_every and step % cfg.val_every == 0:
             validate()
         t0 = time.time()
         lr = lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.warmup_steps, cfg.learning_rate * cfg.min_lr_ratio)
-        loss, norm = train_step(model, optimizer, train_loader, grad_accum, lr, trainable, cfg.grad_clip, bos,
+        loss, norm = train_step(model, optimizer, train_loader, grad_accum, lr, trainable, cfg.grad_clip, mask_of,
                                 autocast, dev)
         stats["train_loss"] = all_reduce_mean(loss, info).item()  # .item() also waits for the GPU
         dt, step = time.time() - t0, step + 1
         if step % cfg.log_every == 0 or step == run.last_stop:
             tps = cfg.total_batch_size / dt
-            mfu = f" | mfu {100 * tps * fpt / (peak * info.world_size):.1f}%" if peak else ""
-            run.log(f"step {step:5d}/{cfg.max_steps} | loss {stats['train_loss']:.4f} | lr {lr:.2e} | "
-                    f"norm {norm.item():.3f} | {dt * 1000:.0f} ms | {tps:,.0f} tok/s{mfu}")
+            runs.log_step(run, step, loss=stats["train_loss"], lr=lr, norm=norm.item(), ms=dt * 1000, tokens_per_s=tps,
+                          mfu=100 * tps * fpt / (peak * info.world_size) if peak else None)
         if step == run.last_stop or (cfg.save_every and step % cfg.save_every == 0):
             states = run.variant("state_dicts", lambda m, o: (m.state_dict(), o.state_dict()))(raw_model, optimizer)
             save_checkpoint(run, step, raw_model, states, train_loader, llama.tokenizer)
             del states
     if val_loader is not None and step == cfg.max_steps:
         validate()
+    runs.plot_losses(run)
     if cfg.sample_prompts != []:
         default = ["Once upon a time, a little dog"] if run.demo else DEFAULT_PROMPTS[:2]
         prompts = [cfg.sample_prompts] if isinstance(cfg.sample_prompts, str) else (cfg.sample_prompts or default)
@@ -1063,18 +1063,18 @@ def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str]
 
 
 def train_step(model: nn.Module, optimizer, loader, grad_accum: int, lr: float, trainable, grad_clip: float,
-               bos: Optional[int], autocast, dev):
+               mask_of, autocast, dev):
     """One optimizer step over grad_accum micro-batches; returns (the summed loss, the gradient norm)."""
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=dev)
     for micro in range(grad_accum):
-        x, y = next_batch(loader, dev)
+        x, y, mask = next_batch(loader, dev, mask_of)
         # DDP all-reduces gradients only on the last micro-step (a compiled DDP model included); a
         # sharding wrap reduces on every one, or each process would hold a whole gradient meanwhile
         ddp = isinstance(getattr(model, "_orig_mod", model), DDP)
         with model.no_sync() if ddp and micro < grad_accum - 1 else contextlib.nullcontext():
             with autocast:
-                loss = model(x, y, mask=document_mask(x, bos) if bos is not None else None) / grad_accum
+                loss = model(x, y, mask=mask) / grad_accum
             loss.backward()
         loss_sum += loss.detach()
     norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)

@@ -6,15 +6,16 @@ states, the demo's data, and the FLOPs behind MFU. Imports nothing from llama31.
 taken by duck typing (model.args).
 """
 
+import contextlib
+import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, List, Optional
-
-import contextlib
 
 import torch
 import torch.distributed as dist
@@ -136,11 +137,19 @@ def training_autocast(train_dtype, dev):
     return torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32 else contextlib.nullcontext()
 
 
-def next_batch(loader, dev):
-    x, y = loader.next_batch()
+def next_batch(loader, dev, mask_of=None):
+    """(x, y, attention mask) of loader's next batch on dev: the mask the loader gives (packed
+    dialogs), else mask_of(x) (None: causal)."""
+    batch = loader.next_batch()
     if dev.type == "cuda":  # from pinned memory the copy need not hold up the host
-        return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
-    return x.to(dev), y.to(dev)
+        batch = [t.pin_memory().to(dev, non_blocking=True) for t in batch]
+    x, y, *mask = [t.to(dev) for t in batch]
+    return x, y, mask[0] if mask else mask_of(x) if mask_of else None
+
+
+def hooks(variants, name: str) -> list:
+    """The variants' `name` hooks, in order (llama31.load_checkpoint's, finetune's)."""
+    return [getattr(v, name) for v in variants if hasattr(v, name)]
 
 
 # -----------------------------------------------------------------------------
@@ -161,6 +170,7 @@ class Run:
     info: object  # DistInfo (above)
     dev: object  # torch.device
     variants: list = field(default_factory=list)  # lora.py's and fsdp.py's (llama31.finetune's hooks)
+    started: float = field(default_factory=time.time)
     note: str = ""  # said once every check has passed (the demo's)
 
     def log(self, *a, **k):
@@ -170,6 +180,53 @@ class Run:
     def variant(self, hook: str, default):
         """The first variant's `hook`, else default."""
         return next((getattr(v, hook) for v in self.variants if hasattr(v, hook)), default)
+
+
+def log_step(run: Run, step: int, **metrics):
+    """A logged step (or a validation) on stdout, and as one JSON line appended to out_dir/metrics.jsonl
+    (rank 0; a resumed run appends): step, loss, val loss, lr, tokens/s, MFU where known, elapsed s."""
+    if not run.info.master:
+        return
+    m = {k: v for k, v in metrics.items() if v is not None}
+    if "val_loss" in m:
+        print(f"step {step:5d} | val loss {m['val_loss']:.4f}")
+    else:
+        mfu = f" | mfu {m['mfu']:.1f}%" if "mfu" in m else ""
+        print(f"step {step:5d}/{run.cfg.max_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | norm {m['norm']:.3f} | "
+              f"{m['ms']:.0f} ms | {m['tokens_per_s']:,.0f} tok/s{mfu}")
+    run.out.mkdir(parents=True, exist_ok=True)
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **m, "elapsed": round(time.time() - run.started, 3)}) + "\n")
+
+
+def plot_losses(run: Run):
+    """out_dir/loss.png: train and validation loss against step, every run of out_dir's metrics.jsonl
+    (rank 0); with matplotlib when it is installed, else a note."""
+    path = run.out / "metrics.jsonl"
+    if not run.info.master or not path.is_file():
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: {run.out / 'loss.png'} not drawn: matplotlib is not installed (pip install matplotlib); the "
+              f"losses are in {path}", file=sys.stderr)
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key, label in (("loss", "train"), ("val_loss", "validation")):
+        points = sorted({r["step"]: r[key] for r in rows if key in r}.items())
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(run.out.name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run.out / "loss.png")
+    plt.close(fig)
+    print(f"drew {run.out / 'loss.png'}")
 
 
 def plan(config_class, demo_settings: dict, saved_names, given: dict, ckpt_dir, out_dir, resume, info, dev) -> Run:
@@ -201,8 +258,9 @@ def plan(config_class, demo_settings: dict, saved_names, given: dict, ckpt_dir, 
         raise ConfigError(f"{out} holds the checkpoints of an earlier run ({out / 'latest'}); continue it with "
                           f"--resume latest, or give another --out_dir")
     source = resume_dir or (formats.find_demo_gguf() if demo else Path(ckpt_dir))
-    note = ("note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on "
-            "sample.txt; pass --ckpt_dir (a Llama checkpoint) and --train_data for a real run") if demo else ""
+    data = Path(str(given["train_data"])).name if given.get("train_data") else "sample.txt"
+    note = (f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on {data}; "
+            "pass --ckpt_dir (a Llama checkpoint) for a real run") if demo else ""
     return Run(cfg, out, source, demo, resume_dir, state, step, last_stop, info, dev, note=note)
 
 

@@ -117,7 +117,8 @@ def test_batches_reach_the_gpu_from_pinned_memory(data):
     loader = llama31.DistributedShardedDataLoader(data["train_data"], 2, 32)
     want = loader.next_batch()
     loader.reset()
-    x, y = runs.next_batch(loader, CUDA)
+    x, y, mask = runs.next_batch(loader, CUDA)
+    assert mask is None  # token shards: causal unless a mask_of is given
     assert x.device.type == "cuda" and torch.equal(x.cpu(), want[0]) and torch.equal(y.cpu(), want[1])
 
 
