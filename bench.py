@@ -72,6 +72,7 @@ import quantize
 import runs
 import tp as tensor_parallel
 from llama31 import Llama, ModelArgs, Transformer
+from tokenizer import Tokenizer, find_tokenizer_model, gguf_vocab_fields
 
 # Llama 3.1 shapes; 90m keeps the real vocabulary, so its output layer is the largest matrix
 SHAPES = {
@@ -86,7 +87,7 @@ SHAPES = {
 }
 for _shape in SHAPES.values():
     _shape.update(use_scaled_rope=True, rope_theta=500000.0)  # Llama 3.1's RoPE
-SECTIONS = ("roof", "decode", "prefill", "finetune", "lora", "load", "chat", "quant")
+SECTIONS = ("roof", "decode", "prefill", "finetune", "lora", "load", "chat", "quant", "llamacpp")
 
 
 def sync(device):
@@ -637,30 +638,41 @@ def bench_quant(args: ModelArgs, dtype_name: str, dev, P):
     return interleaved(cases, P.repeats), {k: model_bytes(m) for k, m in models.items()}
 
 
+def cpp_decoder(path, prompt: list, n: int):
+    """A function timing n greedy tokens of llama.cpp (llama-cpp-python) on the GGUF file at path,
+    with torch's thread count; None when llama-cpp-python is not installed."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    import llama_cpp
+    cpp = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+
+    def run():
+        cpp.reset()
+        times = []
+        for _ in cpp.generate(prompt, temp=0.0, top_k=1, reset=True):
+            times.append(time.perf_counter())
+            if len(times) == n:
+                break
+        return decode_rate(times)
+    return run
+
+
+CPP_MISSING = "llama-cpp-python not installed (pip install llama-cpp-python builds llama.cpp, ~4 min)"
+
+
 def bench_demo(dtype_name: str, dev, P):
     """Decode tokens/s of the demo GGUF kept quantized, against llama.cpp (llama-cpp-python) on the
     same file and thread count when it is installed; the dense paths for reference."""
     path = formats.find_demo_gguf()
     ours = Llama.build(path, max_seq_len=512, max_batch_size=1, device=dev, dtype=dtype_name)
     dense = Llama.build(path, max_seq_len=512, max_batch_size=1, device=dev, dtype=dtype_name, quantize="none")
-    prompt = ours.tokenizer.encode("Once upon a time, in a small village by the sea,", bos=False, eos=False)
+    prompt = ours.tokenizer.encode(DEMO_PROMPT, bos=False, eos=False)
     n = max(P.new_tokens, 16)
     ours, dense = Llama(ours.model, _Ids()), Llama(dense.model, _Ids())  # no stop token: n tokens each run
     cases = {"kept": lambda: decode_rate_of(ours, prompt, n), "dense": lambda: decode_rate_of(dense, prompt, n)}
-    cpp = None
-    if importlib.util.find_spec("llama_cpp") is not None and dev.type == "cpu":
-        import llama_cpp
-        cpp = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
-
-        def run_cpp():
-            cpp.reset()
-            times = []
-            for _ in cpp.generate(prompt, temp=0.0, top_k=1, reset=True):
-                times.append(time.perf_counter())
-                if len(times) == n:
-                    break
-            return decode_rate(times)
-        cases["llama.cpp"] = run_cpp
+    cpp = cpp_decoder(path, prompt, n) if dev.type == "cpu" else None
+    if cpp:
+        cases["llama.cpp"] = cpp
     r = interleaved(cases, P.repeats)
     return r, ("llama-cpp-python " + importlib.metadata.version("llama-cpp-python")) if cpp else None
 
@@ -684,7 +696,88 @@ def quant_rows(args, name, dev, sections, P):
                  fmt(median(r[peer])), ratio(r, "kept", peer),
                  f"kept quantized; dense {fmt(median(r['dense']))} tok/s; " +
                  (f"{cpp}, same threads; goal 1.0x" if cpp else
-                  "llama-cpp-python not installed (pip install llama-cpp-python builds llama.cpp, ~4 min)")))
+                  CPP_MISSING)))
+    return rows
+
+
+DEMO_PROMPT = "Once upon a time, in a small village by the sea,"
+
+
+def products_per_token(model: Transformer) -> int:
+    """Matrix products one decode step runs: a block's (4 fused, fused.py; 7 apart) and the output."""
+    return sum(hasattr(m, "in_features") for name, m in model.named_modules() if not name.startswith("tok_emb"))
+
+
+def read_bandwidth(dev, repeats: int) -> float:
+    """Bytes/s of the best of repeats plain reads (a sum) of 256 MB: what a decode step's weights
+    can at most stream at."""
+    x = torch.ones(64 * 2**20, device=dev)
+
+    def once():
+        t0 = time.perf_counter()
+        x.sum().item()
+        return x.nbytes / (time.perf_counter() - t0)
+    return max(once() for _ in range(repeats + 1))
+
+
+def random_gguf(args: ModelArgs, seed: int, out: Path, gguf_type: str = "q4_0") -> Path:
+    """The shape's random weights as one GGUF file in gguf_type (as export.py writes one), with Llama
+    3's tokenizer: a file llama.cpp and llama31 both read."""
+    path = out / f"random-{gguf_type}.gguf"
+    model = build_ours(args, torch.float32, "cpu", seed)
+    vocab = Tokenizer(find_tokenizer_model()).vocab
+    fields = {**gguf_vocab_fields(vocab), "chat_template": formats.LLAMA3_CHAT_TEMPLATE}
+    formats.save_gguf(model.state_dict(), args.to_params(), path, fields, gguf_type,
+                      rope_freqs=llama31.rope_divisors(args) if args.use_scaled_rope else None)
+    return path
+
+
+def bench_gguf(path, configs: dict, dev, P):
+    """Decode tok/s of one GGUF file built each way of configs (Llama.build's keywords), and of
+    llama.cpp on it (when installed), round by round; with each model's products a token and
+    weight bytes."""
+    n = max(P.new_tokens, 16)
+    models = {k: Llama.build(path, max_seq_len=512, max_batch_size=1, device=dev, **kw) for k, kw in configs.items()}
+    prompt = next(iter(models.values())).tokenizer.encode(DEMO_PROMPT, bos=False, eos=False)
+    for m in models.values():
+        m.tokenizer = _Ids()  # no stop token: n tokens each run (a compiled model keeps its decoder)
+    cases = {k: (lambda m=m: decode_rate_of(m, prompt, n)) for k, m in models.items()}
+    cpp = cpp_decoder(path, prompt, n)
+    if cpp:
+        cases["llama.cpp"] = cpp
+    about = {k: (products_per_token(m.model), model_bytes(m.model),
+                 next(k for k, v in runs.DTYPES.items() if v == m.model.norm.weight.dtype))
+             for k, m in models.items()}
+    return interleaved(cases, P.repeats), about
+
+
+def llamacpp_rows(args, name, dev, sections, P):
+    """Decode tok/s against llama.cpp on the same GGUF file and thread count: the demo as `python
+    llama31.py` runs it (dequantized to fp32), kept in 4 bits with bf16 activations (--quantize
+    keep --dtype bf16), and that compiled; a random file of the shape in Q4_0 (shapes with Llama
+    3's vocabulary) as a GGUF loads by default (int4, bf16), and compiled. Each row names its own
+    dtype: the section runs once, with the first of --dtypes."""
+    if dev.type != "cpu" or name != P.dtypes[0]:
+        return [("llama.cpp decode", name, "CPU only", "", "", "")] if dev.type != "cpu" else []
+    kept = dict(quantize="keep", dtype="bf16")
+    files = [("demo", formats.find_demo_gguf(), {"dequantized fp32 (the default)": dict(quantize="none", dtype="fp32"),
+                                                 "int4 bf16 (--quantize keep)": kept,
+                                                 "int4 bf16, --compile": dict(**kept, compile=True)})]
+    rows, bandwidth = [], read_bandwidth(dev, P.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.vocab_size == 128256:
+            files.append((f"{P.shape_name} Q4_0", random_gguf(args, P.seed, Path(tmp)),
+                          {"int4 bf16 (its default)": {}, "int4 bf16, --compile": dict(compile=True)}))
+        for label, path, configs in files:
+            configs = {k: v for k, v in configs.items() if P.compile or not v.get("compile")}
+            r, about = bench_gguf(path, configs, dev, P)
+            cpp = "llama.cpp" in r
+            for config, (products, nbytes, dtype) in about.items():
+                rows.append((f"{label} decode tok/s, {config} (vs llama.cpp)", dtype, fmt(median(r[config])),
+                             fmt(median(r["llama.cpp"])) if cpp else "", ratio(r, config, "llama.cpp") if cpp else "",
+                             f"{products} products/token, {fmt(nbytes, 'B')} of weights: roof "
+                             f"{bandwidth / nbytes:.0f} tok/s at {fmt(bandwidth, 'B/s')} (a plain read)" +
+                             ("" if cpp else f"; {CPP_MISSING}")))
     return rows
 
 
@@ -797,7 +890,8 @@ def tp_rows(args, name, dev, processes, P):
 
 
 SECTION_ROWS = {"roof": roof_rows, "decode": decode_rows, "prefill": prefill_rows, "finetune": finetune_rows,
-                "lora": lora_rows, "load": load_rows, "chat": chat_rows, "quant": quant_rows}
+                "lora": lora_rows, "load": load_rows, "chat": chat_rows, "quant": quant_rows,
+                "llamacpp": llamacpp_rows}
 
 
 # -----------------------------------------------------------------------------
@@ -886,8 +980,9 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
         raise SystemExit(f"error: {e}") from None
     if threads:
         torch.set_num_threads(threads)
-    P = SimpleNamespace(prompt_len=prompt_len, new_tokens=new_tokens, prefill_len=prefill_len, B=B, T=T,
-                        repeats=repeats, train_repeats=train_repeats, compile=compile, seed=seed, roof={})
+    P = SimpleNamespace(shape_name=shape, dtypes=dtypes, prompt_len=prompt_len, new_tokens=new_tokens,
+                        prefill_len=prefill_len, B=B, T=T, repeats=repeats, train_repeats=train_repeats,
+                        compile=compile, seed=seed, roof={})
     transformers.logging.set_verbosity_error()
     kwargs = {**SHAPES[shape], "max_seq_len": max(prompt_len + new_tokens, prefill_len, T), "max_batch_size": 1}
     full_depth = kwargs["n_layers"]

@@ -10,15 +10,19 @@ runs once per call instead of once per op.
   (mode="reduce-overhead"; gpt-fast's layout). Its caches, (max_batch_size, max_seq_len), are made
   once and kept between generations, at fixed addresses.
 
-Each compiles on first use (tens of seconds on a CPU). Training stays eager. compile_inference
+Each compiles on first use (a minute or more on a CPU; seconds once Inductor's on-disk cache holds
+it). On a CPU only decoding is compiled (compile_inference). Training stays eager. compile_inference
 plugs this into a llama31.Llama: its model's logits() becomes the compiled prefill and its decoder
 a StaticDecoder (generate_stream's decoder: caches(), logits()). Imports nothing from llama31.py.
 """
 
+import sys
 from contextlib import contextmanager
 from functools import partial
+from typing import Optional
 
 import torch
+import torch._inductor.runtime.cache_dir_utils
 
 
 def inductor_options() -> dict:
@@ -30,9 +34,18 @@ def inductor_options() -> dict:
     return options
 
 
-def compile_inference(llama):
-    """Compile a loaded Llama's prefill and decoding (above); returns it."""
+def compile_inference(llama, prefill: Optional[bool] = None):
+    """Compile a loaded Llama's decoding and, unless on a CPU (prefill None) or prefill=False, its
+    prefill (above); returns it. On a CPU a prefill is bound by its products: compiled, the demo's
+    256 tokens took 385 ms against 391 eager (2-core Xeon, int4), and its compile doubled the wait
+    for the first token. Says on stderr why the first prompt waits, and where the wait is kept."""
     model = llama.model
+    cache = torch._inductor.runtime.cache_dir_utils.cache_dir()
+    print(f"note: --compile: decoding compiles on first use, a minute or more on a CPU the first time; Inductor's "
+          f"cache ({cache}) keeps it, so the next run of this model and shapes waits seconds", file=sys.stderr)
+    llama.decoder = StaticDecoder(model, eager=llama.decoder)
+    if prefill is False or (prefill is None and model.norm.weight.device.type == "cpu"):
+        return llama
     prefill = torch.compile(model.logits, dynamic=True, options=inductor_options())
 
     def logits(tokens, start_pos=0, mask=None, last_only=False):
@@ -42,7 +55,6 @@ def compile_inference(llama):
         return prefill(tokens.clone(memory_format=torch.contiguous_format), start_pos, mask, last_only)
 
     model.logits = logits
-    llama.decoder = StaticDecoder(model, eager=llama.decoder)
     return llama
 
 

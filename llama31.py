@@ -13,7 +13,7 @@ layers.N.attention.wq, ...), so an official consolidated.00.pth loads with no re
 this file: formats.py reads every other layout into Meta's form, tokenizer.py holds the tokenizer
 and chat formats, runs.py devices, processes and a run's bookkeeping. Variants plug in through
 the hooks of load_checkpoint and finetune, a file each: quantize.py, lora.py, tp.py, fsdp.py,
-compiled.py, matvec.py. chat.py, eval.py, export.py and shards.py are scripts of their own.
+compiled.py, matvec.py, fused.py. chat.py, eval.py, export.py and shards.py are scripts of their own.
 """
 
 import contextlib
@@ -40,6 +40,7 @@ import compiled
 import dialogs
 import formats
 import fsdp
+import fused
 import lora
 import matvec
 import quantize as quantizer
@@ -223,12 +224,13 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: Optional[KVCache] = None
+        self.wqkv: Optional[nn.Module] = None  # wq, wk, wv as one product (fused.py, to decode)
 
     def forward(self, x, cos, sin, mask, start_pos: int):
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        sizes = [self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
+        q, k, v = (self.wq(x), self.wk(x), self.wv(x)) if self.wqkv is None else self.wqkv(x).split(sizes, -1)
+        q, k, v = (t.view(bsz, seqlen, -1, self.head_dim) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if self.cache is not None:
@@ -283,13 +285,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: Optional[nn.Module] = None  # w1 and w3 as one product (fused.py)
 
     def forward(self, x):
-        if torch.is_grad_enabled():
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        # inference: in place, so the two (T, hidden) temporaries are never allocated; on CPU each
-        # fresh large tensor costs its pages' faults, which cost more than silu itself
-        return self.w2(F.silu(self.w1(x), inplace=True).mul_(self.w3(x)))
+        a, b = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x).chunk(2, dim=-1)
+        # inference in place: no (T, hidden) temporary, whose fresh pages cost more than silu on a CPU
+        return self.w2(F.silu(a) * b if torch.is_grad_enabled() else F.silu(a, inplace=True).mul_(b))
 
 
 class TransformerBlock(nn.Module):
@@ -580,13 +581,16 @@ class Llama:
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, rope_scale_factor: Optional[float] = None,
               compile: bool = False, quantize: Optional[str] = None, group_size: int = 32,
-              parallel: bool = False) -> "Llama":
+              parallel: bool = False, fuse: bool = True) -> "Llama":
         """Load tokenizer and weights (load_checkpoint) of a Meta or HF directory or a .gguf file on
         device (default: the best there is) in dtype (default bf16 on CUDA, else fp32). compile:
-        through torch.compile (compiled.py); parallel: under torchrun, tensor parallel (tp.py)."""
+        through torch.compile (compiled.py); parallel: under torchrun, tensor parallel (tp.py);
+        fuse: wq wk wv and w1 w3 as one product each (fused.py; not with parallel)."""
         llama = load_checkpoint(ckpt_dir, tokenizer_path, device, dtype, quantize, group_size,
                                 [tp.TensorParallel()] if parallel else [], max_seq_len=max_seq_len,
                                 max_batch_size=max_batch_size, rope_scale_factor=rope_scale_factor)
+        if fuse and not parallel:
+            fused.fuse(llama.model)
         return compiled.compile_inference(llama) if compile else llama
 
     def check_sampling(self, prompt_tokens, temperature, top_p, max_gen_len):
@@ -835,16 +839,10 @@ FINETUNE_TYPES = ("all", "rmsnorm", "no_embeddings", "lora")
 def select_trainable(model: Transformer, finetune_type: str):
     """all: every parameter; rmsnorm: the norm gains; no_embeddings: all but the two vocab-sized
     matrices (most of a small model's memory); lora: the adapters (lora.py froze the rest)."""
+    trains = {"rmsnorm": lambda name: name.endswith("norm.weight"), "lora": lambda name: ".lora_" in name,
+              "no_embeddings": lambda name: not name.startswith(("tok_embeddings.", "output."))}
     for name, p in model.named_parameters():
-        if finetune_type == "rmsnorm":
-            train = name.endswith("norm.weight")
-        elif finetune_type == "no_embeddings":
-            train = not name.startswith(("tok_embeddings.", "output."))
-        elif finetune_type == "lora":
-            train = ".lora_" in name
-        else:
-            train = True
-        p.requires_grad_(train)
+        p.requires_grad_(trains[finetune_type](name) if finetune_type in trains else True)
 
 
 def lr_at(step: int, max_steps: int, max_lr: float, warmup_steps: int, min_lr: float) -> float:
@@ -1135,26 +1133,25 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     else:  # what text_completion does
         prompt_tokens = [tok.encode(p, bos=tok.add_bos, eos=False) for p in prompts]
     heads = [f"> {p}\n" if chat else p for p in prompts]
-    generator = torch.Generator(device=device).manual_seed(seed)
-    t0, n = time.time(), 0
+    generator, clock = torch.Generator(device=device).manual_seed(seed), runs.DecodeClock()
     if stream:
         for ids in prompt_tokens:  # every prompt checked before the first is echoed
             llama.check_sampling([ids], temperature, top_p, max_gen_len)
         for head, ids in zip(heads, prompt_tokens):
             print(head, end="", flush=True)
-            for token, text in llama.stream(ids, max_gen_len, temperature, top_p, generator):
-                n += token is not None
+            for _, text in clock.timed(llama.stream(ids, max_gen_len, temperature, top_p, generator),
+                                           lambda piece: piece[0] is not None):
                 print(text, end="", flush=True)
             print("\n" + "-" * 80)
     else:
-        outs = llama.generate(prompt_tokens, max_gen_len, temperature, top_p, generator=generator)
+        outs = [[] for _ in prompt_tokens]
+        steps = llama.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, generator)
+        for step in clock.timed(steps, lambda step: sum(t is not None for t in step)):
+            for out, t in zip(outs, step):
+                out.extend([] if t is None else [t])
         for head, out in zip(heads, outs):
-            print(head + tok.decode(out))
-            print("-" * 80)
-        n = sum(len(t) for t in outs)
-    seconds = time.time() - t0
-    print(f"generated {n} tokens in {seconds:.1f}s ({n / seconds:.1f} tokens/s"
-          f"{'' if stream else f', batch of {len(prompts)}'})", file=sys.stderr)
+            print(head + tok.decode(out) + "\n" + "-" * 80)
+    print(clock.summary(compile) + ("" if stream else f" (a batch of {len(prompts)})"), file=sys.stderr)
 
 
 MOVED = {"chat": "chat.py", "eval": "eval.py", "export": "export.py", "shards": "shards.py"}

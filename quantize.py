@@ -25,7 +25,7 @@ imports nothing from llama31.py.
 import functools
 import sys
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -154,6 +154,23 @@ class Int8Linear(nn.Module):
         """Rows lo..hi of the matrix in fp32 (all of it by default)."""
         return Int8Values(self.weight[lo:hi], self.scales[lo:hi]).dequantize()
 
+    @classmethod
+    def joined(cls, parts: List["Int8Linear"], check: bool = False):
+        """One module holding the rows of parts, in order (fused.py); check: whether they can be."""
+        first = parts[0]
+        if check:
+            return all((p.in_features, p.scales.dtype, p.weight.device) ==
+                       (first.in_features, first.scales.dtype, first.weight.device) for p in parts)
+        new = cls(first.in_features, sum(p.out_features for p in parts), first.scales.dtype, "meta")
+        new.weight, new.scales = torch.cat([p.weight for p in parts]), torch.cat([p.scales for p in parts])
+        return new
+
+    def rows(self, lo: int, hi: int) -> "Int8Linear":
+        """Rows lo..hi as a module of their own (views)."""
+        new = Int8Linear(self.in_features, hi - lo, self.scales.dtype, "meta")
+        new.weight, new.scales = self.weight[lo:hi], self.scales[lo:hi]
+        return new
+
 
 class Int4Linear(nn.Module):
     """y = x @ W.T, W = (q - 8) * scale + zero per group of group_size inputs. weight holds q two
@@ -205,7 +222,7 @@ class Int4Linear(nn.Module):
         return {"weight": packed.to(device), "scales_and_zeros": sz.to(device, dtype)}
 
     def forward(self, x):
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels want rows in a row (a fused w13's half is not)
         sz = self.scales_and_zeros if self.scales_and_zeros.dtype == x.dtype else self.scales_and_zeros.to(x.dtype)
         if self.layout == "cpu" and kernel_fits(x2):
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz)
@@ -218,6 +235,10 @@ class Int4Linear(nn.Module):
     def dequantize(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
         """Rows lo..hi of the matrix in fp32 (all of it by default). CUDA's tiles are not undone
         here: run the kernel on an identity matrix instead (x = I gives W^T)."""
+        return self.values(lo, hi).dequantize()
+
+    def values(self, lo: int = 0, hi: Optional[int] = None) -> Int4Values:
+        """Rows lo..hi unpacked: their 4-bit values, scales and zeros."""
         hi = self.out_features if hi is None else hi
         if self.layout == "cpu":
             q = cpu_int4_values(self.weight, self.in_features, self.group_size, lo, hi, self.cpu_layout)
@@ -226,7 +247,32 @@ class Int4Linear(nn.Module):
         else:
             raise ConfigError(f"dequantize reads the plain and CPU int4 layouts, not {self.layout}'s")
         sz = self.scales_and_zeros[:, lo:hi].transpose(0, 1)
-        return Int4Values(q, sz[..., 0], sz[..., 1]).dequantize()
+        return Int4Values(q, sz[..., 0], sz[..., 1])
+
+    @classmethod
+    def joined(cls, parts: List["Int4Linear"], check: bool = False):
+        """One module holding the rows of parts, in order, packed again (fused.py); check: whether
+        they can be (CUDA's tiles are not unpacked here)."""
+        first = parts[0]
+        key = (first.in_features, first.group_size, first.layout, first.scales_and_zeros.dtype, first.weight.device)
+        if check:
+            return first.layout != "cuda" and all((p.in_features, p.group_size, p.layout, p.scales_and_zeros.dtype,
+                                                   p.weight.device) == key for p in parts)
+        values = [p.values() for p in parts]
+        q, scales, zeros = (torch.cat([getattr(v, f) for v in values]) for f in ("q", "scales", "zeros"))
+        return first.holding(Int4Values(q, scales, zeros))
+
+    def rows(self, lo: int, hi: int) -> "Int4Linear":
+        """Rows lo..hi as a module of their own, packed again."""
+        return self.holding(self.values(lo, hi))
+
+    def holding(self, values: Int4Values) -> "Int4Linear":
+        """A module like this one (group, layout, dtype, device) holding values."""
+        dtype, device = self.scales_and_zeros.dtype, self.weight.device
+        new = Int4Linear(self.in_features, values.q.shape[0], self.group_size, dtype, "meta", self.layout)
+        for name, buffer in self.buffers_for(values, self.group_size, self.layout, device, dtype).items():
+            setattr(new, name, buffer)
+        return new
 
 
 # -----------------------------------------------------------------------------

@@ -119,6 +119,42 @@ def describe(model) -> str:
         (f", tensor parallel over {layout.world} processes" if layout else "")
 
 
+class DecodeClock:
+    """A generation's time said apart: each prompt's first new token (its prefill), its second (the
+    first decode step, where a compiled step compiles) and the rest (decoding), so that tokens/s
+    means decoding only."""
+
+    def __init__(self):
+        self.waits, self.decode_s, self.tokens, self.decoded = [], 0.0, 0, 0
+
+    def timed(self, steps, count):
+        """steps (an iterator) as they come; count(step): how many new tokens a step brings."""
+        marks = [time.perf_counter()]
+        for step in steps:
+            n = count(step)
+            if n and len(marks) < 3:
+                marks.append(time.perf_counter())
+            elif len(marks) == 3:
+                self.decoded += n
+            self.tokens += n
+            yield step
+        if len(marks) == 3:
+            self.decode_s += time.perf_counter() - marks[2]
+        self.waits.append([b - a for a, b in zip(marks, marks[1:])])
+
+    def summary(self, compiled: bool) -> str:
+        rate = f"{self.decoded / self.decode_s:.1f} tokens/s decoding" if self.decoded else "no decoding"
+        out = f"generated {self.tokens} tokens: {rate}"
+        if self.waits and self.waits[0]:
+            out += f"; first token after {self.waits[0][0]:.2f}s (prefill)"
+        if self.waits and len(self.waits[0]) > 1:
+            out += f", the second {self.waits[0][1]:.2f}s later (first decode step{', compiling' if compiled else ''})"
+        if len(self.waits) > 1:
+            firsts = [w[0] for w in self.waits[1:] if w]
+            out += f"; the other prompts' first tokens after {sum(firsts) / max(1, len(firsts)):.2f}s on average"
+        return out
+
+
 def check_sampling_args(temperature, top_p, max_gen_len):
     check_number("temperature", temperature)
     check_number("top_p", top_p)

@@ -125,6 +125,35 @@ def test_cli_batch_mode_prints_the_same_as_streaming(ckpt_dir):
     streamed, batched = run_cli(*args), run_cli(*args, "--nostream")
     assert streamed.returncode == batched.returncode == 0
     assert streamed.stdout == batched.stdout
+    # the last line times decoding apart from each prompt's first token
+    for r in (streamed, batched):
+        line = r.stderr.strip().splitlines()[-1]
+        assert line.startswith("generated ") and " tokens/s decoding; first token after " in line, line
+        assert "s later (first decode step)" in line
+    assert "the other prompts' first tokens after" in streamed.stderr and "(a batch of 2)" in batched.stderr
+
+
+def test_the_decode_rate_leaves_out_the_waits_for_the_first_two_tokens():
+    """A first token after 0.3 s (a prefill), the second 0.2 s later (a decode step compiling), then
+    5 at 20 ms each: 50 tokens/s, not 7 tokens in 0.6 s (12/s)."""
+    import time
+
+    import runs
+
+    def steps():
+        for wait in (0.3, 0.2, 0.02, 0.02, 0.02, 0.02, 0.02):
+            time.sleep(wait)
+            yield [1]
+    clock = runs.DecodeClock()
+    assert list(clock.timed(steps(), len)) == [[1]] * 7
+    assert clock.tokens == 7 and clock.decoded == 5
+    (prefill, step), = clock.waits
+    assert 0.3 <= prefill < 0.35 and 0.2 <= step < 0.25
+    rate = clock.decoded / clock.decode_s
+    assert 35 < rate <= 50, rate  # sleeps run over, never under
+    assert clock.summary(compiled=True) == (f"generated 7 tokens: {rate:.1f} tokens/s decoding; first token after "
+                                            f"{prefill:.2f}s (prefill), the second {step:.2f}s later (first decode "
+                                            f"step, compiling)")
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -214,7 +214,7 @@ def test_compiled_inference_matches_eager():
     prompts = [tokens[0, :5].tolist(), tokens[1, :9].tolist()]
     eager = [llama.generate([p], 6, temperature=0) for p in prompts] + [decode(1), decode(2)]
     torch._dynamo.reset()  # count graphs from nothing
-    compiled.compile_inference(llama)
+    compiled.compile_inference(llama, prefill=True)  # as on CUDA; a CPU's default compiles decoding alone
     counters = torch._dynamo.utils.counters
     counters.clear()
     try:  # past the recompile limit torch would quietly run eager; here that is an error

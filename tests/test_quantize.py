@@ -321,7 +321,9 @@ def demo(smollm_path):
 def test_the_demo_gguf_stays_quantized_on_its_own_grid(demo):
     kept, full = demo
     layers = [m for m in kept.model.modules() if isinstance(m, Int4Linear)]
-    assert len(layers) == 210 and all(m.layout == "cpu" for m in layers)  # every Q4_1 matrix, as int4
+    assert len(layers) == 120 and all(m.layout == "cpu" for m in layers)  # 4 products a block (fused.py)
+    saved = [k for k in kept.model.state_dict() if k.endswith(".scales_and_zeros")]
+    assert len(saved) == 210  # every Q4_1 matrix, as int4, under Meta's 7 names a block
     assert isinstance(kept.model.output, Int8Linear)  # Q8_0, tied: the embedding shares its int8 matrix
     assert kept.model.tok_embeddings.weight is kept.model.output.weight
     x = torch.tensor([kept.tokenizer.encode("The capital of France is Paris, and of Italy", bos=False, eos=False)])
