@@ -8,8 +8,9 @@ when it is there (Attention.wqkv, FeedForward.w13; split along the last dimensio
 
 Nothing saved ever holds the joined matrices: a fused block's state_dict() gives Meta's wq wk wv,
 w1 w3 again (cut back out of the joined ones), so exports and checkpoints are as before. Fusing is
-for models that only decode: Llama.build does it; finetuning, LoRA adapters (wrapped products are
-left as they are), tensor parallel and CUDA's int4 tiles (not cut here) keep the separate products.
+for models that only decode: Llama.build does it (unfuse undoes it); finetuning, LoRA adapters
+(wrapped products are left as they are), tensor parallel and CUDA's int4 tiles (not cut here) keep
+the separate products.
 Imports nothing from llama31.py.
 """
 
@@ -51,7 +52,8 @@ def cut(joined: nn.Module, sizes) -> list:
     parts = []
     for lo, hi in zip(bounds, bounds[1:]):
         part = nn.Linear(joined.in_features, hi - lo, bias=False, device="meta")
-        part.weight = nn.Parameter(joined.weight[lo:hi], requires_grad=False)
+        part.__class__ = type(joined)
+        part.weight = nn.Parameter(joined.weight[lo:hi], requires_grad=joined.weight.requires_grad)
         parts.append(part)
     return parts
 
@@ -67,12 +69,32 @@ def fuse(model: nn.Module) -> int:
                 continue
             if not hasattr(module, "fused_sizes"):
                 module.fused_sizes, module.meta_order = {}, list(module._modules)
-                module.register_state_dict_post_hook(meta_names)
+                module.fused_hook = module.register_state_dict_post_hook(meta_names)
             setattr(module, name, join(parts))
             module.fused_sizes[name] = [p.out_features for p in parts]
             for p in names:
                 delattr(module, p)  # the parts' memory goes; state_dict cuts them back out
             n += 1
+    return n
+
+
+def unfuse(model: nn.Module) -> int:
+    """Undo fuse: every joined product cut back into its parts (views of its rows; quantized ones
+    packed again), under Meta's names in Meta's order; returns how many. Before anything that
+    adapts products by name (lora.add_adapters refuses a fused model)."""
+    n = 0
+    for module in [m for m in model.modules() if hasattr(m, "fused_sizes")]:
+        for name, sizes in module.fused_sizes.items():
+            for part_name, part in zip(PARTS[name], cut(getattr(module, name), sizes)):
+                setattr(module, part_name, part)
+            setattr(module, name, None)
+            n += 1
+        order = module.meta_order
+        children = sorted(module._modules.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+        module._modules.clear()
+        module._modules.update(children)  # Meta's order again
+        module.fused_hook.remove()
+        del module.fused_sizes, module.meta_order, module.fused_hook
     return n
 
 

@@ -105,3 +105,24 @@ def test_fusing_leaves_lora_wrapped_and_mixed_products_apart(ckpt):
     assert not fused.joinable([torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 4, bias=True)])
     assert not fused.joinable([torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(16, 4, bias=False)])
 
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unfuse_gives_back_the_separate_products(ckpt, mode):
+    apart, llama = build(ckpt, mode, fuse=False), build(ckpt, mode, fuse=True)
+    assert fused.unfuse(llama.model) == 4 and fused.unfuse(llama.model) == 0  # 2 blocks x (wqkv, w13); once
+    assert products(llama.model.layers[0]) == products(apart.model.layers[0])
+    for a, b in zip(llama.model.layers[0].modules(), apart.model.layers[0].modules()):
+        assert type(a) is type(b)  # matvec.Linear, Int8Linear, Int4Linear as loaded
+    want, got = apart.model.state_dict(), llama.model.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert near(steps(llama), steps(apart))
+
+
+def test_lora_refuses_a_fused_model_and_adapts_it_once_unfused(ckpt):
+    llama = build(ckpt, "none", fuse=True)
+    config = lora.LoRAConfig(rank=2, targets=("wq", "w1"))
+    with pytest.raises(lora.ConfigError, match=r"layers\.0\.attention does its products fused .*fused\.unfuse"):
+        lora.add_adapters(llama.model, config)
+    fused.unfuse(llama.model)
+    assert len(lora.add_adapters(llama.model, config)) == 4  # wq and w1 of 2 blocks

@@ -283,6 +283,14 @@ def test_a_quantized_model_equals_a_dense_model_of_its_dequantized_weights(tiny_
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
 
 
+def test_int4_with_fp32_activations_on_cpu_says_it_is_slow(tiny_ckpt, capsys):
+    load_checkpoint(tiny_ckpt, max_seq_len=64, device="cpu", dtype="fp32", quantize="int4")
+    assert "int4 matrices with fp32 activations run ~30x slower" in capsys.readouterr().err
+    load_checkpoint(tiny_ckpt, max_seq_len=64, device="cpu", quantize="int4")  # bf16: the fast path, no note
+    load_checkpoint(tiny_ckpt, max_seq_len=64, device="cpu", dtype="fp32", quantize="int8")
+    assert "slower" not in capsys.readouterr().err
+
+
 def test_a_quantized_model_defaults_to_bf16_activations_on_cpu(tiny_ckpt):
     q = Llama.build(tiny_ckpt, max_seq_len=64, device="cpu", quantize="int8")
     assert q.model.norm.weight.dtype == torch.bfloat16
