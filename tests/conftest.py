@@ -3,13 +3,18 @@ small GGUF files written as llama.cpp writes them, and the demo GGUF."""
 
 import importlib.util
 import os
+import tempfile
 
 # A run under ATEN_CPU_CAPABILITY=avx2 or =default stands in for a machine of that kind: oneDNN is
 # held to the same instructions (torch 2.13's bf16 flash attention on an AMX machine otherwise asks
 # oneDNN for AMX packing that the lower build lacks: "pack_vnni2 is only supported when avx512 ...")
+# Inductor's on-disk cache gets a folder of its own too: its key does not tell the capabilities apart,
+# and code compiled under one, read back under another, gave NaNs and an abort (torch 2.13).
 LOWER_ISA = {"avx2": "AVX2", "default": "SSE41"}.get(os.environ.get("ATEN_CPU_CAPABILITY", "").lower())
 if LOWER_ISA:
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", LOWER_ISA)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(),
+                                                                  f"torchinductor_aten_{LOWER_ISA.lower()}"))
 
 import numpy as np
 import pytest
