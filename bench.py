@@ -38,6 +38,9 @@ per-round ratios with their range in brackets):
   quant     decode tokens/s of the shape's weights in int8 and int4 (quantize.py) against the same
             weights dense, in the row's dtype; and the demo GGUF kept quantized against llama.cpp
             (llama-cpp-python, when installed) on the same file and thread count
+  llamacpp  CPU decode tokens/s against llama.cpp (llama-cpp-python, when installed) on the same
+            GGUF file and threads: the demo as run by default (fp32), kept int4 (bf16) and compiled;
+            a random Q4_0 file of the shape (Llama 3 vocabulary); products a token and the roof
   --tp N    decode tokens/s of the shape sampled tensor parallel (tp.py) by N processes under
             torchrun against one, and each process's peak RSS growth over its RSS before loading
             (memory-mapped pages of the file included), from one Meta-layout file of the weights
@@ -948,7 +951,7 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
          train_repeats: int = 5, sections=None, compile: bool = True, threads: int = 0,
          seed: int = 0, markdown: str = "", layers: int = 0, tp: int = 0):
     """Print the benchmark table. dtypes and sections are comma-separated lists (sections: roof,
-    decode, prefill, finetune, lora, load, chat, quant; default all, none with --tp). layers: keep
+    decode, prefill, finetune, lora, load, chat, quant, llamacpp; default all, none with --tp). layers: keep
     only the shape's first N blocks (0: all), for a width whose whole depth does not fit the
     machine. tp N: decode tok/s and each process's peak RSS of the shape sampled tensor parallel
     on N processes (torchrun) against one. compile: also time llama31 under torch.compile (decode
