@@ -760,8 +760,10 @@ def llamacpp_rows(args, name, dev, sections, P):
     keep --dtype bf16), and that compiled; a random file of the shape in Q4_0 (shapes with Llama
     3's vocabulary) as a GGUF loads by default (int4, bf16), and compiled. Each row names its own
     dtype: the section runs once, with the first of --dtypes."""
-    if dev.type != "cpu" or name != P.dtypes[0]:
-        return [("llama.cpp decode", name, "CPU only", "", "", "")] if dev.type != "cpu" else []
+    if name != P.dtypes[0]:
+        return []
+    if dev.type != "cpu":
+        return [("llama.cpp decode", name, "CPU only", "", "", "")]
     kept = dict(quantize="keep", dtype="bf16")
     files = [("demo", formats.find_demo_gguf(), {"dequantized fp32 (the default)": dict(quantize="none", dtype="fp32"),
                                                  "int4 bf16 (--quantize keep)": kept,

@@ -16,13 +16,14 @@ plugs this into a llama31.Llama: its model's logits() becomes the compiled prefi
 a StaticDecoder (generate_stream's decoder: caches(), logits()). Imports nothing from llama31.py.
 """
 
+import os
 import sys
+import tempfile
 from contextlib import contextmanager
 from functools import partial
 from typing import Optional
 
 import torch
-import torch._inductor.runtime.cache_dir_utils
 
 
 def inductor_options() -> dict:
@@ -40,7 +41,7 @@ def compile_inference(llama, prefill: Optional[bool] = None):
     256 tokens took 385 ms against 391 eager (2-core Xeon, int4), and its compile doubled the wait
     for the first token. Says on stderr why the first prompt waits, and where the wait is kept."""
     model = llama.model
-    cache = torch._inductor.runtime.cache_dir_utils.cache_dir()
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "torchinductor_<user>")
     print(f"note: --compile: decoding compiles on first use, a minute or more on a CPU the first time; Inductor's "
           f"cache ({cache}) keeps it, so the next run of this model and shapes waits seconds", file=sys.stderr)
     llama.decoder = StaticDecoder(model, eager=llama.decoder)

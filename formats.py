@@ -952,6 +952,21 @@ def release_view(view: torch.Tensor):
     LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
 
 
+def file_backed(t: torch.Tensor) -> bool:
+    """Whether t's memory is a mapping of a file (a memory-mapped checkpoint's tensor, used as it
+    is), by /proc/self/maps (Linux; elsewhere False): its pages can be dropped and read again."""
+    if LIBC is None or t.device.type != "cpu" or not t.numel():
+        return False
+    at = t.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:  # "lo-hi perms offset dev inode path"
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= at < hi:
+                return len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/")
+    return False
+
+
 def release_pages(reader, tensor):
     """Drop a tensor's pages of the memory-mapped file: clean pages the kernel may drop anyway, but
     until it does they count in the process's RSS (the whole file, by the end of a load)."""

@@ -17,6 +17,9 @@ Imports nothing from llama31.py.
 import torch
 import torch.nn as nn
 
+import formats
+from tokenizer import ConfigError
+
 PARTS = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}  # the joined name and its parts, in row order
 
 
@@ -41,6 +44,9 @@ def join(parts) -> nn.Module:
     joined = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=False, device="meta")
     joined.__class__ = type(first)  # matvec.Linear stays matvec.Linear
     joined.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=first.weight.requires_grad)
+    for p in parts:  # a memory-mapped checkpoint's pages, now copied, leave this process's memory
+        if formats.file_backed(p.weight):
+            formats.release_view(p.weight)
     return joined
 
 
@@ -69,8 +75,10 @@ def fuse(model: nn.Module) -> int:
                 continue
             if not hasattr(module, "fused_sizes"):
                 module.fused_sizes, module.meta_order = {}, list(module._modules)
-                module.fused_hook = module.register_state_dict_post_hook(meta_names)
-            setattr(module, name, join(parts))
+                module.fused_hooks = [module.register_state_dict_post_hook(meta_names),
+                                      module.register_load_state_dict_pre_hook(joined_names)]
+            with torch.no_grad():
+                setattr(module, name, join(parts))
             module.fused_sizes[name] = [p.out_features for p in parts]
             for p in names:
                 delattr(module, p)  # the parts' memory goes; state_dict cuts them back out
@@ -93,8 +101,9 @@ def unfuse(model: nn.Module) -> int:
         children = sorted(module._modules.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
         module._modules.clear()
         module._modules.update(children)  # Meta's order again
-        module.fused_hook.remove()
-        del module.fused_sizes, module.meta_order, module.fused_hook
+        for hook in module.fused_hooks:
+            hook.remove()
+        del module.fused_sizes, module.meta_order, module.fused_hooks
     return n
 
 
@@ -108,5 +117,25 @@ def meta_names(module, state: dict, prefix: str, local_metadata) -> None:
         for part_name, part in zip(PARTS[name], cut(getattr(module, name), sizes)):
             mine.update({f"{prefix}{part_name}.{k}": v for k, v in part.state_dict().items()})
     order = module.meta_order
-    rank = {k: order.index(c) if (c := k[len(prefix):].split(".")[0]) in order else len(order) for k in mine}
-    state.update(sorted(mine.items(), key=lambda kv: rank[kv[0]]))
+
+    def rank(key):  # the module's own tensors first, as torch puts them, then its children's in order
+        child, _, leaf = key[len(prefix):].partition(".")
+        return -1 if not leaf else order.index(child) if child in order else len(order)
+    state.update(sorted(mine.items(), key=lambda kv: rank(kv[0])))
+
+
+def joined_names(module, state: dict, prefix: str, *args) -> None:
+    """load_state_dict pre hook of a fused module: Meta's parts' entries joined into the fused
+    product's, where stacking rows is all it takes (dense, int8); int4's packing is not, so there
+    it asks for unfuse."""
+    for name in module.fused_sizes:
+        parts = [f"{prefix}{p}." for p in PARTS[name]]
+        keys = [k for k in state if k.startswith(parts[0])]
+        if not keys:
+            continue
+        if "scales_and_zeros" in dict(getattr(module, name).named_buffers()):
+            raise ConfigError(f"{prefix}{name} is fused int4 (fused.py), whose packing a state dict's rows cannot "
+                              f"join; call fused.unfuse(model) before load_state_dict")
+        for key in keys:
+            leaf = key[len(parts[0]):]
+            state[f"{prefix}{name}.{leaf}"] = torch.cat([state.pop(f"{part}{leaf}") for part in parts])

@@ -146,16 +146,16 @@ def add_adapters(model: nn.Module, config: LoRAConfig, generator=None) -> list:
     """Freeze the model and give each target an adapter: A as nn.Linear initialises its weight
     (Kaiming-uniform, what PEFT uses too), B zero. The model keeps the config (model.lora_config).
     Returns the adapted module names."""
+    fused = [name for name, m in model.named_modules() if getattr(m, "fused_sizes", None)]
+    if fused:  # before anything changes
+        raise ConfigError(f"{fused[0]} does its products fused (fused.py), so they have no adapter of their own; "
+                          f"build the model with fuse=False, or call fused.unfuse(model) first")
     for p in model.parameters():
         p.requires_grad_(False)
     tok = getattr(model, "tok_embeddings", None)
     if "output" in config.targets and tok is not None and model.output.weight is tok.weight:
         raise ConfigError("lora_targets output: this model ties output to tok_embeddings, which an adapter "
                           "would untie; drop output from lora_targets")
-    fused = [name for name, m in model.named_modules() if getattr(m, "fused_sizes", None)]
-    if fused:
-        raise ConfigError(f"{fused[0]} does its products fused (fused.py), so they have no adapter of their own; "
-                          f"build the model with fuse=False, or call fused.unfuse(model) first")
     names = target_names(model, config.targets)
     if adapted(model):
         raise ConfigError(f"{adapted(model)[0][0]} has an adapter already; add adapters to a model once")

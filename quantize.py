@@ -109,7 +109,7 @@ def int8_matmul(x, q, scales, kernel: bool):
     rows scaled after (the form torch.compile fuses into one pass on CUDA)."""
     scales = scales if scales.dtype == x.dtype else scales.to(x.dtype)
     if kernel:
-        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, scales)
+        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), q, scales)
         return out.reshape(*x.shape[:-1], q.shape[0])
     return F.linear(x, q.to(x.dtype)) * scales
 

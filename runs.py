@@ -129,17 +129,17 @@ class DecodeClock:
 
     def timed(self, steps, count):
         """steps (an iterator) as they come; count(step): how many new tokens a step brings."""
-        marks = [time.perf_counter()]
+        marks, last = [time.perf_counter()], None  # last: when the last token came
         for step in steps:
             n = count(step)
             if n and len(marks) < 3:
                 marks.append(time.perf_counter())
-            elif len(marks) == 3:
-                self.decoded += n
+            elif n and len(marks) == 3:
+                self.decoded, last = self.decoded + n, time.perf_counter()
             self.tokens += n
             yield step
-        if len(marks) == 3:
-            self.decode_s += time.perf_counter() - marks[2]
+        if last is not None:
+            self.decode_s += last - marks[2]
         self.waits.append([b - a for a, b in zip(marks, marks[1:])])
 
     def summary(self, compiled: bool) -> str:

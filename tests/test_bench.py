@@ -16,7 +16,8 @@ def test_bench_prints_every_row(capsys):
     for name in ("GEMV roof", "decode tok/s (HF generate)", "decode tok/s (HF forward loop)", "prefill tok/s",
                  "finetune tok/s", "load peak RSS / checkpoint", "chat 1st-token time, turn 10 / turn 1",
                  "decode tok/s int8 (vs dense)", "decode tok/s int4 (vs dense)", "demo GGUF decode tok/s",
-                 "demo GGUF load peak RSS / weights", "demo decode tok/s, dequantized fp32 (the default) (vs llama.cpp)",
+                 "demo GGUF load peak RSS / weights",
+                 "demo decode tok/s, dequantized fp32 (the default) (vs llama.cpp)",
                  "demo decode tok/s, int4 bf16 (--quantize keep) (vs llama.cpp)"):
         assert any(m.startswith(name) for m in metrics), name
         assert name in out

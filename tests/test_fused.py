@@ -2,6 +2,10 @@
 (dense, int8, int4), and gives what the separate products give, eager and compiled; what it saves
 holds Meta's names and tensors, which HF transformers reads back to the same logits."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -13,6 +17,7 @@ import lora
 from conftest import make_checkpoint
 from llama31 import Llama, save_meta
 
+REPO = Path(__file__).resolve().parents[1]
 MODES = ["none", "int8", "int4"]
 # random ids from the 128256-token vocabulary, a prompt of 11
 TOKENS = torch.tensor([[128000, 791, 6864, 315, 9822, 374, 12366, 13, 578, 1404, 1054]])
@@ -126,3 +131,36 @@ def test_lora_refuses_a_fused_model_and_adapts_it_once_unfused(ckpt):
         lora.add_adapters(llama.model, config)
     fused.unfuse(llama.model)
     assert len(lora.add_adapters(llama.model, config)) == 4  # wq and w1 of 2 blocks
+
+
+@pytest.mark.parametrize("mode", ["none", "int8"])
+def test_a_fused_model_loads_meta_state_dicts(ckpt, mode):
+    """load_state_dict joins Meta's parts' rows into the fused products (another model's weights here)."""
+    llama, other = build(ckpt, mode, fuse=True), build(ckpt, mode, fuse=False)
+    other.model.load_state_dict(llama.model.state_dict())  # a round trip, then other weights in
+    with torch.no_grad():
+        for p in other.model.parameters():
+            p.mul_(0.5)
+    llama.model.load_state_dict(other.model.state_dict())
+    assert near(steps(llama), steps(other))
+
+
+def test_a_fused_int4_model_asks_for_unfuse_before_load_state_dict(ckpt):
+    llama = build(ckpt, "int4", fuse=True)
+    with pytest.raises(lora.ConfigError, match=r"layers\.0\.attention\.wqkv is fused int4 .*fused\.unfuse"):
+        llama.model.load_state_dict(llama.model.state_dict())
+
+
+def test_fusing_a_memory_mapped_checkpoint_keeps_its_memory(tmp_path):
+    """A bf16 Meta file loaded in bf16 on a CPU is used in place (memory-mapped); the fused copies'
+    parts are dropped from memory, so the process grows as much as without fusing."""
+    model = make_checkpoint(tmp_path, seed=1, dtype=torch.bfloat16, dim=512, n_layers=8, n_heads=8, n_kv_heads=2)
+    parts = tuple(f"{p}.weight" for p in ("wq", "wk", "wv", "w1", "w3"))
+    joined = sum(p.numel() * 2 for n, p in model.named_parameters() if n.endswith(parts))
+    code = ("import sys; from llama31 import Llama\n"
+            "def rss(): return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS'))\n"
+            "before = rss(); llama = Llama.build(sys.argv[1], max_seq_len=64, device='cpu', dtype='bf16', "
+            "fuse=sys.argv[2] == '1'); print(rss() - before)")
+    grown = [int(subprocess.run([sys.executable, "-c", code, str(tmp_path), f], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.split()[-1]) for f in "01"]  # KiB
+    assert grown[1] < grown[0] + joined / 1024 / 4, (grown, joined)  # kept both: + all of joined

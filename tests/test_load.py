@@ -150,7 +150,7 @@ def test_the_decode_rate_leaves_out_the_waits_for_the_first_two_tokens():
     (prefill, step), = clock.waits
     assert 0.3 <= prefill < 0.35 and 0.2 <= step < 0.25
     rate = clock.decoded / clock.decode_s
-    assert 35 < rate <= 50, rate  # sleeps run over, never under
+    assert 25 < rate <= 50, rate  # sleeps run over, never under
     assert clock.summary(compiled=True) == (f"generated 7 tokens: {rate:.1f} tokens/s decoding; first token after "
                                             f"{prefill:.2f}s (prefill), the second {step:.2f}s later (first decode "
                                             f"step, compiling)")
