@@ -21,6 +21,7 @@ Imports nothing from llama31.py.
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import List, Optional, Tuple
 

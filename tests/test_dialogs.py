@@ -158,6 +158,17 @@ def test_the_tokenized_dialogs_are_cached_and_made_again_when_the_data_changes(t
     assert len(said) == 4
 
 
+@pytest.mark.parametrize("damage", [b"not a pickle at all", b"\x80\x04K\x01.", "truncated"])
+def test_a_damaged_token_cache_is_made_again(tokenizer, tmp_path, damage):
+    data, said = write(tmp_path / "d.jsonl", [qa(1), qa(2)]), []
+    chat = ChatFormat("llama3")
+    first = dialogs.tokenized(data, tokenizer, chat, False, said.append)
+    cache = tmp_path / "d.jsonl.llama3.tokens.pt"
+    cache.write_bytes(cache.read_bytes()[:40] if damage == "truncated" else damage)  # garbage; a pickled int
+    assert dialogs.tokenized(data, tokenizer, chat, False, said.append) == first and len(said) == 2
+    assert torch.load(cache, weights_only=True)["dialogs"] == first  # written again, whole
+
+
 def test_each_process_gets_its_own_rows_and_the_position_resumes(tokenizer, tmp_path):
     encoded = [dialogs.encode(tokenizer, ChatFormat("llama3"), qa(i)) for i in range(9)]
     tokens, labels, segments, _, _ = dialogs.pack(encoded, 32, tokenizer.pad_id)
