@@ -19,6 +19,7 @@ compiled.py, matvec.py, fused.py. chat.py, eval.py, export.py and shards.py are 
 import contextlib
 import glob
 import math
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -1054,9 +1055,6 @@ def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str]
         default = ["Once upon a time, a little dog"] if run.demo else DEFAULT_PROMPTS[:2]
         prompts = [cfg.sample_prompts] if isinstance(cfg.sample_prompts, str) else (cfg.sample_prompts or default)
         sample_after_training(run, llama, optimizer, prompts, dtype)
-    if info.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
     return {**stats, "step": step, "model": raw_model}
 
 
@@ -1180,17 +1178,25 @@ def main(argv=None):
 
 def cli(command, argv, name):
     """command's flags parsed by fire, a ConfigError printed as one line (exit 2); used by the
-    scripts too (chat.py, eval.py, export.py, shards.py)."""
+    scripts too (chat.py, eval.py, export.py, shards.py). Under torchrun the process group ends
+    here, once the command's models (which may hold it) are let go."""
+    status = 1  # an unexpected exception: its traceback, then exit status 1
     try:
         # serialize: print nothing of the return value (finetune returns the model for Python callers)
         fire.Fire(command, command=argv, name=name, serialize=lambda _: None)
+        status = 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         tp.let_rank_0_speak()
+        status = 2
         sys.exit(2)
     finally:
-        if command is not finetune:  # finetune ends its own process group
-            tp.finish()
+        if tp.finish(status == 0) and status != 1:
+            # torch still holds the group, so its threads would end during interpreter shutdown
+            # while the other processes exit: leave now, everything written
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ llama31.py against it.
     python reference.py --ckpt_dir DIR            # print completions exactly as `python llama31.py` does
     python reference.py compare --ckpt_dir DIR    # run both greedily, report the first divergence
     python reference.py compare --ckpt_dir DIR --dialogs dialogs.json   # chats, tool calls included
+    torchrun --nproc_per_node 8 reference.py --ckpt_dir Meta-Llama-3.1-70B   # its 8 files, one a process
 
 The model (`llama_models.llama3.model.Transformer`), its tokenizer and its sampling loop
 (`Llama3.generate`) are Meta's. Loading alone is done here instead of by `Llama3.build`: build
@@ -16,6 +17,7 @@ make fp32 cross-checks impossible. Loading here uses the same dtype rule as llam
 
 import contextlib
 import json
+import os
 import sys
 import time
 import types
@@ -26,8 +28,10 @@ from typing import List, Optional
 import torch
 
 import formats
+import tp
 from formats import read_params, resolve_rope_factor
-from llama31 import DEFAULT_PROMPTS, Llama, check_device, check_sampling_args, default_device, resolve_dtype
+from llama31 import (DEFAULT_PROMPTS, Llama, check_device, check_sampling_args, default_device, resolve_dtype,
+                     setup_distributed)
 from tokenizer import ConfigError, find_tokenizer_model
 
 
@@ -56,31 +60,37 @@ def meta_generation():
     return generation
 
 
-def init_model_parallel() -> bool:
+def init_model_parallel(device=None) -> bool:
     """Meta's layers are fairscale's model-parallel ones: they need a process group and a
-    model-parallel group even in one process. Make both (world size 1, gloo, an in-memory store:
-    no ports, no files) unless they exist. True if this call made them."""
+    model-parallel group even in one process. Make both unless they exist: under torchrun, the
+    launch's group (gloo on CPU, NCCL on CUDA) with one model-parallel slice a process, as Meta's
+    Llama3.build does; else world size 1 (gloo, an in-memory store: no ports, no files). True if
+    this call made them."""
     import torch.distributed as dist
     from fairscale.nn.model_parallel import initialize as fs_init
 
-    made = False
+    made = not dist.is_initialized()
+    if made and tp.launched():
+        tp.start(device, setup_distributed)  # only rank 0 prints from here on
+    elif made:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     with contextlib.redirect_stdout(sys.stderr):  # fairscale prints; keep stdout for completions
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-            made = True
         if not fs_init.model_parallel_is_initialized():
-            fs_init.initialize_model_parallel(1)
+            fs_init.initialize_model_parallel(dist.get_world_size())
             made = True
     return made
 
 
-def destroy_model_parallel():
+def destroy_model_parallel(ok: bool = True):
+    """Undo init_model_parallel (ok: the run went well, so every process waits for the others)."""
     import torch.distributed as dist
     from fairscale.nn.model_parallel import initialize as fs_init
 
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
-    if dist.is_initialized():
+    if tp.launched():
+        tp.finish(ok)
+    elif dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -125,10 +135,11 @@ def load_reference(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_b
                           f"python export.py --ckpt_dir {ckpt_dir} --out_dir DIR --format meta")
     params = read_params(ckpt_dir)
     shards = sorted(ckpt_dir.glob("*.pth"))
-    if len(shards) != 1:
-        raise ConfigError(f"{ckpt_dir} holds {len(shards)} *.pth files; reference.py reads a single "
-                          f"consolidated.00.pth (Meta's code reads model-parallel files only with one torchrun "
-                          f"process per file)")
+    world = int(os.environ.get("WORLD_SIZE", "1")) if tp.launched() else 1
+    if len(shards) != world:
+        raise ConfigError(f"{ckpt_dir} holds {len(shards)} *.pth files, and Meta's code reads one a process: run "
+                          + (f"torchrun --nproc_per_node {len(shards)} reference.py" if len(shards) > 1 else
+                             "reference.py in one process"))
     args = MetaArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
     if args.use_scaled_rope:
         # what llama31 would use (stated, or known for Llama 3.2 1B/3B) against Meta's hard-coded rule
@@ -148,8 +159,8 @@ def load_reference(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_b
     if args.vocab_size != tokenizer.n_words:
         raise ConfigError(f"{ckpt_dir / 'params.json'} says vocab_size {args.vocab_size} but the tokenizer "
                           f"has {tokenizer.n_words} tokens; use the tokenizer.model that came with it")
-    init_model_parallel()
-    state = formats.torch_load(shards[0])
+    init_model_parallel(device)
+    state = formats.torch_load(shards[int(os.environ.get("RANK", "0")) if world > 1 else 0])
     # fairscale allocates its weights with torch.Tensor(...), i.e. in the default dtype, on CPU
     with torch_defaults(dtype=dtype):
         model = MetaTransformer(args)
@@ -401,16 +412,24 @@ def main(argv=None):
     command, name = (compare, "compare") if argv[:1] == ["compare"] else (sample, "reference.py")
     if command is compare:
         argv = argv[1:]
-    made = False
+    made, ok = False, False
     try:
-        made = init_model_parallel()
+        if command is compare and tp.launched():
+            raise ConfigError("reference.py compare runs in one process; under torchrun, run reference.py and "
+                              "llama31.py each and compare what they print")
+        if tp.launched():  # load_reference makes the group, on its device's backend
+            tp.quiet_unless_master(int(os.environ.get("RANK", "0")))
+        else:
+            made = init_model_parallel()
         fire.Fire(command, command=argv, name=name)
+        ok = True
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        tp.let_rank_0_speak()
         sys.exit(2)
     finally:
-        if made:
-            destroy_model_parallel()
+        if made or tp.launched():
+            destroy_model_parallel(ok)
 
 
 if __name__ == "__main__":

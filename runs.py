@@ -19,6 +19,10 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists: its functions take group=group.WORLD as a default
+# argument, and imported later (torch._dynamo does, at the first functional collective) they
+# would hold the group past destroy_process_group, and gloo's threads and sockets with it.
+import torch.distributed.nn  # noqa: F401
 
 import formats
 from tokenizer import ConfigError

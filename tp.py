@@ -37,10 +37,12 @@ This file imports nothing from llama31.py: it takes modules by Meta's names and 
 typing (n_heads, n_kv_heads, head_dim, ffn_hidden_dim, vocab_size, dim).
 """
 
+import gc
 import os
 import re
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -129,10 +131,23 @@ def let_rank_0_speak():
         time.sleep(2)
 
 
-def finish():
-    """End the process group a torchrun launch started (and only that one)."""
-    if launched() and dist.is_initialized():
-        dist.destroy_process_group()
+def finish(ok: bool = True) -> bool:
+    """End the process group a torchrun launch started (and only that one). After a good run (ok)
+    every process first waits for the others, so that none closes its connections while another
+    still has its last collective in flight. Garbage that still refers to the group (a model's
+    hooks in a reference cycle) is collected first, so that the group's threads and sockets end
+    inside destroy_process_group. Returns whether the group outlived it all the same (torch's own
+    caches hold it after FSDP): its threads would then end during interpreter shutdown, in no set
+    order while the other processes exit too (see llama31.cli)."""
+    if not (launched() and dist.is_initialized()):
+        return False
+    gc.collect()
+    if ok:
+        dist.barrier()
+    group = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    gc.collect()
+    return group() is not None
 
 
 # -----------------------------------------------------------------------------
@@ -251,7 +266,7 @@ def all_gather_last(x: torch.Tensor, group) -> torch.Tensor:
 def connect(model: nn.Module, layout: Layout, group=None):
     """The collectives, on the loaded (and maybe quantized) modules: the sum of each attention's
     and feed-forward's partial outputs, the vocab-parallel embedding, the gathered logits."""
-    group = group or dist.group.WORLD
+    group = (group or dist.group.WORLD).group_name  # by name: a model never keeps the group alive
 
     def summed(module, inputs, output):
         return all_reduce(output, group)

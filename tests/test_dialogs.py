@@ -202,6 +202,9 @@ def test_a_dialog_run_learns_resumes_exactly_and_records_every_step(tiny_ckpt, c
     straight = run_on(tiny_ckpt, chats, tmp_path / "a")
     out = capsys.readouterr().out
     assert "24 dialogs in " in out and "% of the tokens)" in out
+    losses = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    train, val = [r["loss"] for r in losses if "loss" in r], [r["val_loss"] for r in losses if "val_loss" in r]
+    assert train[-1] < train[0] - 0.3 and val[-1] < val[0] - 0.3, (train, val)  # measured: 12.16 -> 11.58, 12.15 -> 11.35
     run_on(tiny_ckpt, chats, tmp_path / "b", stop_after=2)
     resumed = finetune(resume="latest", out_dir=str(tmp_path / "b"), device="cpu", sample_prompts=[])
     assert max_difference(resumed["model"].state_dict(), straight["model"]) == 0
@@ -225,13 +228,16 @@ def test_activation_checkpointing_on_dialogs_equals_the_plain_run(tiny_ckpt, cha
     plain = run_on(tiny_ckpt, chats, tmp_path / "a", max_steps=2, val_every=0)
     recomputed = run_on(tiny_ckpt, chats, tmp_path / "b", max_steps=2, val_every=0, checkpoint_activations=True)
     assert (worst := max_difference(recomputed["model"].state_dict(), plain["model"])) < 1e-6, worst
+    base = torch.load(tiny_ckpt / "consolidated.00.pth")
+    assert max_difference(base, plain["model"]) > 1e-4  # both learned: two runs that learn nothing are equal too
 
 
 def first_loss(out):
     return next(json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line)
 
 
-@pytest.mark.parametrize("quantize, close", [("none", 0.0), ("int8", 1e-2), ("int4", 0.2)])
+# measured gaps: int8 0.0021, int4 0.0028; targets that miss the assistant's tokens: 0.31
+@pytest.mark.parametrize("quantize, close", [("none", 0.0), ("int8", 1e-2), ("int4", 1e-2)])
 def test_lora_and_qlora_train_on_dialogs_with_the_same_targets(tiny_ckpt, chats, tmp_path, quantize, close):
     # step 1's loss is the base's, adapters being zero: the masked loss of the full run, near it on a quantized base
     full = run_on(tiny_ckpt, chats, tmp_path / "full", max_steps=1, val_every=0)
