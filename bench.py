@@ -66,14 +66,14 @@ from types import SimpleNamespace
 import torch
 
 import chat
-import compiled
+from variants import compiled
 import formats
 import llama31
-import lora
-import matvec
-import quantize
+from variants import lora
+from variants import matvec
+from variants import quantize
 import runs
-import tp as tensor_parallel
+from variants import tp as tensor_parallel
 from llama31 import Llama, ModelArgs, Transformer
 from tokenizer import Tokenizer, find_tokenizer_model, gguf_vocab_fields
 
@@ -666,7 +666,7 @@ CPP_MISSING = "llama-cpp-python not installed (pip install llama-cpp-python buil
 def bench_demo(dtype_name: str, dev, P):
     """Decode tokens/s of the demo GGUF kept quantized, against llama.cpp (llama-cpp-python) on the
     same file and thread count when it is installed; the dense paths for reference."""
-    path = formats.find_demo_gguf()
+    path = runs.find_demo_gguf()
     ours = Llama.build(path, max_seq_len=512, max_batch_size=1, device=dev, dtype=dtype_name)
     dense = Llama.build(path, max_seq_len=512, max_batch_size=1, device=dev, dtype=dtype_name, quantize="none")
     prompt = ours.tokenizer.encode(DEMO_PROMPT, bos=False, eos=False)
@@ -689,7 +689,7 @@ def quant_rows(args, name, dev, sections, P):
                      ratio(r, mode, "dense"), f"{fmt(nbytes[mode], 'B')} of weights ({fmt(nbytes['dense'], 'B')} "
                      f"dense), {gbs:.1f} GB/s of them; goal vs bf16: int8 1.6x, int4 2.5x"))
     if dev.type == "cpu":
-        r = quantized_load(str(formats.find_demo_gguf()), "keep")
+        r = quantized_load(str(runs.find_demo_gguf()), "keep")
         rows.append(("demo GGUF load peak RSS / weights", name, f"{r['grown'] / r['weight_bytes']:.2f}x", "", "",
                      f"+{fmt(r['grown'], 'B')} for {fmt(r['weight_bytes'], 'B')} of weights kept quantized, from a "
                      f"{fmt(r['file'], 'B')} file (its pages, memory-mapped, count in RSS); goal 1.3x"))
@@ -765,7 +765,7 @@ def llamacpp_rows(args, name, dev, sections, P):
     if dev.type != "cpu":
         return [("llama.cpp decode", name, "CPU only", "", "", "")]
     kept = dict(quantize="keep", dtype="bf16")
-    files = [("demo", formats.find_demo_gguf(), {"dequantized fp32 (the default)": dict(quantize="none", dtype="fp32"),
+    files = [("demo", runs.find_demo_gguf(), {"dequantized fp32 (the default)": dict(quantize="none", dtype="fp32"),
                                                  "int4 bf16 (--quantize keep)": kept,
                                                  "int4 bf16, --compile": dict(**kept, compile=True)})]
     rows, bandwidth = [], read_bandwidth(dev, P.repeats)
@@ -795,7 +795,7 @@ def bench_chat(dtype_name: str, dev, repeats: int, new_tokens: int):
     """Time to the first token of each turn of a 10-turn greedy chat with the demo model: kept KV
     cache (chat.Conversation) against a fresh prefill of the whole dialog each turn (what a
     chat that keeps no cache does). Median per turn over the repeats."""
-    llama = Llama.build(formats.find_demo_gguf(), max_seq_len=2048, max_batch_size=1, device=dev, dtype=dtype_name,
+    llama = Llama.build(runs.find_demo_gguf(), max_seq_len=2048, max_batch_size=1, device=dev, dtype=dtype_name,
                         quantize="none")  # dense: the row is about the cache, and fp32 int kernels are slow
     kept, fresh = [[] for _ in CHAT_QUESTIONS], [[] for _ in CHAT_QUESTIONS]
     for _ in range(repeats + 1):  # the first pass warms up
@@ -833,11 +833,11 @@ def prefill_rows(args, name, dev, sections, P):
 def tp_worker(ckpt_dir: str, dtype: str, device: str, prompt_len: int, new_tokens: int, repeats: int, seed: int):
     """Under torchrun (or alone): load ckpt_dir tensor parallel, read every weight once, time greedy
     decoding; rank 0 prints, as JSON, every process's RSS before loading and peak after, and the rates."""
-    dev, parallel = tensor_parallel.start(device, llama31.setup_distributed)
+    dev, parallel = runs.start(device)
     if parallel:
         tensor_parallel.agree(None)
     before = baseline_rss_kb()
-    llama = llama31.load_checkpoint(ckpt_dir, None, dev, dtype, variants=[tensor_parallel.TensorParallel()] if parallel
+    llama = llama31.load_checkpoint(ckpt_dir, None, dev, dtype, extra=[tensor_parallel.TensorParallel()] if parallel
                                     else [], tokenizer=False, max_seq_len=prompt_len + new_tokens, max_batch_size=1)
     tensors = {id(t): t for t in list(llama.model.parameters()) + list(llama.model.buffers())}
     with torch.no_grad():  # every page read, in pieces: t.float() would add an fp32 copy to the peak

@@ -11,10 +11,10 @@ from typing import Iterator, List, Optional
 
 import torch
 
-import formats
 import llama31
-import tp
-from tokenizer import ConfigError, llama3_system_prompt
+import runs
+from errors import ConfigError
+from tokenizer import llama3_system_prompt
 
 
 class Conversation:
@@ -120,10 +120,10 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tools=Non
     (--system follows it); a tool call the model makes is shown as one line, `tool call: {json}`,
     and `/tool TEXT` sends TEXT as the tool's answer (nothing is run here). Without --ckpt_dir, the
     demo model. Under torchrun, tensor parallel: rank 0 reads the lines and prints the answers."""
-    device, parallel = tp.start(device, llama31.setup_distributed)
+    device, parallel = runs.start(device)
     device = llama31.check_device(device or llama31.default_device())
     if ckpt_dir is None:
-        ckpt_dir, quantize = formats.demo_checkpoint(quantize)
+        ckpt_dir, quantize = runs.demo_checkpoint(quantize)
     llama31.check_sampling_args(temperature, top_p, max_gen_len)
     llama31.check_number("max_seq_len", max_seq_len, int, 2)
     llama31.check_number("seed", seed, int, 0)
@@ -158,7 +158,7 @@ def read_line(parallel: bool) -> Optional[str]:
     try:
         if sys.stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
-        line = tp.from_rank_0(sys.stdin.readline) if parallel else sys.stdin.readline()
+        line = runs.from_rank_0(sys.stdin.readline) if parallel else sys.stdin.readline()
     except KeyboardInterrupt:
         return None
     return line or None

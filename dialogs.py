@@ -28,7 +28,8 @@ from typing import List, Optional, Tuple
 import torch
 
 import formats
-from tokenizer import ChatFormat, ConfigError, Tokenizer
+from errors import ConfigError
+from tokenizer import ChatFormat, Tokenizer
 
 ROLES = ("system", "user", "assistant", "ipython", "tool")
 FORMAT = "one dialog a line, {\"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]}"

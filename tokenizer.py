@@ -25,6 +25,8 @@ from typing import AbstractSet, Collection, Dict, Iterable, Iterator, List, Lite
 
 import tiktoken
 
+from errors import ConfigError
+
 # Llama 3's pre-tokenizer split: contractions, letter runs, 1-3 digit groups, punctuation, whitespace
 PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -69,12 +71,6 @@ NAMED_SPECIAL_TOKENS = [
 # very long runs of only whitespace or only non-whitespace; encode() cuts input below both.
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
-
-
-class ConfigError(ValueError):
-    """Bad input from the user: a missing file, a mismatched checkpoint, an out-of-range knob.
-    The CLIs print its message as one line instead of a traceback. It lives here, in the module
-    everything imports, so that there is exactly one class of it."""
 
 
 def find_tokenizer_model(tokenizer_path=None, ckpt_dir=None) -> Path:

@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter, TokenType
 from gguf.quants import quantize
 
-from formats import find_demo_gguf
+from runs import find_demo_gguf
 from formats import load_tokenizer, write_datafile
 from llama31 import ModelArgs, Transformer, save_meta
 from tokenizer import Tokenizer, bytes_to_unicode, find_tokenizer_model

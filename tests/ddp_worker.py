@@ -8,7 +8,7 @@ import os
 import sys
 
 import llama31
-import tp
+import runs
 
 ckpt, train, val, out, mode = sys.argv[1:6]
 stop_after = int(sys.argv[6]) if len(sys.argv) > 6 and sys.argv[6] != "-" else None
@@ -26,4 +26,4 @@ if mode == "ddp":
     import torch
     torch.save(result["model"].state_dict(), os.path.join(out, f"rank{os.environ['RANK']}.pt"))
 del result  # the model holds the process group (FSDP's mesh), which ends once nothing does
-tp.finish()
+runs.finish()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import chat
-import compiled
+from variants import compiled
 from chat import Conversation
 from llama31 import Llama
 from test_chat_format import meta_ids

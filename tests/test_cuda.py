@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-import compiled
+from variants import compiled
 import llama31
 import reference
 import runs

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import bench
-import compiled
-import quantize
+from variants import compiled
+from variants import quantize
 from conftest import random_model
 from llama31 import Llama, document_mask
 

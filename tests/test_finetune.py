@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import fsdp
+from variants import fsdp
 import llama31
 import runs
 from conftest import FINETUNE_SHAPE, MISSING_DEVICE, make_checkpoint, random_model
@@ -271,11 +271,22 @@ def test_cli_unknown_command_lists_the_commands():
 
 
 @pytest.mark.parametrize("command", ["chat", "eval", "export", "shards"])
-def test_a_command_that_became_a_script_says_so_in_one_line(command):
+def test_a_script_asked_for_as_a_command_is_named_in_one_line(command):
     r = subprocess.run([sys.executable, "llama31.py", command, "--ckpt_dir", "x"], cwd=REPO, capture_output=True,
                        text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip() == (f"error: {command} is a script of its own now: "
-                                                      f"python {command}.py --ckpt_dir x")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"error: unknown command {command!r}") and f"{command}.py" in r.stderr
+
+
+@pytest.mark.parametrize("script", [["llama31.py", "--nochat"], ["chat.py"], ["eval.py"], ["export.py"],
+                                    ["shards.py"], ["reference.py"], ["reference.py", "compare"]])
+def test_a_misspelt_flag_is_refused_before_anything_loads(script):
+    # fire alone would sample (or chat, ...) with the default first, and only then say "Could not consume arg"
+    r = subprocess.run([sys.executable, *script, "--temprature", "0"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    takes = script in (["llama31.py", "--nochat"], ["chat.py"], ["reference.py"])  # a --temperature to suggest
+    assert r.stderr.startswith("error: unknown flag --temprature" + (" (did you mean --temperature?)" if takes else ""))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -367,7 +378,7 @@ def fake_torchrun(monkeypatch, rank, local_rank, world, gpus):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(torch.cuda, "set_device", lambda dev: None)
     calls = []
-    monkeypatch.setattr(llama31.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(runs.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
     return calls
 
 

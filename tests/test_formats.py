@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGML_QUANT_SIZES
 
 import formats
+import runs
 from conftest import (TINY, byte_vocab, llama_cpp_greedy, make_checkpoint, needs_llama_cpp, random_model, tiny_tensors,
                       write_gguf)
 from formats import save_hf, save_hf_tokenizer
@@ -343,7 +344,7 @@ def test_cli_demo_with_quantize_keep_keeps_its_4_bit_matrices(capsys):
 
 
 def test_cli_without_demo_package_says_how_to_install(monkeypatch, capsys):
-    monkeypatch.setattr(formats, "DEMO_PACKAGE", "no_such_package_for_llama31_tests")
+    monkeypatch.setattr(runs, "DEMO_PACKAGE", "no_such_package_for_llama31_tests")
     with pytest.raises(SystemExit) as e:
         main([])
     err = capsys.readouterr().err

@@ -10,10 +10,10 @@ import pytest
 import torch
 import transformers
 
-import compiled
+from variants import compiled
 import formats
-import fused
-import lora
+from variants import fused
+from variants import lora
 from conftest import make_checkpoint
 from llama31 import Llama, save_meta
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import compiled
+from variants import compiled
 from llama31 import ConfigError, Llama
 
 

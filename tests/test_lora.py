@@ -13,8 +13,8 @@ import pytest
 import torch
 import transformers
 
-import lora
-import quantize
+from variants import lora
+from variants import quantize
 from conftest import FINETUNE_SHAPE, STORIES, llama_cpp_greedy, make_checkpoint, needs_llama_cpp, random_model
 from formats import permute_qk, save_hf
 from export import export
@@ -462,7 +462,7 @@ def test_bad_lora_finetune_input_is_one_line(tiny_ckpt, data, tmp_path, kw, word
 def test_fsdp_over_a_quantized_base_is_refused_in_one_line():
     from dataclasses import asdict
 
-    import fsdp
+    from variants import fsdp
     from llama31 import TrainConfig, select_trainable
     cfg = asdict(TrainConfig(finetune_type="lora", quantize="int4", fsdp=True))
     with pytest.raises(ConfigError, match=r"^--fsdp with --quantize int4: the quantized base would not be sharded") as e:

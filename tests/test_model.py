@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-import compiled
+from variants import compiled
 import llama31
-import matvec
+from variants import matvec
 from conftest import random_model
 from llama31 import (Llama, ModelArgs, RMSNorm, apply_rope, document_mask, precompute_rope, rope_pairs,
                      scale_rope_freqs)
-from matvec import Linear, onednn_enabled
+from variants.matvec import Linear, onednn_enabled
 
 
 def llama31_scaled_freq(freq, factor=8.0, low=1.0, high=4.0, old_len=8192):

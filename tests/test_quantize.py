@@ -15,13 +15,13 @@ import torch.nn.functional as F
 import transformers
 from gguf import GGMLQuantizationType as Q
 
-import compiled
-import quantize
+from variants import compiled
+from variants import quantize
 from conftest import make_checkpoint, random_kquant_blocks, write_gguf
 from formats import gguf_int4, save_hf
 from eval import perplexity
 from llama31 import Llama, load_checkpoint, load_model
-from quantize import Int4Linear, Int8Embedding, Int8Linear, int4_groups, int8_rows
+from variants.quantize import Int4Linear, Int8Embedding, Int8Linear, int4_groups, int8_rows
 
 REPO = Path(__file__).resolve().parents[1]
 # fp32 activations: the kernels agree with a dense product to rounding; bf16: to bf16's 8 bits

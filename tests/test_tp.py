@@ -15,7 +15,7 @@ import torch
 import formats
 import llama31
 import reference
-import tp
+from variants import tp
 from conftest import make_checkpoint
 from llama31 import ConfigError, Llama, Transformer, read_checkpoint
 from test_shards import split_like_meta
@@ -205,7 +205,7 @@ def test_files_that_disagree_are_a_clear_error(ckpts, tmp_path):
     with pytest.raises(ConfigError, match=r"consolidated.01.pth: layers.0.feed_forward.w1.weight is \(128, 64\), "
                                           r"but params.json's model cut into 2 files would hold \(112, 64\)"):
         local_state(d, rank=1)
-    local_state(d, rank=0)  # rank 0 reads file 00 alone; under torchrun it learns of rank 1's error (tp.agree)
+    local_state(d, rank=0)  # rank 0 reads file 00 alone; under torchrun it learns of rank 1's error (runs.agree)
 
 
 def test_a_layout_that_does_not_divide_is_refused(ckpts):

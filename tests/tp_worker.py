@@ -10,9 +10,10 @@ import sys
 import torch
 
 import formats
-import fsdp as fsdp_variant
 import llama31
-import tp
+import runs
+from variants import fsdp as fsdp_variant
+from variants import tp
 from bench import baseline_rss_kb, rss_kb
 
 # BOS "The capital of France is", BOS "def f(x):"
@@ -31,29 +32,29 @@ def outputs(llama):
 def fsdp(ckpt, out):
     """finetune --fsdp's load: this rank's rows of every weight, as FSDP shards; its memory."""
     info, device = llama31.setup_distributed("cpu")
-    tp.agree(None)  # gloo's first collective, before the baseline
+    runs.agree(None)  # gloo's first collective, before the baseline
     before = baseline_rss_kb()
     sharded = fsdp_variant.Sharded(device, True, llama31.select_trainable, "all")
-    model = llama31.load_checkpoint(ckpt, None, device, torch.float32, "none", variants=[sharded], tokenizer=False,
+    model = llama31.load_checkpoint(ckpt, None, device, torch.float32, "none", extra=[sharded], tokenizer=False,
                                     max_seq_len=64, max_batch_size=4).model
     shards = [p.to_local() for p in model.parameters()]
     with torch.no_grad():
         sum(float(t.sum()) for t in shards)
     torch.save({"before_kb": before, "peak_kb": rss_kb("VmHWM"), "weight_bytes": sum(t.nbytes for t in shards),
                 "largest_bytes": max(t.nbytes for t in shards)}, os.path.join(out, f"rank{info.rank}.pt"))
-    tp.finish()
+    runs.finish()
 
 
 def main(ckpt, out, quantize=None):
     if quantize == "fsdp":
         return fsdp(ckpt, out)
-    device, parallel = tp.start("cpu", llama31.setup_distributed)
+    device, parallel = runs.start("cpu")
     if parallel:  # gloo's first collective, before the baseline
-        tp.agree(None)
+        runs.agree(None)
     before = baseline_rss_kb()
     variants = [tp.TensorParallel()] if parallel else []
     llama = llama31.load_checkpoint(ckpt, max_seq_len=64, max_batch_size=4, device=device, dtype="fp32",
-                                    tokenizer=False, variants=variants)
+                                    tokenizer=False, extra=variants)
     weights = {id(t): t for t in list(llama.model.parameters()) + list(llama.model.buffers())}
     with torch.no_grad():  # every byte of this rank's weights read once (memory-mapped pages count from here)
         sum(float(t.float().sum()) for t in weights.values())
@@ -65,10 +66,10 @@ def main(ckpt, out, quantize=None):
     if quantize:
         del llama, weights
         llama = llama31.load_checkpoint(ckpt, max_seq_len=64, device=device, quantize=quantize, tokenizer=False,
-                                        variants=[tp.TensorParallel()] if parallel else [])
+                                        extra=[tp.TensorParallel()] if parallel else [])
         result["quantized_logits"] = llama.model.forward_inference(torch.tensor([PROMPTS[1]]))
     torch.save(result, os.path.join(out, f"rank{os.environ.get('RANK', 0)}.pt"))
-    tp.finish()
+    runs.finish()
 
 
 if __name__ == "__main__":

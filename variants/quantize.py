@@ -31,30 +31,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import ConfigError
+from errors import ConfigError
+from variants import Variant
+from formats import Int4Values
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 # the matrices a block multiplies by, and the output layer: what quantization replaces
 LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
            "feed_forward.w3")
-
-
-@dataclass
-class Int4Values:
-    """An int4 matrix before packing: q (out, in) uint8 in 0..15, scales and zeros (out, in / group)."""
-    q: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-
-    @property
-    def group_size(self) -> int:
-        return self.q.shape[1] // self.scales.shape[1]
-
-    def dequantize(self) -> torch.Tensor:
-        g = self.group_size
-        w = (self.q.float().unflatten(1, (-1, g)) - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
-        return w.flatten(1)
 
 
 @dataclass
@@ -481,7 +466,7 @@ def tie(model: nn.Module):
 # the load variant: llama31.load_checkpoint's hooks
 
 
-class Quantize:
+class Quantize(Variant):
     """mode int8 or int4 (groups of group_size): every block's matrix quantized as it loads, the
     output layer and the token table in int8 (plan_for); None or "keep": a GGUF file's quantized
     tensors kept in their nearest format here (plan_for_gguf), said in one line on stderr."""

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 import formats
-from tokenizer import ConfigError
+from errors import ConfigError
+from variants import Variant
 
 PARTS = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}  # the joined name and its parts, in row order
 
@@ -139,3 +140,10 @@ def joined_names(module, state: dict, prefix: str, *args) -> None:
         for key in keys:
             leaf = key[len(parts[0]):]
             state[f"{prefix}{name}.{leaf}"] = torch.cat([state.pop(f"{part}{leaf}") for part in parts])
+
+
+class Fused(Variant):
+    """The sampling variant (llama31.Llama.build): a model loaded to sample does its products fused."""
+
+    def sampling(self, llama):
+        fuse(llama.model)

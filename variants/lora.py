@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import formats
-from tokenizer import ConfigError
+from errors import ConfigError
+from variants import Variant
 
 # the short names users type, and the module names they stand for
 TARGETS = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
@@ -293,7 +294,7 @@ def checkpoint(path) -> Optional["Adapters"]:
     return Adapters(found, read_adapters(found)) if found else None
 
 
-class Adapters:
+class Adapters(Variant):
     """A LoRA checkpoint: its base (base, loaded as it was trained: quantize), checked against the
     fingerprint the adapters were trained on, the adapters added once it has loaded, and the run's
     own tokenizer.model (tokenizer)."""
@@ -332,7 +333,7 @@ class Adapters:
         return mine
 
 
-class Train:
+class Train(Variant):
     """finetune --finetune_type lora: adapters on the loaded base (unless a resumed run's came with
     it), a checkpoint of the adapters alone, and the adapters of gathered FSDP weights."""
 
@@ -372,7 +373,7 @@ class Train:
         return Gathered(self.config, {k: weights.pop(k) for k in list(weights) if ".lora_" in k})
 
 
-class Gathered:
+class Gathered(Variant):
     """Adapters gathered apart from their model, added back once it has loaded."""
 
     def __init__(self, config: LoRAConfig, adapters: Dict[str, torch.Tensor]):

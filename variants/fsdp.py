@@ -21,10 +21,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import formats
-from tokenizer import ConfigError
+from errors import ConfigError
+from variants import Variant
 
 
-class Sharded:
+class Sharded(Variant):
     """finetune --fsdp. select(model, finetune_type) marks what trains; FSDP wants it settled
     before a module is sharded."""
 
@@ -87,6 +88,7 @@ class Sharded:
     def load_optimizer(self, model: nn.Module, optimizer, state: dict):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return True
 
     def whole_weights(self, model: nn.Module, optimizer) -> dict:
         """The weights whole on rank 0, for sampling after training, once the gradients, the

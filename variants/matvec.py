@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from variants import Variant
+
 
 class Linear(nn.Linear):
     """nn.Linear (no bias) whose one-row CPU products take the faster path above."""
@@ -53,7 +55,7 @@ def onednn_enabled(enabled: bool):
             torch.backends.mkldnn.enabled = before
 
 
-class OneRow:
+class OneRow(Variant):
     """The load variant (see llama31.load_checkpoint): after loading, every dense Linear of the
     model (quantized ones are left as they are) products its one-row inputs as above."""
 

@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from variants import Variant
+
 
 def inductor_options() -> dict:
     options = {}
@@ -119,3 +121,10 @@ class StaticDecoder:
             self.inputs = tokens.new_empty(tokens.shape[0], 1), tokens.new_empty(1)
         step_in, step_pos = self.inputs  # copied: a view's strides vary with the generation's length
         return self.step(step_in.copy_(tokens), step_pos.fill_(start_pos))
+
+
+class Compiled(Variant):
+    """The sampling variant (llama31.Llama.build --compile): compile_inference on a loaded Llama."""
+
+    def sampling(self, llama):
+        compile_inference(llama)

@@ -37,12 +37,7 @@ This file imports nothing from llama31.py: it takes modules by Meta's names and 
 typing (n_heads, n_kv_heads, head_dim, ffn_hidden_dim, vocab_size, dim).
 """
 
-import gc
-import os
 import re
-import sys
-import time
-import weakref
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -54,100 +49,13 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
 import formats
-from tokenizer import ConfigError
+import runs
+from errors import ConfigError
+from variants import Variant
 
 # Meta's names for how each weight is cut, and along which dimension (0: rows, 1: columns)
 COLUMN, ROW = formats.COLUMN_PARALLEL, formats.ROW_PARALLEL
 VOCAB = ("tok_embeddings", "output")
-
-
-def launched() -> bool:
-    """True under torchrun (or any launcher setting WORLD_SIZE) with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def start(device, setup: Callable) -> tuple:
-    """(device, parallel) for sampling: under torchrun, setup(device)'s process group (finetune's)
-    with only rank 0 printing; in one process, the device asked for (None: the best there is)."""
-    if not launched():
-        return device, False
-    info, dev = setup(device)
-    quiet_unless_master(info.rank)
-    return dev, True
-
-
-def quiet_unless_master(rank: int):
-    """Processes other than rank 0 print nothing (their stdout and stderr go to /dev/null); an
-    unexpected exception's traceback still reaches the real stderr."""
-    if rank == 0:
-        return
-    sys.stdout = sys.stderr = open(os.devnull, "w")
-
-    def hook(*exc):
-        sys.stderr = sys.__stderr__
-        sys.__excepthook__(*exc)
-
-    sys.excepthook = hook
-
-
-def agree(error: Optional[str]):
-    """A problem found on any process is raised on all of them (the first one's message), so that
-    no process goes on into a collective the others never reach."""
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e), None)
-    if first:
-        raise ConfigError(first)
-
-
-def together(fn: Callable):
-    """fn() on every process; if it fails on any, every process stops (see agree): a ConfigError
-    with its message, and the process where something else failed with its own traceback."""
-    try:
-        result, failure = fn(), None
-    except Exception as e:
-        result, failure = None, e
-    try:
-        agree(None if failure is None else str(failure) if isinstance(failure, ConfigError) else
-              f"process {dist.get_rank()} failed: {type(failure).__name__}: {failure}")
-    except ConfigError:
-        if failure is not None and not isinstance(failure, ConfigError):
-            raise failure
-        raise
-    return result
-
-
-def from_rank_0(read: Callable):
-    """read() on rank 0, its result handed to every process (the lines a chat reads)."""
-    box = [read() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def let_rank_0_speak():
-    """On an error, the other processes wait a moment before they exit: torchrun stops every
-    process as soon as one ends with an error, which could be before rank 0 has printed it."""
-    if launched() and int(os.environ.get("RANK", "0")) > 0:
-        time.sleep(2)
-
-
-def finish(ok: bool = True) -> bool:
-    """End the process group a torchrun launch started (and only that one). After a good run (ok)
-    every process first waits for the others, so that none closes its connections while another
-    still has its last collective in flight. Garbage that still refers to the group (a model's
-    hooks in a reference cycle) is collected first, so that the group's threads and sockets end
-    inside destroy_process_group. Returns whether the group outlived it all the same (torch's own
-    caches hold it after FSDP): its threads would then end during interpreter shutdown, in no set
-    order while the other processes exit too (see llama31.cli)."""
-    if not (launched() and dist.is_initialized()):
-        return False
-    gc.collect()
-    if ok:
-        dist.barrier()
-    group = weakref.ref(dist.group.WORLD)
-    dist.destroy_process_group()
-    gc.collect()
-    return group() is not None
 
 
 # -----------------------------------------------------------------------------
@@ -286,7 +194,7 @@ def connect(model: nn.Module, layout: Layout, group=None):
     model.output.forward = lambda x: all_gather_last(project(x), group)
 
 
-class TensorParallel:
+class TensorParallel(Variant):
     """The load variant (llama31.load_checkpoint's hooks): under torchrun, each process builds the
     model cut to its slices, reads only those, and connects the pieces; a failure on any process
     stops every one (together)."""
@@ -308,7 +216,8 @@ class TensorParallel:
     def loaded(self, model: nn.Module):
         connect(model, self.layout)
 
-    around = staticmethod(together)
+    def around(self, load):
+        return runs.together(load)
 
 
 # -----------------------------------------------------------------------------
