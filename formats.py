@@ -20,6 +20,7 @@ llama31.py.
 """
 
 import ctypes
+import glob
 import importlib.metadata
 import importlib.util
 import json
@@ -1221,6 +1222,89 @@ def read_datafile_header(path) -> int:
         raise ConfigError(f"{path} header says {ntok} tokens ({expected} bytes) but the file is {size} "
                           f"bytes, so it is truncated or corrupt; {redo}")
     return ntok
+
+
+class DistributedShardedDataLoader:
+    """Batches (x, y), int64 (B, T), y = x shifted by one token, from the shards matching a glob
+    (in sorted order), for rank process_rank of num_processes. Each step the ranks consume
+    B*T*num_processes tokens: rank r reads B*T + 1 from position + r*B*T, so N ranks for one step
+    see what one rank sees in N steps. A step that would run past its shard's end moves every rank
+    to the next shard (after the last, the first): no window spans two shards. Memory-mapped."""
+
+    def __init__(self, filename_pattern, B: int, T: int, process_rank: int = 0,
+                 num_processes: int = 1):
+        if B < 1 or T < 1:
+            raise ConfigError(f"batch size B ({B}) and sequence length T ({T}) must be at least 1")
+        if not 0 <= process_rank < num_processes:
+            raise ConfigError(f"process_rank {process_rank} is not in 0..{num_processes - 1} "
+                              f"(num_processes {num_processes})")
+        self.B = B
+        self.T = T
+        self.process_rank = process_rank
+        self.num_processes = num_processes
+        self.step_tokens = B * T * num_processes
+        self.files = sorted(glob.glob(str(filename_pattern)))
+        if not self.files:
+            raise ConfigError(f"no token shards match {filename_pattern}; create them with "
+                              f"tiny_stories.py or fix the pattern")
+        self.shard_ntoks = [read_datafile_header(f) for f in self.files]
+        need = self.step_tokens + 1
+        for f, n in zip(self.files, self.shard_ntoks):
+            if n < need:
+                raise ConfigError(f"{f} holds {n} tokens, fewer than the {need} one step needs "
+                                  f"(B*T*num_processes + 1 = {B}*{T}*{num_processes} + 1); lower B "
+                                  f"or T, or write bigger shards")
+        self.ntok_total = sum(self.shard_ntoks)
+        self.current_shard: Optional[int] = None
+        self.tokens: Optional[np.memmap] = None
+        self.reset()
+
+    def _seek(self, shard: int, position: int):
+        if shard != self.current_shard:
+            self.tokens = np.memmap(self.files[shard], dtype="<u4", mode="r", offset=HEADER_BYTES,
+                                    shape=(self.shard_ntoks[shard],))
+        self.current_shard = shard
+        self.current_position = position
+
+    def reset(self):
+        """Back to the first token of the first shard."""
+        self._seek(0, 0)
+
+    def largest_token(self):
+        """(largest token id, the shard holding it) over every token: one read of all the data,
+        to check it against a vocabulary before training rather than when a bad batch comes up."""
+        tops = [(int(np.memmap(f, dtype="<u4", mode="r", offset=HEADER_BYTES, shape=(n,)).max()),
+                 f) for f, n in zip(self.files, self.shard_ntoks)]
+        return max(tops, key=lambda t: t[0])
+
+    def next_batch(self):
+        if self.current_position + self.step_tokens + 1 > len(self.tokens):
+            self._seek((self.current_shard + 1) % len(self.files), 0)
+        B, T = self.B, self.T
+        start = self.current_position + self.process_rank * B * T
+        buf = torch.from_numpy(self.tokens[start:start + B * T + 1].astype(np.int64))
+        self.current_position += self.step_tokens
+        return buf[:-1].view(B, T), buf[1:].view(B, T)
+
+    def state_dict(self) -> dict:
+        """Where the next step starts: the same on every rank, so rank 0's copy resumes them all."""
+        return {"shard": self.current_shard, "position": self.current_position,
+                "shard_file": Path(self.files[self.current_shard]).name}
+
+    def load_state_dict(self, state: dict):
+        shard = int(state["shard"])
+        position = int(state["position"])
+        if not 0 <= shard < len(self.files):
+            raise ConfigError(f"loader state points at shard {shard}, but only {len(self.files)} "
+                              f"shards match now; resume with the same data")
+        name = Path(self.files[shard]).name
+        if state.get("shard_file", name) != name:
+            raise ConfigError(f"loader state was saved at shard {state['shard_file']}, but shard "
+                              f"{shard} is now {self.files[shard]}; resume with the same data")
+        if not 0 <= position <= self.shard_ntoks[shard]:
+            raise ConfigError(f"loader state position {position} lies outside {self.files[shard]} "
+                              f"({self.shard_ntoks[shard]} tokens); resume with the same data")
+        self._seek(shard, position)
 
 
 def text_to_shards(text_path: Path, tokenizer: Tokenizer, out_dir: Path, n_val: Optional[int] = None,

@@ -2,10 +2,10 @@
 Llama 3.1 in one file of PyTorch: the model, loading Meta's checkpoints, sampling, the token-shard
 data loader, and finetuning in one process or many (torchrun, DDP).
 
-    python llama31.py                                  # the demo model (SmolLM2 GGUF), no weights needed
-    python llama31.py --ckpt_dir Meta-Llama-3.1-8B     # sample from an official checkpoint
-    python llama31.py --ckpt_dir model.gguf --chat     # a llama.cpp/ollama GGUF file, as a chat
-    torchrun --nproc_per_node 2 llama31.py finetune    # finetune (the demo, without --ckpt_dir)
+    python llama31.py                               # the demo model (SmolLM2 GGUF), no weights
+    python llama31.py --ckpt_dir Meta-Llama-3.1-8B  # sample from an official checkpoint
+    python llama31.py --ckpt_dir model.gguf --chat  # a llama.cpp/ollama GGUF file, as a chat
+    torchrun --nproc_per_node 2 llama31.py finetune # finetune (the demo, without --ckpt_dir)
 
 Sections, top to bottom: config, layers, model (one trunk for inference and training), checkpoint
 I/O, generation, data, training, CLI. Parameter names are Meta's (tok_embeddings,
@@ -17,7 +17,6 @@ the moments that variants.Variant's methods name.
 """
 
 import contextlib
-import glob
 import math
 import os
 import sys
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 import fire
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,9 +38,9 @@ import formats
 import runs
 import variants
 from errors import ConfigError
-from formats import HEADER_BYTES, read_datafile_header
-from runs import (DistInfo, all_reduce_mean, check_device, check_number, check_sampling_args, default_device,
-                  next_batch, resolve_dtype, setup_distributed, training_autocast)
+from formats import DistributedShardedDataLoader
+from runs import (DistInfo, all_reduce_mean, check_device, check_number, check_sampling_args,
+                  default_device, next_batch, resolve_dtype, setup_distributed, training_autocast)
 from tokenizer import ChatFormat, Tokenizer
 
 
@@ -81,14 +79,16 @@ class ModelArgs:
         if self.dim % self.n_heads:
             raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads "
+                              f"{self.n_kv_heads}")
         if self.max_seq_len < 1 or self.max_batch_size < 1:
             raise ConfigError(f"max_seq_len ({self.max_seq_len}) and max_batch_size "
                               f"({self.max_batch_size}) must be at least 1")
 
     @classmethod
     def from_params(cls, params: dict, **overrides) -> "ModelArgs":
-        """Build from a params.json dict; keys we don't model (vision, quantization, ...) are ignored."""
+        """Build from a params.json dict; keys we don't model (vision, quantization, ...) are
+        ignored."""
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in params.items() if k in known}
         kwargs.update(overrides)
@@ -96,16 +96,17 @@ class ModelArgs:
 
     def to_params(self) -> dict:
         """The params.json of this model: Meta's keys, read by Meta's code as by from_params."""
-        params = {k: getattr(self, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
-                                                "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta",
-                                                "use_scaled_rope")}
-        if self.use_scaled_rope:  # Meta's files leave these implicit; ours state them, so nothing is guessed
-            params.update({k: getattr(self, k) for k in ("rope_scale_factor", "rope_low_freq_factor",
-                                                         "rope_high_freq_factor", "rope_original_max_len")})
+        keys = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope"]
+        if self.use_scaled_rope:  # Meta's files leave these implicit; ours state them
+            keys += ["rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                     "rope_original_max_len"]
+        params = {k: getattr(self, k) for k in keys}
         if self.ffn_dim is not None:
             params["ffn_dim"] = self.ffn_dim
-            if int(8 * self.dim / 3) <= self.ffn_dim:  # Meta's rule gives ffn_dim exactly with these two
-                params["multiple_of"], params["ffn_dim_multiplier"] = self.ffn_dim, None
+            if int(8 * self.dim / 3) <= self.ffn_dim:  # Meta's rule gives ffn_dim exactly so
+                params["multiple_of"] = self.ffn_dim
+                params["ffn_dim_multiplier"] = None
         if self.tie_embeddings:  # output.weight is still written, as Meta's Llama 3.2 files have it
             params["tie_embeddings"] = True
         return params
@@ -159,7 +160,8 @@ def scale_rope_freqs(freqs, factor: float, low_freq_factor: float, high_freq_fac
 def rope_frequencies(args: ModelArgs, device=None):
     """The angle per position of each pair of a head's dimensions, (head_dim // 2,), fp32."""
     hd = args.head_dim
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device)[: hd // 2].float() / hd))
+    exponents = torch.arange(0, hd, 2, device=device)[: hd // 2].float() / hd
+    freqs = 1.0 / (args.rope_theta ** exponents)
     if args.use_scaled_rope:
         freqs = scale_rope_freqs(freqs, args.rope_scale_factor, args.rope_low_freq_factor,
                                  args.rope_high_freq_factor, args.rope_original_max_len)
@@ -168,51 +170,61 @@ def rope_frequencies(args: ModelArgs, device=None):
 
 def precompute_rope(args: ModelArgs, end: int, device=None):
     """cos and sin tables, (end, head_dim // 2), fp32. Always fp32: bf16 angles lose positions."""
-    angles = torch.outer(torch.arange(end, device=device, dtype=torch.float32), rope_frequencies(args, device))
+    positions = torch.arange(end, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, rope_frequencies(args, device))
     return torch.cos(angles), torch.sin(angles)
 
 
 def rope_pairs(cos, sin):
-    """(T, head_dim // 2) tables -> (T, head_dim): cos repeated for both members of a pair, sin
-    signed (-sin, +sin), the form apply_rope takes. Done once per forward, not once per layer."""
+    """(..., head_dim // 2) tables -> (..., head_dim): cos repeated for both members of a pair,
+    sin signed (-sin, +sin), the form apply_rope takes. Done once per forward, not per layer."""
     return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
 
 
 def apply_rope(x, cos, sin):
     """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by their angle, Meta's layout (HF's
     differs): (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), in fp32.
-    x: (B, T, H, head_dim); cos, sin: (T, head_dim) from rope_pairs."""
+    x: (B, T, H, head_dim); cos, sin: (T, head_dim) or, a position per row, (B, T, head_dim)."""
     xf = x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) in each pair
-    return torch.addcmul(xf * cos[:, None], swapped, sin[:, None]).type_as(x)
+    return torch.addcmul(xf * cos.unsqueeze(-2), swapped, sin.unsqueeze(-2)).type_as(x)
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, for one attention layer. Installed by
-    Transformer.setup_caches for generation only; training never has one."""
+    """Keys and values of the positions seen so far, for one attention layer, (batch, KV heads,
+    max_seq_len, head_dim). Installed by Transformer.setup_caches for generation only; training
+    never has one."""
 
-    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
-        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k = k
+        self.v = v
 
-    def update(self, start_pos, k, v):
-        """Write k, v (B, H, T, hd) at start_pos in place; return everything up to start_pos + T.
-        start_pos a one-element tensor (a fixed-shape decode step): write there, return all of it."""
-        bsz = k.shape[0]
+    def update(self, start_pos, k, v, keys: int):
+        """Write k, v (B, H, T, hd) at start_pos in place; return the first `keys` positions.
+        start_pos: an int (every row), or a tensor (B,) of each row's first position ((1,): all
+        rows at one), the rows then at different positions (a server's batch)."""
+        bsz, seqlen = k.shape[0], k.shape[2]
         if isinstance(start_pos, torch.Tensor):
-            self.k[:bsz].index_copy_(2, start_pos, k)
-            self.v[:bsz].index_copy_(2, start_pos, v)
-            return self.k[:bsz], self.v[:bsz]
-        end = start_pos + k.shape[2]
-        self.k[:bsz, :, start_pos:end] = k
-        self.v[:bsz, :, start_pos:end] = v
-        return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
+            rows = torch.arange(bsz, device=k.device)[:, None]
+            at = start_pos[:, None] + torch.arange(seqlen, device=k.device)  # (B, T)
+            self.k[rows, :, at] = k.transpose(1, 2)
+            self.v[rows, :, at] = v.transpose(1, 2)
+        else:
+            self.k[:bsz, :, start_pos:start_pos + seqlen] = k
+            self.v[:bsz, :, start_pos:start_pos + seqlen] = v
+        return self.k[:bsz, :, :keys], self.v[:bsz, :, :keys]
+
+    def rows(self, lo: int, hi: int) -> "KVCache":
+        """Rows lo..hi as a cache of their own: views, the same memory."""
+        return KVCache(self.k[lo:hi], self.v[lo:hi])
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
@@ -220,15 +232,19 @@ class Attention(nn.Module):
         self.cache: Optional[KVCache] = None
         self.wqkv: Optional[nn.Module] = None  # wq, wk, wv as one product (fused.py, to decode)
 
-    def forward(self, x, cos, sin, mask, start_pos: int):
+    def forward(self, x, cos, sin, mask, start_pos):
         bsz, seqlen, _ = x.shape
-        sizes = [self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
-        q, k, v = (self.wq(x), self.wk(x), self.wv(x)) if self.wqkv is None else self.wqkv(x).split(sizes, -1)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            sizes = [self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
+            q, k, v = self.wqkv(x).split(sizes, -1)
         q, k, v = (t.view(bsz, seqlen, -1, self.head_dim) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
-        if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if self.cache is not None:  # per-row positions come with the mask of the keys to read
+            keys = mask.shape[-1] if isinstance(start_pos, torch.Tensor) else start_pos + seqlen
+            k, v = self.cache.update(start_pos, k, v, keys)
         y = attend(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -247,9 +263,10 @@ def attend(q, k, v, mask):
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     causal = False
-    if mask is None and q.shape[2] > 1:  # an `if`: compiled, the length is symbolic and SDPA wants a bool
+    if mask is None and q.shape[2] > 1:  # an `if`: compiled, the length is symbolic
         causal = True
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa and not repeat)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=gqa and not repeat)
 
 
 # SDPA's enable_gqa aborts on MPS before torch 2.7; there the KV heads are repeated instead
@@ -262,10 +279,10 @@ def sdpa_takes_gqa(device: torch.device) -> bool:
 
 def one_query_attention(q, k, v, bias=None):
     """One new position (q: B, H, 1, hd) over all of k, v (B, KV, S, hd), softmax in fp32; bias:
-    additive, (B, 1, 1, S). On CPU SDPA costs more than this for one query (bench.py decode); with
-    a bias (a fixed-shape decode step) it also spares repeating KV heads."""
+    additive, (B, 1, 1, S). On CPU SDPA costs more than this for one query (bench.py decode);
+    with a bias (a fixed-shape decode step) it also spares repeating KV heads."""
     bsz, n_heads, _, head_dim = q.shape
-    q = q.view(bsz, k.shape[1], -1, head_dim)  # (B, KV, H / KV, hd): query heads grouped by KV head
+    q = q.view(bsz, k.shape[1], -1, head_dim)  # (B, KV, H / KV, hd): query heads by KV head
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
     if bias is not None:
         scores = scores + bias
@@ -283,8 +300,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         a, b = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x).chunk(2, dim=-1)
-        # inference in place: no (T, hidden) temporary, whose fresh pages cost more than silu on a CPU
-        return self.w2(F.silu(a) * b if torch.is_grad_enabled() else F.silu(a, inplace=True).mul_(b))
+        if torch.is_grad_enabled():
+            return self.w2(F.silu(a) * b)
+        # inference in place: no (T, hidden) temporary, whose fresh pages cost more than silu
+        return self.w2(F.silu(a, inplace=True).mul_(b))
 
 
 class TransformerBlock(nn.Module):
@@ -295,7 +314,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, start_pos: int):
+    def forward(self, x, cos, sin, mask, start_pos):
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -315,11 +334,12 @@ def document_mask(tokens, bos_id: int):
 
 
 def attention_bias(mask, dtype):
-    """A boolean mask (True: may attend) as SDPA's additive bias, made once per forward (made in each
-    layer, each layer's backward would keep a copy: 2*B*T*T bytes in bf16), rows padded to 8 as
-    CUDA's memory-efficient kernel would otherwise pad a copy, in every layer."""
+    """A boolean mask (True: may attend) as SDPA's additive bias, made once per forward (made in
+    each layer, each layer's backward would keep a copy: 2*B*T*T bytes in bf16), rows padded to
+    8 as CUDA's memory-efficient kernel would otherwise pad a copy, in every layer."""
     keys = mask.shape[-1]
-    bias = torch.zeros(*mask.shape[:-1], -(-keys // 8) * 8, dtype=dtype, device=mask.device)[..., :keys]
+    padded = -(-keys // 8) * 8
+    bias = torch.zeros(*mask.shape[:-1], padded, dtype=dtype, device=mask.device)[..., :keys]
     return bias.masked_fill_(~mask, float("-inf"))
 
 
@@ -327,7 +347,8 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         if args.vocab_size < 1:
-            raise ConfigError(f"vocab_size is {args.vocab_size}; set it to the tokenizer's size (n_words)")
+            raise ConfigError(f"vocab_size is {args.vocab_size}; set it to the tokenizer's size "
+                              f"(n_words)")
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
@@ -345,42 +366,68 @@ class Transformer(nn.Module):
         if self.rope_cos.device != device:
             # outside inference mode even when generation moves them, or training could not use them
             with torch.inference_mode(False):
-                self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
+                self.rope_cos = self.rope_cos.to(device)
+                self.rope_sin = self.rope_sin.to(device)
         return self.rope_cos, self.rope_sin
 
     def trunk(self, tokens, start_pos=0, mask=None):
-        """Embeddings -> blocks -> final norm. mask: None (causal from position 0) or boolean (T, S)
-        or (B, 1, T, S), True where attending is allowed. start_pos: an int, or a one-element tensor."""
+        """Embeddings -> blocks -> final norm. start_pos: where tokens (B, T) start, an int, or a
+        tensor (B,) of each row's first position ((1,): every row's) with the mask of the cache
+        positions each may read. mask: None (causal from position 0) or boolean (T, S) or
+        (B, 1, T, S), True where attending is allowed."""
         seqlen = tokens.shape[1]
-        fixed = isinstance(start_pos, torch.Tensor)
-        if not fixed and start_pos + seqlen > self.args.max_seq_len:
-            raise ConfigError(f"positions {start_pos}..{start_pos + seqlen - 1} run past max_seq_len "
-                              f"{self.args.max_seq_len}; build the model with a larger max_seq_len")
+        per_row = isinstance(start_pos, torch.Tensor)
+        if not per_row and start_pos + seqlen > self.args.max_seq_len:
+            raise ConfigError(f"positions {start_pos}..{start_pos + seqlen - 1} run past "
+                              f"max_seq_len {self.args.max_seq_len}; build the model with a larger "
+                              f"max_seq_len")
         h = self.tok_embeddings(tokens)
         cos, sin = self.rope_tables(h.device)
-        at = start_pos if fixed else slice(start_pos, start_pos + seqlen)
+        if per_row:
+            at = start_pos[:, None] + torch.arange(seqlen, device=h.device)
+        else:
+            at = slice(start_pos, start_pos + seqlen)
         cos, sin = rope_pairs(cos[at], sin[at])
         if mask is not None:
             autocast = torch.is_autocast_enabled(h.device.type)
-            mask = attention_bias(mask, torch.get_autocast_dtype(h.device.type) if autocast else h.dtype)
+            dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype
+            mask = attention_bias(mask, dtype)
         for layer in self.layers:
             if self.checkpoint_activations and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, start_pos, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, start_pos,
+                                                      use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, start_pos)
         return self.norm(h)
 
     @torch.inference_mode()
-    def forward_inference(self, tokens, start_pos: int = 0, last_only: bool = False):
-        """Logits (B, T, vocab) in fp32 for tokens at positions start_pos.. . With caches installed
+    def forward_inference(self, tokens, start_pos=0, last_only: bool = False):
+        """Logits (B, T, vocab) in fp32 for tokens (B, T) at positions start_pos.. : an int, or a
+        list of each row's first position (rows at different positions). With caches installed
         (setup_caches) earlier positions come from the cache; without, start_pos must be 0."""
         seqlen = tokens.shape[1]
+        if isinstance(start_pos, (list, tuple)):
+            return self.logits(tokens, *self.row_positions(start_pos, seqlen), last_only)
         if start_pos and self.layers[0].attention.cache is None:
             raise ConfigError("start_pos > 0 needs the KV cache: call setup_caches() first")
         mask = None
         if start_pos and seqlen > 1:  # a chunk after a cached prefix: causal, offset by start_pos
-            mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device).tril(start_pos)
+            mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
+            mask = mask.tril(start_pos)
         return self.logits(tokens, start_pos, mask, last_only)
+
+    def row_positions(self, starts: List[int], seqlen: int) -> tuple:
+        """(start_pos, mask) of rows that start at their own positions: each query reads the
+        cache up to its own position, of the first max(starts) + seqlen."""
+        keys = max(starts) + seqlen
+        if keys > self.args.max_seq_len or self.layers[0].attention.cache is None:
+            raise ConfigError(f"positions up to {keys - 1} need a KV cache of max_seq_len "
+                              f"{self.args.max_seq_len} or more: call setup_caches() first")
+        device = self.norm.weight.device
+        start_pos = torch.tensor(starts, device=device)
+        last = start_pos[:, None] + torch.arange(seqlen, device=device)  # each query's position
+        mask = torch.arange(keys, device=device) <= last[:, :, None]  # (B, T, keys)
+        return start_pos, mask[:, None]
 
     def logits(self, tokens, start_pos=0, mask=None, last_only: bool = False):
         h = self.trunk(tokens, start_pos, mask)
@@ -390,7 +437,8 @@ class Transformer(nn.Module):
         """Mean cross-entropy of predicting targets (B, T) from inputs (B, T); the training path.
         mask: None for plain causal attention, or document_mask(inputs, bos_id) for packed data."""
         logits = self.output(self.trunk(inputs, 0, mask)).float()
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=ignore_index)
 
     def forward(self, inputs, targets, ignore_index: int = -100, mask=None):
         # nn.Module's entry point, which DDP, FSDP and torch.compile wrap, is the training loss
@@ -399,12 +447,25 @@ class Transformer(nn.Module):
     def setup_caches(self, batch_size: int, max_seq_len: int):
         p = self.norm.weight  # the activations' dtype and device (output.weight may be quantized)
         for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, max_seq_len, layer.attention.n_kv_heads,
-                                            self.args.head_dim, p.dtype, p.device)
+            shape = (batch_size, layer.attention.n_kv_heads, max_seq_len, self.args.head_dim)
+            layer.attention.cache = KVCache(torch.zeros(shape, dtype=p.dtype, device=p.device),
+                                            torch.zeros(shape, dtype=p.dtype, device=p.device))
 
     def clear_caches(self):
         for layer in self.layers:
             layer.attention.cache = None
+
+    @contextmanager
+    def cache_rows(self, lo: int, hi: int):
+        """Run on rows lo..hi of the installed caches alone (one request of a batch)."""
+        whole = [layer.attention.cache for layer in self.layers]
+        for layer, cache in zip(self.layers, whole):
+            layer.attention.cache = cache.rows(lo, hi)
+        try:
+            yield
+        finally:
+            for layer, cache in zip(self.layers, whole):
+                layer.attention.cache = cache
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
                              device_type: str = "cpu"):
@@ -413,51 +474,57 @@ class Transformer(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        fused = device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
 
 # -----------------------------------------------------------------------------
-# checkpoint I/O: load_checkpoint, the one way a model is loaded from any layout (formats.py reads
-# Meta's, HF's and GGUF files into Meta's form), and writing Meta's layout
+# checkpoint I/O: load_checkpoint, the one way a model is loaded from any layout (formats.py
+# reads Meta's, HF's and GGUF files into Meta's form), and writing Meta's layout
 
 
-def read_checkpoint(path, rope_scale_factor=None, tokenizer_path=None, tokenizer: bool = False, vocab_size=None,
-                    **overrides):
+def read_checkpoint(path, rope_scale_factor=None, tokenizer_path=None, tokenizer: bool = False,
+                    vocab_size=None, **overrides):
     """(ModelArgs, formats.Checkpoint) of any layout (formats.read), weights unread. overrides:
     ModelArgs fields no file holds; rope_scale_factor: for checkpoints that don't state theirs."""
     ckpt = formats.read(path, tokenizer_path, tokenizer, vocab_size)
     args = ModelArgs.from_params(ckpt.params, **overrides)
-    factor = formats.resolve_rope_factor(ckpt.params.get("rope_scale_factor"), rope_scale_factor, args.dim,
-                                         args.n_layers, ckpt.params_path, args.use_scaled_rope, ckpt.source)
+    factor = formats.resolve_rope_factor(ckpt.params.get("rope_scale_factor"), rope_scale_factor,
+                                         args.dim, args.n_layers, ckpt.params_path,
+                                         args.use_scaled_rope, ckpt.source)
     args.rope_scale_factor = factor or args.rope_scale_factor
     if ckpt.rope_freqs is not None:  # GGUF: the divisors llama.cpp applies must be our rule's
         if not torch.allclose(rope_divisors(args), ckpt.rope_freqs.float(), rtol=1e-3):
-            raise ConfigError(f"{ckpt.params_path}: its rope_freqs do not follow Llama 3.1's RoPE scaling rule")
+            raise ConfigError(f"{ckpt.params_path}: its rope_freqs do not follow Llama 3.1's RoPE "
+                              f"scaling rule")
     return args, ckpt
 
 
 def rope_divisors(args: ModelArgs) -> torch.Tensor:
-    """What Llama 3.1's RoPE scaling divides each frequency by: GGUF files store it (rope_freqs)."""
+    """What Llama 3.1's RoPE scaling divides each frequency by: GGUF files store it."""
     return rope_frequencies(replace(args, use_scaled_rope=False)) / rope_frequencies(args)
 
 
-def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None, quantize: Optional[str] = None,
-                    group_size: int = 32, extra=(), tokenizer: bool = True, **overrides) -> "Llama":
+def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None,
+                    quantize: Optional[str] = None, group_size: int = 32, extra=(),
+                    tokenizer: bool = True, **overrides) -> "Llama":
     """A checkpoint in any layout (formats.read: a Meta or HF directory, a .gguf file) as a Llama:
     the model on device in dtype, its tokenizer (tokenizer=False: none) and chat format.
     quantize: int8/int4 as the weights load, None/keep a GGUF's own 4- and 8-bit tensors, none
     full precision. extra: the caller's own variants (variants.Variant), whose hooks run with
     those this load chooses (variants.for_loading). overrides: rope_scale_factor, and ModelArgs
     fields no file holds (max_seq_len, max_batch_size; vocab_size, checked)."""
-    adapters = variants.adapters_of(path)  # a LoRA run's step: its base, loaded as trained, and its adapters
+    adapters = variants.adapters_of(path)  # a LoRA run's step: its base, as trained, and adapters
     if adapters:
-        path, tokenizer_path = adapters.base, tokenizer_path or adapters.tokenizer
+        path = adapters.base
+        tokenizer_path = tokenizer_path or adapters.tokenizer
         quantize = quantize or adapters.quantize
     device = check_device(device or default_device())
     variants.check_quantize(quantize, group_size)
     if dtype is not None:
         resolve_dtype(dtype, device)  # a bad --dtype is said before the slow part
-    args, ckpt = read_checkpoint(path, tokenizer_path=tokenizer_path, tokenizer=tokenizer, **overrides)
+    args, ckpt = read_checkpoint(path, tokenizer_path=tokenizer_path, tokenizer=tokenizer,
+                                 **overrides)
     chosen = variants.for_loading(device, quantize, group_size, adapters, extra)
     wanted = [d for d in (v.plan(args, ckpt, device) for v in chosen) if d]
     dtype = resolve_dtype(dtype or (wanted[0] if wanted else None), device)
@@ -468,18 +535,20 @@ def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None, quantize
 
 
 def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, device=None, dtype=None,
-               vocab_size: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
-    """load_checkpoint's model alone, in full precision, without its tokenizer (vocab_size: its size)."""
-    return load_checkpoint(ckpt_dir, None, device, dtype, "none", tokenizer=False, max_seq_len=max_seq_len,
-                           max_batch_size=max_batch_size, vocab_size=vocab_size,
-                           rope_scale_factor=rope_scale_factor).model
+               vocab_size: Optional[int] = None,
+               rope_scale_factor: Optional[float] = None) -> Transformer:
+    """load_checkpoint's model alone, in full precision, without its tokenizer (vocab_size: its
+    size)."""
+    return load_checkpoint(ckpt_dir, None, device, dtype, "none", tokenizer=False,
+                           max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                           vocab_size=vocab_size, rope_scale_factor=rope_scale_factor).model
 
 
 def assemble(args: ModelArgs, ckpt, where, source: str, device, dtype, chosen=()) -> Transformer:
     """A model built on the meta device given the tensors of ckpt (a formats.Checkpoint or a state
-    dict) one at a time: peak memory stays near one copy of the weights, and a memory-mapped file in
-    dtype is used as it is. where and source name the weights and their shapes' origin in messages.
-    chosen: the variants, whose hooks run at each step (variants.Variant)."""
+    dict) one at a time: peak memory stays near one copy of the weights, and a memory-mapped file
+    in dtype is used as it is. where and source name the weights and their shapes' origin in
+    messages. chosen: the variants, whose hooks run at each step (variants.Variant)."""
     with torch.device("meta"):
         model = Transformer(args)
     state = None
@@ -507,12 +576,14 @@ def assemble(args: ModelArgs, ckpt, where, source: str, device, dtype, chosen=()
 def load_state(model: Transformer, state: dict, where, chosen, device, dtype):
     """Each tensor read, converted (by a variant, else to device and dtype), checked, and let go
     before the next is read."""
-    files = [*Path(where).glob("*.pth"), *Path(where).glob("*.safetensors")] if Path(where).is_dir() else []
+    where = Path(where)
+    files = [*where.glob("*.pth"), *where.glob("*.safetensors")] if where.is_dir() else []
     label = files[0] if len(files) == 1 else where
     loaded = {}
     for k in list(state):
         value = state.pop(k)
-        new = next((n for n in (v.convert(model, k, value, device, dtype) for v in chosen) if n is not None), None)
+        converted = (v.convert(model, k, value, device, dtype) for v in chosen)
+        new = next((n for n in converted if n is not None), None)
         new = new or {k: formats.materialize(value).to(device=device, dtype=dtype)}
         formats.check_finite(new, f"{k} in {label}")
         loaded.update(new)
@@ -520,9 +591,10 @@ def load_state(model: Transformer, state: dict, where, chosen, device, dtype):
 
 
 def save_meta(model: Transformer, ckpt_dir, dtype=torch.bfloat16, state: Optional[dict] = None):
-    """params.json + consolidated.00.pth as Meta ships them (bf16 by default; state: the weights, if
-    not the model's), each file written whole or not at all (formats.save_meta)."""
-    formats.save_meta(model.state_dict() if state is None else state, model.args.to_params(), ckpt_dir, dtype)
+    """params.json + consolidated.00.pth as Meta ships them (bf16 by default; state: the weights,
+    if not the model's), each file written whole or not at all (formats.save_meta)."""
+    state = model.state_dict() if state is None else state
+    formats.save_meta(state, model.args.to_params(), ckpt_dir, dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -537,6 +609,13 @@ def sample_top_p(probs, p: float, generator: Optional[torch.Generator] = None):
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, choice).squeeze(-1)
+
+
+def next_tokens(logits, temperature: float, top_p: float, generator=None):
+    """One token per row of logits (B, vocab): the most likely at temperature 0, else top-p."""
+    if temperature > 0:
+        return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
+    return torch.argmax(logits, dim=-1)
 
 
 class Decoder:
@@ -559,10 +638,13 @@ class Decoder:
 
 
 class Llama:
-    """A loaded model with its tokenizer (and how it wants a chat, if known): what sampling needs."""
+    """A loaded model with its tokenizer (and its chat format, if known): what sampling needs."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, chat_format: Optional[ChatFormat] = None):
-        self.model, self.tokenizer, self.chat_format = model, tokenizer, chat_format
+    def __init__(self, model: Transformer, tokenizer: Tokenizer,
+                 chat_format: Optional[ChatFormat] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format
         self.decoder = Decoder(model)
 
     @staticmethod
@@ -570,13 +652,13 @@ class Llama:
               device=None, dtype=None, rope_scale_factor: Optional[float] = None,
               compile: bool = False, quantize: Optional[str] = None, group_size: int = 32,
               parallel: bool = False, fuse: bool = True) -> "Llama":
-        """Load tokenizer and weights (load_checkpoint) of a Meta or HF directory or a .gguf file on
-        device (default: the best there is) in dtype (default bf16 on CUDA, else fp32), to sample
-        (variants.for_sampling): parallel, under torchrun, tensor parallel; else fuse, wq wk wv
-        and w1 w3 as one product each; compile, through torch.compile."""
+        """Load tokenizer and weights (load_checkpoint) of a Meta or HF directory or a .gguf file
+        on device (default: the best there is) in dtype (default bf16 on CUDA, else fp32), to
+        sample (variants.for_sampling): parallel, under torchrun, tensor parallel; else fuse,
+        wq wk wv and w1 w3 as one product each; compile, through torch.compile."""
         chosen = variants.for_sampling(parallel, fuse, compile)
-        llama = load_checkpoint(ckpt_dir, tokenizer_path, device, dtype, quantize, group_size, chosen,
-                                max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+        llama = load_checkpoint(ckpt_dir, tokenizer_path, device, dtype, quantize, group_size,
+                                chosen, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                                 rope_scale_factor=rope_scale_factor)
         for v in chosen:
             v.sampling(llama)
@@ -588,61 +670,68 @@ class Llama:
         if not prompt_tokens:
             raise ConfigError("no prompts given; pass at least one")
         if len(prompt_tokens) > args.max_batch_size:
-            raise ConfigError(f"{len(prompt_tokens)} prompts but max_batch_size is {args.max_batch_size}; "
-                              f"raise max_batch_size")
+            raise ConfigError(f"{len(prompt_tokens)} prompts but max_batch_size is "
+                              f"{args.max_batch_size}; raise max_batch_size")
         check_sampling_args(temperature, top_p, max_gen_len)
         for i, t in enumerate(prompt_tokens):
             if not t:
                 raise ConfigError(f"prompt {i} is empty; give it at least one token")
             if len(t) >= args.max_seq_len:
-                raise ConfigError(f"prompt {i} has {len(t)} tokens but max_seq_len is {args.max_seq_len}, "
-                                  f"leaving no room to generate; raise max_seq_len or shorten the prompt")
+                raise ConfigError(f"prompt {i} has {len(t)} tokens but max_seq_len is "
+                                  f"{args.max_seq_len}, leaving no room to generate; raise "
+                                  f"max_seq_len or shorten the prompt")
 
     @torch.inference_mode()
     def generate_stream(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int] = None,
-                        temperature: float = 0.6, top_p: float = 0.9, generator: Optional[torch.Generator] = None,
-                        cache_from: Optional[int] = None, stops: bool = False) -> Iterator[List[Optional[int]]]:
-        """Yield, at every step, one new token per row (None: still in its prompt, or stopped; stops:
-        the stop token too). Decoding starts at the shortest prompt's end; a longer row keeps its own
-        prompt tokens, as in Meta's generate; each row stops after max_gen_len. cache_from: the installed
-        cache holds the first cache_from tokens of the one prompt already, and stays installed (after
-        k steps: the prompt and the first k - 1 tokens)."""
+                        temperature: float = 0.6, top_p: float = 0.9, generator=None,
+                        cache_from: Optional[int] = None,
+                        stops: bool = False) -> Iterator[List[Optional[int]]]:
+        """Yield, at every step, one new token per row (None: still in its prompt, or stopped;
+        stops: the stop token too). Decoding starts at the shortest prompt's end; a longer row
+        keeps its own prompt tokens, as in Meta's generate; each row stops after max_gen_len.
+        cache_from: the installed cache holds the first cache_from tokens of the one prompt
+        already, and stays installed (after k steps: the prompt and the first k - 1 tokens)."""
         self.check_sampling(prompt_tokens, temperature, top_p, max_gen_len)
-        if cache_from is not None and not (len(prompt_tokens) == 1 and 0 <= cache_from < len(prompt_tokens[0])):
+        longer = len(prompt_tokens) == 1 and 0 <= (cache_from or 0) < len(prompt_tokens[0])
+        if cache_from is not None and not longer:
             raise ConfigError(f"cache_from {cache_from} needs one prompt longer than it")
         args = self.model.args
         max_gen_len = max_gen_len or args.max_seq_len - 1
-        bsz, lens = len(prompt_tokens), [len(t) for t in prompt_tokens]
+        bsz = len(prompt_tokens)
+        lens = [len(t) for t in prompt_tokens]
         total_len = min(args.max_seq_len, max_gen_len + max(lens))
         device = self.model.norm.weight.device
         if generator is not None and generator.device.type != device.type:
-            raise ConfigError(f"the generator is on {generator.device.type}, the model on {device.type}; "
-                              f"make it there: torch.Generator({device.type!r})")
-        tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
+            raise ConfigError(f"the generator is on {generator.device.type}, the model on "
+                              f"{device.type}; make it there: torch.Generator({device.type!r})")
+        tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long,
+                            device=device)
         for i, t in enumerate(prompt_tokens):
             tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        in_prompt = torch.arange(total_len, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+        lengths = torch.tensor(lens, device=device)
+        in_prompt = torch.arange(total_len, device=device) < lengths[:, None]
         stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=device)
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         n_new = torch.zeros(bsz, dtype=torch.long, device=device)
-        caches = self.decoder.caches(bsz, total_len) if cache_from is None else contextlib.nullcontext()
-        with caches:  # a cache installed by the caller (cache_from) stays as it is
+        if cache_from is None:
+            caches = self.decoder.caches(bsz, total_len)
+        else:  # a cache installed by the caller stays as it is
+            caches = contextlib.nullcontext()
+        with caches:
             prev_pos = cache_from or 0
             for cur_pos in range(min(lens), total_len):
                 logits = self.decoder.logits(tokens[:, prev_pos:cur_pos], prev_pos)
-                if temperature > 0:
-                    next_token = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
-                else:
-                    next_token = torch.argmax(logits, dim=-1)
+                next_token = next_tokens(logits, temperature, top_p, generator)
                 next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
                 tokens[:, cur_pos] = next_token
-                fresh = ~in_prompt[:, cur_pos] & ~done  # rows that produced a token they still want
+                fresh = ~in_prompt[:, cur_pos] & ~done  # rows that made a token they still want
                 stopped = fresh & torch.isin(next_token, stop_tokens)
                 emit = fresh if stops else fresh & ~stopped
                 n_new += emit
-                done |= stopped | (n_new >= max_gen_len)  # every row gets at most max_gen_len new tokens
+                done |= stopped | (n_new >= max_gen_len)  # at most max_gen_len new tokens a row
                 # the step's one wait for the device
-                step, emitted, finished = torch.stack((next_token, emit.long(), done.long())).tolist()
+                step, emitted, finished = torch.stack((next_token, emit.long(),
+                                                       done.long())).tolist()
                 yield [t if e else None for t, e in zip(step, emitted)]
                 prev_pos = cur_pos
                 if all(finished):
@@ -650,11 +739,13 @@ class Llama:
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int] = None,
                  temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
-                 generator: Optional[torch.Generator] = None, stops: bool = False) -> List[List[int]]:
+                 generator=None, stops: bool = False) -> List[List[int]]:
         """New tokens for each prompt (prompt included if echo), up to a stop token (included if
         stops). temperature 0 is greedy; pass a seeded torch.Generator for reproducible sampling."""
         out = [list(t) if echo else [] for t in prompt_tokens]
-        for step in self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, generator, stops=stops):
+        steps = self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, generator,
+                                     stops=stops)
+        for step in steps:
             for row, t in zip(out, step):
                 if t is not None:
                     row.append(t)
@@ -662,7 +753,7 @@ class Llama:
 
     def text_completion(self, prompts: List[str], max_gen_len: Optional[int] = None,
                         temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
-                        generator: Optional[torch.Generator] = None) -> List[str]:
+                        generator=None) -> List[str]:
         """Complete each prompt as a base model would: BOS (if the tokenizer wants one) + prompt,
         text used exactly as given."""
         bos = self.tokenizer.add_bos
@@ -670,106 +761,61 @@ class Llama:
         outs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, echo, generator)
         return [self.tokenizer.decode(t[int(bos):] if echo else t) for t in outs]
 
-    def stream(self, prompt_tokens: List[int], max_gen_len: Optional[int] = None, temperature: float = 0.6,
-               top_p: float = 0.9, generator: Optional[torch.Generator] = None) -> Iterator[tuple]:
-        """Generate for one prompt, yielding (token, text) as each token arrives (Tokenizer.pieces):
-        the texts join to exactly what generate's tokens decode to."""
+    def stream(self, prompt_tokens: List[int], max_gen_len: Optional[int] = None,
+               temperature: float = 0.6, top_p: float = 0.9, generator=None) -> Iterator[tuple]:
+        """Generate for one prompt, yielding (token, text) as each token arrives
+        (Tokenizer.pieces): the texts join to exactly what generate's tokens decode to."""
         steps = self.generate_stream([prompt_tokens], max_gen_len, temperature, top_p, generator)
         return self.tokenizer.pieces(token for (token,) in steps)
 
     def chat_completion(self, dialogs: List[List[dict]], max_gen_len: Optional[int] = None,
                         temperature: float = 0.6, top_p: float = 0.9,
-                        generator: Optional[torch.Generator] = None) -> List[dict]:
-        """The assistant's next message for each dialog (message dicts: tokenizer.ChatFormat), read back
-        as {"role", "content", "tool_calls", "stop_reason"} (<|eom_id|>: it waits for a tool's answer)."""
+                        generator=None) -> List[dict]:
+        """The assistant's next message for each dialog (message dicts: tokenizer.ChatFormat),
+        read back as {"role", "content", "tool_calls", "stop_reason"} (<|eom_id|>: it waits for
+        a tool's answer)."""
         if self.chat_format is None:
             raise ConfigError("this model has no known chat format; use text_completion")
         prompt_tokens = [self.chat_format.encode_dialog(self.tokenizer, d) for d in dialogs]
-        outs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, generator=generator, stops=True)
+        outs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, generator=generator,
+                             stops=True)
         return [self.chat_format.decode_assistant(self.tokenizer, t) for t in outs]
 
 
 # -----------------------------------------------------------------------------
-# data: the loader that hands each DDP rank its batches of token shards (.bin: formats.py writes
-# and checks them; llm.c's layout for Llama 3)
+# data: what finetune reads, token shards (.bin, llm.c's layout; formats.py's
+# DistributedShardedDataLoader hands each DDP rank its batches) or a variant's own (conversations)
 
 
-class DistributedShardedDataLoader:
-    """Batches (x, y), int64 (B, T), y = x shifted by one token, from the shards matching a glob
-    (in sorted order), for rank process_rank of num_processes. Each step the ranks consume
-    B*T*num_processes tokens: rank r reads B*T + 1 from position + r*B*T, so N ranks for one step
-    see what one rank sees in N steps. A step that would run past its shard's end moves every rank
-    to the next shard (after the last, the first): no window spans two shards. Memory-mapped."""
-
-    def __init__(self, filename_pattern, B: int, T: int, process_rank: int = 0, num_processes: int = 1):
-        if B < 1 or T < 1:
-            raise ConfigError(f"batch size B ({B}) and sequence length T ({T}) must be at least 1")
-        if not 0 <= process_rank < num_processes:
-            raise ConfigError(f"process_rank {process_rank} is not in 0..{num_processes - 1} "
-                              f"(num_processes {num_processes})")
-        self.B, self.T = B, T
-        self.process_rank, self.num_processes = process_rank, num_processes
-        self.step_tokens = B * T * num_processes
-        self.files = sorted(glob.glob(str(filename_pattern)))
-        if not self.files:
-            raise ConfigError(f"no token shards match {filename_pattern}; create them with "
-                              f"tiny_stories.py or fix the pattern")
-        self.shard_ntoks = [read_datafile_header(f) for f in self.files]
-        need = self.step_tokens + 1
-        for f, n in zip(self.files, self.shard_ntoks):
-            if n < need:
-                raise ConfigError(f"{f} holds {n} tokens, fewer than the {need} one step needs "
-                                  f"(B*T*num_processes + 1 = {B}*{T}*{num_processes} + 1); lower B or T, "
-                                  f"or write bigger shards")
-        self.ntok_total = sum(self.shard_ntoks)
-        self.current_shard: Optional[int] = None
-        self.tokens: Optional[np.memmap] = None
-        self.reset()
-
-    def _seek(self, shard: int, position: int):
-        if shard != self.current_shard:
-            self.tokens = np.memmap(self.files[shard], dtype="<u4", mode="r", offset=HEADER_BYTES,
-                                    shape=(self.shard_ntoks[shard],))
-        self.current_shard, self.current_position = shard, position
-
-    def reset(self):
-        """Back to the first token of the first shard."""
-        self._seek(0, 0)
-
-    def largest_token(self):
-        """(largest token id, the shard holding it) over every token: one read of all the data,
-        to check it against a vocabulary before training rather than when a bad batch comes up."""
-        tops = [(int(np.memmap(f, dtype="<u4", mode="r", offset=HEADER_BYTES, shape=(n,)).max()), f)
-                for f, n in zip(self.files, self.shard_ntoks)]
-        return max(tops, key=lambda t: t[0])
-
-    def next_batch(self):
-        if self.current_position + self.step_tokens + 1 > len(self.tokens):
-            self._seek((self.current_shard + 1) % len(self.files), 0)
-        B, T = self.B, self.T
-        start = self.current_position + self.process_rank * B * T
-        buf = torch.from_numpy(self.tokens[start:start + B * T + 1].astype(np.int64))
-        self.current_position += self.step_tokens
-        return buf[:-1].view(B, T), buf[1:].view(B, T)
-
-    def state_dict(self) -> dict:
-        """Where the next step starts. The same on every rank, so rank 0's copy resumes them all."""
-        return {"shard": self.current_shard, "position": self.current_position,
-                "shard_file": Path(self.files[self.current_shard]).name}
-
-    def load_state_dict(self, state: dict):
-        shard, position = int(state["shard"]), int(state["position"])
-        if not 0 <= shard < len(self.files):
-            raise ConfigError(f"loader state points at shard {shard}, but only {len(self.files)} "
-                              f"shards match now; resume with the same data")
-        name = Path(self.files[shard]).name
-        if state.get("shard_file", name) != name:
-            raise ConfigError(f"loader state was saved at shard {state['shard_file']}, but shard {shard} "
-                              f"is now {self.files[shard]}; resume with the same data")
-        if not 0 <= position <= self.shard_ntoks[shard]:
-            raise ConfigError(f"loader state position {position} lies outside {self.files[shard]} "
-                              f"({self.shard_ntoks[shard]} tokens); resume with the same data")
-        self._seek(shard, position)
+def training_data(run: runs.Run, tokenizer: Tokenizer, chat_format, vocab_size: int):
+    """The train and validation loaders (None: no validation): a variant's own (conversations),
+    else token shards, or the demo's data/sample.txt, every token checked against the vocabulary
+    first."""
+    for v in run.variants:
+        loaders = v.training_data(run, tokenizer, chat_format)
+        if loaders is not None:
+            return loaders
+    cfg = run.cfg
+    world = run.info.world_size
+    train_data = cfg.train_data
+    val_data = cfg.val_data
+    if train_data is None:  # the demo's own data
+        demo = runs.demo_data(runs.DEMO_TEXT, tokenizer, run.out / "demo_data", cfg.B, cfg.T, world,
+                              run.log)
+        train_data, demo_val, cfg.T = demo
+        val_data = demo_val if val_data is None else val_data
+    elif val_data is None:
+        val_data = ""  # the demo on your data validates only on a --val_data you name
+    train_loader = DistributedShardedDataLoader(train_data, cfg.B, cfg.T, run.info.rank, world)
+    val_loader = None
+    if val_data:
+        val_loader = DistributedShardedDataLoader(val_data, cfg.B, cfg.T, run.info.rank, world)
+    for loader in [loader for loader in (train_loader, val_loader) if loader is not None]:
+        top, shard = loader.largest_token()
+        if top >= vocab_size:
+            raise ConfigError(f"{shard} holds token id {top}, outside this model's vocabulary of "
+                              f"{vocab_size}; tokenize the data with the model's tokenizer")
+    return train_loader, val_loader
 
 
 # -----------------------------------------------------------------------------
@@ -778,14 +824,14 @@ class DistributedShardedDataLoader:
 
 @dataclass
 class TrainConfig:
-    """finetune's settings, a real run's defaults (runs.DEMO_SETTINGS's for the demo). A resumed run
-    takes the SAVED ones and must not contradict them, but for max_steps; the others it may change."""
+    """finetune's settings, a real run's defaults (runs.DEMO_SETTINGS for the demo). A resumed run
+    takes the SAVED ones and must not contradict them, but for max_steps; the others may change."""
     train_data: Optional[str] = "tinystories/TinyStories_train_*.bin"  # token shards, a glob
     val_data: Optional[str] = "tinystories/TinyStories_val.bin"  # "": no validation
     finetune_type: str = "all"  # all, rmsnorm, no_embeddings (all but the vocab matrices), lora
     B: int = 4  # rows of a micro-batch
     T: int = 256  # tokens of a row
-    total_batch_size: Optional[int] = None  # tokens a step; None: B * T * processes, no accumulation
+    total_batch_size: Optional[int] = None  # tokens a step; None: B * T * processes
     max_steps: int = 100
     learning_rate: float = 1e-5
     min_lr_ratio: float = 0.1  # where the cosine ends, as a fraction of learning_rate
@@ -793,14 +839,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     doc_mask: bool = True  # a packed row's documents attend only to themselves
-    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (fsdp.py)
-    lora_rank: int = 8  # lora: adapters on a frozen base (lora.py)
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes
+    lora_rank: int = 8  # lora: adapters on a frozen base (variants/lora.py)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "wq,wk,wv,wo"
-    quantize: str = "none"  # int8 or int4 with lora: QLoRA's frozen quantized base (quantize.py)
-    train_on_input: bool = False  # dialogs (dialogs.py): every token a target, not the assistant's alone
-    stop_after: Optional[int] = None  # stop early, at this step; the schedule still ends at max_steps
+    quantize: str = "none"  # int8 or int4 with lora: QLoRA's frozen quantized base
+    train_on_input: bool = False  # dialogs: every token a target, not the assistant's alone
+    stop_after: Optional[int] = None  # stop early, at this step; the schedule ends at max_steps
     val_every: int = 50
     val_steps: int = 10
     save_every: int = 0  # 0: at the end only
@@ -816,19 +862,21 @@ class TrainConfig:
 
 
 # what a checkpoint keeps of its run's settings, and a resumed run goes on with
-SAVED = ("train_data", "val_data", "finetune_type", "B", "T", "total_batch_size", "max_steps", "learning_rate",
-         "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "doc_mask", "fsdp", "lora_rank", "lora_alpha",
-         "lora_dropout", "lora_targets", "quantize", "train_on_input")
-MINIMUM = dict(B=1, T=1, total_batch_size=1, max_steps=1, learning_rate=0, min_lr_ratio=0, warmup_steps=0,
-               weight_decay=0, grad_clip=0, lora_rank=1, lora_alpha=0, lora_dropout=0, stop_after=1, val_every=0,
-               val_steps=1, save_every=0, log_every=1)
+SAVED = ("train_data", "val_data", "finetune_type", "B", "T", "total_batch_size", "max_steps",
+         "learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "doc_mask",
+         "fsdp", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "quantize",
+         "train_on_input")
+MINIMUM = dict(B=1, T=1, total_batch_size=1, max_steps=1, learning_rate=0, min_lr_ratio=0,
+               warmup_steps=0, weight_decay=0, grad_clip=0, lora_rank=1, lora_alpha=0,
+               lora_dropout=0, stop_after=1, val_every=0, val_steps=1, save_every=0, log_every=1)
 FINETUNE_TYPES = ("all", "rmsnorm", "no_embeddings", "lora")
 
 
 def select_trainable(model: Transformer, finetune_type: str):
     """all: every parameter; rmsnorm: the norm gains; no_embeddings: all but the two vocab-sized
     matrices (most of a small model's memory); lora: the adapters (lora.py froze the rest)."""
-    trains = {"rmsnorm": lambda name: name.endswith("norm.weight"), "lora": lambda name: ".lora_" in name,
+    trains = {"rmsnorm": lambda name: name.endswith("norm.weight"),
+              "lora": lambda name: ".lora_" in name,
               "no_embeddings": lambda name: not name.startswith(("tok_embeddings.", "output."))}
     for name, p in model.named_parameters():
         p.requires_grad_(trains[finetune_type](name) if finetune_type in trains else True)
@@ -843,96 +891,65 @@ def lr_at(step: int, max_steps: int, max_lr: float, warmup_steps: int, min_lr: f
 
 
 def plan_run(given: dict, ckpt_dir, out_dir, resume, info: DistInfo, dev) -> runs.Run:
-    """The run (runs.plan: settings, out dir, resume point) and its variants (variants.for_finetune),
-    each checked (a one-line error) before the slow part starts."""
+    """The run (runs.plan: settings, out dir, resume point) and its variants
+    (variants.for_finetune), each checked (a one-line error) before the slow part starts."""
     adapters = variants.adapters_of(ckpt_dir) if ckpt_dir is not None and not resume else None
     if adapters:  # a fresh run from a LoRA checkpoint trains its adapters on
         given = {**given, **adapters.settings(given)}
-    run = runs.plan(TrainConfig, runs.DEMO_SETTINGS, SAVED, given, ckpt_dir, out_dir, resume, info, dev)
+    run = runs.plan(TrainConfig, runs.DEMO_SETTINGS, SAVED, given, ckpt_dir, out_dir, resume, info,
+                    dev)
     cfg = run.cfg
     if cfg.finetune_type not in FINETUNE_TYPES:
-        raise ConfigError(f"unknown finetune_type {cfg.finetune_type!r}; use one of {', '.join(FINETUNE_TYPES)}")
+        raise ConfigError(f"unknown finetune_type {cfg.finetune_type!r}; use one of "
+                          f"{', '.join(FINETUNE_TYPES)}")
     variants.check_quantize(cfg.quantize, 32)
     if cfg.total_batch_size and cfg.total_batch_size % (cfg.B * cfg.T * info.world_size):
-        raise ConfigError(f"total_batch_size {cfg.total_batch_size} is not a multiple of B*T*processes = "
-                          f"{cfg.B}*{cfg.T}*{info.world_size}; change one of them")
-    run.variants = variants.for_finetune(asdict(cfg), run.source, info.world_size, dev, select_trainable)
+        raise ConfigError(f"total_batch_size {cfg.total_batch_size} is not a multiple of "
+                          f"B*T*processes = {cfg.B}*{cfg.T}*{info.world_size}; change one of them")
+    run.variants = variants.for_finetune(asdict(cfg), run.source, info.world_size, dev,
+                                         select_trainable)
     if run.note:
         run.log(run.note)
     return run
 
 
-def training_data(run: runs.Run, tokenizer: Tokenizer, chat_format, vocab_size: int):
-    """The train and validation loaders (None: no validation): a variant's own (conversations), else
-    token shards, or the demo's data/sample.txt, every token checked against the vocabulary first."""
-    for v in run.variants:
-        loaders = v.training_data(run, tokenizer, chat_format)
-        if loaders is not None:
-            return loaders
-    cfg, world, rank = run.cfg, run.info.world_size, run.info.rank
-    train_data, val_data = cfg.train_data, cfg.val_data
-    if train_data is None:  # the demo's own data
-        train_data, demo_val, cfg.T = runs.demo_data(runs.DEMO_TEXT, tokenizer, run.out / "demo_data", cfg.B,
-                                                     cfg.T, world, run.log)
-        val_data = demo_val if val_data is None else val_data
-    elif val_data is None:
-        val_data = ""  # the demo on your data validates only on a --val_data you name
-    train_loader = DistributedShardedDataLoader(train_data, cfg.B, cfg.T, rank, world)
-    val_loader = DistributedShardedDataLoader(val_data, cfg.B, cfg.T, rank, world) if val_data else None
-    for loader in [loader for loader in (train_loader, val_loader) if loader is not None]:
-        top, shard = loader.largest_token()
-        if top >= vocab_size:
-            raise ConfigError(f"{shard} holds token id {top}, outside this model's vocabulary of {vocab_size}; "
-                              f"tokenize the data with the model's tokenizer")
-    return train_loader, val_loader
-
-
 def setup_training(run: runs.Run):
     """(Llama of the bare model, the model to call, optimizer, train loader, validation loader or
     None), restored to a resumed checkpoint's state."""
-    cfg, dev = run.cfg, run.dev
-    device = dev
+    cfg = run.cfg
+    device = run.dev
     for v in run.variants:
         device = v.load_device(device)
-    llama = load_checkpoint(run.source, cfg.tokenizer_path, device, torch.float32, cfg.quantize, extra=run.variants,
-                            max_seq_len=max(cfg.T, 2048), max_batch_size=4)
+    llama = load_checkpoint(run.source, cfg.tokenizer_path, device, torch.float32, cfg.quantize,
+                            extra=run.variants, max_seq_len=max(cfg.T, 2048), max_batch_size=4)
     model = llama.model.train()
     model.checkpoint_activations = cfg.checkpoint_activations
     for v in run.variants:  # LoRA adds its adapters, FSDP shards what it has not
         v.prepare(model)
     select_trainable(model, cfg.finetune_type)
-    train_loader, val_loader = training_data(run, llama.tokenizer, llama.chat_format, model.args.vocab_size)
+    train_loader, val_loader = training_data(run, llama.tokenizer, llama.chat_format,
+                                             model.args.vocab_size)
     # after the data: the demo's T may be smaller now (a given total batch stays a multiple)
-    cfg.total_batch_size = cfg.total_batch_size or cfg.B * cfg.T * run.info.world_size
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, device_type=dev.type)
+    step_tokens = cfg.B * cfg.T * run.info.world_size
+    cfg.total_batch_size = cfg.total_batch_size or step_tokens
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                           device_type=run.dev.type)
     if run.state is not None:
-        restore_state(run, model, optimizer, train_loader)
+        runs.restore(run, model, optimizer, train_loader)
     else:
         torch.manual_seed(cfg.seed)
-    wrapped = wrap_for_training(model, run.info, dev, run.variants, cfg.compile)
+    wrapped = wrap_for_training(model, run.info, run.dev, run.variants, cfg.compile)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    extras = (", FSDP" if cfg.fsdp else "") + (", activation checkpointing" if cfg.checkpoint_activations else "")
+    extras = ", FSDP" * cfg.fsdp + ", activation checkpointing" * cfg.checkpoint_activations
     run.log(f"finetune ({cfg.finetune_type}): {n_trainable / 1e6:.1f}M trainable parameters, "
-            f"{run.info.world_size} process(es), grad_accum {cfg.total_batch_size // (cfg.B * cfg.T * run.info.world_size)}, "
-            f"{cfg.total_batch_size} tokens/step, {train_loader.ntok_total} train tokens, document masking "
-            f"{'on' if cfg.doc_mask else 'off'}{extras}")
+            f"{run.info.world_size} process(es), grad_accum {cfg.total_batch_size // step_tokens}, "
+            f"{cfg.total_batch_size} tokens/step, {train_loader.ntok_total} train tokens, "
+            f"document masking {'on' if cfg.doc_mask else 'off'}{extras}")
     return llama, wrapped, optimizer, train_loader, val_loader
 
 
-def restore_state(run: runs.Run, model: Transformer, optimizer, train_loader):
-    """Optimizer, data position and random states exactly as the checkpoint saved them."""
-    state = run.state["optimizer"]
-    try:
-        if not any(v.load_optimizer(model, optimizer, state) for v in run.variants):
-            optimizer.load_state_dict(state)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise ConfigError(f"optimizer state in {run.resume_dir} does not fit this model ({e})") from None
-    train_loader.load_state_dict(run.state["loader"])
-    runs.restore_rng(run.state["rng"], run.info, run.dev)
-    run.log(f"resumed from {run.resume_dir} at step {run.step}")
-
-
-def wrap_for_training(model: Transformer, info: DistInfo, dev, chosen=(), compile: bool = False) -> nn.Module:
+def wrap_for_training(model: Transformer, info: DistInfo, dev, chosen=(),
+                      compile: bool = False) -> nn.Module:
     """A variant's own wrap (FSDP shards in place), else DDP for replicas; then torch.compile,
     PyTorch's order: around a compiled model DDP could not all-reduce before the whole backward."""
     wrapped = next((w for w in (v.wrap(model) for v in chosen) if w is not None), None)
@@ -943,8 +960,8 @@ def wrap_for_training(model: Transformer, info: DistInfo, dev, chosen=(), compil
 
 
 def mean_loss(loss_of, loader, steps: int, dev, autocast, mask_of, info: DistInfo) -> float:
-    """The loss over the first `steps` batches of loader, averaged over the processes (mask_of: the
-    attention mask of a batch whose loader gives none)."""
+    """The loss over the first `steps` batches of loader, averaged over the processes (mask_of:
+    the attention mask of a batch whose loader gives none)."""
     loader.reset()
     total = torch.zeros((), device=dev)
     with torch.no_grad():
@@ -955,34 +972,9 @@ def mean_loss(loss_of, loader, steps: int, dev, autocast, mask_of, info: DistInf
     return all_reduce_mean(total / steps, info).item()
 
 
-def save_checkpoint(run: runs.Run, step: int, model: Transformer, optimizer, loader, tokenizer: Tokenizer):
-    """out_dir/step_NNNNNN/ (runs.write_step; every rank calls this, rank 0 writes): the model in
-    fp32, so resuming is exact, as a variant writes it (LoRA: the adapters alone) or as it came
-    (formats.save_trained), and train_state.pt (optimizer, step, data position, RNG states). The
-    whole states come from a variant (FSDP gathers them), else from the model and optimizer."""
-    states = (v.state_dicts(model, optimizer) for v in run.variants)
-    model_state, optimizer_state = next((s for s in states if s is not None), None) or \
-        (model.state_dict(), optimizer.state_dict())
-    rng = runs.rng_states(run.info, run.dev)
-    if not run.info.master:
-        return None
-    config = {k: getattr(run.cfg, k) for k in SAVED} | {"world_size": run.info.world_size, "demo": run.demo}
-
-    def write_model(tmp: Path):
-        if not any(v.save(tmp, model, model_state, config, tokenizer) for v in run.variants):
-            args = model.args
-            formats.save_trained(model_state, args.to_params(), tmp, tokenizer.path, run.source,
-                                 rope_divisors(args) if args.use_scaled_rope else None)
-
-    state = {"step": step, "optimizer": optimizer_state, "loader": loader.state_dict(), "rng": rng, "config": config}
-    path = runs.write_step(run.out, step, write_model, state)
-    run.log(f"saved {path}")
-    return path
-
-
 def sample_after_training(run: runs.Run, llama: "Llama", optimizer, prompts, dtype):
     """Rank 0's greedy completions by the trained model; sharded, by a whole copy in the training
-    dtype, gathered by every rank (whole_weights) and given the variants' adapters (take_adapters)."""
+    dtype, gathered by every rank (whole_weights), given the variants' adapters (take_adapters)."""
     model = llama.model
     for v in run.variants:
         weights = v.whole_weights(model, optimizer)
@@ -990,38 +982,47 @@ def sample_after_training(run: runs.Run, llama: "Llama", optimizer, prompts, dty
             continue
         if run.info.master:
             extra = [a for a in (w.take_adapters(weights) for w in run.variants) if a is not None]
-            model = assemble(model.args, weights, run.out, "the gathered shards", run.dev, dtype, extra)
+            model = assemble(model.args, weights, run.out, "the gathered shards", run.dev, dtype,
+                             extra)
         del weights
     if run.info.master:
         model.eval()  # dropout (LoRA's) off, as in any sampling
-        completions = Llama(model, llama.tokenizer, llama.chat_format).text_completion(
-            prompts, run.cfg.sample_len, temperature=0)
+        trained = Llama(model, llama.tokenizer, llama.chat_format)
+        completions = trained.text_completion(prompts, run.cfg.sample_len, temperature=0)
         for p, c in zip(prompts, completions):
             run.log(p + c + "\n" + "-" * 80)
 
 
-def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str] = None, **settings):
-    """Finetune a Meta or HF directory or a .gguf file on .bin token shards or dialogs (.jsonl), in one
-    process or many (torchrun: DDP, or --fsdp); checkpoints in out_dir/step_NNNNNN, --resume latest
-    goes on exactly, out_dir/metrics.jsonl and loss.png record it. Without --ckpt_dir or --resume, the
-    demo (SmolLM2). The settings are TrainConfig's (--help lists them); --finetune_type lora trains
-    adapters (--quantize int8|int4: QLoRA). Returns the losses, step and model."""
+def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str] = None,
+             **settings):
+    """Finetune a Meta or HF directory or a .gguf file on .bin token shards or dialogs (.jsonl),
+    in one process or many (torchrun: DDP, or --fsdp); checkpoints in out_dir/step_NNNNNN,
+    --resume latest goes on exactly, out_dir/metrics.jsonl and loss.png record it. Without
+    --ckpt_dir or --resume, the demo (SmolLM2). The settings are TrainConfig's (--help lists
+    them); --finetune_type lora trains adapters (--quantize int8|int4: QLoRA). Returns the
+    losses, step and model."""
     given = {k: v for k, v in settings.items() if v is not None}
     runs.check_settings(TrainConfig, MINIMUM, given)
     info, dev = setup_distributed(given.get("device"))
     run = plan_run(given, ckpt_dir, out_dir, resume, info, dev)
-    cfg, dtype = run.cfg, resolve_dtype(run.cfg.dtype, dev)
+    cfg = run.cfg
+    dtype = resolve_dtype(cfg.dtype, dev)
     autocast = training_autocast(dtype, dev)
     llama, model, optimizer, train_loader, val_loader = setup_training(run)
-    raw_model, mask_of = llama.model, partial(document_mask, bos_id=llama.tokenizer.bos_id) if cfg.doc_mask else None
+    raw_model = llama.model
+    mask_of = partial(document_mask, bos_id=llama.tokenizer.bos_id) if cfg.doc_mask else None
     grad_accum = cfg.total_batch_size // (cfg.B * cfg.T * info.world_size)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    peak, fpt = runs.peak_flops(dev, dtype), runs.flops_per_token(raw_model, cfg.T)
-    stats, step = {"train_loss": None, "val_loss": None}, run.step
+    peak = runs.peak_flops(dev, dtype)
+    flops = runs.flops_per_token(raw_model, cfg.T)
+    rope_freqs = rope_divisors(raw_model.args) if raw_model.args.use_scaled_rope else None
+    stats = {"train_loss": None, "val_loss": None}
+    step = run.step
 
     def validate():  # the bare model called (not forward_loss): a sharded one gathers in its hooks
         raw_model.eval()
-        stats["val_loss"] = mean_loss(raw_model, val_loader, cfg.val_steps, dev, autocast, mask_of, info)
+        stats["val_loss"] = mean_loss(raw_model, val_loader, cfg.val_steps, dev, autocast, mask_of,
+                                      info)
         raw_model.train()
         runs.log_step(run, step, val_loss=stats["val_loss"])
 
@@ -1029,44 +1030,51 @@ def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str]
         if val_loader is not None and cfg.val_every and step % cfg.val_every == 0:
             validate()
         t0 = time.time()
-        lr = lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.warmup_steps, cfg.learning_rate * cfg.min_lr_ratio)
-        loss, norm = train_step(model, optimizer, train_loader, grad_accum, lr, trainable, cfg.grad_clip, mask_of,
-                                autocast, dev)
+        lr = lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.warmup_steps,
+                   cfg.learning_rate * cfg.min_lr_ratio)
+        loss, norm = train_step(model, optimizer, train_loader, grad_accum, lr, trainable,
+                                cfg.grad_clip, mask_of, autocast, dev)
         stats["train_loss"] = all_reduce_mean(loss, info).item()  # .item() also waits for the GPU
-        dt, step = time.time() - t0, step + 1
+        dt = time.time() - t0
+        step += 1
         if step % cfg.log_every == 0 or step == run.last_stop:
             tps = cfg.total_batch_size / dt
-            runs.log_step(run, step, loss=stats["train_loss"], lr=lr, norm=norm.item(), ms=dt * 1000, tokens_per_s=tps,
-                          mfu=100 * tps * fpt / (peak * info.world_size) if peak else None)
+            mfu = 100 * tps * flops / (peak * info.world_size) if peak else None
+            runs.log_step(run, step, loss=stats["train_loss"], lr=lr, norm=norm.item(),
+                          ms=dt * 1000, tokens_per_s=tps, mfu=mfu)
         if step == run.last_stop or (cfg.save_every and step % cfg.save_every == 0):
-            save_checkpoint(run, step, raw_model, optimizer, train_loader, llama.tokenizer)
+            runs.save_checkpoint(run, step, raw_model, optimizer, train_loader, llama.tokenizer,
+                                 rope_freqs)
     if val_loader is not None and step == cfg.max_steps:
         validate()
     runs.plot_losses(run)
     if cfg.sample_prompts != []:
         default = ["Once upon a time, a little dog"] if run.demo else DEFAULT_PROMPTS[:2]
-        prompts = [cfg.sample_prompts] if isinstance(cfg.sample_prompts, str) else (cfg.sample_prompts or default)
+        prompts = cfg.sample_prompts
+        prompts = [prompts] if isinstance(prompts, str) else (prompts or default)
         sample_after_training(run, llama, optimizer, prompts, dtype)
     return {**stats, "step": step, "model": raw_model}
 
 
-def train_step(model: nn.Module, optimizer, loader, grad_accum: int, lr: float, trainable, grad_clip: float,
-               mask_of, autocast, dev):
-    """One optimizer step over grad_accum micro-batches; returns (the summed loss, the gradient norm)."""
+def train_step(model: nn.Module, optimizer, loader, grad_accum: int, lr: float, trainable,
+               grad_clip: float, mask_of, autocast, dev):
+    """One optimizer step over grad_accum micro-batches; returns (the summed loss, the gradient
+    norm)."""
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=dev)
+    ddp = isinstance(getattr(model, "_orig_mod", model), DDP)
     for micro in range(grad_accum):
         x, y, mask = next_batch(loader, dev, mask_of)
         # DDP all-reduces gradients only on the last micro-step (a compiled DDP model included); a
         # sharding wrap reduces on every one, or each process would hold a whole gradient meanwhile
-        ddp = isinstance(getattr(model, "_orig_mod", model), DDP)
         with model.no_sync() if ddp and micro < grad_accum - 1 else contextlib.nullcontext():
             with autocast:
                 loss = model(x, y, mask=mask) / grad_accum
             loss.backward()
         loss_sum += loss.detach()
     norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: a distributed tensor
+    if hasattr(norm, "full_tensor"):  # sharded: a distributed tensor
+        norm = norm.full_tensor()
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
@@ -1074,17 +1082,20 @@ def train_step(model: nn.Module, optimizer, loader, grad_accum: int, lr: float, 
 
 
 # -----------------------------------------------------------------------------
-# CLI: python llama31.py [--ckpt_dir DIR_OR_GGUF] [--chat] [--prompts '["..."]'] ... | finetune ...
+# CLI: python llama31.py [--ckpt_dir DIR_OR_GGUF] [--chat] [--prompts '["..."]'] | finetune ...
 
-DEFAULT_PROMPTS = ["Clearly, the meaning of life is", "Simply put, the theory of relativity states that",
+DEFAULT_PROMPTS = ["Clearly, the meaning of life is",
+                   "Simply put, the theory of relativity states that",
                    "The capital of France is", "def fibonacci(n):"]
 
+
 def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, prompts=None,
-           temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int = 64, max_seq_len: int = 512,
-           max_batch_size: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
-           seed: int = 1, chat: Optional[bool] = None, stream: bool = True,
-           rope_scale_factor: Optional[float] = None, compile: bool = False, quantize: Optional[str] = None,
-           group_size: int = 32):
+           temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int = 64,
+           max_seq_len: int = 512,
+           max_batch_size: Optional[int] = None, device: Optional[str] = None,
+           dtype: Optional[str] = None, seed: int = 1, chat: Optional[bool] = None,
+           stream: bool = True, rope_scale_factor: Optional[float] = None, compile: bool = False,
+           quantize: Optional[str] = None, group_size: int = 32):
     """Sample from a Meta or HF directory or a .gguf file: each prompt as its tokens arrive, or all
     as one batch (--nostream). Without --ckpt_dir, the demo model (SmolLM2-135M-Instruct) answers
     as a chat. --chat: prompts as user messages. --compile: slow first prompt, faster after.
@@ -1099,16 +1110,17 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     chat = demo if chat is None else chat
     prompts = check_prompts(prompts, chat)
     check_sampling_args(temperature, top_p, max_gen_len)  # before the (slow) load, not after
-    for name, value in [("max_seq_len", max_seq_len), ("seed", seed), ("max_batch_size", max_batch_size or 0)]:
-        check_number(name, value, int, 0)
+    check_number("max_seq_len", max_seq_len, int, 0)
+    check_number("seed", seed, int, 0)
+    check_number("max_batch_size", max_batch_size or 0, int, 0)
     t0 = time.time()
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size or len(prompts), device, dtype,
-                        rope_scale_factor, compile, quantize, group_size, parallel)
-    print(f"loaded {ckpt_dir} on {device} ({runs.describe(llama.model)}) in {time.time() - t0:.1f}s",
-          file=sys.stderr)
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size or len(prompts),
+                        device, dtype, rope_scale_factor, compile, quantize, group_size, parallel)
+    print(f"loaded {ckpt_dir} on {device} ({runs.describe(llama.model)}) in "
+          f"{time.time() - t0:.1f}s", file=sys.stderr)
     if chat and llama.chat_format is None:
-        raise ConfigError(f"{ckpt_dir} has no chat template in a format we know (Llama 3 headers or "
-                          f"ChatML); drop --chat to complete text")
+        raise ConfigError(f"{ckpt_dir} has no chat template in a format we know (Llama 3 headers "
+                          f"or ChatML); drop --chat to complete text")
     generator = torch.Generator(device=device).manual_seed(seed)
     print_samples(llama, prompts, chat, stream, max_gen_len, temperature, top_p, generator, compile)
 
@@ -1117,13 +1129,15 @@ def check_prompts(prompts, chat: bool) -> List[str]:
     """--prompts as a list of strings (the defaults when none are given)."""
     prompts = [prompts] if isinstance(prompts, str) else prompts
     prompts = (runs.DEMO_PROMPTS if chat else DEFAULT_PROMPTS) if prompts is None else prompts
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ConfigError(f"--prompts must be a string or a list of strings, e.g. '[\"Hello\"]', got {prompts!r}")
+    strings = isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts)
+    if not strings or not prompts:
+        raise ConfigError(f"--prompts must be a string or a list of strings, e.g. '[\"Hello\"]', "
+                          f"got {prompts!r}")
     for i, p in enumerate(prompts):
         if not chat and p != p.rstrip():
             # ' word' is one token, so a prompt ending in a space makes the next token unnatural
-            print(f"note: prompt {i} ends with whitespace, which usually hurts a base model's completion",
-                  file=sys.stderr)
+            print(f"note: prompt {i} ends with whitespace, which usually hurts a base model's "
+                  f"completion", file=sys.stderr)
     return list(prompts)
 
 
@@ -1133,7 +1147,8 @@ def print_samples(llama: Llama, prompts: List[str], chat: bool, stream: bool, ma
     batch), a line of dashes after each; the decoding rate on stderr."""
     tok = llama.tokenizer
     if chat:
-        prompt_tokens = [llama.chat_format.encode_dialog(tok, [{"role": "user", "content": p}]) for p in prompts]
+        prompt_tokens = [llama.chat_format.encode_dialog(tok, [{"role": "user", "content": p}])
+                         for p in prompts]
     else:  # what text_completion does
         prompt_tokens = [tok.encode(p, bos=tok.add_bos, eos=False) for p in prompts]
     heads = [f"> {p}\n" if chat else p for p in prompts]
@@ -1155,7 +1170,8 @@ def print_samples(llama: Llama, prompts: List[str], chat: bool, stream: bool, ma
                 out.extend([] if t is None else [t])
         for head, out in zip(heads, outs):
             print(head + tok.decode(out) + "\n" + "-" * 80)
-    print(clock.summary(compiled) + ("" if stream else f" (a batch of {len(prompts)})"), file=sys.stderr)
+    batch = "" if stream else f" (a batch of {len(prompts)})"
+    print(clock.summary(compiled) + batch, file=sys.stderr)
 
 
 def main(argv=None):
@@ -1163,15 +1179,17 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command, name = sample, "llama31.py"
     if argv[:1] == ["finetune"]:
-        command, name, argv = finetune, "llama31.py finetune", argv[1:]
+        command = finetune
+        name = "llama31.py finetune"
+        argv = argv[1:]
         if "--help" in argv or "-h" in argv:
             print(finetune.__doc__ + "\n\nsettings (TrainConfig):\n" +
                   "\n".join(f"  --{f.name} (default {f.default!r})" for f in fields(TrainConfig)))
             return
     elif argv[:1] and not argv[0].startswith("-") and not Path(argv[0]).exists():
-        print(f"error: unknown command {argv[0]!r}; python llama31.py samples (--help), python llama31.py "
-              f"finetune finetunes, and chat.py, eval.py, export.py, shards.py are scripts of their own",
-              file=sys.stderr)
+        print(f"error: unknown command {argv[0]!r}; python llama31.py samples (--help), python "
+              f"llama31.py finetune finetunes, and chat.py, eval.py, export.py, shards.py are "
+              f"scripts of their own", file=sys.stderr)
         sys.exit(2)
     cli(command, argv, name)
 
@@ -1183,7 +1201,7 @@ def cli(command, argv, name):
     status = 1  # an unexpected exception: its traceback, then exit status 1
     try:
         runs.check_flags(command, argv, name)
-        # serialize: print nothing of the return value (finetune returns the model for Python callers)
+        # serialize: print nothing of the return value (finetune returns the model to Python)
         fire.Fire(command, command=argv, name=name, serialize=lambda _: None)
         status = 0
     except ConfigError as e:

@@ -320,6 +320,7 @@ class Run:
     variants: list = field(default_factory=list)  # variants.for_finetune's
     started: float = field(default_factory=time.time)
     note: str = ""  # said once every check has passed (the demo's)
+    saved: tuple = ()  # the settings a checkpoint keeps, for a resumed run to go on with
 
     def log(self, *a, **k):
         if self.info.master:
@@ -405,7 +406,8 @@ def plan(config_class, demo_settings: dict, saved_names, given: dict, ckpt_dir, 
     data = Path(str(given["train_data"])).name if given.get("train_data") else "sample.txt"
     note = (f"note: no --ckpt_dir given, so this briefly finetunes the demo model SmolLM2-135M-Instruct on {data}; "
             "pass --ckpt_dir (a Llama checkpoint) for a real run") if demo else ""
-    return Run(cfg, out, source, demo, resume_dir, state, step, last_stop, info, dev, note=note)
+    return Run(cfg, out, source, demo, resume_dir, state, step, last_stop, info, dev, note=note,
+               saved=tuple(saved_names))
 
 
 def check_settings(config_class, minimum: dict, given: dict):
@@ -486,6 +488,47 @@ def earlier_demo(out: Path) -> bool:
     except ConfigError:  # unreadable: not known to be a demo's, so kept
         return False
     return isinstance(state, dict) and isinstance(state.get("config"), dict) and bool(state["config"].get("demo"))
+
+
+def save_checkpoint(run: Run, step: int, model, optimizer, loader, tokenizer, rope_freqs=None):
+    """out_dir/step_NNNNNN/ (write_step; every rank calls this, rank 0 writes): the model in fp32,
+    so resuming is exact, as a variant writes it (LoRA: the adapters alone) or as it came
+    (formats.save_trained, rope_freqs: a scaled RoPE's divisors, for GGUF), and train_state.pt
+    (optimizer, step, data position, RNG states, the settings run.saved names). The whole states
+    come from a variant (FSDP gathers them), else from the model and optimizer."""
+    states = (v.state_dicts(model, optimizer) for v in run.variants)
+    model_state, optimizer_state = next((s for s in states if s is not None), None) or \
+        (model.state_dict(), optimizer.state_dict())
+    rng = rng_states(run.info, run.dev)
+    if not run.info.master:
+        return None
+    config = {k: getattr(run.cfg, k) for k in run.saved}
+    config.update(world_size=run.info.world_size, demo=run.demo)
+
+    def write_model(tmp: Path):
+        if not any(v.save(tmp, model, model_state, config, tokenizer) for v in run.variants):
+            formats.save_trained(model_state, model.args.to_params(), tmp, tokenizer.path, run.source,
+                                 rope_freqs)
+
+    state = {"step": step, "optimizer": optimizer_state, "loader": loader.state_dict(), "rng": rng,
+             "config": config}
+    path = write_step(run.out, step, write_model, state)
+    run.log(f"saved {path}")
+    return path
+
+
+def restore(run: Run, model, optimizer, loader):
+    """A resumed run's optimizer (a variant's way, or the optimizer's own), data position and
+    random states, exactly as its checkpoint saved them."""
+    state = run.state["optimizer"]
+    try:
+        if not any(v.load_optimizer(model, optimizer, state) for v in run.variants):
+            optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ConfigError(f"optimizer state in {run.resume_dir} does not fit this model ({e})") from None
+    loader.load_state_dict(run.state["loader"])
+    restore_rng(run.state["rng"], run.info, run.dev)
+    run.log(f"resumed from {run.resume_dir} at step {run.step}")
 
 
 def write_step(out_dir: Path, step: int, write_model: Callable[[Path], None], train_state: dict,
