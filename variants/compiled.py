@@ -39,9 +39,9 @@ def inductor_options() -> dict:
 
 def compile_inference(llama, prefill: Optional[bool] = None):
     """Compile a loaded Llama's decoding and, unless on a CPU (prefill None) or prefill=False, its
-    prefill (above); returns it. On a CPU a prefill is bound by its products: compiled, the demo's
-    256 tokens took 385 ms against 391 eager (2-core Xeon, int4), and its compile doubled the wait
-    for the first token. Says on stderr why the first prompt waits, and where the wait is kept."""
+    prefill (above); returns it. On a CPU a prefill is bound by its products, so compiling it
+    gains nothing and doubles the wait for the first token (docs/benchmarks.md). Says on stderr
+    why the first prompt waits, and where the wait is kept."""
     model = llama.model
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "torchinductor_<user>")
     print(f"note: --compile: decoding compiles on first use, a minute or more on a CPU the first time; Inductor's "

@@ -22,13 +22,12 @@ quantized modules are the model's own, only smaller. connect then adds the colle
 hooks on each block's attention and feed_forward, and the embedding's and output's forward.
 
 Collectives are PyTorch's functional ones (torch.distributed._functional_collectives, as
-gpt-fast's tp.py uses them), on NCCL with CUDA and gloo on CPU. DTensor (torch.distributed.tensor.
-parallel) runs on gloo too, but measured here (torch 2.13 CPU, 2 gloo processes, a (256 -> 1024 ->
-256) column/row pair, batch 1) a call cost 8.2-8.9 ms against 2.45 ms with functional collectives
-(2.7 ms with plain dist.all_reduce): DTensor's dispatch on every op, at decode's one-row sizes; it
-left its all-reduces unwaited at exit (a warning per process); and it shards Parameters, not the
-int8/int4 buffers quantize.py swaps in. Cutting the modules ourselves keeps quantization, the KV
-cache and torch.compile the model's own.
+gpt-fast's tp.py uses them), on NCCL with CUDA and gloo on CPU, held by the group's name (a model
+never keeps a process group alive). DTensor (torch.distributed.tensor.parallel) runs on gloo too,
+but its dispatch on every op costs several times a one-row step's collective
+(docs/tensor-parallel.md has the figures), and it shards Parameters, not the int8/int4 buffers
+quantize.py swaps in. Cutting the modules ourselves keeps quantization, the KV cache and
+torch.compile the model's own.
 
 fsdp.py reads the same way for finetune --fsdp (load_shards): there FSDP shards every weight by rows,
 and each process reads only its rows, from the memory-mapped file, onto its device.
