@@ -181,4 +181,4 @@ def show(conversation: Conversation, text: str, role: str):
 
 
 if __name__ == "__main__":
-    llama31.cli(chat, sys.argv[1:], "chat.py")
+    runs.cli(chat, sys.argv[1:], "chat.py")

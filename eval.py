@@ -72,4 +72,4 @@ def evaluate(ckpt_dir: Optional[str] = None, data: Optional[str] = None, T: int 
 
 
 if __name__ == "__main__":
-    llama31.cli(evaluate, sys.argv[1:], "eval.py")
+    runs.cli(evaluate, sys.argv[1:], "eval.py")

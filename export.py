@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import formats
-import llama31
+import runs
 from errors import ConfigError
 from llama31 import load_checkpoint, load_model, rope_divisors, save_meta
 from variants import lora
@@ -66,4 +66,4 @@ def export_gguf(source: Path, kind: str, out_dir: Path, rope_scale_factor, gguf_
 
 
 if __name__ == "__main__":
-    llama31.cli(export, sys.argv[1:], "export.py")
+    runs.cli(export, sys.argv[1:], "export.py")

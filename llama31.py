@@ -18,7 +18,6 @@ the moments that variants.Variant's methods name.
 
 import contextlib
 import math
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -27,7 +26,6 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-import fire
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,8 +37,9 @@ import runs
 import variants
 from errors import ConfigError
 from formats import DistributedShardedDataLoader
-from runs import (DistInfo, all_reduce_mean, check_device, check_number, check_sampling_args,
-                  default_device, next_batch, resolve_dtype, setup_distributed, training_autocast)
+from runs import (DEFAULT_PROMPTS, DistInfo, all_reduce_mean, check_device, check_number,
+                  check_sampling_args, default_device, next_batch, resolve_dtype, setup_distributed,
+                  training_autocast)
 from tokenizer import ChatFormat, Tokenizer
 
 
@@ -959,22 +958,13 @@ def wrap_for_training(model: Transformer, info: DistInfo, dev, chosen=(),
     return torch.compile(wrapped) if compile else wrapped
 
 
-def mean_loss(loss_of, loader, steps: int, dev, autocast, mask_of, info: DistInfo) -> float:
-    """The loss over the first `steps` batches of loader, averaged over the processes (mask_of:
-    the attention mask of a batch whose loader gives none)."""
-    loader.reset()
-    total = torch.zeros((), device=dev)
-    with torch.no_grad():
-        for _ in range(steps):
-            x, y, mask = next_batch(loader, dev, mask_of)
-            with autocast:
-                total += loss_of(x, y, mask=mask)
-    return all_reduce_mean(total / steps, info).item()
-
-
-def sample_after_training(run: runs.Run, llama: "Llama", optimizer, prompts, dtype):
-    """Rank 0's greedy completions by the trained model; sharded, by a whole copy in the training
-    dtype, gathered by every rank (whole_weights), given the variants' adapters (take_adapters)."""
+def sample_after_training(run: runs.Run, llama: "Llama", optimizer, dtype):
+    """Rank 0's greedy completions of --sample_prompts by the trained model; sharded, by a whole
+    copy in the training dtype, gathered by every rank (whole_weights), given the variants'
+    adapters (take_adapters)."""
+    default = ["Once upon a time, a little dog"] if run.demo else DEFAULT_PROMPTS[:2]
+    prompts = run.cfg.sample_prompts
+    prompts = [prompts] if isinstance(prompts, str) else (prompts or default)
     model = llama.model
     for v in run.variants:
         weights = v.whole_weights(model, optimizer)
@@ -1021,8 +1011,8 @@ def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str]
 
     def validate():  # the bare model called (not forward_loss): a sharded one gathers in its hooks
         raw_model.eval()
-        stats["val_loss"] = mean_loss(raw_model, val_loader, cfg.val_steps, dev, autocast, mask_of,
-                                      info)
+        stats["val_loss"] = runs.mean_loss(raw_model, val_loader, cfg.val_steps, dev, autocast,
+                                           mask_of, info)
         raw_model.train()
         runs.log_step(run, step, val_loss=stats["val_loss"])
 
@@ -1049,10 +1039,7 @@ def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str]
         validate()
     runs.plot_losses(run)
     if cfg.sample_prompts != []:
-        default = ["Once upon a time, a little dog"] if run.demo else DEFAULT_PROMPTS[:2]
-        prompts = cfg.sample_prompts
-        prompts = [prompts] if isinstance(prompts, str) else (prompts or default)
-        sample_after_training(run, llama, optimizer, prompts, dtype)
+        sample_after_training(run, llama, optimizer, dtype)
     return {**stats, "step": step, "model": raw_model}
 
 
@@ -1084,11 +1071,6 @@ def train_step(model: nn.Module, optimizer, loader, grad_accum: int, lr: float, 
 # -----------------------------------------------------------------------------
 # CLI: python llama31.py [--ckpt_dir DIR_OR_GGUF] [--chat] [--prompts '["..."]'] | finetune ...
 
-DEFAULT_PROMPTS = ["Clearly, the meaning of life is",
-                   "Simply put, the theory of relativity states that",
-                   "The capital of France is", "def fibonacci(n):"]
-
-
 def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, prompts=None,
            temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int = 64,
            max_seq_len: int = 512,
@@ -1108,7 +1090,7 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     if demo:
         ckpt_dir, quantize = runs.demo_checkpoint(quantize)
     chat = demo if chat is None else chat
-    prompts = check_prompts(prompts, chat)
+    prompts = runs.check_prompts(prompts, chat)
     check_sampling_args(temperature, top_p, max_gen_len)  # before the (slow) load, not after
     check_number("max_seq_len", max_seq_len, int, 0)
     check_number("seed", seed, int, 0)
@@ -1122,62 +1104,15 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
         raise ConfigError(f"{ckpt_dir} has no chat template in a format we know (Llama 3 headers "
                           f"or ChatML); drop --chat to complete text")
     generator = torch.Generator(device=device).manual_seed(seed)
-    print_samples(llama, prompts, chat, stream, max_gen_len, temperature, top_p, generator, compile)
-
-
-def check_prompts(prompts, chat: bool) -> List[str]:
-    """--prompts as a list of strings (the defaults when none are given)."""
-    prompts = [prompts] if isinstance(prompts, str) else prompts
-    prompts = (runs.DEMO_PROMPTS if chat else DEFAULT_PROMPTS) if prompts is None else prompts
-    strings = isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts)
-    if not strings or not prompts:
-        raise ConfigError(f"--prompts must be a string or a list of strings, e.g. '[\"Hello\"]', "
-                          f"got {prompts!r}")
-    for i, p in enumerate(prompts):
-        if not chat and p != p.rstrip():
-            # ' word' is one token, so a prompt ending in a space makes the next token unnatural
-            print(f"note: prompt {i} ends with whitespace, which usually hurts a base model's "
-                  f"completion", file=sys.stderr)
-    return list(prompts)
-
-
-def print_samples(llama: Llama, prompts: List[str], chat: bool, stream: bool, max_gen_len: int,
-                  temperature: float, top_p: float, generator, compiled: bool):
-    """Each prompt and its completion on stdout (stream: as the tokens arrive; else all as one
-    batch), a line of dashes after each; the decoding rate on stderr."""
-    tok = llama.tokenizer
-    if chat:
-        prompt_tokens = [llama.chat_format.encode_dialog(tok, [{"role": "user", "content": p}])
-                         for p in prompts]
-    else:  # what text_completion does
-        prompt_tokens = [tok.encode(p, bos=tok.add_bos, eos=False) for p in prompts]
-    heads = [f"> {p}\n" if chat else p for p in prompts]
-    clock = runs.DecodeClock()
-    if stream:
-        for ids in prompt_tokens:  # every prompt checked before the first is echoed
-            llama.check_sampling([ids], temperature, top_p, max_gen_len)
-        for head, ids in zip(heads, prompt_tokens):
-            print(head, end="", flush=True)
-            pieces = llama.stream(ids, max_gen_len, temperature, top_p, generator)
-            for _, text in clock.timed(pieces, lambda piece: piece[0] is not None):
-                print(text, end="", flush=True)
-            print("\n" + "-" * 80)
-    else:
-        outs = [[] for _ in prompt_tokens]
-        steps = llama.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, generator)
-        for step in clock.timed(steps, lambda step: sum(t is not None for t in step)):
-            for out, t in zip(outs, step):
-                out.extend([] if t is None else [t])
-        for head, out in zip(heads, outs):
-            print(head + tok.decode(out) + "\n" + "-" * 80)
-    batch = "" if stream else f" (a batch of {len(prompts)})"
-    print(clock.summary(compiled) + batch, file=sys.stderr)
+    runs.print_samples(llama, prompts, chat, stream, max_gen_len, temperature, top_p, generator,
+                       compile)
 
 
 def main(argv=None):
     """python llama31.py [--ckpt_dir ...] samples; python llama31.py finetune [...] finetunes."""
     argv = sys.argv[1:] if argv is None else argv
-    command, name = sample, "llama31.py"
+    command = sample
+    name = "llama31.py"
     if argv[:1] == ["finetune"]:
         command = finetune
         name = "llama31.py finetune"
@@ -1191,31 +1126,7 @@ def main(argv=None):
               f"llama31.py finetune finetunes, and chat.py, eval.py, export.py, shards.py are "
               f"scripts of their own", file=sys.stderr)
         sys.exit(2)
-    cli(command, argv, name)
-
-
-def cli(command, argv, name):
-    """command's flags checked (runs.check_flags), then parsed by fire; a ConfigError printed as one
-    line (exit 2). Used by the scripts too (chat.py, eval.py, export.py, shards.py). Under torchrun
-    the process group ends here, once the command's models (which may hold it) are let go."""
-    status = 1  # an unexpected exception: its traceback, then exit status 1
-    try:
-        runs.check_flags(command, argv, name)
-        # serialize: print nothing of the return value (finetune returns the model to Python)
-        fire.Fire(command, command=argv, name=name, serialize=lambda _: None)
-        status = 0
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        runs.let_rank_0_speak()
-        status = 2
-        sys.exit(2)
-    finally:
-        if runs.finish(status == 0) and status != 1:
-            # torch still holds the group, so its threads would end during interpreter shutdown
-            # while the other processes exit: leave now, everything written
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
+    runs.cli(command, argv, name)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import torch
 import formats
 import runs
 from formats import read_params, resolve_rope_factor
-from llama31 import DEFAULT_PROMPTS, Llama, check_device, check_sampling_args, default_device, resolve_dtype
+from llama31 import Llama, check_device, check_sampling_args, default_device, resolve_dtype
+from runs import DEFAULT_PROMPTS
 from errors import ConfigError
 from tokenizer import find_tokenizer_model
 

@@ -22,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
+import fire
 import torch
 import torch.distributed as dist
 # Imported before any process group exists: its functions take group=group.WORLD as a default
@@ -189,7 +190,7 @@ def finish(ok: bool = True) -> bool:
     hooks in a reference cycle) is collected first, so that the group's threads and sockets end
     inside destroy_process_group. Returns whether the group outlived it all the same (torch's own
     caches hold it after FSDP): its threads would then end during interpreter shutdown, in no set
-    order while the other processes exit too (see llama31.cli)."""
+    order while the other processes exit too (see cli)."""
     if not (launched() and dist.is_initialized()):
         return False
     gc.collect()
@@ -272,6 +273,85 @@ def check_flags(command: Callable, argv: List[str], name: str):
         raise ConfigError(f"unknown flag --{flag}{hint}; python {name} --help lists the flags")
 
 
+def cli(command, argv, name):
+    """Run a command (llama31.py's and every script's): its flags checked (check_flags), then
+    parsed by fire; a ConfigError printed as one line (exit 2). Under torchrun the process group
+    ends here, once the command's models (which may hold it) are let go."""
+    status = 1  # an unexpected exception: its traceback, then exit status 1
+    try:
+        check_flags(command, argv, name)
+        # serialize: print nothing of the return value (finetune returns the model to Python)
+        fire.Fire(command, command=argv, name=name, serialize=lambda _: None)
+        status = 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        let_rank_0_speak()
+        status = 2
+        sys.exit(2)
+    finally:
+        if finish(status == 0) and status != 1:
+            # torch still holds the group, so its threads would end during interpreter shutdown
+            # while the other processes exit: leave now, everything written
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+
+
+# what sampling asks a base model when no prompts are given (chat: DEMO_PROMPTS)
+DEFAULT_PROMPTS = ["Clearly, the meaning of life is",
+                   "Simply put, the theory of relativity states that",
+                   "The capital of France is", "def fibonacci(n):"]
+
+
+def check_prompts(prompts, chat: bool) -> List[str]:
+    """--prompts as a list of strings (the defaults when none are given)."""
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    prompts = (DEMO_PROMPTS if chat else DEFAULT_PROMPTS) if prompts is None else prompts
+    strings = isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts)
+    if not strings or not prompts:
+        raise ConfigError(f"--prompts must be a string or a list of strings, e.g. '[\"Hello\"]', "
+                          f"got {prompts!r}")
+    for i, p in enumerate(prompts):
+        if not chat and p != p.rstrip():
+            # ' word' is one token, so a prompt ending in a space makes the next token unnatural
+            print(f"note: prompt {i} ends with whitespace, which usually hurts a base model's "
+                  f"completion", file=sys.stderr)
+    return list(prompts)
+
+
+def print_samples(llama, prompts: List[str], chat: bool, stream: bool, max_gen_len: int,
+                  temperature: float, top_p: float, generator, compiled: bool):
+    """Each prompt and its completion on stdout (stream: as the tokens arrive; else all as one
+    batch), a line of dashes after each; the decoding rate on stderr."""
+    tok = llama.tokenizer
+    if chat:
+        prompt_tokens = [llama.chat_format.encode_dialog(tok, [{"role": "user", "content": p}])
+                         for p in prompts]
+    else:  # what text_completion does
+        prompt_tokens = [tok.encode(p, bos=tok.add_bos, eos=False) for p in prompts]
+    heads = [f"> {p}\n" if chat else p for p in prompts]
+    clock = DecodeClock()
+    if stream:
+        for ids in prompt_tokens:  # every prompt checked before the first is echoed
+            llama.check_sampling([ids], temperature, top_p, max_gen_len)
+        for head, ids in zip(heads, prompt_tokens):
+            print(head, end="", flush=True)
+            pieces = llama.stream(ids, max_gen_len, temperature, top_p, generator)
+            for _, text in clock.timed(pieces, lambda piece: piece[0] is not None):
+                print(text, end="", flush=True)
+            print("\n" + "-" * 80)
+    else:
+        outs = [[] for _ in prompt_tokens]
+        steps = llama.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, generator)
+        for step in clock.timed(steps, lambda step: sum(t is not None for t in step)):
+            for out, t in zip(outs, step):
+                out.extend([] if t is None else [t])
+        for head, out in zip(heads, outs):
+            print(head + tok.decode(out) + "\n" + "-" * 80)
+    batch = "" if stream else f" (a batch of {len(prompts)})"
+    print(clock.summary(compiled) + batch, file=sys.stderr)
+
+
 def check_sampling_args(temperature, top_p, max_gen_len):
     check_number("temperature", temperature)
     check_number("top_p", top_p)
@@ -288,6 +368,19 @@ def training_autocast(train_dtype, dev):
     if train_dtype == torch.float16:
         raise ConfigError("fp16 training needs loss scaling, which this loop does not do; use --dtype bf16 or fp32")
     return torch.autocast(dev.type, dtype=train_dtype) if train_dtype != torch.float32 else contextlib.nullcontext()
+
+
+def mean_loss(loss_of, loader, steps: int, dev, autocast, mask_of, info: DistInfo) -> float:
+    """The loss over the first `steps` batches of loader, averaged over the processes (mask_of:
+    the attention mask of a batch whose loader gives none)."""
+    loader.reset()
+    total = torch.zeros((), device=dev)
+    with torch.no_grad():
+        for _ in range(steps):
+            x, y, mask = next_batch(loader, dev, mask_of)
+            with autocast:
+                total += loss_of(x, y, mask=mask)
+    return all_reduce_mean(total / steps, info).item()
 
 
 def next_batch(loader, dev, mask_of=None):

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import llama31
+import runs
 from formats import load_tokenizer, text_to_shards
 from runs import check_number, find_demo_gguf
 from tokenizer import Tokenizer, find_tokenizer_model
@@ -35,4 +35,4 @@ def shards(text: str, out_dir: str, ckpt_dir: Optional[str] = None, tokenizer_pa
 
 
 if __name__ == "__main__":
-    llama31.cli(shards, sys.argv[1:], "shards.py")
+    runs.cli(shards, sys.argv[1:], "shards.py")

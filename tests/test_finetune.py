@@ -475,8 +475,8 @@ def test_sharded_sampling_lets_go_of_gradients_and_optimizer_state_first(monkeyp
     sharded = fsdp.Sharded(torch.device("cpu"), True, llama31.select_trainable, "all")
     monkeypatch.setattr(sharded, "state_dicts", gather)
     monkeypatch.setattr(llama31, "assemble", lambda *a, **k: seen.update(dtype=a[5]) or assemble(*a, **k))
-    run = runs.Run(llama31.TrainConfig(sample_len=2), Path("out"), tiny_ckpt, False, None, None, 0, 1,
-                      llama31.DistInfo(), torch.device("cpu"), [sharded])
-    llama31.sample_after_training(run, llama, optimizer, ["Hi"], torch.bfloat16)
+    run = runs.Run(llama31.TrainConfig(sample_len=2, sample_prompts=["Hi"]), Path("out"), tiny_ckpt, False, None,
+                   None, 0, 1, llama31.DistInfo(), torch.device("cpu"), [sharded])
+    llama31.sample_after_training(run, llama, optimizer, torch.bfloat16)
     assert seen == {"state": 0, "grads": 0, "dtype": torch.bfloat16}  # sampled in the training dtype
     assert capsys.readouterr().out.startswith("Hi")

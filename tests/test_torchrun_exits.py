@@ -8,7 +8,7 @@ collective, binds group.WORLD as a default argument. gloo's threads and sockets 
 interpreter shutdown, in no set order, while the other process (no barrier) exited at its own time.
 Each run here goes through tests/exit_worker.py, which records the threads left as the group is
 destroyed and whether the interpreter went on to shut down: no gloo thread may outlive the group,
-unless the process leaves before interpreter shutdown (llama31.cli, where torch itself holds the
+unless the process leaves before interpreter shutdown (runs.cli, where torch itself holds the
 group: FSDP). fp32, CPU, gloo, random weights with the real 128256-token vocabulary."""
 
 import json
