@@ -328,7 +328,7 @@ def bench_prefill(ours, hf, prompt_len: int, repeats: int, seed: int, compile: b
     def ours_prefill():
         ours.setup_caches(1, prompt_len)
         try:
-            ours.forward_inference(ids, 0, last_only=True)
+            ours.forward_inference(ids, 0, last=1)
         finally:
             ours.clear_caches()
 

@@ -110,7 +110,8 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tools=Non
          tokenizer_path: Optional[str] = None, temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int = 256,
          max_seq_len: int = 2048, device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 1,
          rope_scale_factor: Optional[float] = None, compile: bool = False, quantize: Optional[str] = None,
-         group_size: int = 32):
+         group_size: int = 32, draft_ckpt_dir: Optional[str] = None, draft_quantize: Optional[str] = None,
+         speculate_k: int = 4):
     """Talk to an instruct model: each line you type is a message, each answer streams as it is
     generated, and the whole dialog stays in the model's chat format (its KV cache kept between
     turns, so a long dialog answers as fast as a short one). /reset starts over; /exit or end of
@@ -119,7 +120,9 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tools=Non
     (or your own functions' names) writes Llama 3.1's system prompt that turns tool calls on
     (--system follows it); a tool call the model makes is shown as one line, `tool call: {json}`,
     and `/tool TEXT` sends TEXT as the tool's answer (nothing is run here). Without --ckpt_dir, the
-    demo model. Under torchrun, tensor parallel: rank 0 reads the lines and prints the answers."""
+    demo model. --draft_ckpt_dir D and/or --draft_quantize Q: speculative decoding, as for sampling
+    (python llama31.py --help). Under torchrun, tensor parallel: rank 0 reads the lines and prints
+    the answers."""
     device, parallel = runs.start(device)
     device = llama31.check_device(device or llama31.default_device())
     if ckpt_dir is None:
@@ -130,8 +133,9 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tools=Non
     if system is not None and not isinstance(system, str):
         raise ConfigError(f"--system must be a string, got {system!r}")
     tools = [t.strip() for t in (tools.split(",") if isinstance(tools, str) else tools or []) if str(t).strip()]
+    draft = llama31.draft_of(draft_ckpt_dir, draft_quantize, speculate_k)
     llama = llama31.Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, rope_scale_factor,
-                                compile, quantize, group_size, parallel)
+                                compile, quantize, group_size, parallel, draft=draft)
     if tools and getattr(llama.chat_format, "style", None) != "llama3":
         raise ConfigError(f"--tools writes Llama 3's tool prompt, and {ckpt_dir} chats in another format; drop --tools")
     system = llama3_system_prompt(system, tools) if tools else system

@@ -400,20 +400,21 @@ class Transformer(nn.Module):
         return self.norm(h)
 
     @torch.inference_mode()
-    def forward_inference(self, tokens, start_pos=0, last_only: bool = False):
+    def forward_inference(self, tokens, start_pos=0, last: int = 0):
         """Logits (B, T, vocab) in fp32 for tokens (B, T) at positions start_pos.. : an int, or a
-        list of each row's first position (rows at different positions). With caches installed
-        (setup_caches) earlier positions come from the cache; without, start_pos must be 0."""
+        list of each row's first position (rows at different positions); last: of the last
+        `last` positions only (0: all). With caches installed (setup_caches) earlier positions
+        come from the cache; without, start_pos must be 0."""
         seqlen = tokens.shape[1]
         if isinstance(start_pos, (list, tuple)):
-            return self.logits(tokens, *self.row_positions(start_pos, seqlen), last_only)
+            return self.logits(tokens, *self.row_positions(start_pos, seqlen), last)
         if start_pos and self.layers[0].attention.cache is None:
             raise ConfigError("start_pos > 0 needs the KV cache: call setup_caches() first")
         mask = None
         if start_pos and seqlen > 1:  # a chunk after a cached prefix: causal, offset by start_pos
             mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
             mask = mask.tril(start_pos)
-        return self.logits(tokens, start_pos, mask, last_only)
+        return self.logits(tokens, start_pos, mask, last)
 
     def row_positions(self, starts: List[int], seqlen: int) -> tuple:
         """(start_pos, mask) of rows that start at their own positions: each query reads the
@@ -428,9 +429,9 @@ class Transformer(nn.Module):
         mask = torch.arange(keys, device=device) <= last[:, :, None]  # (B, T, keys)
         return start_pos, mask[:, None]
 
-    def logits(self, tokens, start_pos=0, mask=None, last_only: bool = False):
+    def logits(self, tokens, start_pos=0, mask=None, last: int = 0):
         h = self.trunk(tokens, start_pos, mask)
-        return self.output(h[:, -1:] if last_only else h).float()
+        return self.output(h[:, -last:] if last else h).float()
 
     def forward_loss(self, inputs, targets, ignore_index: int = -100, mask=None):
         """Mean cross-entropy of predicting targets (B, T) from inputs (B, T); the training path.
@@ -502,6 +503,22 @@ def read_checkpoint(path, rope_scale_factor=None, tokenizer_path=None, tokenizer
 def rope_divisors(args: ModelArgs) -> torch.Tensor:
     """What Llama 3.1's RoPE scaling divides each frequency by: GGUF files store it."""
     return rope_frequencies(replace(args, use_scaled_rope=False)) / rope_frequencies(args)
+
+
+def check_draft(ckpt_dir, draft_dir, tokenizer_path=None):
+    """A draft must write and read tokens as the model does: the same vocabulary (size, special
+    tokens, and the ids of a probe text). Said in one line before any weight is read."""
+    own = draft_dir == ckpt_dir  # the model's own weights, quantized: its tokenizer too
+    sources = [(ckpt_dir, tokenizer_path), (draft_dir, tokenizer_path if own else None)]
+    tokenizers = [read_checkpoint(d, tokenizer_path=p, tokenizer=True)[1].tokenizer
+                  for d, p in sources]
+    probe = "Speculative decoding: 12345 tokens, ¿señal? 深い <|eot_id|>"
+    ours, theirs = ((t.n_words, t.special_tokens, t.encode(probe, bos=True, eos=True))
+                    for t in tokenizers)
+    if ours != theirs:
+        raise ConfigError(f"the draft {draft_dir} has another vocabulary than {ckpt_dir} "
+                          f"({theirs[0]} tokens against {ours[0]}, or other ids); use a draft with "
+                          f"the model's tokenizer (Llama 3.2 1B drafts for Llama 3.1 8B and 70B)")
 
 
 def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None,
@@ -633,7 +650,16 @@ class Decoder:
             self.model.clear_caches()
 
     def logits(self, tokens, start_pos: int):
-        return self.model.forward_inference(tokens, start_pos, last_only=True)[:, -1]
+        return self.model.forward_inference(tokens, start_pos, last=1)[:, -1]
+
+
+@dataclass
+class Draft:
+    """Speculative decoding's draft model (variants/speculative.py): its checkpoint (None: the
+    model's own), how it loads (quantize, as --quantize), how many tokens it proposes at once."""
+    ckpt_dir: Optional[str] = None
+    quantize: Optional[str] = None
+    k: int = 4
 
 
 class Llama:
@@ -645,17 +671,29 @@ class Llama:
         self.tokenizer = tokenizer
         self.chat_format = chat_format
         self.decoder = Decoder(model)
+        self.speculator = None  # generations of one prompt, when a draft proposes (Draft)
 
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, rope_scale_factor: Optional[float] = None,
               compile: bool = False, quantize: Optional[str] = None, group_size: int = 32,
-              parallel: bool = False, fuse: bool = True) -> "Llama":
+              parallel: bool = False, fuse: bool = True, draft: Optional[Draft] = None) -> "Llama":
         """Load tokenizer and weights (load_checkpoint) of a Meta or HF directory or a .gguf file
         on device (default: the best there is) in dtype (default bf16 on CUDA, else fp32), to
         sample (variants.for_sampling): parallel, under torchrun, tensor parallel; else fuse,
-        wq wk wv and w1 w3 as one product each; compile, through torch.compile."""
-        chosen = variants.for_sampling(parallel, fuse, compile)
+        wq wk wv and w1 w3 as one product each; compile, through torch.compile; draft: a draft
+        model proposes tokens (speculative decoding), loaded first, its vocabulary checked."""
+        drafter = None
+        if draft is not None:
+            if parallel:
+                raise ConfigError("speculative decoding runs in one process; drop --draft_ckpt_dir "
+                                  "and --draft_quantize under torchrun")
+            own = draft.ckpt_dir is None
+            draft_dir = ckpt_dir if own else draft.ckpt_dir
+            check_draft(ckpt_dir, draft_dir, tokenizer_path)
+            drafter = Llama.build(draft_dir, tokenizer_path if own else None, max_seq_len, 1,
+                                  device, None, rope_scale_factor, quantize=draft.quantize)
+        chosen = variants.for_sampling(parallel, fuse, compile, drafter, draft and draft.k)
         llama = load_checkpoint(ckpt_dir, tokenizer_path, device, dtype, quantize, group_size,
                                 chosen, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                                 rope_scale_factor=rope_scale_factor)
@@ -703,6 +741,10 @@ class Llama:
         if generator is not None and generator.device.type != device.type:
             raise ConfigError(f"the generator is on {generator.device.type}, the model on "
                               f"{device.type}; make it there: torch.Generator({device.type!r})")
+        if self.speculator is not None and bsz == 1:
+            yield from self.speculator.stream(self, prompt_tokens[0], max_gen_len, total_len,
+                                              temperature, top_p, generator, cache_from, stops)
+            return
         tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long,
                             device=device)
         for i, t in enumerate(prompt_tokens):
@@ -1077,13 +1119,17 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
            max_batch_size: Optional[int] = None, device: Optional[str] = None,
            dtype: Optional[str] = None, seed: int = 1, chat: Optional[bool] = None,
            stream: bool = True, rope_scale_factor: Optional[float] = None, compile: bool = False,
-           quantize: Optional[str] = None, group_size: int = 32):
+           quantize: Optional[str] = None, group_size: int = 32,
+           draft_ckpt_dir: Optional[str] = None, draft_quantize: Optional[str] = None,
+           speculate_k: int = 4):
     """Sample from a Meta or HF directory or a .gguf file: each prompt as its tokens arrive, or all
     as one batch (--nostream). Without --ckpt_dir, the demo model (SmolLM2-135M-Instruct) answers
     as a chat. --chat: prompts as user messages. --compile: slow first prompt, faster after.
     --quantize int8|int4|keep|none (--group_size for int4; a GGUF stays quantized but for none,
-    the demo only with keep). Under torchrun, tensor parallel. Also: python llama31.py finetune,
-    and the scripts chat.py, eval.py, export.py, shards.py (each with --help)."""
+    the demo only with keep). --draft_ckpt_dir D and/or --draft_quantize Q: speculative
+    decoding, D (default: the model's own weights) loaded as Q proposing --speculate_k tokens at
+    once. Under torchrun, tensor parallel. Also: python llama31.py finetune, and the scripts
+    chat.py, eval.py, export.py, shards.py, serve.py (each with --help)."""
     device, parallel = runs.start(device)  # first: under torchrun only rank 0 prints
     device = check_device(device or default_device())
     demo = ckpt_dir is None
@@ -1095,9 +1141,11 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     check_number("max_seq_len", max_seq_len, int, 0)
     check_number("seed", seed, int, 0)
     check_number("max_batch_size", max_batch_size or 0, int, 0)
+    draft = draft_of(draft_ckpt_dir, draft_quantize, speculate_k)
     t0 = time.time()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size or len(prompts),
-                        device, dtype, rope_scale_factor, compile, quantize, group_size, parallel)
+                        device, dtype, rope_scale_factor, compile, quantize, group_size, parallel,
+                        draft=draft)
     print(f"loaded {ckpt_dir} on {device} ({runs.describe(llama.model)}) in "
           f"{time.time() - t0:.1f}s", file=sys.stderr)
     if chat and llama.chat_format is None:
@@ -1106,6 +1154,15 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     generator = torch.Generator(device=device).manual_seed(seed)
     runs.print_samples(llama, prompts, chat, stream, max_gen_len, temperature, top_p, generator,
                        compile)
+
+
+def draft_of(ckpt_dir: Optional[str], quantize: Optional[str], k: int) -> Optional[Draft]:
+    """--draft_ckpt_dir, --draft_quantize and --speculate_k as a Draft (None: neither given)."""
+    check_number("speculate_k", k, int, 1)
+    variants.check_quantize(quantize, 32)
+    if ckpt_dir is None and quantize is None:
+        return None
+    return Draft(None if ckpt_dir is None else str(ckpt_dir), quantize, k)
 
 
 def main(argv=None):

@@ -349,7 +349,8 @@ def print_samples(llama, prompts: List[str], chat: bool, stream: bool, max_gen_l
         for head, out in zip(heads, outs):
             print(head + tok.decode(out) + "\n" + "-" * 80)
     batch = "" if stream else f" (a batch of {len(prompts)})"
-    print(clock.summary(compiled) + batch, file=sys.stderr)
+    speculative = llama.speculator.summary() if llama.speculator is not None else ""
+    print(clock.summary(compiled) + speculative + batch, file=sys.stderr)
 
 
 def check_sampling_args(temperature, top_p, max_gen_len):

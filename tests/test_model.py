@@ -200,7 +200,7 @@ def test_compiled_inference_matches_eager():
         model.setup_caches(rows, 64)
         try:
             steps = [model.forward_inference(tokens[:rows, :4], 0),  # prefill, every position
-                     model.forward_inference(tokens[:rows, 4:6], 4, last_only=True)]  # a chunk after a prefix
+                     model.forward_inference(tokens[:rows, 4:6], 4, last=1)]  # a chunk after a prefix
             steps += [model.forward_inference(tokens[:rows, p:p + 1], p) for p in range(6, 16)]
         finally:
             model.clear_caches()

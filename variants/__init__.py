@@ -11,6 +11,7 @@ run from their settings, so llama31.py imports this package and none of its file
     fsdp.py       finetune --fsdp: weights, gradients and optimizer state sharded over the processes
     fused.py      wq wk wv and w1 w3 as one product each, for a model that only samples
     compiled.py   --compile: a fixed-shape decode step (and off a CPU the prefill) via torch.compile
+    speculative.py  a draft model proposes tokens, the model keeps those it agrees with
     matvec.py     the CPU's one-row products (batch-1 decoding) on the faster kernel
 
 A variant file imports neither llama31.py nor another variant: it takes modules by Meta's names
@@ -35,7 +36,8 @@ class Variant:
       to this process's slices), forward hooks on each block's attention and feed-forward, the
       embedding's and the output's forward, and model.tensor_parallel (tp.py)
     - FSDP's sharding of the blocks and the model: their classes, DTensor parameters (fsdp.py)
-    - a Llama's decoder and, off a CPU, its model's logits (compiled.py)
+    - a Llama's decoder and, off a CPU, its model's logits (compiled.py); its speculator, which
+      runs its one-prompt generations (speculative.py)
     - attributes a variant reads back: model.lora_config, model.lora_base (lora.py)
     """
 
@@ -123,7 +125,7 @@ class Variant:
 
 
 # the variants themselves: each subclasses Variant, so they are imported once it is defined
-from variants import compiled, fsdp, fused, lora, matvec, quantize, tp  # noqa: E402
+from variants import compiled, fsdp, fused, lora, matvec, quantize, speculative, tp  # noqa: E402
 
 check_quantize = quantize.check_mode  # --quantize and --group_size, said before anything loads
 adapters_of = lora.checkpoint  # the LoRA step directory a --ckpt_dir names, as a variant; else None
@@ -150,11 +152,12 @@ def for_loading(device, mode: Optional[str], group_size: int, adapters=None, ext
     return chosen + ([adapters] if adapters else [])
 
 
-def for_sampling(parallel: bool, fuse: bool, compile: bool) -> list:
+def for_sampling(parallel: bool, fuse: bool, compile: bool, draft=None, k: int = 0) -> list:
     """A sampling run's variants: tensor parallel under torchrun; else wq wk wv and w1 w3 fused;
-    torch.compile on top of either."""
+    torch.compile on top of either; a draft Llama proposing k tokens at once (speculative)."""
     chosen = [tp.TensorParallel()] if parallel else [fused.Fused()] if fuse else []
-    return chosen + ([compiled.Compiled()] if compile else [])
+    chosen += [compiled.Compiled()] if compile else []
+    return chosen + ([speculative.Speculative(draft, k)] if draft is not None else [])
 
 
 def for_finetune(cfg: dict, source, world_size: int, device, select: Callable) -> list:

@@ -51,11 +51,11 @@ def compile_inference(llama, prefill: Optional[bool] = None):
         return llama
     prefill = torch.compile(model.logits, dynamic=True, options=inductor_options())
 
-    def logits(tokens, start_pos=0, mask=None, last_only=False):
+    def logits(tokens, start_pos=0, mask=None, last=0):
         # eagerly, what would make a compiled call compile again: the tables' first move, and a
         # view into generate's (batch, prompt + new tokens) buffer, whose stride the graph checks
         model.rope_tables(tokens.device)
-        return prefill(tokens.clone(memory_format=torch.contiguous_format), start_pos, mask, last_only)
+        return prefill(tokens.clone(memory_format=torch.contiguous_format), start_pos, mask, last)
 
     model.logits = logits
     return llama
@@ -116,7 +116,7 @@ class StaticDecoder:
     def logits(self, tokens, start_pos: int):
         """(B, vocab) logits of the last of tokens (B, T) at positions start_pos.. ."""
         if tokens.shape[1] > 1:
-            return self.model.forward_inference(tokens, start_pos, last_only=True)[:, -1]
+            return self.model.forward_inference(tokens, start_pos, last=1)[:, -1]
         if self.inputs is None or self.inputs[0].shape[0] != tokens.shape[0]:
             self.inputs = tokens.new_empty(tokens.shape[0], 1), tokens.new_empty(1)
         step_in, step_pos = self.inputs  # copied: a view's strides vary with the generation's length
