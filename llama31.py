@@ -1,6 +1,6 @@
 """
-Llama 3.1 in one file of PyTorch: the model, loading Meta's checkpoints, sampling, the token-shard
-data loader, and finetuning in one process or many (torchrun, DDP).
+Llama 3.1 in one file of PyTorch: the model, loading Meta's checkpoints, sampling, and
+finetuning in one process or many (torchrun, DDP).
 
     python llama31.py                               # the demo model (SmolLM2 GGUF), no weights
     python llama31.py --ckpt_dir Meta-Llama-3.1-8B  # sample from an official checkpoint
