@@ -515,10 +515,11 @@ class Quantize(Variant):
 
     def swap(self, model: nn.Module, ckpt, device, dtype):
         plan = self.planned(len(model.layers), ckpt)
-        if dtype == torch.float32 and torch.device(device).type == "cpu" and any(s[0] == "int4" for s in plan.values()):
-            # aten's int4 CPU kernel is ~30x slower on an fp32 row than on a bf16 one (torch 2.13)
-            print("note: int4 matrices with fp32 activations run ~30x slower on a CPU than with bf16 ones; --dtype "
-                  "bf16 is the fast path, --quantize none the exact one", file=sys.stderr)
+        if dtype == torch.float32 and torch.device(device).type == "cpu" and plan:
+            # aten's CPU int kernels are ~10-30x slower on fp32 rows than on bf16 ones (kernel_rows)
+            print("note: in an fp32 model on a CPU the int8/int4 products take their decoding rows in bf16 "
+                  "(the kernels' fast path; a prompt's many rows stay fp32); --quantize none is exact fp32",
+                  file=sys.stderr)
         swap_modules(model, plan, device, dtype)
 
     def convert(self, model: nn.Module, key: str, value, device, dtype) -> Optional[Dict[str, torch.Tensor]]:
