@@ -541,7 +541,7 @@ def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None,
         resolve_dtype(dtype, device)  # a bad --dtype is said before the slow part
     args, ckpt = read_checkpoint(path, tokenizer_path=tokenizer_path, tokenizer=tokenizer,
                                  **overrides)
-    chosen = variants.for_loading(device, quantize, group_size, adapters, extra)
+    chosen = variants.for_loading(device, quantize, group_size, ckpt, adapters, extra)
     wanted = [d for d in (v.plan(args, ckpt, device) for v in chosen) if d]
     dtype = resolve_dtype(dtype or (wanted[0] if wanted else None), device)
     load = partial(assemble, args, ckpt, ckpt.where, ckpt.source, device, dtype, chosen)

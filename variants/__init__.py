@@ -141,13 +141,14 @@ class Conversations(Variant):
                                chat_format, cfg.train_on_input, run.log)
 
 
-def for_loading(device, mode: Optional[str], group_size: int, adapters=None, extra=()) -> list:
+def for_loading(device, mode: Optional[str], group_size: int, ckpt, adapters=None, extra=()) -> list:
     """A load's variants: the CPU's one-row products, the caller's own (extra), quantization in
-    `mode` (int8, int4; None and "keep": a GGUF's own 4- and 8-bit tensors; "none": none), a LoRA
-    checkpoint's adapters (adapters_of)."""
+    `mode` (int8, int4; None and "keep": a GGUF's own 4- and 8-bit tensors, where ckpt, the
+    formats.Checkpoint, has some), a LoRA checkpoint's adapters (adapters_of)."""
     chosen = [matvec.OneRow()] if device.type == "cpu" else []
     chosen += list(extra)
-    if mode != "none":
+    kept = any(t in quantize.GGUF_KEEP for t in (getattr(ckpt, "tensor_types", None) or {}).values())
+    if mode in quantize.MODES or (mode != "none" and kept):
         chosen.append(quantize.Quantize(mode, group_size))
     return chosen + ([adapters] if adapters else [])
 
