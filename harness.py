@@ -18,6 +18,7 @@ import copy
 import json
 import sys
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import List, Optional
 
@@ -350,21 +351,25 @@ def raise_template_error(message):
 
 def evaluate(llama: Llama, tasks, limit=None, num_fewshot: Optional[int] = None, batch_size: int = 1,
              include_path=None, apply_chat_template=False, log_samples: bool = False, ckpt_dir=None,
-             **model_args) -> Optional[dict]:
+             manager: Optional[TaskManager] = None, **model_args) -> Optional[dict]:
     """lm-eval's simple_evaluate of a loaded model on tasks (a list, or names joined by commas):
-    its results dict ("results" per task and metric, "samples" with log_samples); None on the
-    processes other than rank 0 under torchrun. include_path: a folder of task YAMLs of your own.
-    model_args: HarnessLM's (max_length, add_bos_token, seed, chat_template)."""
+    its results dict ("results" per task and metric, "samples" with log_samples; scores() flattens
+    it); None on the processes other than rank 0 under torchrun. include_path: a folder of task
+    YAMLs of your own; manager: a TaskManager of your own instead (include_defaults=False skips
+    indexing lm-eval's own tasks). ckpt_dir: where llama came from (its chat template, the name
+    of the results). model_args: HarnessLM's (max_length, add_bos_token, seed, chat_template)."""
     lm = HarnessLM(llama, ckpt_dir, batch_size, **model_args)
-    return run(lm, tasks, limit, num_fewshot, include_path, apply_chat_template, log_samples)
+    return run(lm, tasks, limit, num_fewshot, include_path, apply_chat_template, log_samples, manager=manager)
 
 
 def run(lm: HarnessLM, tasks, limit=None, num_fewshot=None, include_path=None, apply_chat_template=False,
-        log_samples: bool = False, tracker: Optional[EvaluationTracker] = None) -> Optional[dict]:
+        log_samples: bool = False, tracker: Optional[EvaluationTracker] = None,
+        manager: Optional[TaskManager] = None) -> Optional[dict]:
+    """simple_evaluate(lm, tasks) with lm-eval's task index (and include_path's tasks) or manager's."""
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks or [])
     if not names or not all(names):
         raise ConfigError(f"--tasks {tasks!r} names no task; give names joined by commas, e.g. hellaswag,arc_easy")
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = manager or task_manager(str(include_path) if include_path else None)
     unknown = [n for n in names if not (manager.match_tasks([n]) or Path(n).is_file())]
     if unknown:
         raise ConfigError(f"unknown task(s) {', '.join(unknown)}; `lm_eval ls tasks` lists them, and --include_path "
@@ -373,6 +378,13 @@ def run(lm: HarnessLM, tasks, limit=None, num_fewshot=None, include_path=None, a
                            num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=log_samples,
                            apply_chat_template=apply_chat_template, evaluation_tracker=tracker,
                            batch_size=lm.batch_size)
+
+
+@lru_cache(maxsize=4)
+def task_manager(include_path: Optional[str]) -> TaskManager:
+    """lm-eval's index of its tasks (and include_path's), kept for the next call: it reads every
+    task YAML lm-eval has, thousands of them."""
+    return TaskManager(include_path=include_path)
 
 
 def scores(results: dict) -> dict:
