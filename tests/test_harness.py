@@ -157,6 +157,8 @@ def assert_same_metrics(a, b, tasks=TASKS):
         for key, value in mine.items():
             if isinstance(value, float):
                 assert value == pytest.approx(theirs[key], rel=1e-6), (task, key)
+            else:
+                assert value == theirs[key], (task, key)
 
 
 @pytest.fixture(scope="module")
