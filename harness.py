@@ -77,6 +77,10 @@ class HarnessLM(TemplateLM):
         self.add_bos = llama.tokenizer.add_bos if add_bos_token is None else bool(add_bos_token)
         self.special = frozenset(self.tok.special_tokens.values())
         self.template = chat_template or checkpoint_template(ckpt_dir) or format_template(llama.chat_format)
+        # generation ends where HF's would for these files: a copy of llama whose tokenizer stops there
+        self.sampler = copy.copy(llama)
+        self.sampler.tokenizer = copy.copy(llama.tokenizer)
+        self.sampler.tokenizer.stop_tokens = checkpoint_stops(ckpt_dir, llama.tokenizer)
         self.seed = seed
         self._device = llama.model.norm.weight.device
         if dist.is_available() and dist.is_initialized():
@@ -218,12 +222,12 @@ class HarnessLM(TemplateLM):
         """The texts Llama.generate_stream writes for prompts, special tokens left out, ended early
         once every row has stopped or holds a stop string."""
         outs, stopped = [[] for _ in prompts], [False] * len(prompts)
-        steps = self.llama.generate_stream(prompts, max_gen, temperature, top_p, generator, stops=True)
+        steps = self.sampler.generate_stream(prompts, max_gen, temperature, top_p, generator, stops=True)
         for step in steps:
             for i, t in enumerate(step):
                 if t is not None:
                     outs[i].append(t)
-                    ended = t in self.tok.stop_tokens or len(outs[i]) == max_gen
+                    ended = t in self.sampler.tokenizer.stop_tokens or len(outs[i]) == max_gen
                     text = self.tok_decode(outs[i])
                     stopped[i] = stopped[i] or ended or any(s and s in text for s in until)
             if all(stopped):
@@ -284,26 +288,43 @@ def processes(device):
 
 
 # -----------------------------------------------------------------------------
-# chat templates: the checkpoint's own Jinja template, rendered as transformers renders it
+# what HF's path reads from a checkpoint's files: its chat template and the tokens generation stops at
+
+
+def located(path):
+    """(file or directory, 'meta' | 'hf' | 'gguf') of a checkpoint path; (None, None) if none."""
+    try:
+        return formats.locate(path) if path is not None else (None, None)
+    except ConfigError:
+        return None, None
 
 
 def checkpoint_template(path) -> Optional[str]:
     """The Jinja chat template a checkpoint carries: a GGUF's tokenizer.chat_template, an HF
     directory's chat_template.jinja or tokenizer_config.json's; None for others."""
-    if path is None:
-        return None
-    try:
-        where, kind = formats.locate(path)
-    except ConfigError:
-        return None
+    where, kind = located(path)
     if kind == "gguf":
         return formats.gguf_fields(where).get("chat_template")
-    if (where / "chat_template.jinja").is_file():
+    if kind == "hf" and (where / "chat_template.jinja").is_file():
         return (where / "chat_template.jinja").read_text(encoding="utf-8")
-    if (where / "tokenizer_config.json").is_file():
+    if kind == "hf" and (where / "tokenizer_config.json").is_file():
         template = formats.read_json(where / "tokenizer_config.json").get("chat_template")
         return template if isinstance(template, str) else None
     return None
+
+
+def checkpoint_stops(path, tokenizer) -> List[int]:
+    """The tokens HF's generate stops at for a checkpoint: a GGUF's EOS, an HF directory's
+    generation_config.json eos_token_id (else config.json's); for others every stop token of the
+    tokenizer, as the generation_config.json export.py writes."""
+    where, kind = located(path)
+    if kind == "gguf":
+        return [tokenizer.eos_id]
+    for name in ("generation_config.json", "config.json") if kind == "hf" else ():
+        eos = formats.read_json(where / name).get("eos_token_id") if (where / name).is_file() else None
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    return tokenizer.stop_tokens
 
 
 def format_template(chat_format) -> Optional[str]:

@@ -213,6 +213,7 @@ def test_tokens_and_bos_are_lm_evals_hf_models(hf_lm, our_lm):
             assert our_lm.tok_encode(s, special) == hf_lm.tok_encode(s, add_special_tokens=special), (s, special)
     assert our_lm.prefix_token_id == hf_lm.prefix_token_id and our_lm.eot_token_id == hf_lm.eot_token_id
     assert our_lm.max_length == hf_lm.max_length == 131072  # what config.json says, for Llama 3.1's RoPE
+    assert our_lm.sampler.tokenizer.stop_tokens == hf_lm.model.generation_config.eos_token_id
     ids = our_lm.tok_encode(ENCODED[4] + " more text")
     assert our_lm.tok_decode(ids) == hf_lm.tok_decode(ids)
 
@@ -260,6 +261,7 @@ def test_demo_gguf_in_its_chat_template_scores_as_lm_evals_hf_model(smollm_path,
                   batch_size=1)
     mine = ours(smollm_path, quantize="none")  # dequantized, as transformers reads it
     assert mine.max_length == theirs.max_length == 8192
+    assert mine.sampler.tokenizer.stop_tokens == [theirs.model.generation_config.eos_token_id]  # not <|endoftext|>
     a, b = (evaluate(lm, manager, apply_chat_template=True) for lm in (mine, theirs))
     assert_same_samples(a, b)
     assert_same_metrics(a, b)
