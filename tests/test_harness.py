@@ -39,14 +39,14 @@ TASKS = ["t_choice", "t_rolling", "t_generate"]
 MAX_LENGTH = 64  # small, so that the rolling task's texts span several windows
 TOL = 1e-4
 
-QUESTIONS = [("What is two plus two?", ["4", "5", "22", "four"], 0),
+QUESTIONS = [  # the first: what the demo model answers in its chat template, word for word (greedy)
+             ("What is the capital of France?", ["The capital of France is Paris", "Paris", "London"], 0),
+             ("What is two plus two?", ["4", "5", "22", "four"], 0),
              ("Which animal barks?", ["a dog", "a cat", "a fish"], 0),
              ("The capital of France is", ["Paris", "London", "Berlin", "Rome"], 0),
              ("Water freezes at", ["zero degrees", "ten degrees", "a hundred degrees"], 0),
              ("The opposite of hot is", ["cold", "warm", "blue"], 0),
-             ("One, two, three, four,", ["five", "six", "ten"], 0),
-             # what the demo model answers in its chat template, word for word: a greedy continuation
-             ("What is the capital of France?", ["The capital of France is Paris", "Paris", "London"], 0)]
+             ("One, two, three, four,", ["five", "six", "ten"], 0)]
 TEXTS = ["The cat sat on the mat. It was a sunny day, and the cat was happy to sit there for hours. " * 3,
          "A dog ran to the park and back. Tom likes red apples very much; birds sing in the tall tree.",
          "Short one.",
@@ -262,7 +262,7 @@ def test_demo_gguf_in_its_chat_template_scores_as_lm_evals_hf_model(smollm_path,
     mine = ours(smollm_path, quantize="none")  # dequantized, as transformers reads it
     assert mine.max_length == theirs.max_length == 8192
     assert mine.sampler.tokenizer.stop_tokens == [theirs.model.generation_config.eos_token_id]  # not <|endoftext|>
-    a, b = (evaluate(lm, manager, apply_chat_template=True) for lm in (mine, theirs))
+    a, b = (evaluate(lm, manager, apply_chat_template=True, limit=4) for lm in (mine, theirs))
     assert_same_samples(a, b)
     assert_same_metrics(a, b)
     prompts = [args[0][0] for args, _ in responses(a, "t_choice").values()]
