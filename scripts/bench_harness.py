@@ -85,9 +85,21 @@ def write_tasks(root: Path):
 
 
 def timed(fn):
-    t = time.perf_counter()
+    """(wall seconds, CPU seconds of this process, fn()): on a shared machine the CPU time is the
+    steadier figure (with --threads 1 it is the work done)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - t, out
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+def interleaved(cases: dict, repeats: int) -> dict:
+    """name -> (median wall, median CPU) seconds of each case, run in turn, so that a drift in the
+    machine's speed hits every case."""
+    runs = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            runs[name].append(timed(fn)[:2])
+    return {name: tuple(statistics.median(r[i] for r in rs) for i in (0, 1)) for name, rs in runs.items()}
 
 
 def main(ckpt_dir=None, shape=None, repeats: int = 1, threads: int = 0):
@@ -100,37 +112,39 @@ def main(ckpt_dir=None, shape=None, repeats: int = 1, threads: int = 0):
     manager = TaskManager(include_path=str(root), include_defaults=False)
     hf_args = dict(pretrained=str(path.parent if gguf else path), dtype="float32", device="cpu", batch_size=1,
                    **({"gguf_file": path.name} if gguf else {}))
-    load_hf, hf = timed(lambda: HFLM(**hf_args))
-    load_ours, ours = timed(lambda: HarnessLM(None, path, 1, device="cpu", dtype="fp32", quantize="none"))
-    print(f"{shape or path.name}, {torch.get_num_threads()} threads; load: hf {load_hf:.1f}s, ours {load_ours:.1f}s")
+    load_hf, _, hf = timed(lambda: HFLM(**hf_args))
+    load_ours, _, ours = timed(lambda: HarnessLM(None, path, 1, device="cpu", dtype="fp32", quantize="none"))
+    print(f"{shape or path.name}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}; "
+          f"load: hf {load_hf:.1f}s, ours {load_ours:.1f}s")
     for lm in (hf, ours):  # warm-up: one document of each task
         simple_evaluate(model=lm, tasks=list(BODIES), task_manager=manager, limit=1)
-    print(f"{'task':12} {'hf s':>8} {'ours s':>8} {'hf/ours':>8}")
-    totals = {"hf": 0.0, "ours": 0.0}
+    print(f"{'task':12} {'hf s':>7} {'ours s':>7} {'ratio':>6}   {'hf cpu':>7} {'ours cpu':>8} {'ratio':>6}")
+    totals = [0.0, 0.0, 0.0, 0.0]
     for task in BODIES:
-        times = {"hf": [], "ours": []}
-        for _ in range(repeats):  # interleaved, so drift in the machine's speed hits both
-            for name, lm in (("hf", hf), ("ours", ours)):
-                times[name].append(timed(lambda: simple_evaluate(model=lm, tasks=[task], task_manager=manager))[0])
-        hf_s, ours_s = statistics.median(times["hf"]), statistics.median(times["ours"])
-        totals["hf"] += hf_s
-        totals["ours"] += ours_s
-        print(f"{task:12} {hf_s:8.2f} {ours_s:8.2f} {hf_s / ours_s:7.2f}x")
-    print(f"{'all three':12} {totals['hf']:8.2f} {totals['ours']:8.2f} {totals['hf'] / totals['ours']:7.2f}x")
+        t = interleaved({name: (lambda lm=lm: simple_evaluate(model=lm, tasks=[task], task_manager=manager))
+                         for name, lm in (("hf", hf), ("ours", ours))}, repeats)
+        row = [t["hf"][0], t["ours"][0], t["hf"][1], t["ours"][1]]
+        totals = [a + b for a, b in zip(totals, row)]
+        print(f"{task:12} {row[0]:7.2f} {row[1]:7.2f} {row[0] / row[1]:5.2f}x   {row[2]:7.2f} {row[3]:8.2f} "
+              f"{row[2] / row[3]:5.2f}x")
+    print(f"{'all three':12} {totals[0]:7.2f} {totals[1]:7.2f} {totals[0] / totals[1]:5.2f}x   {totals[2]:7.2f} "
+          f"{totals[3]:8.2f} {totals[2] / totals[3]:5.2f}x")
     requests = [Instance(request_type="loglikelihood", doc={}, arguments=(f"Question: {d['question']}\nAnswer:",
                                                                          f" {c}"), idx=0)
                 for d in choice[:15] for c in d["choices"]]
-    print(f"loglikelihood requests/s ({len(requests)} requests, 15 questions):")
-    for name, lm in (("hf", hf), ("ours", ours)):
-        rates = {}
-        for b in (1, 8):
-            if name == "hf":
-                lm.batch_size_per_gpu = b
-            else:
-                lm.batch_size = b
-            rates[b] = len(requests) / statistics.median(
-                timed(lambda: lm.loglikelihood(requests, disable_tqdm=True))[0] for _ in range(repeats))
-        print(f"  {name:5} batch 1 {rates[1]:7.1f}  batch 8 {rates[8]:7.1f}  ({rates[8] / rates[1]:.2f}x)")
+
+    def at(lm, b):
+        setattr(lm, "batch_size_per_gpu" if lm is hf else "batch_size", b)
+        return lm.loglikelihood(requests, disable_tqdm=True)
+
+    t = interleaved({(name, b): (lambda lm=lm, b=b: at(lm, b)) for name, lm in (("hf", hf), ("ours", ours))
+                     for b in (1, 8)}, repeats)
+    print(f"loglikelihood requests/s, wall (CPU), {len(requests)} requests of 15 questions:")
+    for name in ("hf", "ours"):
+        (w1, c1), (w8, c8) = t[name, 1], t[name, 8]
+        n = len(requests)
+        print(f"  {name:5} batch 1 {n / w1:7.1f} ({n / c1:7.1f})  batch 8 {n / w8:7.1f} ({n / c8:7.1f})  "
+              f"{w1 / w8:.2f}x ({c1 / c8:.2f}x)")
 
 
 if __name__ == "__main__":
