@@ -37,7 +37,6 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_
 from tqdm import tqdm
 
 import formats
-import llama31
 import runs
 import tp
 from llama31 import ConfigError, Llama
@@ -188,7 +187,7 @@ class HarnessLM(TemplateLM):
         asks to sample (temperature, top_p)."""
         collator = Collator([r.args for r in requests], sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]),
                             group_by="gen_kwargs", group_fn=lambda r: r[1])
-        results = []
+        results, unused = [], set()
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="generate_until requests")
         generator = torch.Generator(self.device).manual_seed(self.seed)
         batch = min(self.batch_size, self.llama.model.args.max_batch_size)
@@ -204,9 +203,10 @@ class HarnessLM(TemplateLM):
             # context decides
             bos = not contexts[0].startswith(self.bos_text)
             prompts = [self.tok_encode(c, bos, left_truncate_len=self.max_length - max_gen) for c in contexts]
-            ignored = sorted(set(kwargs) - {"do_sample", "temperature", "top_p"})
+            ignored = set(kwargs) - {"do_sample", "temperature", "top_p"} - unused
             if ignored:
-                print(f"note: generation settings {', '.join(ignored)} are not used here", file=sys.stderr)
+                print(f"note: generation settings {', '.join(sorted(ignored))} are not used here", file=sys.stderr)
+                unused |= ignored
             sample = kwargs.get("do_sample") and kwargs.get("temperature", 0.0) > 0
             texts = self.generate(prompts, max_gen, until, kwargs.get("temperature", 0.0) if sample else 0.0,
                                   kwargs.get("top_p", 1.0) if sample else 1.0, generator)
@@ -227,9 +227,10 @@ class HarnessLM(TemplateLM):
             for i, t in enumerate(step):
                 if t is not None:
                     outs[i].append(t)
-                    ended = t in self.sampler.tokenizer.stop_tokens or len(outs[i]) == max_gen
-                    text = self.tok_decode(outs[i])
-                    stopped[i] = stopped[i] or ended or any(s and s in text for s in until)
+                    if not stopped[i]:
+                        text = self.tok_decode(outs[i])
+                        ended = t in self.sampler.tokenizer.stop_tokens or len(outs[i]) == max_gen
+                        stopped[i] = ended or any(s and s in text for s in until)
             if all(stopped):
                 steps.close()
                 break
