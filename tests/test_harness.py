@@ -126,7 +126,7 @@ def evaluate(lm, manager, tasks=TASKS, **kw):
 
 
 def ours(path, batch_size=1, **kw):
-    return HarnessLM(None, path, batch_size, device="cpu", dtype="fp32", **kw)
+    return HarnessLM(None, path, batch_size, **{"device": "cpu", "dtype": "fp32", **kw})
 
 
 def responses(results, task) -> dict:
@@ -168,6 +168,7 @@ def random_runs(random_ckpt, manager):
     runs = {"hf": evaluate(hf, manager)}
     for b in (1, 8):
         runs[b] = evaluate(ours(random_ckpt.meta, b, max_length=MAX_LENGTH), manager)
+    runs["hf layout"] = evaluate(ours(random_ckpt.hf, max_length=MAX_LENGTH), manager)  # the export, read by us
     return runs
 
 
@@ -185,6 +186,12 @@ def test_random_checkpoint_scores_per_sample_as_lm_evals_hf_model(random_runs):
 @pytest.mark.slow
 def test_random_checkpoint_metrics_equal_lm_evals_hf_model(random_runs):
     assert_same_metrics(random_runs[1], random_runs["hf"])
+
+
+@pytest.mark.slow
+def test_the_hf_export_read_by_us_scores_as_the_meta_checkpoint(random_runs):
+    assert_same_samples(random_runs["hf layout"], random_runs[1])
+    assert_same_metrics(random_runs["hf layout"], random_runs[1])
 
 
 @pytest.mark.slow
@@ -289,6 +296,16 @@ def test_int8_checkpoint_scores_near_full_precision(random_ckpt, random_runs, ma
             mine = [r[0] if isinstance(r, tuple) else r for r in got[doc][1]]
             dense = [r[0] if isinstance(r, tuple) else r for r in want[doc][1]]
             assert mine == pytest.approx(dense, rel=1e-2)
+
+
+def test_a_gguf_kept_quantized_scores_near_its_dequantized_weights(tiny_gguf, manager):
+    kept = ours(tiny_gguf, dtype=None)  # its 4- and 8-bit matrices as they are, bf16 activations
+    assert "Int4" in harness.runs.describe(kept.llama.model)
+    full = ours(tiny_gguf, quantize="none")
+    a, b = (evaluate(lm, manager, tasks=["t_choice"]) for lm in (kept, full))
+    for doc, (_, got) in responses(a, "t_choice").items():
+        want = responses(b, "t_choice")[doc][1]
+        assert [x for x, _ in got] == pytest.approx([x for x, _ in want], rel=0.05)
 
 
 @pytest.mark.slow
