@@ -39,7 +39,6 @@ from tqdm import tqdm
 import formats
 import runs
 from errors import ConfigError
-from llama31 import Llama
 
 # lm-eval's own defaults: HFLM's max_gen_toks, simple_evaluate's torch seed
 MAX_GEN_TOKS = 256
@@ -53,7 +52,7 @@ class HarnessLM(TemplateLM):
     max_position_embeddings: 131072 for Llama 3.1 and 3.2, 8192 otherwise), at most the model's
     max_seq_len. add_bos_token: None as the tokenizer does, like HFLM's. seed: sampled generation."""
 
-    def __init__(self, llama: Optional[Llama] = None, ckpt_dir=None, batch_size=1, max_length: Optional[int] = None,
+    def __init__(self, llama=None, ckpt_dir=None, batch_size=1, max_length: Optional[int] = None,
                  device=None, dtype=None, quantize: Optional[str] = None, group_size: int = 32,
                  tokenizer_path=None, add_bos_token: Optional[bool] = None, seed: int = SEED,
                  max_batch_size=None, chat_template: Optional[str] = None):
@@ -67,6 +66,10 @@ class HarnessLM(TemplateLM):
         if llama is None:
             if ckpt_dir is None:
                 raise ConfigError("no model: pass --model_args ckpt_dir=DIR (a Meta or HF directory or a .gguf file)")
+            # imported here, not at the top: finetune --eval_tasks imports this module from
+            # llama31.py's own run (as __main__), and a second llama31 module would load
+            from llama31 import Llama
+
             device = processes(device)
             llama = Llama.build(ckpt_dir, tokenizer_path, max_length or formats.HF_MAX_POSITION_EMBEDDINGS,
                                 self.batch_size, device, dtype, quantize=quantize, group_size=group_size)
@@ -371,7 +374,7 @@ def raise_template_error(message):
 # running tasks: from Python (evaluate) and from eval.py (main)
 
 
-def evaluate(llama: Llama, tasks, limit=None, num_fewshot: Optional[int] = None, batch_size: int = 1,
+def evaluate(llama, tasks, limit=None, num_fewshot: Optional[int] = None, batch_size: int = 1,
              include_path=None, apply_chat_template=False, log_samples: bool = False, ckpt_dir=None,
              manager: Optional[TaskManager] = None, **model_args) -> Optional[dict]:
     """lm-eval's simple_evaluate of a loaded model on tasks (a list, or names joined by commas):

@@ -900,6 +900,9 @@ class TrainConfig:
     tokenizer_path: Optional[str] = None
     sample_prompts: object = None  # greedy samples after training ([]: none)
     sample_len: int = 32
+    eval_tasks: object = ""  # lm-eval tasks scored after training, into metrics.jsonl ("a,b")
+    eval_limit: Optional[int] = None  # of each task's documents (None: all)
+    eval_include_path: Optional[str] = None  # a folder of your own task YAMLs
 
 
 # what a checkpoint keeps of its run's settings, and a resumed run goes on with
@@ -909,7 +912,8 @@ SAVED = ("train_data", "val_data", "finetune_type", "B", "T", "total_batch_size"
          "train_on_input")
 MINIMUM = dict(B=1, T=1, total_batch_size=1, max_steps=1, learning_rate=0, min_lr_ratio=0,
                warmup_steps=0, weight_decay=0, grad_clip=0, lora_rank=1, lora_alpha=0,
-               lora_dropout=0, stop_after=1, val_every=0, val_steps=1, save_every=0, log_every=1)
+               lora_dropout=0, stop_after=1, val_every=0, val_steps=1, save_every=0, log_every=1,
+               eval_limit=1)
 FINETUNE_TYPES = ("all", "rmsnorm", "no_embeddings", "lora")
 
 
@@ -1079,6 +1083,8 @@ def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str]
                                  rope_freqs)
     if val_loader is not None and step == cfg.max_steps:
         validate()
+    for v in run.variants:
+        v.trained(run, llama, step)
     runs.plot_losses(run)
     if cfg.sample_prompts != []:
         sample_after_training(run, llama, optimizer, dtype)

@@ -408,3 +408,30 @@ def test_lm_evals_own_cli_runs_model_llama31(random_ckpt, tasks, manager, tmp_pa
     assert got["results"]["t_choice"]["acc,none"] == want["results"]["t_choice"]["acc,none"]
     x = {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in got["samples"]["t_choice"]}
     assert x == {doc: pytest.approx([r[0] for r in rs], abs=1e-6) for doc, (_, rs) in responses(want, "t_choice").items()}
+
+
+@pytest.mark.slow
+def test_finetune_eval_tasks_scores_the_trained_model_into_its_metrics(random_ckpt, tasks, data, tmp_path):
+    import llama31
+
+    out = tmp_path / "out"
+    llama31.finetune(ckpt_dir=str(random_ckpt.meta), out_dir=str(out), **data, B=2, T=32, max_steps=2,
+                     learning_rate=1e-3, warmup_steps=0, val_every=0, device="cpu", sample_prompts=[],
+                     eval_tasks="t_choice", eval_limit=8, eval_include_path=str(tasks))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if "t_choice/acc" in r]
+    assert len(scored) == 1 and scored[0]["step"] == 2 and "t_choice/acc_norm" in scored[0]
+    # the same scores as eval.py's path gives the checkpoint the run saved
+    saved = Llama.build(out / "latest", max_seq_len=2048, device="cpu", dtype="fp32")
+    again = harness.scores(harness.evaluate(saved, "t_choice", limit=8, include_path=str(tasks)))
+    assert again["t_choice/acc"] == scored[0]["t_choice/acc"] and again["t_choice/acc_norm"] == \
+        scored[0]["t_choice/acc_norm"]
+
+
+def test_finetune_eval_tasks_with_fsdp_is_refused_in_one_line():
+    from variants import EvalTasks
+
+    cfg = dict(eval_tasks="t_choice", eval_limit=None, eval_include_path=None, fsdp=True)
+    with pytest.raises(ConfigError, match="^--eval_tasks scores whole models, and --fsdp shards them"):
+        EvalTasks.of(cfg)
+    assert EvalTasks.of({**cfg, "eval_tasks": ""}) is None
