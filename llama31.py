@@ -691,8 +691,12 @@ class Llama:
             own = draft.ckpt_dir is None
             draft_dir = ckpt_dir if own else draft.ckpt_dir
             check_draft(ckpt_dir, draft_dir, tokenizer_path)
-            drafter = Llama.build(draft_dir, tokenizer_path if own else None, max_seq_len, 1,
-                                  device, None, rope_scale_factor, quantize=draft.quantize)
+            # the model's activations' dtype (fp32 on a CPU: its int products take bf16 rows),
+            # compiled with it
+            dev = check_device(device or default_device())
+            drafter = Llama.build(draft_dir, tokenizer_path if own else None, max_seq_len, 1, dev,
+                                  resolve_dtype(dtype, dev), rope_scale_factor, compile,
+                                  draft.quantize)
         chosen = variants.for_sampling(parallel, fuse, compile, drafter, draft and draft.k)
         llama = load_checkpoint(ckpt_dir, tokenizer_path, device, dtype, quantize, group_size,
                                 chosen, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
