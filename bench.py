@@ -922,6 +922,10 @@ def bench_speculative_demo(dev, P):
     for k in (2, 3, 4, 6):
         configs[f"dequantized fp32 + its own int4 draft, k={k}"] = dict(quantize="none", dtype="fp32",
                                                                          draft=Draft(None, "keep", k))
+    if P.compile:  # the draft's decode step compiled (--compile): its first run waits for it
+        for k in (3, 4, 6):
+            configs[f"dequantized fp32 + its own int4 draft compiled, k={k}"] = dict(
+                quantize="none", dtype="fp32", draft=Draft(None, "keep", k), compile=True)
     models = {k: Llama.build(path, max_seq_len=512, max_batch_size=1, device=dev, **kw) for k, kw in configs.items()}
     first = models[default]
     prompts = [first.chat_format.encode_dialog(first.tokenizer, [{"role": "user", "content": q}])

@@ -120,20 +120,20 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tools=Non
     (or your own functions' names) writes Llama 3.1's system prompt that turns tool calls on
     (--system follows it); a tool call the model makes is shown as one line, `tool call: {json}`,
     and `/tool TEXT` sends TEXT as the tool's answer (nothing is run here). Without --ckpt_dir, the
-    demo model. --draft_ckpt_dir D and/or --draft_quantize Q: speculative decoding, as for sampling
-    (python llama31.py --help). Under torchrun, tensor parallel: rank 0 reads the lines and prints
+    demo model, drafted by its own 4-bit matrices. --draft_ckpt_dir D, --draft_quantize Q,
+    --speculate_k K: speculative decoding, as for sampling (python llama31.py --help). Under torchrun, tensor parallel: rank 0 reads the lines and prints
     the answers."""
     device, parallel = runs.start(device)
     device = llama31.check_device(device or llama31.default_device())
+    draft = llama31.draft_of(draft_ckpt_dir, draft_quantize, speculate_k, ckpt_dir is None and quantize is None)
     if ckpt_dir is None:
-        ckpt_dir, quantize = runs.demo_checkpoint(quantize)
+        ckpt_dir, quantize = runs.demo_checkpoint(quantize, drafted=draft is not None)
     llama31.check_sampling_args(temperature, top_p, max_gen_len)
     llama31.check_number("max_seq_len", max_seq_len, int, 2)
     llama31.check_number("seed", seed, int, 0)
     if system is not None and not isinstance(system, str):
         raise ConfigError(f"--system must be a string, got {system!r}")
     tools = [t.strip() for t in (tools.split(",") if isinstance(tools, str) else tools or []) if str(t).strip()]
-    draft = llama31.draft_of(draft_ckpt_dir, draft_quantize, speculate_k)
     llama = llama31.Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, rope_scale_factor,
                                 compile, quantize, group_size, parallel, draft=draft)
     if tools and getattr(llama.chat_format, "style", None) != "llama3":

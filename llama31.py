@@ -691,12 +691,12 @@ class Llama:
             own = draft.ckpt_dir is None
             draft_dir = ckpt_dir if own else draft.ckpt_dir
             check_draft(ckpt_dir, draft_dir, tokenizer_path)
-            # the model's activations' dtype (fp32 on a CPU: its int products take bf16 rows),
-            # compiled with it
+            # in the model's activations' dtype (fp32 on a CPU: its int products take bf16 rows),
+            # compiled with it (then bf16 on a CPU: Inductor's int kernels take bf16 rows only)
             dev = check_device(device or default_device())
+            drafted = torch.bfloat16 if compile and dev.type == "cpu" else resolve_dtype(dtype, dev)
             drafter = Llama.build(draft_dir, tokenizer_path if own else None, max_seq_len, 1, dev,
-                                  resolve_dtype(dtype, dev), rope_scale_factor, compile,
-                                  draft.quantize)
+                                  drafted, rope_scale_factor, compile, draft.quantize)
         chosen = variants.for_sampling(parallel, fuse, compile, drafter, draft and draft.k)
         llama = load_checkpoint(ckpt_dir, tokenizer_path, device, dtype, quantize, group_size,
                                 chosen, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
@@ -1137,21 +1137,22 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     as a chat. --chat: prompts as user messages. --compile: slow first prompt, faster after.
     --quantize int8|int4|keep|none (--group_size for int4; a GGUF stays quantized but for none,
     the demo only with keep). --draft_ckpt_dir D and/or --draft_quantize Q: speculative
-    decoding, D (default: the model's own weights) loaded as Q proposing --speculate_k tokens at
-    once. Under torchrun, tensor parallel. Also: python llama31.py finetune, and the scripts
+    decoding, D (default: the model's own weights) loaded as Q (default keep) proposing
+    --speculate_k tokens at once (0: no draft; the demo drafts with its own 4-bit matrices
+    unless told). Under torchrun, tensor parallel. Also: python llama31.py finetune, and the scripts
     chat.py, eval.py, export.py, shards.py, serve.py (each with --help)."""
     device, parallel = runs.start(device)  # first: under torchrun only rank 0 prints
     device = check_device(device or default_device())
     demo = ckpt_dir is None
+    draft = draft_of(draft_ckpt_dir, draft_quantize, speculate_k, demo and quantize is None)
     if demo:
-        ckpt_dir, quantize = runs.demo_checkpoint(quantize)
+        ckpt_dir, quantize = runs.demo_checkpoint(quantize, drafted=draft is not None)
     chat = demo if chat is None else chat
     prompts = runs.check_prompts(prompts, chat)
     check_sampling_args(temperature, top_p, max_gen_len)  # before the (slow) load, not after
     check_number("max_seq_len", max_seq_len, int, 0)
     check_number("seed", seed, int, 0)
     check_number("max_batch_size", max_batch_size or 0, int, 0)
-    draft = draft_of(draft_ckpt_dir, draft_quantize, speculate_k)
     t0 = time.time()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size or len(prompts),
                         device, dtype, rope_scale_factor, compile, quantize, group_size, parallel,
@@ -1166,13 +1167,15 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
                        compile)
 
 
-def draft_of(ckpt_dir: Optional[str], quantize: Optional[str], k: int) -> Optional[Draft]:
-    """--draft_ckpt_dir, --draft_quantize and --speculate_k as a Draft (None: neither given)."""
-    check_number("speculate_k", k, int, 1)
+def draft_of(ckpt_dir: Optional[str], quantize: Optional[str], k: int,
+             demo: bool = False) -> Optional[Draft]:
+    """--draft_ckpt_dir, --draft_quantize and --speculate_k as a Draft; None when neither is
+    given, or k is 0. The demo, dequantized, is drafted by its own 4-bit matrices unless told."""
+    check_number("speculate_k", k, int, 0)
     variants.check_quantize(quantize, 32)
-    if ckpt_dir is None and quantize is None:
+    if k == 0 or (ckpt_dir is None and quantize is None and not demo):
         return None
-    return Draft(None if ckpt_dir is None else str(ckpt_dir), quantize, k)
+    return Draft(None if ckpt_dir is None else str(ckpt_dir), quantize or "keep", k)
 
 
 def main(argv=None):

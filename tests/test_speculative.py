@@ -198,10 +198,13 @@ def test_a_draft_with_another_vocabulary_is_refused_before_any_weight_loads(ckpt
     llama31.check_draft(ckpts / "model", broken)
 
 
-def test_speculate_k_must_be_a_positive_integer():
-    with pytest.raises(ConfigError, match="--speculate_k must be an integer >= 1, got 0"):
-        llama31.draft_of("d", None, 0)
-    assert llama31.draft_of(None, None, 4) is None and llama31.draft_of(None, "keep", 2) == Draft(None, "keep", 2)
+def test_the_draft_settings_and_the_demos_own_draft():
+    with pytest.raises(ConfigError, match="--speculate_k must be an integer >= 0, got -1"):
+        llama31.draft_of("d", None, -1)
+    assert llama31.draft_of(None, None, 4) is None and llama31.draft_of("d", "int8", 0) is None  # k 0: none
+    assert llama31.draft_of(None, "int4", 2) == Draft(None, "int4", 2)  # the model's own weights in int4
+    assert llama31.draft_of("d", None, 3) == Draft("d", "keep", 3)
+    assert llama31.draft_of(None, None, 4, demo=True) == Draft(None, "keep", 4)  # the demo's default
 
 
 @pytest.mark.slow

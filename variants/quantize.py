@@ -105,7 +105,8 @@ def kernel_rows(x):
     norms, attention and residual stream stay fp32. Only where no gradient flows (inference): a
     training step, or QLoRA's, keeps its rows as they are."""
     rows = x.contiguous()  # the kernels want rows in a row (a fused w13's half is not)
-    if rows.dtype == torch.bfloat16 or torch.is_grad_enabled():
+    # compiled, a cast row is one Inductor cannot hand the int4 kernel (torch 2.13): as it is
+    if rows.dtype == torch.bfloat16 or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return rows
     return rows.to(torch.bfloat16)
 

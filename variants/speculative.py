@@ -13,8 +13,7 @@ of scoring k + 1 positions in one pass rather than one at a time).
 
 Both KV caches roll back by position alone: a forward pass reads a cache only up to its own last
 position, so the keys of rejected proposals are never read, and the next pass overwrites them.
-Nothing accepted is computed again. The draft keeps its own cache between generations and reuses
-the prefix it shares with the next prompt (a chat's earlier turns).
+Nothing accepted is computed again.
 
 One stream (a batch of one prompt); llama31.Llama.generate_stream hands such a generation to
 stream() when a Speculative variant is set (the `speculator` of a Llama). The draft is a Llama with
@@ -71,7 +70,6 @@ class Speculative(Variant):
         self.draft = draft
         self.k = k
         self.cached: List[int] = []  # the tokens whose keys the draft's cache holds, from position 0
-        self.caches = None  # the draft decoder's caches, installed once
         self.stats = {"proposed": 0, "accepted": 0, "verifications": 0}
 
     def sampling(self, llama):
@@ -87,13 +85,9 @@ class Speculative(Variant):
 
     def propose(self, seq: List[int], k: int, temperature: float, top_p: float, generator):
         """k tokens drafted after seq, each with the draft's distribution (temperature 0: none).
-        The draft runs through its decoder (compiled, with --compile), its caches installed at
-        first use and kept."""
+        The draft runs through its decoder (compiled, with --compile), within stream()'s
+        generation."""
         draft = self.draft
-        if self.caches is None:
-            self.caches = draft.decoder.caches(1, draft.model.args.max_seq_len)
-            self.caches.__enter__()  # never left: the draft's cache outlives each generation
-            self.cached = []
         done = next((i for i, (a, b) in enumerate(zip(self.cached, seq)) if a != b), min(len(self.cached), len(seq)))
         done = min(done, len(seq) - 1)  # the last token is fed again, for the logits after it
         feed = seq[done:]
@@ -125,24 +119,26 @@ class Speculative(Variant):
         seq = list(prompt)
         done = cache_from or 0  # the positions the model's cache holds
         made = 0
+        self.cached = []
         try:
-            while True:
-                k = max(0, min(self.k, max_gen_len - made - 1, total_len - len(seq) - 1))
-                proposals, drafted = self.propose(seq, k, temperature, top_p, generator) if k else ([], [])
-                tokens = torch.tensor([seq[done:] + proposals], device=model.norm.weight.device)
-                logits = model.forward_inference(tokens, done, last=k + 1)[0]
-                kept = verify(proposals, drafted, logits, temperature, top_p, generator)
-                self.stats["proposed"] += k
-                self.stats["accepted"] += len(kept) - 1
-                self.stats["verifications"] += 1
-                done = len(seq) + len(kept) - 1  # the last kept token is not in the cache yet
-                for x in kept:
-                    seq.append(x)
-                    made += 1
-                    stopped = x in stop_tokens
-                    yield [x if stops or not stopped else None]
-                    if stopped or made >= max_gen_len or len(seq) >= total_len:
-                        return
+            with self.draft.decoder.caches(1, total_len):  # the draft's, for this generation
+                while True:
+                    k = max(0, min(self.k, max_gen_len - made - 1, total_len - len(seq) - 1))
+                    proposals, drafted = self.propose(seq, k, temperature, top_p, generator) if k else ([], [])
+                    tokens = torch.tensor([seq[done:] + proposals], device=model.norm.weight.device)
+                    logits = model.forward_inference(tokens, done, last=k + 1)[0]
+                    kept = verify(proposals, drafted, logits, temperature, top_p, generator)
+                    self.stats["proposed"] += k
+                    self.stats["accepted"] += len(kept) - 1
+                    self.stats["verifications"] += 1
+                    done = len(seq) + len(kept) - 1  # the last kept token is not in the cache yet
+                    for x in kept:
+                        seq.append(x)
+                        made += 1
+                        stopped = x in stop_tokens
+                        yield [x if stops or not stopped else None]
+                        if stopped or made >= max_gen_len or len(seq) >= total_len:
+                            return
         finally:
             if cache_from is None:
                 model.clear_caches()
