@@ -400,7 +400,8 @@ class Sampling:
     usage_chunk: bool  # stream_options.include_usage
 
 
-def sampling(body: dict, server: "Server", max_tokens_default: Optional[int]) -> Sampling:
+def sampling(body: dict, server: "Server", max_tokens_default: Optional[int],
+             least_tokens: int) -> Sampling:
     model = body.get("model")
     if model is not None and model != server.name:
         raise ApiError(f"the model {model!r} does not exist; this server serves {server.name!r}",
@@ -413,21 +414,22 @@ def sampling(body: dict, server: "Server", max_tokens_default: Optional[int]) ->
         raise ApiError('stream_options is {"include_usage": bool}, with stream: true',
                        "stream_options")
     n = number(body, "n", 1, 1, len(server.engine.slots), integer=True)
-    return Sampling(n, number(body, "max_tokens", max_tokens_default, 0, 2**31, integer=True),
+    return Sampling(n, number(body, "max_tokens", max_tokens_default, least_tokens, 2**31,
+                                           integer=True),
                     number(body, "temperature", 1.0, 0, 2), number(body, "top_p", 1.0, 0, 1),
                     number(body, "seed", None, -2**63, 2**64 - 1, integer=True),
                     stop_strings(body), boolean(body, "ignore_eos"), stream,
                     boolean(options or {}, "include_usage"))
 
 
-def fit(prompt: List[int], max_tokens: Optional[int], max_seq_len: int) -> int:
+def fit(prompt: List[int], max_tokens: Optional[int], max_seq_len: int, param: str) -> int:
     """max_tokens, checked against the context (None: all the room left)."""
     if not prompt:
-        raise ApiError("the prompt is empty; give it at least one token", "prompt")
+        raise ApiError("the prompt is empty; give it at least one token", param)
     if len(prompt) > max_seq_len or len(prompt) == max_seq_len and max_tokens != 0:
         raise ApiError(f"the prompt has {len(prompt)} tokens and the context is {max_seq_len} "
                        f"(--max_seq_len), leaving no room for a reply; shorten it",
-                       "messages", code="context_length_exceeded")
+                       param, code="context_length_exceeded")
     room = max_seq_len - len(prompt)
     if max_tokens is not None and max_tokens > room:
         raise ApiError(f"max_tokens is {max_tokens}, but the prompt's {len(prompt)} tokens leave "
@@ -635,6 +637,10 @@ class Server:
         put = partial(asyncio.get_running_loop().call_soon_threadsafe, queue.put_nowait)
         for job in jobs:
             job.emit = put
+        most = len(self.engine.slots) + self.engine.max_queue
+        if len(jobs) > most:
+            raise ApiError(f"this request asks for {len(jobs)} completions (prompts x n); the server "
+                           f"holds at most {most} at once", "n")
         try:
             self.engine.submit(jobs)
         except QueueFull:
@@ -757,6 +763,11 @@ async def read_json(request: Request, limit: int) -> dict:
         raise ApiError("the body's JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError("the body has a lone surrogate escape (\\ud800-\\udfff) in a string, "
+                       "which is no text") from None
     return data
 
 
@@ -769,7 +780,7 @@ async def chat_completions(server: Server, request: Request):
                        f"/v1/completions", code="no_chat_format")
     if "max_completion_tokens" in body:
         body = dict(body, max_tokens=body.get("max_completion_tokens"))
-    s = sampling(body, server, None)
+    s = sampling(body, server, None, 1)
     want_logprobs = boolean(body, "logprobs")
     top = number(body, "top_logprobs", 0, 0, 20, integer=True)
     if top and not want_logprobs:
@@ -787,7 +798,7 @@ async def chat_completions(server: Server, request: Request):
     except ConfigError as e:
         raise ApiError(str(e), "messages") from None
     head = server.tokenizer.encode(forced or "", bos=False, eos=False)
-    max_tokens = fit(prompt + head, s.max_tokens, server.engine.max_seq_len)
+    max_tokens = fit(prompt + head, s.max_tokens, server.engine.max_seq_len, "messages")
     jobs = server.jobs(prompt + head, s, max_tokens, top if want_logprobs else None)
     reply = Reply(server, s, forced, len(prompt), len(head))
     queue = server.start(jobs)
@@ -943,14 +954,14 @@ def completion_prompts(prompt, tokenizer, vocab_size: int) -> List[tuple]:
 async def completions(server: Server, request: Request):
     body = await read_json(request, server.max_body)
     unknown_fields(body, COMPLETION_FIELDS)
-    s = sampling(body, server, 16)
+    s = sampling(body, server, 16, 0)
     logprobs = number(body, "logprobs", None, 0, 20, integer=True)
     echo = boolean(body, "echo")
     prompts = completion_prompts(body.get("prompt"), server.tokenizer,
                                  server.llama.model.args.vocab_size)
     jobs = []
     for i, (_, ids) in enumerate(prompts):
-        max_tokens = fit(ids, s.max_tokens, server.engine.max_seq_len)
+        max_tokens = fit(ids, s.max_tokens, server.engine.max_seq_len, "prompt")
         jobs += server.jobs(ids, s, max_tokens, logprobs, echo and logprobs is not None, i * s.n)
     queue = server.start(jobs)
     reply = Completion(server, s, prompts, echo, logprobs is not None)
@@ -1008,6 +1019,9 @@ class Completion:
 
     async def chunks(self, stream):
         choices = [Choice(i) for i in range(len(self.prompts) * self.s.n)]
+        if self.echo and not self.logprobs:  # with logprobs, the prompt comes with its own
+            for c in choices:
+                yield self.chunk(c.index, self.prompt_of(c)[0])
         try:
             async for event in stream:
                 c = choices[event.index]
@@ -1161,6 +1175,8 @@ def serve(ckpt_dir: Optional[str] = None, host: str = "127.0.0.1", port: int = 8
     try:
         config = uvicorn.Config(make_app(server), log_level="warning", timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[listen])
+    except KeyboardInterrupt:  # uvicorn stops gracefully on Ctrl-C, then raises it again
+        print("stopped", file=sys.stderr)
     finally:
         engine.close()
 
