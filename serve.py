@@ -208,7 +208,8 @@ class Engine:
             job.text = TextStream(self.token_bytes, job.stop)
             prompt = torch.tensor([job.prompt], device=self.model.norm.weight.device)
             with self.model.cache_rows(slot, slot + 1):
-                logits = self.model.forward_inference(prompt, 0, last_only=not job.prompt_logprobs)
+                last = 0 if job.prompt_logprobs else 1  # every position's logits, or the last's
+                logits = self.model.forward_inference(prompt, 0, last=last)
             if job.prompt_logprobs:
                 self.send(job, Prompt(job.index, prompt_logprobs(logits[0], job.prompt,
                                                                  job.logprobs or 0)))

@@ -297,8 +297,8 @@ class Scripted:
             yield
         self.slot = None
 
-    def forward_inference(self, tokens, start_pos=0, last_only=False):
-        logits = self.model.forward_inference(tokens, start_pos, last_only)
+    def forward_inference(self, tokens, start_pos=0, last=0):
+        logits = self.model.forward_inference(tokens, start_pos, last)
         forced = torch.full_like(logits, -1e9)
         if self.slot is not None:
             self.prompts.append(tokens[0].tolist())
