@@ -264,12 +264,14 @@ def test_past_the_queue_a_request_gets_429_with_retry_after(ckpt_dir):
         url = server.url + "/v1/chat/completions"
         with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b:
             with a.stream("POST", url, json=hi(max_tokens=1000, stream=True)) as first:
-                next(first.iter_lines())  # it holds the one slot
+                lines = first.iter_lines()  # kept: a generator let go closes the connection
+                next(lines)  # it holds the one slot
                 with b.stream("POST", url, json=hi(max_tokens=5, stream=True)):
                     wait_until(lambda: httpx.get(server.url + "/health").json()["waiting"] == 1)
                     r = httpx.post(url, json=hi(max_tokens=5))
                     assert r.status_code == 429 and r.headers["retry-after"] == "1"
                     assert r.json()["error"]["code"] == "queue_full"
+                    assert httpx.get(server.url + "/health").json()["cancelled"] == 0
 
 
 # -----------------------------------------------------------------------------
