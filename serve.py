@@ -28,10 +28,10 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import anyio
 import torch
@@ -143,7 +143,7 @@ class Engine:
         self.waiting: deque = deque()
         self.wake = threading.Condition()
         self.closing = False
-        self.served = 0
+        self.finished = 0
         self.cancelled = 0
         self.model.setup_caches(max_batch_size, self.max_seq_len)
         self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
@@ -160,7 +160,8 @@ class Engine:
 
     def status(self) -> dict:
         return {"slots": len(self.slots), "busy": sum(job is not None for job in self.slots),
-                "waiting": len(self.waiting), "served": self.served, "cancelled": self.cancelled}
+                "waiting": len(self.waiting), "finished": self.finished,
+                "cancelled": self.cancelled}
 
     def close(self):
         with self.wake:
@@ -263,7 +264,7 @@ class Engine:
 
     def finish(self, slot: int, job: Job, reason: str, stop_token=None, error=None):
         self.slots[slot] = None
-        self.served += reason != "cancelled"
+        self.finished += reason != "cancelled"
         rest = job.text.rest() if job.text is not None and reason in ("stop", "length") else ""
         self.send(job, Done(job.index, reason, rest, stop_token, error))
 
@@ -300,6 +301,7 @@ def prompt_logprobs(logits, prompt: List[int], k: int) -> list:
     return out
 
 
+
 # -----------------------------------------------------------------------------
 # requests: OpenAI's shapes, each field checked with an error that says what to fix
 
@@ -310,77 +312,51 @@ class ApiError(Exception):
     def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
                  code: Optional[str] = None, kind: str = "invalid_request_error"):
         super().__init__(message)
-        self.message, self.param, self.status, self.code, self.kind = message, param, status, code, kind
+        self.body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        self.status = status
 
-    def response(self, headers=None) -> JSONResponse:
-        body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status, headers=headers)
+    def response(self) -> JSONResponse:
+        retry = {"Retry-After": "1"} if self.status == 429 else None
+        return JSONResponse(self.body, status_code=self.status, headers=retry)
 
 
 def number(body: dict, name: str, default, lo, hi, integer: bool = False):
     value = body.get(name)
     if value is None:
         return default
-    kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or \
             not math.isfinite(value):
-        raise ApiError(f"{name} must be {kind} from {lo} to {hi}, got {json.dumps(value)[:60]}",
-                       name)
+        raise ApiError(f"{name} must be {'an integer' if integer else 'a number'} from {lo} to "
+                       f"{hi}, got {json.dumps(value)[:60]}", name)
     if not lo <= value <= hi:
         raise ApiError(f"{name} is {value}; it must be from {lo} to {hi}", name)
     return value
 
 
 def boolean(body: dict, name: str, default: bool = False) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
+    value = body.get(name, default)
+    if not isinstance(value, bool) and value is not None:
         raise ApiError(f"{name} must be true or false, got {json.dumps(value)[:60]}", name)
-    return value
+    return default if value is None else value
 
 
-def a_string(value, name: str) -> str:
-    if not isinstance(value, str):
-        raise ApiError(f"{name} must be a string, got {json.dumps(value)[:60]}", name)
-    return value
-
-
-def stop_strings(body: dict) -> List[str]:
-    stop = body.get("stop")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or \
-            not all(isinstance(s, str) and s for s in stop):
-        raise ApiError("stop must be a string or a list of at most 4 non-empty strings", "stop")
-    return stop
-
-
-def unknown_fields(body: dict, known: set):
+def check_fields(body: dict, known: set):
+    """Unknown fields, and OpenAI's fields this server takes only at their defaults, refused."""
     for name in body:
         if name not in known:
             raise ApiError(f"unknown field {name!r}; this server takes {', '.join(sorted(known))}",
                            name, code="unknown_field")
-
-
-def unsupported(body: dict):
-    """Fields OpenAI has that this server takes only at their defaults."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0) or isinstance(body.get(name), bool):
-            raise ApiError(f"{name} is not supported; leave it out or 0", name)
-    if body.get("logit_bias") not in (None, {}):
-        raise ApiError("logit_bias is not supported; leave it out", "logit_bias")
-    if body.get("best_of") not in (None, 1) or isinstance(body.get("best_of"), bool):
-        raise ApiError("best_of is not supported; leave it out or 1", "best_of")
-    if body.get("suffix") not in (None, ""):
-        raise ApiError("suffix (insertion) is not supported; leave it out", "suffix")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise ApiError('response_format: only {"type": "text"} is supported', "response_format")
+    for name, default in [("presence_penalty", 0), ("frequency_penalty", 0), ("logit_bias", {}),
+                          ("best_of", 1), ("suffix", ""), ("response_format", {"type": "text"})]:
+        value = body.get(name)
+        if value is not None and (value != default or isinstance(value, bool)):
+            raise ApiError(f"{name} is not supported; leave it out (or {json.dumps(default)})",
+                           name)
 
 
 SAMPLING = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
             "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
-            "user", "ignore_eos"}
+            "user", "ignore_eos"}  # ignore_eos: vLLM's and llama.cpp's, for benchmarks
 CHAT_FIELDS = SAMPLING | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                           "tool_choice", "parallel_tool_calls", "response_format", "metadata",
                           "store", "service_tier"}
@@ -401,37 +377,38 @@ class Sampling:
     usage_chunk: bool  # stream_options.include_usage
 
 
-def sampling(body: dict, server: "Server", max_tokens_default: Optional[int],
-             least_tokens: int) -> Sampling:
+def sampling(body: dict, server: "Server", max_tokens: Optional[int], least: int) -> Sampling:
     model = body.get("model")
     if model is not None and model != server.name:
         raise ApiError(f"the model {model!r} does not exist; this server serves {server.name!r}",
                        "model", 404, "model_not_found")
-    unsupported(body)
     stream = boolean(body, "stream")
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict) or
                                 set(options) - {"include_usage"}):
         raise ApiError('stream_options is {"include_usage": bool}, with stream: true',
                        "stream_options")
-    n = number(body, "n", 1, 1, len(server.engine.slots), integer=True)
-    return Sampling(n, number(body, "max_tokens", max_tokens_default, least_tokens, 2**31,
-                                           integer=True),
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or \
+            not all(isinstance(s, str) and s for s in stop):
+        raise ApiError("stop must be a string or a list of at most 4 non-empty strings", "stop")
+    return Sampling(number(body, "n", 1, 1, len(server.engine.slots), integer=True),
+                    number(body, "max_tokens", max_tokens, least, 2**31, integer=True),
                     number(body, "temperature", 1.0, 0, 2), number(body, "top_p", 1.0, 0, 1),
-                    number(body, "seed", None, -2**63, 2**64 - 1, integer=True),
-                    stop_strings(body), boolean(body, "ignore_eos"), stream,
-                    boolean(options or {}, "include_usage"))
+                    number(body, "seed", None, -2**63, 2**64 - 1, integer=True), stop,
+                    boolean(body, "ignore_eos"), stream, boolean(options or {}, "include_usage"))
 
 
 def fit(prompt: List[int], max_tokens: Optional[int], max_seq_len: int, param: str) -> int:
     """max_tokens, checked against the context (None: all the room left)."""
     if not prompt:
         raise ApiError("the prompt is empty; give it at least one token", param)
-    if len(prompt) > max_seq_len or len(prompt) == max_seq_len and max_tokens != 0:
-        raise ApiError(f"the prompt has {len(prompt)} tokens and the context is {max_seq_len} "
-                       f"(--max_seq_len), leaving no room for a reply; shorten it",
-                       param, code="context_length_exceeded")
     room = max_seq_len - len(prompt)
+    if room < 0 or room == 0 and max_tokens != 0:
+        raise ApiError(f"the prompt has {len(prompt)} tokens and the context is {max_seq_len} "
+                       f"(--max_seq_len), leaving no room for a reply; shorten it", param,
+                       code="context_length_exceeded")
     if max_tokens is not None and max_tokens > room:
         raise ApiError(f"max_tokens is {max_tokens}, but the prompt's {len(prompt)} tokens leave "
                        f"{room} of the context's {max_seq_len}; ask for at most {room}",
@@ -440,56 +417,56 @@ def fit(prompt: List[int], max_tokens: Optional[int], max_seq_len: int, param: s
 
 
 # -----------------------------------------------------------------------------
-# chat: messages into the model's chat format; tools as Llama 3.1's template writes custom tools
+# chat: OpenAI's messages as ChatFormat's; tools as Llama 3.1's template writes custom tools
 
-# Meta's and HF's Llama 3.1 template, custom tools in the first user message
+# Meta's and HF's Llama 3.1 template: custom tools go at the start of the first user message
 TOOLS_INTRO = ("Given the following functions, please respond with a JSON for a function call with "
                "its proper arguments that best answers the given prompt.\n\nRespond in the format "
                '{"name": function name, "parameters": dictionary of argument name and its value}.'
                "Do not use variables.\n\n")
 
 
-def content_text(content, where: str, allow_none: bool = False) -> Optional[str]:
+def text_of(content, where: str, none: bool = False) -> Optional[str]:
     """A message's content: a string, or text parts joined."""
-    if content is None and allow_none:
-        return None
-    if isinstance(content, str):
+    if isinstance(content, str) or content is None and none:
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        if all(p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            return "".join(p["text"] for p in content)
-        raise ApiError(f"{where}: this model reads text only; give each part as "
-                       '{"type": "text", "text": "..."}', where)
-    raise ApiError(f"{where} must be a string or a list of text parts", where)
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                         isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise ApiError(f'{where} must be a string or a list of {{"type": "text", "text": "..."}} '
+                   f"parts (this model reads text only)", where)
 
 
-def tool_calls_in(message: dict, where: str) -> List[dict]:
+def calls_of(message: dict, where: str) -> List[dict]:
     """An assistant message's OpenAI tool_calls as ChatFormat's {tool_name, arguments, call_id}."""
     calls = message.get("tool_calls") or []
     if not isinstance(calls, list):
         raise ApiError(f"{where}.tool_calls must be a list", f"{where}.tool_calls")
     out = []
     for i, call in enumerate(calls):
-        at = f"{where}.tool_calls[{i}]"
         fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ApiError(f'{at} must be {{"id", "type": "function", "function": {{"name", '
-                           f'"arguments"}}}}', at)
-        try:
-            arguments = json.loads(fn.get("arguments") or "{}")
-        except (TypeError, ValueError):
-            arguments = None
+        arguments = None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            try:
+                arguments = json.loads(fn.get("arguments") or "{}")
+            except (TypeError, ValueError):
+                pass
         if not isinstance(arguments, dict):
-            raise ApiError(f"{at}.function.arguments must be a JSON object as a string", at)
+            raise ApiError(f'{where}.tool_calls[{i}] must be {{"id", "type": "function", '
+                           f'"function": {{"name", "arguments": a JSON object as a string}}}}',
+                           f"{where}.tool_calls[{i}]")
         out.append({"tool_name": fn["name"], "arguments": arguments,
                     "call_id": str(call.get("id", ""))})
     return out
 
 
+MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
+
+
 def dialog_of(messages) -> List[dict]:
-    """OpenAI's messages as ChatFormat's message dicts."""
+    """OpenAI's messages (a tool's answer: role "tool" with tool_call_id) as ChatFormat's."""
     if not isinstance(messages, list) or not messages:
-        raise ApiError("messages must be a non-empty list of {\"role\", \"content\"}", "messages")
+        raise ApiError('messages must be a non-empty list of {"role", "content"}', "messages")
     dialog = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -497,64 +474,59 @@ def dialog_of(messages) -> List[dict]:
         if role not in ("system", "developer", "user", "assistant", "tool"):
             raise ApiError(f"{where}.role must be system, developer, user, assistant or tool",
                            f"{where}.role")
-        unknown = set(m) - {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
-        if unknown:
-            raise ApiError(f"{where} has unknown field {sorted(unknown)[0]!r}", where)
+        if set(m) - MESSAGE_FIELDS:
+            raise ApiError(f"{where} has unknown field {sorted(set(m) - MESSAGE_FIELDS)[0]!r}",
+                           where)
+        content = text_of(m.get("content"), f"{where}.content", none=role == "assistant")
         if role == "assistant":
-            dialog.append({"role": "assistant", "tool_calls": tool_calls_in(m, where),
-                           "content": content_text(m.get("content"), f"{where}.content", True)})
-        elif role == "tool":
-            a_string(m.get("tool_call_id"), f"{where}.tool_call_id")
-            dialog.append({"role": "tool", "content": content_text(m.get("content"),
-                                                                   f"{where}.content")})
+            dialog.append({"role": role, "content": content, "tool_calls": calls_of(m, where)})
+        elif role == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise ApiError(f"{where}.tool_call_id must be the id of the call it answers",
+                           f"{where}.tool_call_id")
         else:
-            dialog.append({"role": "system" if role == "developer" else role,
-                           "content": content_text(m.get("content"), f"{where}.content")})
+            dialog.append({"role": "system" if role == "developer" else role, "content": content})
     return dialog
 
 
 def tools_of(body: dict) -> tuple:
-    """(the tools' function definitions, what tool_choice forces: None (no tools), "" (may call),
-    or the start of a call the reply must begin with)."""
-    tools = body.get("tools")
-    choice = body.get("tool_choice")
+    """(the tools, what tool_choice makes of them: None, no tools in the prompt; "", the model may
+    call; else the start of a call that the reply is made to begin with)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None:
         if choice not in (None, "none"):
             raise ApiError("tool_choice needs tools", "tool_choice")
         return [], None
-    if not isinstance(tools, list) or not tools:
+    names = [function_name(t) for t in tools] if isinstance(tools, list) else []
+    if not names or not all(names):
         raise ApiError('tools must be a non-empty list of {"type": "function", "function": '
-                       '{"name", "description", "parameters"}}', "tools")
-    names = []
-    for i, t in enumerate(tools):
-        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"] or \
-                not isinstance(fn.get("parameters", {}), dict):
-            raise ApiError(f'tools[{i}] must be {{"type": "function", "function": {{"name", '
-                           f'"description", "parameters": a JSON schema}}}}', f"tools[{i}]")
-        names.append(fn["name"])
-    if choice in (None, "auto"):
-        return tools, ""
-    if choice == "none":
-        return tools, None
-    if choice == "required":
-        return tools, '{"name": "'
-    fn = choice.get("function") if isinstance(choice, dict) else None
-    if not isinstance(fn, dict) or fn.get("name") not in names:
+                       '{"name", "description", "parameters": a JSON schema}}', "tools")
+    if choice in (None, "auto", "none", "required"):
+        return tools, {"none": None, "required": '{"name": "'}.get(choice, "")
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and \
+        isinstance(choice.get("function"), dict) else None
+    if name not in names:
         raise ApiError('tool_choice must be "none", "auto", "required" or {"type": "function", '
                        '"function": {"name": one of the tools}}', "tool_choice")
-    return tools, f'{{"name": "{fn["name"]}", "parameters": '
+    return tools, f'{{"name": "{name}", "parameters": '
+
+
+def function_name(tool) -> Optional[str]:
+    """The name of an OpenAI tool, if it is one: {"type": "function", "function": {...}}."""
+    fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+    if isinstance(fn, dict) and isinstance(fn.get("name"), str) and \
+            isinstance(fn.get("parameters", {}), dict):
+        return fn["name"]
+    return None
 
 
 def with_tools(dialog: List[dict], tools: list) -> List[dict]:
-    """The dialog with custom tools as Llama 3.1's template writes them (HF's default): the system
+    """The dialog with custom tools as Llama 3.1's template writes them (HF's default): a system
     message with "Environment: ipython", the definitions at the start of the first user message."""
     system = [m for m in dialog[:1] if m["role"] == "system"]
     rest = dialog[len(system):]
     first = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
     if first is None:
-        raise ApiError("tools are written into the first user message; the messages have none",
-                       "messages")
+        raise ApiError("tools go into the first user message, and there is none", "messages")
     names = [t["function"]["name"] for t in tools]
     prompt = llama3_system_prompt(system[0]["content"] if system else None, names)
     definitions = "".join(json.dumps(t, indent=4, ensure_ascii=False) + "\n\n" for t in tools)
@@ -562,15 +534,26 @@ def with_tools(dialog: List[dict], tools: list) -> List[dict]:
     return [{"role": "system", "content": prompt}] + rest[:first] + [user] + rest[first + 1:]
 
 
-def openai_tool_calls(calls: List[dict]) -> List[dict]:
-    return [{"id": c["call_id"], "type": "function",
-             "function": {"name": c["tool_name"],
-                          "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-            for c in calls]
+def completion_prompts(prompt, tokenizer, vocab_size: int) -> List[tuple]:
+    """(text, token ids) of each prompt: a string, token ids, or a list of either. Text is
+    tokenized as HF's tokenizers do by default: BOS if the model wants one, special-token text
+    read as the special token."""
+    many = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
+    out = []
+    for i, p in enumerate(prompt if many else [prompt]):
+        if isinstance(p, str):
+            out.append((p, tokenizer.encode(p, bos=tokenizer.add_bos, eos=False,
+                                            allowed_special="all")))
+        elif isinstance(p, list) and p and all(type(t) is int and 0 <= t < vocab_size for t in p):
+            out.append((tokenizer.decode(p), p))
+        else:
+            raise ApiError(f"prompt{f'[{i}]' if many else ''} must be a non-empty string or a "
+                           f"list of token ids from 0 to {vocab_size - 1}", "prompt")
+    return out
 
 
 # -----------------------------------------------------------------------------
-# replies: what the engine sends for each choice, gathered; OpenAI's response shapes
+# replies: the engine's events gathered per choice, in OpenAI's shapes, whole or streamed
 
 
 class Choice:
@@ -580,7 +563,7 @@ class Choice:
         self.index = index
         self.text = ""
         self.tokens: List[int] = []
-        self.logprobs: List[tuple] = []  # (token, logprob, top) per token
+        self.logprobs: List[tuple] = []  # (token, logprob, top) of each token
         self.prompt_logprobs: Optional[list] = None
         self.done: Optional[Done] = None
 
@@ -588,114 +571,284 @@ class Choice:
         """Take an event; return the text it adds."""
         if isinstance(event, Prompt):
             self.prompt_logprobs = event.logprobs
-            return ""
-        if isinstance(event, Step):
+        elif isinstance(event, Step):
             self.tokens.append(event.token)
             if event.logprob is not None:
                 self.logprobs.append((event.token, *event.logprob))
-            self.text += event.text
-            return event.text
-        self.done = event
-        self.text += event.text
-        return event.text
+        else:
+            self.done = event
+        text = getattr(event, "text", "")
+        self.text += text
+        return text
+
+    @property
+    def reason(self) -> str:
+        return self.done.reason
 
 
 async def events(queue: asyncio.Queue, n: int):
-    """The engine's events for a request's n choices, until each is Done; ApiError on an error."""
-    left = n
-    while left:
+    """The engine's events for n jobs, until each is Done; an ApiError if one failed."""
+    while n:
         event = await queue.get()
         if isinstance(event, Done):
-            left -= 1
+            n -= 1
             if event.reason == "error":
                 raise ApiError(f"the engine failed: {event.error}", status=500, kind="server_error")
         yield event
 
 
+class Reply:
+    """A request's reply in OpenAI's shapes: gathered whole (response), or as server-sent events
+    (stream: the subclass's chunks, the usage if asked, [DONE])."""
+    kind, prefix = "", ""  # the object's name, the id's start
+
+    def __init__(self, server: "Server", s: Sampling, count: int, prompt_tokens: int):
+        self.server, self.s = server, s
+        self.choices = [Choice(i) for i in range(count)]
+        self.prompt_tokens = prompt_tokens
+        self.id = f"{self.prefix}-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+
+    def frame(self, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": self.kind, "created": self.created,
+                "model": self.server.name, "system_fingerprint": FINGERPRINT, "choices": choices,
+                **extra}
+
+    def usage(self) -> dict:
+        made = sum(len(c.tokens) for c in self.choices)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": made,
+                "total_tokens": self.prompt_tokens + made}
+
+    async def gather(self, events):
+        async for event in events:
+            self.choices[event.index].add(event)
+
+    def response(self) -> dict:
+        return self.frame([self.whole(c) for c in self.choices], usage=self.usage())
+
+    async def stream(self, events):
+        try:
+            async for chunk in self.chunks(events):
+                yield sse(self.frame([chunk]))
+        except ApiError as e:
+            yield sse(e.body)
+        else:
+            if self.s.usage_chunk:
+                yield sse(self.frame([], usage=self.usage()))
+        yield "data: [DONE]\n\n"
+
+
+FINGERPRINT = "fp_llama31"
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class ChatReply(Reply):
+    """A chat completion. With tools on, a reply that begins like a call ({, [ or <|python_tag|>,
+    or forced by tool_choice) is held back and read at its end as ChatFormat reads replies: its
+    calls become tool_calls, finish_reason "tool_calls" (streamed: delta.tool_calls fragments)."""
+    kind, prefix = "chat.completion", "chatcmpl"
+
+    def __init__(self, server, s, prompt_tokens: int, forced: Optional[str], forced_tokens: int):
+        super().__init__(server, s, s.n, prompt_tokens)
+        self.forced, self.forced_tokens = forced, forced_tokens
+
+    def usage(self) -> dict:  # the forced start counts as the reply's
+        out = super().usage()
+        out["completion_tokens"] += self.forced_tokens * self.s.n
+        out["total_tokens"] += self.forced_tokens * self.s.n
+        return out
+
+    def message(self, c: Choice) -> tuple:
+        """(message, finish_reason) of a finished choice."""
+        text = (self.forced or "") + c.text
+        if self.forced is not None:
+            tok, chat_format = self.server.tokenizer, self.server.llama.chat_format
+            ids = tok.encode(text, bos=False, eos=False, allowed_special="all")
+            ids += [c.done.stop_token] if c.done.stop_token is not None else []
+            calls = chat_format.decode_assistant(tok, ids)["tool_calls"]
+            if calls:
+                return {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call["call_id"], "type": "function", "function": {
+                        "name": call["tool_name"],
+                        "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+                    for call in calls]}, "tool_calls"
+        return {"role": "assistant", "content": text}, c.reason
+
+    def whole(self, c: Choice) -> dict:
+        message, reason = self.message(c)
+        logprobs = self.server.chat_logprobs(c.logprobs) if c.logprobs else None
+        return {"index": c.index, "message": message, "logprobs": logprobs,
+                "finish_reason": reason}
+
+    @staticmethod
+    def delta(c: Choice, delta: dict, reason=None, logprobs=None) -> dict:
+        return {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+    async def chunks(self, events):
+        """The role first, the content as it comes (or held back: a call, perhaps), the finish
+        reason last with no content."""
+        held = [self.forced is not None] * self.s.n  # False once the reply is plain text
+        sent = [0] * self.s.n
+        for c in self.choices:
+            yield self.delta(c, {"role": "assistant"})
+        async for event in events:
+            c = self.choices[event.index]
+            c.add(event)
+            if held[c.index] and not isinstance(event, Done):
+                text = ((self.forced or "") + c.text).lstrip()
+                if not text or self.forced or text[0] in "{[" or text.startswith("<|python_tag|>"):
+                    continue  # a call, perhaps: read at the end
+                held[c.index] = False
+            logprobs = None
+            if isinstance(event, Step) and event.logprob is not None:
+                logprobs = self.server.chat_logprobs(c.logprobs[-1:])
+            if not held[c.index] and (len(c.text) > sent[c.index] or logprobs):
+                yield self.delta(c, {"content": c.text[sent[c.index]:]}, logprobs=logprobs)
+                sent[c.index] = len(c.text)
+            if isinstance(event, Done):
+                message, reason = self.message(c)
+                if held[c.index] and message["content"] is None:
+                    for chunk in self.call_chunks(c, message["tool_calls"]):
+                        yield chunk
+                elif held[c.index] and message["content"]:
+                    yield self.delta(c, {"content": message["content"]})
+                yield self.delta(c, {}, reason)
+
+    def call_chunks(self, c: Choice, calls: List[dict]):
+        """Each call as OpenAI streams one: its id, type and name, then its arguments in pieces."""
+        for i, call in enumerate(calls):
+            fn = call["function"]
+            yield self.delta(c, {"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                                 "function": {"name": fn["name"],
+                                                              "arguments": ""}}]})
+            for at in range(0, len(fn["arguments"]), 16):
+                piece = fn["arguments"][at:at + 16]
+                yield self.delta(c, {"tool_calls": [{"index": i,
+                                                     "function": {"arguments": piece}}]})
+
+
+class TextReply(Reply):
+    """A text completion: choice i * n + j is prompt i's j-th. With echo, the prompt's text first
+    (with logprobs: its tokens' log-probs, the first null), as lm-eval's local-completions reads."""
+    kind, prefix = "text_completion", "cmpl"
+
+    def __init__(self, server, s, prompts: List[tuple], echo: bool, logprobs: bool):
+        super().__init__(server, s, len(prompts) * s.n, sum(len(ids) for _, ids in prompts))
+        self.prompts, self.echo, self.logprobs = prompts, echo, logprobs
+
+    def whole(self, c: Choice) -> dict:
+        text, ids = self.prompts[c.index // self.s.n]
+        logprobs = None
+        if self.logprobs:
+            entries = self.prompt_entries(c, ids) if self.echo else []
+            logprobs = self.server.text_logprobs(entries + c.logprobs)
+        return {"index": c.index, "text": (text if self.echo else "") + c.text,
+                "logprobs": logprobs, "finish_reason": c.reason}
+
+    @staticmethod
+    def prompt_entries(c: Choice, ids: List[int]) -> list:
+        return [(t, *lp) if lp else (t, None, None) for t, lp in zip(ids, c.prompt_logprobs)]
+
+    @staticmethod
+    def piece(c: Choice, text: str, reason=None, logprobs=None) -> dict:
+        return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+    async def chunks(self, events):
+        if self.echo and not self.logprobs:  # with logprobs, the prompt comes with its own
+            for c in self.choices:
+                yield self.piece(c, self.prompts[c.index // self.s.n][0])
+        async for event in events:
+            c = self.choices[event.index]
+            text = c.add(event)
+            if isinstance(event, Prompt):
+                prompt, ids = self.prompts[c.index // self.s.n]
+                logprobs = self.server.text_logprobs(self.prompt_entries(c, ids))
+                yield self.piece(c, prompt, logprobs=logprobs)
+                continue
+            logprobs = None
+            if isinstance(event, Step) and self.logprobs:
+                logprobs = self.server.text_logprobs(c.logprobs[-1:])
+            if text or logprobs:
+                yield self.piece(c, text, logprobs=logprobs)
+            if isinstance(event, Done):
+                yield self.piece(c, "", c.reason)
+
+
+# -----------------------------------------------------------------------------
+# the server: the routes over an engine
+
+
 class Server:
-    """What the routes share: the engine, the tokenizer and chat format, the served name."""
+    """What the routes share: the model (llama31.Llama), its engine, the name it is served as."""
 
     def __init__(self, llama, engine: Engine, name: str, api_key: Optional[str] = None,
                  max_body: int = 8 << 20):
-        self.llama = llama
-        self.engine = engine
-        self.tokenizer = llama.tokenizer
-        self.name = name
-        self.api_key = api_key
-        self.max_body = max_body
+        self.llama, self.engine, self.tokenizer = llama, engine, llama.tokenizer
+        self.name, self.api_key, self.max_body = name, api_key, max_body
         self.created = int(time.time())
 
-    def jobs(self, prompt: List[int], s: Sampling, max_tokens: int, logprobs=None,
-             prompt_logprobs: bool = False, first_index: int = 0) -> List[Job]:
+    def jobs(self, prompt: List[int], s: Sampling, max_tokens: int, logprobs: Optional[int],
+             prompt_logprobs: bool = False, first: int = 0) -> List[Job]:
+        """A prompt's n jobs (choices first..first + n - 1); choice i samples with seed + i."""
         seed = secrets.randbits(63) if s.seed is None else s.seed
         stop_tokens = frozenset() if s.ignore_eos else frozenset(self.tokenizer.stop_tokens)
         return [Job(prompt, max_tokens, s.temperature, s.top_p, (seed + i) % 2**64, s.stop,
-                    stop_tokens, logprobs, prompt_logprobs, first_index + i) for i in range(s.n)]
+                    stop_tokens, logprobs, prompt_logprobs, first + i) for i in range(s.n)]
 
-    def start(self, jobs: List[Job]) -> asyncio.Queue:
-        """Hand jobs to the engine; their events arrive on the returned queue."""
+    async def answer(self, request: Request, reply: Reply, jobs: List[Job]):
+        """Run the jobs; the reply whole, or streamed. A client gone cancels them (their slots are
+        freed at the engine's next step)."""
+        most = len(self.engine.slots) + self.engine.max_queue
+        if len(jobs) > most:
+            raise ApiError(f"this request asks for {len(jobs)} completions (prompts x n); the "
+                           f"server holds at most {most} at once", "n")
         queue: asyncio.Queue = asyncio.Queue()
         put = partial(asyncio.get_running_loop().call_soon_threadsafe, queue.put_nowait)
         for job in jobs:
             job.emit = put
-        most = len(self.engine.slots) + self.engine.max_queue
-        if len(jobs) > most:
-            raise ApiError(f"this request asks for {len(jobs)} completions (prompts x n); the server "
-                           f"holds at most {most} at once", "n")
         try:
             self.engine.submit(jobs)
         except QueueFull:
             raise ApiError(f"all {len(self.engine.slots)} slots are busy and "
                            f"{self.engine.max_queue} requests wait already; retry shortly",
                            status=429, code="queue_full", kind="rate_limit_error") from None
-        return queue
+
+        def cancel():
+            for job in jobs:
+                job.cancelled = True
+        if reply.s.stream:
+            return EventStream(reply.stream(events(queue, len(jobs))), cancel)
+        try:
+            await unless_gone(request, reply.gather(events(queue, len(jobs))))
+        finally:
+            cancel()
+        return JSONResponse(reply.response())
 
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
-    def top_list(self, top) -> List[dict]:
-        return [{"token": self.token_text(t), "logprob": lp,
-                 "bytes": list(self.engine.token_bytes(t))} for t, lp in top]
-
     def chat_logprobs(self, entries) -> dict:
-        return {"content": [{"token": self.token_text(t), "logprob": lp,
-                             "bytes": list(self.engine.token_bytes(t)),
-                             "top_logprobs": self.top_list(top)} for t, lp, top in entries]}
+        def one(token, logprob):
+            return {"token": self.token_text(token), "logprob": logprob,
+                    "bytes": list(self.engine.token_bytes(token))}
+        return {"content": [dict(one(t, lp), top_logprobs=[one(*p) for p in top])
+                            for t, lp, top in entries]}
 
-    def completion_logprobs(self, prompt: List[int], choice: Choice, echo: bool,
-                            offset: int = 0) -> dict:
-        """The legacy shape: tokens, token_logprobs, top_logprobs (dicts), text_offset."""
-        entries = [(t, *lp) if lp else (t, None, None)
-                   for t, lp in zip(prompt, choice.prompt_logprobs or [])] if echo else []
-        entries += choice.logprobs
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for token, lp, top in entries:
-            text = self.token_text(token)
-            out["tokens"].append(text)
-            out["token_logprobs"].append(lp)
-            out["top_logprobs"].append(None if top is None else
-                                       {self.token_text(t): v for t, v in top})
-            out["text_offset"].append(offset)
-            offset += len(text)
-        return out
-
-
-def finish_reason(done: Done) -> str:
-    return {"stop": "stop", "length": "length"}.get(done.reason, done.reason)
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def sse(data) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    def text_logprobs(self, entries) -> dict:
+        """The completions API's shape: tokens, token_logprobs, top_logprobs, text_offset."""
+        texts = [self.token_text(t) for t, _, _ in entries]
+        offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+        return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [None if top is None else {self.token_text(t): v for t, v in top}
+                                 for _, _, top in entries], "text_offset": offsets}
 
 
 class EventStream(StreamingResponse):
     """Server-sent events that also listen for the client going away (as starlette does for ASGI
-    before 2.4): on_close runs when the stream ends, however it ends, so a slot is freed at once."""
+    before 2.4): on_close runs when the stream ends, however it ends."""
 
     def __init__(self, content, on_close: Callable):
         super().__init__(content, media_type="text/event-stream",
@@ -720,7 +873,7 @@ class EventStream(StreamingResponse):
 
 
 async def unless_gone(request: Request, work):
-    """Await work, or cancel it when the client disconnects first (a non-streamed reply)."""
+    """Await work, unless the client disconnects first (a reply not streamed)."""
     task = asyncio.ensure_future(work)
 
     async def gone():
@@ -738,14 +891,10 @@ async def unless_gone(request: Request, work):
     return task.result()
 
 
-# -----------------------------------------------------------------------------
-# the routes
-
-
 async def read_json(request: Request, limit: int) -> dict:
     """The body as a JSON object: 413 past limit bytes, 400 with the parser's words otherwise."""
-    declared = request.headers.get("content-length", "")
     too_big = ApiError(f"the body is over {limit >> 20} MB", status=413, code="body_too_large")
+    declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     body = b""
@@ -755,7 +904,8 @@ async def read_json(request: Request, limit: int) -> dict:
             raise too_big
     try:
         data = json.loads(body)
-    except UnicodeDecodeError:
+        json.dumps(data, ensure_ascii=False).encode()  # a lone surrogate (\ud800) is no text
+    except (UnicodeDecodeError, UnicodeEncodeError):
         raise ApiError("the body is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise ApiError(f"the body is not valid JSON: {e.msg} at line {e.lineno} column "
@@ -764,197 +914,44 @@ async def read_json(request: Request, limit: int) -> dict:
         raise ApiError("the body's JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(f"the body must be a JSON object, got {type(data).__name__}")
-    try:
-        json.dumps(data, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        raise ApiError("the body has a lone surrogate escape (\\ud800-\\udfff) in a string, "
-                       "which is no text") from None
     return data
 
 
 async def chat_completions(server: Server, request: Request):
     body = await read_json(request, server.max_body)
-    unknown_fields(body, CHAT_FIELDS)
-    llama = server.llama
-    if llama.chat_format is None:
+    check_fields(body, CHAT_FIELDS)
+    chat_format = server.llama.chat_format
+    if chat_format is None:
         raise ApiError(f"{server.name} has no chat format (Llama 3 headers or ChatML); use "
                        f"/v1/completions", code="no_chat_format")
     if "max_completion_tokens" in body:
-        body = dict(body, max_tokens=body.get("max_completion_tokens"))
+        body = dict(body, max_tokens=body["max_completion_tokens"])
     s = sampling(body, server, None, 1)
-    want_logprobs = boolean(body, "logprobs")
+    logprobs = boolean(body, "logprobs")
     top = number(body, "top_logprobs", 0, 0, 20, integer=True)
-    if top and not want_logprobs:
+    if top and not logprobs:
         raise ApiError("top_logprobs needs logprobs: true", "top_logprobs")
     dialog = dialog_of(body.get("messages"))
     tools, forced = tools_of(body)
-    if forced is not None and llama.chat_format.style != "llama3":
-        raise ApiError(f"{server.name} chats in the {llama.chat_format.style} format, which has no "
+    if forced is not None and chat_format.style != "llama3":
+        raise ApiError(f"{server.name} chats in the {chat_format.style} format, which has no "
                        f"tool calls; leave tools out (or tool_choice: none)", "tools",
                        code="no_tool_calls")
-    if forced is not None:
-        dialog = with_tools(dialog, tools)
     try:
-        prompt = llama.chat_format.encode_dialog(server.tokenizer, dialog)
+        prompt = chat_format.encode_dialog(server.tokenizer, with_tools(dialog, tools)
+                                           if forced is not None else dialog)
     except ConfigError as e:
         raise ApiError(str(e), "messages") from None
-    head = server.tokenizer.encode(forced or "", bos=False, eos=False)
-    max_tokens = fit(prompt + head, s.max_tokens, server.engine.max_seq_len, "messages")
-    jobs = server.jobs(prompt + head, s, max_tokens, top if want_logprobs else None)
-    reply = Reply(server, s, forced, len(prompt), len(head))
-    queue = server.start(jobs)
-    if s.stream:
-        return EventStream(reply.chunks(events(queue, s.n)), reply.cancel(jobs))
-    try:
-        choices = await unless_gone(request, reply.gather(events(queue, s.n)))
-    finally:
-        reply.cancel(jobs)()
-    return JSONResponse(reply.response(choices))
-
-
-class Reply:
-    """A chat completion's reply in OpenAI's shapes, whole or as chunks. With tools on, a reply that
-    begins like a call ({, [ or <|python_tag|>) is held back and read at its end with ChatFormat;
-    its calls become tool_calls, finish_reason "tool_calls"."""
-
-    def __init__(self, server: Server, s: Sampling, forced: Optional[str], prompt_tokens: int,
-                 head_tokens: int):
-        self.server, self.s, self.forced = server, s, forced
-        self.prompt_tokens, self.head_tokens = prompt_tokens, head_tokens
-        self.id = f"chatcmpl-{secrets.token_hex(12)}"
-        self.created = int(time.time())
-
-    @staticmethod
-    def cancel(jobs: List[Job]) -> Callable:
-        def cancel():
-            for job in jobs:
-                job.cancelled = True
-        return cancel
-
-    async def gather(self, stream) -> List[Choice]:
-        choices = [Choice(i) for i in range(self.s.n)]
-        async for event in stream:
-            choices[event.index].add(event)
-        return choices
-
-    def message(self, choice: Choice) -> tuple:
-        """(message, finish_reason) of a finished choice."""
-        text = (self.forced or "") + choice.text
-        calls = self.tool_calls(text, choice.done) if self.forced is not None else []
-        if calls:
-            return {"role": "assistant", "content": None,
-                    "tool_calls": openai_tool_calls(calls)}, "tool_calls"
-        return {"role": "assistant", "content": text}, finish_reason(choice.done)
-
-    def tool_calls(self, text: str, done: Done) -> List[dict]:
-        llama = self.server.llama
-        ids = llama.tokenizer.encode(text, bos=False, eos=False, allowed_special="all")
-        ids += [done.stop_token] if done.stop_token is not None else []
-        return llama.chat_format.decode_assistant(llama.tokenizer, ids)["tool_calls"]
-
-    def usage(self, choices: List[Choice]) -> dict:
-        made = sum(len(c.tokens) + self.head_tokens for c in choices)
-        return usage(self.prompt_tokens, made)
-
-    def response(self, choices: List[Choice]) -> dict:
-        out = []
-        for c in choices:
-            message, reason = self.message(c)
-            logprobs = self.server.chat_logprobs(c.logprobs) if c.logprobs else None
-            out.append({"index": c.index, "message": message, "logprobs": logprobs,
-                        "finish_reason": reason})
-        return {"id": self.id, "object": "chat.completion", "created": self.created,
-                "model": self.server.name, "system_fingerprint": FINGERPRINT, "choices": out,
-                "usage": self.usage(choices)}
-
-    def chunk(self, index: int, delta: dict, reason=None, logprobs=None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-        return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                    "model": self.server.name, "system_fingerprint": FINGERPRINT,
-                    "choices": [choice]})
-
-    async def chunks(self, stream):
-        """The role first, content as it comes (a possible call held back), the finish reason last
-        with no content; usage if asked; [DONE]."""
-        choices = [Choice(i) for i in range(self.s.n)]
-        held = [self.forced is not None for _ in choices]  # None: streaming content
-        sent = [0] * self.s.n
-        for c in choices:
-            yield self.chunk(c.index, {"role": "assistant"})
-        try:
-            async for event in stream:
-                c = choices[event.index]
-                c.add(event)
-                logprobs = None
-                if isinstance(event, Step) and event.logprob is not None:
-                    logprobs = self.server.chat_logprobs(c.logprobs[-1:])
-                if held[c.index] and not isinstance(event, Done):
-                    text = ((self.forced or "") + c.text).lstrip()
-                    if not text:
-                        continue
-                    if self.forced or text[0] in "{[" or text.startswith("<|python_tag|>"):
-                        continue  # a call, perhaps: read at the end
-                    held[c.index] = False
-                if not held[c.index] and (len(c.text) > sent[c.index] or logprobs):
-                    yield self.chunk(c.index, {"content": c.text[sent[c.index]:]},
-                                     logprobs=logprobs)
-                    sent[c.index] = len(c.text)
-                if isinstance(event, Done):
-                    for chunk in self.last_chunks(c, held[c.index], sent[c.index]):
-                        yield chunk
-        except ApiError as e:
-            yield sse(error_body(e))
-            yield "data: [DONE]\n\n"
-            return
-        if self.s.usage_chunk:
-            yield sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                       "model": self.server.name, "system_fingerprint": FINGERPRINT,
-                       "choices": [], "usage": self.usage(choices)})
-        yield "data: [DONE]\n\n"
-
-    def last_chunks(self, c: Choice, held: bool, sent: int):
-        """A held reply (its calls as delta.tool_calls fragments, or its text), then the finish."""
-        message, reason = self.message(c)
-        if held and message.get("tool_calls"):
-            for i, call in enumerate(message["tool_calls"]):
-                fn = call["function"]
-                yield self.chunk(c.index, {"tool_calls": [
-                    {"index": i, "id": call["id"], "type": "function",
-                     "function": {"name": fn["name"], "arguments": ""}}]})
-                for at in range(0, len(fn["arguments"]), 16):
-                    yield self.chunk(c.index, {"tool_calls": [
-                        {"index": i, "function": {"arguments": fn["arguments"][at:at + 16]}}]})
-        elif held and message["content"]:
-            yield self.chunk(c.index, {"content": message["content"]})
-        yield self.chunk(c.index, {}, reason)
-
-
-FINGERPRINT = "fp_llama31"
-
-
-def completion_prompts(prompt, tokenizer, vocab_size: int) -> List[tuple]:
-    """(text, token ids) of each prompt: a string, token ids, or a list of either. Text is
-    tokenized as HF's tokenizers do by default: BOS if the model wants one, special-token text
-    read as the special token."""
-    many = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
-    items = prompt if many else [prompt]
-    out = []
-    for i, p in enumerate(items):
-        if isinstance(p, str):
-            ids = tokenizer.encode(p, bos=tokenizer.add_bos, eos=False, allowed_special="all")
-            out.append((p, ids))
-        elif isinstance(p, list) and p and all(type(t) is int and 0 <= t < vocab_size
-                                               for t in p):
-            out.append((tokenizer.decode(p), p))
-        else:
-            raise ApiError(f"prompt{f'[{i}]' if many else ''} must be a non-empty string or a "
-                           f"list of token ids from 0 to {vocab_size - 1}", "prompt")
-    return out
+    start = server.tokenizer.encode(forced or "", bos=False, eos=False)  # counted as the reply's
+    max_tokens = fit(prompt + start, s.max_tokens, server.engine.max_seq_len, "messages")
+    jobs = server.jobs(prompt + start, s, max_tokens, top if logprobs else None)
+    return await server.answer(request, ChatReply(server, s, len(prompt), forced, len(start)),
+                               jobs)
 
 
 async def completions(server: Server, request: Request):
     body = await read_json(request, server.max_body)
-    unknown_fields(body, COMPLETION_FIELDS)
+    check_fields(body, COMPLETION_FIELDS)
     s = sampling(body, server, 16, 0)
     logprobs = number(body, "logprobs", None, 0, 20, integer=True)
     echo = boolean(body, "echo")
@@ -964,168 +961,66 @@ async def completions(server: Server, request: Request):
     for i, (_, ids) in enumerate(prompts):
         max_tokens = fit(ids, s.max_tokens, server.engine.max_seq_len, "prompt")
         jobs += server.jobs(ids, s, max_tokens, logprobs, echo and logprobs is not None, i * s.n)
-    queue = server.start(jobs)
-    reply = Completion(server, s, prompts, echo, logprobs is not None)
-    stream = events(queue, len(jobs))
-    cancel = Reply.cancel(jobs)
-    if s.stream:
-        return EventStream(reply.chunks(stream), cancel)
-    try:
-        choices = await unless_gone(request, reply.gather(stream, len(jobs)))
-    finally:
-        cancel()
-    return JSONResponse(reply.response(choices))
+    reply = TextReply(server, s, prompts, echo, logprobs is not None)
+    return await server.answer(request, reply, jobs)
 
 
-class Completion:
-    """A text completion's reply, whole or as chunks; with echo, the prompt's text first (and with
-    logprobs, its tokens' log-probs, the first null)."""
-
-    def __init__(self, server: Server, s: Sampling, prompts: List[tuple], echo: bool,
-                 logprobs: bool):
-        self.server, self.s, self.prompts, self.echo, self.logprobs = server, s, prompts, echo, logprobs
-        self.id = f"cmpl-{secrets.token_hex(12)}"
-        self.created = int(time.time())
-
-    async def gather(self, stream, count: int) -> List[Choice]:
-        choices = [Choice(i) for i in range(count)]
-        async for event in stream:
-            choices[event.index].add(event)
-        return choices
-
-    def prompt_of(self, c: Choice) -> tuple:
-        return self.prompts[c.index // self.s.n]
-
-    def usage(self, choices: List[Choice]) -> dict:
-        return usage(sum(len(ids) for _, ids in self.prompts), sum(len(c.tokens) for c in choices))
-
-    def response(self, choices: List[Choice]) -> dict:
-        out = []
-        for c in choices:
-            text, ids = self.prompt_of(c)
-            logprobs = None
-            if self.logprobs:
-                logprobs = self.server.completion_logprobs(ids, c, self.echo)
-            out.append({"index": c.index, "text": (text if self.echo else "") + c.text,
-                        "logprobs": logprobs, "finish_reason": finish_reason(c.done)})
-        return {"id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.server.name, "system_fingerprint": FINGERPRINT, "choices": out,
-                "usage": self.usage(choices)}
-
-    def chunk(self, index: int, text: str, reason=None, logprobs=None, **extra) -> str:
-        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-        return sse({"id": self.id, "object": "text_completion", "created": self.created,
-                    "model": self.server.name, "system_fingerprint": FINGERPRINT,
-                    "choices": [choice], **extra})
-
-    async def chunks(self, stream):
-        choices = [Choice(i) for i in range(len(self.prompts) * self.s.n)]
-        if self.echo and not self.logprobs:  # with logprobs, the prompt comes with its own
-            for c in choices:
-                yield self.chunk(c.index, self.prompt_of(c)[0])
-        try:
-            async for event in stream:
-                c = choices[event.index]
-                text = c.add(event)
-                if isinstance(event, Prompt):
-                    logprobs = self.server.completion_logprobs(self.prompt_of(c)[1], c, True)
-                    yield self.chunk(c.index, self.prompt_of(c)[0], logprobs=logprobs)
-                    continue
-                logprobs = None
-                if isinstance(event, Step) and self.logprobs:
-                    logprobs = self.server.completion_logprobs([], c, False)
-                    logprobs = {k: v[-1:] for k, v in logprobs.items()}
-                if text or logprobs:
-                    yield self.chunk(c.index, text, logprobs=logprobs)
-                if isinstance(event, Done):
-                    yield self.chunk(c.index, "", finish_reason(event))
-        except ApiError as e:
-            yield sse(error_body(e))
-            yield "data: [DONE]\n\n"
-            return
-        if self.s.usage_chunk:
-            yield sse({"id": self.id, "object": "text_completion", "created": self.created,
-                       "model": self.server.name, "choices": [], "usage": self.usage(choices)})
-        yield "data: [DONE]\n\n"
+async def tokenize(server: Server, request: Request):
+    """vLLM's /tokenize (lm-eval's remote tokenizer): text as /v1/completions tokenizes it."""
+    body = await read_json(request, server.max_body)
+    check_fields(body, {"model", "prompt", "add_special_tokens"})
+    if not isinstance(body.get("prompt"), str):
+        raise ApiError("prompt must be a string", "prompt")
+    bos = boolean(body, "add_special_tokens", True) and server.tokenizer.add_bos
+    ids = server.tokenizer.encode(body["prompt"], bos=bos, eos=False, allowed_special="all")
+    return {"tokens": ids, "count": len(ids), "max_model_len": server.engine.max_seq_len}
 
 
-def error_body(e: ApiError) -> dict:
-    return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
+async def detokenize(server: Server, request: Request):
+    body = await read_json(request, server.max_body)
+    check_fields(body, {"model", "tokens"})
+    (_, ids), = completion_prompts([body.get("tokens")], server.tokenizer,
+                                   server.llama.model.args.vocab_size)
+    return {"prompt": server.tokenizer.decode(ids)}
+
+
+def tokenizer_info(server: Server) -> dict:
+    tok = server.tokenizer
+    names = {i: name for name, i in tok.special_tokens.items()}
+    return {"eos_token": names.get(tok.eos_id), "bos_token": names.get(tok.bos_id),
+            "pad_token": names.get(tok.pad_id), "add_bos_token": tok.add_bos,
+            "model_max_length": server.engine.max_seq_len}
 
 
 def make_app(server: Server) -> FastAPI:
-    """The HTTP routes over a Server. Every error is OpenAI's error object: 4xx for the client's
-    faults (which the openai client does not retry, 429 aside), 500 with no traceback for ours."""
+    """The routes. Every error is OpenAI's error object: a 4xx for the client's faults (which the
+    openai client does not retry, 429 aside), a 500 with no traceback for the server's."""
     async def authorized(request: Request):
         if server.api_key is None or request.url.path == "/health":
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {server.api_key}".encode()):
             raise ApiError("a missing or wrong API key: send Authorization: Bearer KEY (the "
                            "server's --api_key)", status=401, code="invalid_api_key")
 
     app = FastAPI(title="llama31", docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=[Depends(authorized)])
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError):
-        return e.response({"Retry-After": "1"} if e.status == 429 else None)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException):
-        what = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) \
-            else str(e.detail)
-        return ApiError(what, status=e.status_code, code="not_found").response()
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, e: Exception):  # uvicorn logs the traceback
-        return ApiError(f"internal error ({type(e).__name__}); the server's log has the details",
-                        status=500, kind="server_error").response()
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", **server.engine.status()}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": server.name, "object": "model",
-                                            "created": server.created, "owned_by": "llama31",
-                                            "max_model_len": server.engine.max_seq_len}]}
-
-    @app.post("/v1/chat/completions")
-    async def chat_route(request: Request):
-        return await chat_completions(server, request)
-
-    @app.post("/v1/completions")
-    async def completions_route(request: Request):
-        return await completions(server, request)
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info():
-        tok = server.tokenizer
-        names = {i: name for name, i in tok.special_tokens.items()}
-        name = lambda i: names.get(i, tok.decode([i]))  # noqa: E731
-        return {"eos_token": name(tok.eos_id), "bos_token": name(tok.bos_id),
-                "pad_token": name(tok.pad_id), "add_bos_token": tok.add_bos,
-                "model_max_length": server.engine.max_seq_len}
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
-        body = await read_json(request, server.max_body)
-        unknown_fields(body, {"model", "prompt", "add_special_tokens"})
-        text = a_string(body.get("prompt"), "prompt")
-        bos = boolean(body, "add_special_tokens", True) and server.tokenizer.add_bos
-        ids = server.tokenizer.encode(text, bos=bos, eos=False, allowed_special="all")
-        return {"tokens": ids, "count": len(ids), "max_model_len": server.engine.max_seq_len}
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request):
-        body = await read_json(request, server.max_body)
-        unknown_fields(body, {"model", "tokens"})
-        (_, ids), = completion_prompts([body.get("tokens")], server.tokenizer,
-                                       server.llama.model.args.vocab_size)
-        return {"prompt": server.tokenizer.decode(ids)}
-
+    app.add_exception_handler(ApiError, lambda request, e: e.response())
+    app.add_exception_handler(HTTPException, lambda request, e: ApiError(
+        f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else
+        str(e.detail), status=e.status_code, code="not_found").response())
+    app.add_exception_handler(Exception, lambda request, e: ApiError(  # uvicorn logs it
+        f"internal error ({type(e).__name__}); the server's log has the details", status=500,
+        kind="server_error").response())
+    app.get("/health")(lambda: {"status": "ok", **server.engine.status()})
+    app.get("/v1/models")(lambda: {"object": "list", "data": [
+        {"id": server.name, "object": "model", "created": server.created, "owned_by": "llama31",
+         "max_model_len": server.engine.max_seq_len}]})
+    app.get("/tokenizer_info")(lambda: tokenizer_info(server))
+    for path, route in [("/v1/chat/completions", chat_completions),
+                        ("/v1/completions", completions), ("/tokenize", tokenize),
+                        ("/detokenize", detokenize)]:
+        app.post(path)(partial(route, server))
     return app
 
 
@@ -1139,14 +1034,14 @@ def serve(ckpt_dir: Optional[str] = None, host: str = "127.0.0.1", port: int = 8
           tokenizer_path: Optional[str] = None, quantize: Optional[str] = None,
           group_size: int = 32, device: Optional[str] = None, dtype: Optional[str] = None,
           rope_scale_factor: Optional[float] = None, max_body_mb: int = 8):
-    """Serve a model with OpenAI's API (chat and text completions, streamed or not, tool calls for
-    Llama 3 models) at http://HOST:PORT/v1, max_batch_size requests decoded together and up to
-    max_queue more waiting (past that: 429). Binds 127.0.0.1 unless --host says otherwise;
-    --api_key (or LLAMA31_API_KEY) makes every route but /health want `Authorization: Bearer KEY`.
-    --model_name: the id clients send (default: the checkpoint's name). --port 0 takes a free
-    port. Without --ckpt_dir, the demo model. One process: tensor parallel serving is not done."""
+    """Serve a model with OpenAI's API at http://HOST:PORT/v1 (chat and text completions, streamed
+    or not; tool calls with Llama 3 models): max_batch_size requests decode together, max_queue
+    more wait (past that: 429). Binds 127.0.0.1 unless --host says otherwise. --api_key (or
+    LLAMA31_API_KEY) makes every route but /health want `Authorization: Bearer KEY`. --model_name:
+    the id clients send (default: the checkpoint's name). --port 0: any free port. Without
+    --ckpt_dir, the demo model. One process: not under torchrun (no tensor parallel serving)."""
     if runs.launched():
-        raise ConfigError("serve.py runs in one process; tensor parallel serving under torchrun "
+        raise ConfigError("serve.py runs in one process; serving tensor parallel under torchrun "
                           "is not implemented: run python serve.py")
     device = llama31.check_device(device or llama31.default_device())
     for name, value, low in [("port", port, 0), ("max_batch_size", max_batch_size, 1),
@@ -1165,7 +1060,6 @@ def serve(ckpt_dir: Optional[str] = None, host: str = "127.0.0.1", port: int = 8
                                 group_size=group_size)
     name = model_name or Path(str(ckpt_dir).rstrip("/")).stem
     engine = Engine(llama, max_batch_size, max_queue)
-    server = Server(llama, engine, name, api_key, max_body_mb << 20)
     where = f"http://{host}:{listen.getsockname()[1]}/v1"
     print(f"serving {name} ({runs.describe(llama.model)}, loaded in {time.time() - t0:.1f}s) at "
           f"{where}: {max_batch_size} slots of {max_seq_len} positions, {max_queue} may wait",
@@ -1173,8 +1067,9 @@ def serve(ckpt_dir: Optional[str] = None, host: str = "127.0.0.1", port: int = 8
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"note: --host {host} lets other machines in, and no --api_key is set",
               file=sys.stderr)
+    app = make_app(Server(llama, engine, name, api_key, max_body_mb << 20))
     try:
-        config = uvicorn.Config(make_app(server), log_level="warning", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[listen])
     except KeyboardInterrupt:  # uvicorn stops gracefully on Ctrl-C, then raises it again
         print("stopped", file=sys.stderr)
@@ -1183,9 +1078,8 @@ def serve(ckpt_dir: Optional[str] = None, host: str = "127.0.0.1", port: int = 8
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, made here so a port in use is a one-line error."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    """The listening socket, made here so that a port in use is a one-line error."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -5,7 +5,6 @@ local-completions scoring as the model does in-process."""
 
 import asyncio
 import json
-import os
 import random
 import re
 import signal
