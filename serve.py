@@ -112,15 +112,19 @@ class TextStream:
         self.held += self.utf8.decode(self.token_bytes(token))
         found = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
         if found:
-            text, self.held = self.held[:min(found)], ""
+            text = self.held[:min(found)]
+            self.held = ""
             return text, True
         keep = max((k for s in self.stop for k in range(1, min(len(s), len(self.held) + 1))
                     if self.held.endswith(s[:k])), default=0)
-        text, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        cut = len(self.held) - keep
+        text = self.held[:cut]
+        self.held = self.held[cut:]
         return text, False
 
     def rest(self) -> str:
-        text, self.held = self.held + self.utf8.decode(b"", final=True), ""
+        text = self.held + self.utf8.decode(b"", final=True)
+        self.held = ""
         return text
 
 
@@ -363,6 +367,12 @@ CHAT_FIELDS = SAMPLING | {"messages", "max_completion_tokens", "top_logprobs", "
 COMPLETION_FIELDS = SAMPLING | {"prompt", "echo", "best_of", "suffix"}
 
 
+# what a request leaves out samples as Llama.generate does by default (Meta's defaults), not at
+# OpenAI's temperature 1, at which small models ramble
+TEMPERATURE = 0.6
+TOP_P = 0.9
+
+
 @dataclass
 class Sampling:
     """What a request asks of each of its choices."""
@@ -395,7 +405,8 @@ def sampling(body: dict, server: "Server", max_tokens: Optional[int], least: int
         raise ApiError("stop must be a string or a list of at most 4 non-empty strings", "stop")
     return Sampling(number(body, "n", 1, 1, len(server.engine.slots), integer=True),
                     number(body, "max_tokens", max_tokens, least, 2**31, integer=True),
-                    number(body, "temperature", 1.0, 0, 2), number(body, "top_p", 1.0, 0, 1),
+                    number(body, "temperature", TEMPERATURE, 0, 2),
+                    number(body, "top_p", TOP_P, 0, 1),
                     number(body, "seed", None, -2**63, 2**64 - 1, integer=True), stop,
                     boolean(body, "ignore_eos"), stream, boolean(options or {}, "include_usage"))
 
@@ -491,7 +502,8 @@ def dialog_of(messages) -> List[dict]:
 def tools_of(body: dict) -> tuple:
     """(the tools, what tool_choice makes of them: None, no tools in the prompt; "", the model may
     call; else the start of a call that the reply is made to begin with)."""
-    tools, choice = body.get("tools"), body.get("tool_choice")
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
     if tools is None:
         if choice not in (None, "none"):
             raise ApiError("tool_choice needs tools", "tool_choice")
@@ -600,10 +612,12 @@ async def events(queue: asyncio.Queue, n: int):
 class Reply:
     """A request's reply in OpenAI's shapes: gathered whole (response), or as server-sent events
     (stream: the subclass's chunks, the usage if asked, [DONE])."""
-    kind, prefix = "", ""  # the object's name, the id's start
+    kind = ""  # the object's name
+    prefix = ""  # the id's start
 
     def __init__(self, server: "Server", s: Sampling, count: int, prompt_tokens: int):
-        self.server, self.s = server, s
+        self.server = server
+        self.s = s
         self.choices = [Choice(i) for i in range(count)]
         self.prompt_tokens = prompt_tokens
         self.id = f"{self.prefix}-{secrets.token_hex(12)}"
@@ -649,11 +663,13 @@ class ChatReply(Reply):
     """A chat completion. With tools on, a reply that begins like a call ({, [ or <|python_tag|>,
     or forced by tool_choice) is held back and read at its end as ChatFormat reads replies: its
     calls become tool_calls, finish_reason "tool_calls" (streamed: delta.tool_calls fragments)."""
-    kind, prefix = "chat.completion", "chatcmpl"
+    kind = "chat.completion"
+    prefix = "chatcmpl"
 
     def __init__(self, server, s, prompt_tokens: int, forced: Optional[str], forced_tokens: int):
         super().__init__(server, s, s.n, prompt_tokens)
-        self.forced, self.forced_tokens = forced, forced_tokens
+        self.forced = forced
+        self.forced_tokens = forced_tokens
 
     def usage(self) -> dict:  # the forced start counts as the reply's
         out = super().usage()
@@ -665,7 +681,8 @@ class ChatReply(Reply):
         """(message, finish_reason) of a finished choice."""
         text = (self.forced or "") + c.text
         if self.forced is not None:
-            tok, chat_format = self.server.tokenizer, self.server.llama.chat_format
+            tok = self.server.tokenizer
+            chat_format = self.server.llama.chat_format
             ids = tok.encode(text, bos=False, eos=False, allowed_special="all")
             ids += [c.done.stop_token] if c.done.stop_token is not None else []
             calls = chat_format.decode_assistant(tok, ids)["tool_calls"]
@@ -733,11 +750,14 @@ class ChatReply(Reply):
 class TextReply(Reply):
     """A text completion: choice i * n + j is prompt i's j-th. With echo, the prompt's text first
     (with logprobs: its tokens' log-probs, the first null), as lm-eval's local-completions reads."""
-    kind, prefix = "text_completion", "cmpl"
+    kind = "text_completion"
+    prefix = "cmpl"
 
     def __init__(self, server, s, prompts: List[tuple], echo: bool, logprobs: bool):
         super().__init__(server, s, len(prompts) * s.n, sum(len(ids) for _, ids in prompts))
-        self.prompts, self.echo, self.logprobs = prompts, echo, logprobs
+        self.prompts = prompts
+        self.echo = echo
+        self.logprobs = logprobs
 
     def whole(self, c: Choice) -> dict:
         text, ids = self.prompts[c.index // self.s.n]
@@ -786,8 +806,12 @@ class Server:
 
     def __init__(self, llama, engine: Engine, name: str, api_key: Optional[str] = None,
                  max_body: int = 8 << 20):
-        self.llama, self.engine, self.tokenizer = llama, engine, llama.tokenizer
-        self.name, self.api_key, self.max_body = name, api_key, max_body
+        self.llama = llama
+        self.engine = engine
+        self.tokenizer = llama.tokenizer
+        self.name = name
+        self.api_key = api_key
+        self.max_body = max_body
         self.created = int(time.time())
 
     def jobs(self, prompt: List[int], s: Sampling, max_tokens: int, logprobs: Optional[int],

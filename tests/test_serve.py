@@ -193,7 +193,9 @@ def test_completion_prompts_as_text_ids_and_lists(tiny, reference):
 
 async def stream_chat(c: openai.AsyncOpenAI, ask: dict) -> tuple:
     """(text, [(token bytes, logprob, top-2 log-probs)], finish reason) of a streamed reply."""
-    text, tokens, reason = "", [], None
+    text = ""
+    tokens = []
+    reason = None
     async for ch in await c.chat.completions.create(**ask, stream=True, logprobs=True,
                                                     top_logprobs=2):
         if ch.choices:
@@ -282,8 +284,13 @@ class Scripted:
     (prefilled requests start the script over). Records every prompt it prefills."""
 
     def __init__(self, model):
-        self.model, self.args, self.norm = model, model.args, model.norm
-        self.script, self.prompts, self.at, self.slot = [0], [], {}, None
+        self.model = model
+        self.args = model.args  # what the engine reads of a model
+        self.norm = model.norm
+        self.script = [0]  # token ids
+        self.prompts = []
+        self.at = {}  # how far each cache row is into the script
+        self.slot = None  # the row being prefilled
 
     def setup_caches(self, *a):
         self.model.setup_caches(*a)
