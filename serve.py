@@ -1103,7 +1103,10 @@ def serve(ckpt_dir: Optional[str] = None, host: str = "127.0.0.1", port: int = 8
 
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, made here so that a port in use is a one-line error."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP, or asyncio leaves Nagle on for its connections: an event stream's small
+    # writes then wait for delayed ACKs, 40 ms each
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

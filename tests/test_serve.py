@@ -95,6 +95,18 @@ def test_models_and_health(tiny):
     assert health["status"] == "ok" and health["slots"] == 8
 
 
+def test_a_kept_alive_connection_is_not_held_up_by_delayed_acks(tiny):
+    # Nagle's algorithm on the server's sockets holds each second write for the client's delayed
+    # ACK, 40 ms: every request, and every chunk of a stream
+    with httpx.Client(base_url=tiny.url) as http:
+        times = []
+        for _ in range(21):
+            t0 = time.perf_counter()
+            http.get("/health")
+            times.append(time.perf_counter() - t0)
+    assert sorted(times)[10] < 0.025
+
+
 def test_streamed_chat_joins_to_the_non_streamed_reply(tiny):
     c = client(tiny)
     whole = c.chat.completions.create(**hi(max_tokens=12, temperature=0))
@@ -450,7 +462,7 @@ BAD_CHAT = {
     "functions": [[]], "foo": [1], "ignore_eos": ["no"],
 }
 BAD_COMPLETION = {
-    "prompt": [None, [], "", [-1], [10**9], [1.5], {"a": 1}, [[]], [[1], "a", 3], [True],
+    "prompt": [None, [], [-1], [10**9], [1.5], {"a": 1}, [[]], [[1], "a", 3], [True],
                [[1] * 300]],
     "echo": ["x", 1], "logprobs": [21, True, -1], "max_tokens": [-1, "x", 10**6],
     "suffix": ["x"], "best_of": [2], "messages": [[]], "top_logprobs": [1],
