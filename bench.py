@@ -899,24 +899,27 @@ def serve_rows(args, name, dev, sections, P):
         return []
     if dev.type != "cpu":
         return [("serve", name, "CPU only", "", "", "")]
-    path, n = runs.find_demo_gguf(), max(P.new_tokens, 64)
+    path = runs.find_demo_gguf()
+    n = max(P.new_tokens, 64)
     llama = Llama.build(path, max_seq_len=512, max_batch_size=1, device=dev, dtype="fp32",
                         quantize="none")
     ids = llama.tokenizer.encode(DEMO_PROMPT, bos=False, eos=False)
-    alone = median([decode_rate_of(Llama(llama.model, _Ids()), ids, n) for _ in range(P.repeats)])
-    del llama
-    gc.collect()
     ttft = {k: [] for k in SERVE_STREAMS}
-    with serving(path, max(SERVE_STREAMS), 512) as url:
-        cases = {k: (lambda k=k: serve_round(url, k, DEMO_PROMPT, n, ttft[k])) for k in SERVE_STREAMS}
+    with serving(path, max(SERVE_STREAMS), 512) as url:  # it idles while in-process runs
+        cases = {"in-process": lambda: decode_rate_of(Llama(llama.model, _Ids()), ids, n)}
+        cases.update({k: (lambda k=k: serve_round(url, k, DEMO_PROMPT, n, ttft[k]))
+                      for k in SERVE_STREAMS})
         r = interleaved(cases, P.repeats)
+    alone = median(r["in-process"])
     rows = []
     for k in SERVE_STREAMS:
         timed = ttft[k][k:]  # the warm-up round's left out
-        first = f"first token p50 {percentile(timed, 0.5) * 1000:.0f} ms, p99 {percentile(timed, 0.99) * 1000:.0f} ms"
+        first = (f"first token p50 {percentile(timed, 0.5) * 1000:.0f} ms, "
+                 f"p99 {percentile(timed, 0.99) * 1000:.0f} ms")
         if k == 1:
-            rows.append(("serve decode tok/s, 1 stream", "fp32", fmt(median(r[1])), "", "",
-                         f"{first}; in-process generate_stream {fmt(alone)} tok/s; demo GGUF, {n} tokens"))
+            rows.append(("serve decode tok/s, 1 stream (vs in-process)", "fp32", fmt(median(r[1])),
+                         fmt(alone), ratio(r, 1, "in-process"),
+                         f"{first}; in-process: generate_stream; demo GGUF, {n} tokens"))
         else:
             rows.append((f"serve decode tok/s, {k} streams (vs 1)", "fp32", fmt(median(r[k])), fmt(median(r[1])),
                          ratio(r, k, 1), first + ("; goal >= 6x; llama.cpp's server with 16 slots not "
