@@ -303,6 +303,7 @@ class Scripted:
         self.prompts = []
         self.at = {}  # how far each cache row is into the script
         self.slot = None  # the row being prefilled
+        self.fail = False  # the next call raises
 
     def setup_caches(self, *a):
         self.model.setup_caches(*a)
@@ -318,6 +319,9 @@ class Scripted:
         self.slot = None
 
     def forward_inference(self, tokens, start_pos=0, last=0):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("the model failed (scripted)")
         logits = self.model.forward_inference(tokens, start_pos, last)
         forced = torch.full_like(logits, -1e9)
         if self.slot is not None:
@@ -426,6 +430,16 @@ def test_a_plain_answer_with_tools_on_streams_as_content(scripted):
         stream=True))
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Sunny, I think."
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_failure_in_the_model_is_a_500_and_the_engine_goes_on(scripted, capsys):
+    scripted.script("Fine.<|eot_id|>")
+    scripted.scripted.fail = True
+    r = httpx.post(scripted.url + "/v1/chat/completions", json=hi())
+    assert r.status_code == 500 and "the model failed (scripted)" in r.json()["error"]["message"]
+    assert "Traceback" not in r.text and "Traceback" in capsys.readouterr().err  # in the log
+    assert client(scripted).chat.completions.create(**hi()).choices[0].message.content == "Fine."
+    assert httpx.get(scripted.url + "/health").json()["busy"] == 0
 
 
 # -----------------------------------------------------------------------------
