@@ -305,7 +305,6 @@ def prompt_logprobs(logits, prompt: List[int], k: int) -> list:
     return out
 
 
-
 # -----------------------------------------------------------------------------
 # requests: OpenAI's shapes, each field checked with an error that says what to fix
 
@@ -1073,8 +1072,9 @@ def serve(ckpt_dir: Optional[str] = None, host: str = "127.0.0.1", port: int = 8
                              ("max_body_mb", max_body_mb, 1)]:
         llama31.check_number(name, value, int, low)
     api_key = api_key or os.environ.get("LLAMA31_API_KEY")
-    if api_key is not None and not isinstance(api_key, str):
-        raise ConfigError(f"--api_key must be a string, got {api_key!r}")
+    if api_key is not None and not isinstance(api_key, str):  # fire reads 1234 as a number
+        raise ConfigError(f"--api_key {api_key!r} was read as a {type(api_key).__name__}; quote it "
+                          f"(--api_key '\"{api_key}\"') or set LLAMA31_API_KEY")
     listen = bind(host, port)
     if ckpt_dir is None:
         ckpt_dir, quantize = runs.demo_checkpoint(quantize)
