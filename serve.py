@@ -1073,7 +1073,7 @@ def serve(ckpt_dir: Optional[str] = None, host: str = "127.0.0.1", port: int = 8
         llama31.check_number(name, value, int, low)
     api_key = api_key or os.environ.get("LLAMA31_API_KEY")
     if api_key is not None and not isinstance(api_key, str):  # fire reads 1234 as a number
-        raise ConfigError(f"--api_key {api_key!r} was read as a {type(api_key).__name__}; quote it "
+        raise ConfigError(f"--api_key {api_key!r} was read as a number, not text; quote it "
                           f"(--api_key '\"{api_key}\"') or set LLAMA31_API_KEY")
     listen = bind(host, port)
     if ckpt_dir is None:
