@@ -43,10 +43,16 @@ per-round ratios with their range in brackets):
             a random Q4_0 file of the shape (Llama 3 vocabulary); products a token and the roof
   serve     serve.py (a process of its own, the demo GGUF as it serves it by default: fp32, 16
             slots, the same threads): aggregate decode tokens/s of 1, 4 and 16 concurrent streamed
-            completions of new_tokens (at least 64) tokens each, the streams' decode tokens (after
+            completions of 2 x new_tokens tokens each, the streams' decode tokens (after
             each one's first) over the time from the first first token to the last token; against
             one stream; time to the first token p50/p99 at each; in-process generate_stream for
-            reference (llama.cpp's server is not run: llama-cpp-python's has no parallel slots)
+            reference (llama.cpp's server with parallel slots is not run here)
+  speculative  CPU: the demo's decode tokens/s as `python llama31.py` runs it (fp32, its 4-bit
+            matrices dequantized) against its 4-bit matrices kept (fp32 with bf16 rows; bf16) and
+            against speculative decoding with its own 4-bit matrices as the draft (k = 2..6), on
+            the demo's chat questions, greedy: acceptance, tokens a verification, and whether each
+            answer is the default's text. Any device: the shape's cost of verifying k + 1 tokens in
+            one pass against one plain decode step (random weights: no acceptance to measure)
   --tp N    decode tokens/s of the shape sampled tensor parallel (tp.py) by N processes under
             torchrun against one, and each process's peak RSS growth over its RSS before loading
             (memory-mapped pages of the file included), from one Meta-layout file of the weights
@@ -73,15 +79,12 @@ from types import SimpleNamespace
 import torch
 
 import chat
-from variants import compiled
 import formats
 import llama31
-from variants import lora
-from variants import matvec
-from variants import quantize
 import runs
+from llama31 import Draft, Llama, ModelArgs, Transformer
+from variants import compiled, lora, matvec, quantize
 from variants import tp as tensor_parallel
-from llama31 import Llama, ModelArgs, Transformer
 from tokenizer import Tokenizer, find_tokenizer_model, gguf_vocab_fields
 
 # Llama 3.1 shapes; 90m keeps the real vocabulary, so its output layer is the largest matrix
@@ -98,7 +101,7 @@ SHAPES = {
 for _shape in SHAPES.values():
     _shape.update(use_scaled_rope=True, rope_theta=500000.0)  # Llama 3.1's RoPE
 SECTIONS = ("roof", "decode", "prefill", "finetune", "lora", "load", "chat", "quant", "llamacpp",
-            "serve")
+            "speculative", "serve")
 
 
 def sync(device):
@@ -900,7 +903,7 @@ def serve_rows(args, name, dev, sections, P):
     if dev.type != "cpu":
         return [("serve", name, "CPU only", "", "", "")]
     path = runs.find_demo_gguf()
-    n = max(P.new_tokens, 64)
+    n = 2 * P.new_tokens  # 64 by default
     llama = Llama.build(path, max_seq_len=512, max_batch_size=1, device=dev, dtype="fp32",
                         quantize="none")
     ids = llama.tokenizer.encode(DEMO_PROMPT, bos=False, eos=False)
@@ -995,9 +998,105 @@ def tp_rows(args, name, dev, processes, P):
     return rows
 
 
+
+def demo_answers(llama: Llama, prompts: list, n: int):
+    """(decode tok/s over every prompt's answer together, the answers' token ids), greedy."""
+    tokens, seconds, answers = 0, 0.0, []
+    for prompt in prompts:
+        times, out = [], []
+        for (t,) in llama.generate_stream([prompt], n, temperature=0):
+            times.append(time.perf_counter())
+            out.append(t)
+        tokens += len(times) - 1
+        seconds += times[-1] - times[0]
+        answers.append(out)
+    return tokens / seconds, answers
+
+
+def bench_speculative_demo(dev, P):
+    """The demo's chat questions answered greedily by each way of running it, round by round."""
+    path = runs.find_demo_gguf()
+    default = "dequantized fp32 (the default)"
+    configs = {default: dict(quantize="none", dtype="fp32"),
+               "int4 fp32 with bf16 rows (--quantize keep --dtype fp32)": dict(quantize="keep", dtype="fp32"),
+               "int4 bf16 (--quantize keep)": dict(quantize="keep", dtype="bf16")}
+    for k in (2, 3, 4, 6):
+        configs[f"dequantized fp32 + its own int4 draft, k={k}"] = dict(quantize="none", dtype="fp32",
+                                                                         draft=Draft(None, "keep", k))
+    models = {k: Llama.build(path, max_seq_len=512, max_batch_size=1, device=dev, **kw) for k, kw in configs.items()}
+    first = models[default]
+    prompts = [first.chat_format.encode_dialog(first.tokenizer, [{"role": "user", "content": q}])
+               for q in runs.DEMO_PROMPTS]
+    answers = {}
+
+    def case(name):
+        def run():
+            rate, answers[name] = demo_answers(models[name], prompts, P.new_tokens)
+            return rate
+        return run
+
+    r = interleaved({k: case(k) for k in models}, P.repeats)
+    return r, default, {k: (answers[k] == answers[default], models[k].speculator) for k in models}
+
+
+def verify_cost(args: ModelArgs, dtype, dev, P, k: int = 4):
+    """Seconds of one decode step and of verifying k + 1 tokens in one pass, at the prompt's end."""
+    model = build_ours(args, dtype, dev, P.seed)
+    model.setup_caches(1, args.max_seq_len)
+    g = torch.Generator().manual_seed(P.seed)
+    prompt = torch.randint(0, args.vocab_size, (1, P.prompt_len), generator=g).to(dev)
+    model.forward_inference(prompt, 0, last=1)
+    one, many = prompt[:, :1], prompt[:, :k + 1]
+
+    def timed(tokens):
+        def run():
+            sync(dev)
+            t0 = time.perf_counter()
+            model.forward_inference(tokens, P.prompt_len, last=tokens.shape[1])
+            sync(dev)
+            return time.perf_counter() - t0
+        return run
+    return interleaved({"step": timed(one), "verify": timed(many)}, P.repeats)
+
+
+def speculative_rows(args, name, dev, sections, P):
+    """Speculative decoding against plain decoding (the section runs once, with the first of
+    --dtypes for the shape's row)."""
+    if name != P.dtypes[0]:
+        return []
+    rows = []
+    if dev.type == "cpu":
+        r, default, about = bench_speculative_demo(dev, P)
+        for config, (same, speculator) in about.items():
+            note = "same greedy answers as the default" if same else "other greedy answers than the default"
+            if speculator is not None:
+                note += speculator.summary().replace("; speculative", ";")
+            if config != default:
+                note += "; goal for the demo's own draft: 2x"
+            dtype = "bf16" if config.startswith("int4 bf16") else "fp32"
+            rows.append((f"demo decode tok/s, {config} (vs the default)", dtype,
+                         fmt(median(r[config])), fmt(median(r[default])), ratio(r, config, default), note))
+    k = 4
+    r = verify_cost(args, runs.DTYPES[name], dev, P, k)
+    step, verify = median(r["step"]), median(r["verify"])
+    rows.append((f"{P.shape_name} verify {k + 1} tokens / one decode step", name, f"{verify * 1e3:.1f} ms",
+                 f"{step * 1e3:.1f} ms", f"{verify / step:.2f}x",
+                 f"random weights; a draft accepted at rate a keeps (1 - a^{k + 1}) / (1 - a) tokens a verification"))
+    if P.shape_name == "8b":  # Llama 3.2 1B's shape drafts for 3.1 8B (the same vocabulary)
+        small = ModelArgs(**{**SHAPES["1b"], "max_seq_len": args.max_seq_len, "max_batch_size": 1})
+        draft = median(verify_cost(small, runs.DTYPES[name], dev, P, k)["step"])
+        a = 0.7
+        kept = (1 - a ** (k + 1)) / (1 - a)
+        rows.append(("1b-shape draft step / 8b decode step", name, f"{draft * 1e3:.1f} ms", f"{step * 1e3:.1f} ms",
+                     f"{draft / step:.2f}x", f"at acceptance {a:.0%}, k={k}: {kept:.2f} tokens in "
+                     f"{(verify + k * draft) * 1e3:.1f} ms = {kept / (verify + k * draft) / (1 / step):.2f}x plain "
+                     f"decoding (a projection from these timings)"))
+    return rows
+
+
 SECTION_ROWS = {"roof": roof_rows, "decode": decode_rows, "prefill": prefill_rows, "finetune": finetune_rows,
                 "lora": lora_rows, "load": load_rows, "chat": chat_rows, "quant": quant_rows,
-                "llamacpp": llamacpp_rows, "serve": serve_rows}
+                "llamacpp": llamacpp_rows, "speculative": speculative_rows, "serve": serve_rows}
 
 
 # -----------------------------------------------------------------------------
@@ -1054,11 +1153,12 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
          train_repeats: int = 5, sections=None, compile: bool = True, threads: int = 0,
          seed: int = 0, markdown: str = "", layers: int = 0, tp: int = 0):
     """Print the benchmark table. dtypes and sections are comma-separated lists (sections: roof,
-    decode, prefill, finetune, lora, load, chat, quant, llamacpp, serve; default all, none with
-    --tp). layers: keep only the shape's first N blocks (0: all), for a width whose whole depth
-    does not fit the machine. tp N: decode tok/s and each process's peak RSS of the shape sampled tensor parallel
-    on N processes (torchrun) against one. compile: also time llama31 under torch.compile (decode
-    step, finetune step); --nocompile skips those rows and their compile time.
+    decode, prefill, finetune, lora, load, chat, quant, llamacpp, speculative, serve; default
+    all, none with --tp). layers: keep only the shape's first N blocks (0: all), for a width whose
+    whole depth does not fit the machine. tp N: decode tok/s and each process's peak RSS of the
+    shape sampled tensor parallel on N processes (torchrun) against one. compile: also time
+    llama31 under torch.compile (decode step, finetune step); --nocompile skips those rows and
+    their compile time.
     threads sets torch's CPU threads (0: torch's default). markdown: also append the table, in
     Markdown under a line naming the shape and machine, to this file (scripts/gpu_check.sh)."""
     import transformers

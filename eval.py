@@ -1,6 +1,8 @@
 """
 Perplexity of a model on a text file or on .bin token shards: python eval.py [--ckpt_dir X]
 [--data FILE] [--quantize ...] [--T 512]. The last line printed is `perplexity P over N tokens`.
+With --tasks, lm-evaluation-harness tasks instead: python eval.py --tasks hellaswag,arc_easy
+[--num_fewshot N] [--limit N] [--batch_size B] [--output_path DIR] ... (harness.py).
 """
 
 import glob
@@ -71,5 +73,21 @@ def evaluate(ckpt_dir: Optional[str] = None, data: Optional[str] = None, T: int 
     return ppl
 
 
+def lm_eval_tasks():
+    """harness.main, for --tasks; lm-eval (optional) is imported only then."""
+    try:
+        import harness
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("lm_eval"):
+            raise
+        print("error: --tasks runs EleutherAI's lm-evaluation-harness, which is not installed: "
+              "pip install lm-eval==0.4.13", file=sys.stderr)
+        sys.exit(2)
+    return harness.main
+
+
 if __name__ == "__main__":
-    runs.cli(evaluate, sys.argv[1:], "eval.py")
+    if any(a.split("=")[0] == "--tasks" for a in sys.argv[1:]):
+        runs.cli(lm_eval_tasks(), sys.argv[1:], "eval.py")
+    else:
+        runs.cli(evaluate, sys.argv[1:], "eval.py")

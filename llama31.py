@@ -1,6 +1,6 @@
 """
-Llama 3.1 in one file of PyTorch: the model, loading Meta's checkpoints, sampling, the token-shard
-data loader, and finetuning in one process or many (torchrun, DDP).
+Llama 3.1 in one file of PyTorch: the model, loading Meta's checkpoints, sampling, and
+finetuning in one process or many (torchrun, DDP).
 
     python llama31.py                               # the demo model (SmolLM2 GGUF), no weights
     python llama31.py --ckpt_dir Meta-Llama-3.1-8B  # sample from an official checkpoint
@@ -541,7 +541,7 @@ def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None,
         resolve_dtype(dtype, device)  # a bad --dtype is said before the slow part
     args, ckpt = read_checkpoint(path, tokenizer_path=tokenizer_path, tokenizer=tokenizer,
                                  **overrides)
-    chosen = variants.for_loading(device, quantize, group_size, adapters, extra)
+    chosen = variants.for_loading(device, quantize, group_size, ckpt, adapters, extra)
     wanted = [d for d in (v.plan(args, ckpt, device) for v in chosen) if d]
     dtype = resolve_dtype(dtype or (wanted[0] if wanted else None), device)
     load = partial(assemble, args, ckpt, ckpt.where, ckpt.source, device, dtype, chosen)
@@ -691,8 +691,12 @@ class Llama:
             own = draft.ckpt_dir is None
             draft_dir = ckpt_dir if own else draft.ckpt_dir
             check_draft(ckpt_dir, draft_dir, tokenizer_path)
-            drafter = Llama.build(draft_dir, tokenizer_path if own else None, max_seq_len, 1,
-                                  device, None, rope_scale_factor, quantize=draft.quantize)
+            # the model's activations' dtype (fp32 on a CPU: its int products take bf16 rows),
+            # compiled with it
+            dev = check_device(device or default_device())
+            drafter = Llama.build(draft_dir, tokenizer_path if own else None, max_seq_len, 1, dev,
+                                  resolve_dtype(dtype, dev), rope_scale_factor, compile,
+                                  draft.quantize)
         chosen = variants.for_sampling(parallel, fuse, compile, drafter, draft and draft.k)
         llama = load_checkpoint(ckpt_dir, tokenizer_path, device, dtype, quantize, group_size,
                                 chosen, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
@@ -900,6 +904,9 @@ class TrainConfig:
     tokenizer_path: Optional[str] = None
     sample_prompts: object = None  # greedy samples after training ([]: none)
     sample_len: int = 32
+    eval_tasks: object = ""  # lm-eval tasks scored after training, into metrics.jsonl ("a,b")
+    eval_limit: Optional[int] = None  # of each task's documents (None: all)
+    eval_include_path: Optional[str] = None  # a folder of your own task YAMLs
 
 
 # what a checkpoint keeps of its run's settings, and a resumed run goes on with
@@ -909,7 +916,8 @@ SAVED = ("train_data", "val_data", "finetune_type", "B", "T", "total_batch_size"
          "train_on_input")
 MINIMUM = dict(B=1, T=1, total_batch_size=1, max_steps=1, learning_rate=0, min_lr_ratio=0,
                warmup_steps=0, weight_decay=0, grad_clip=0, lora_rank=1, lora_alpha=0,
-               lora_dropout=0, stop_after=1, val_every=0, val_steps=1, save_every=0, log_every=1)
+               lora_dropout=0, stop_after=1, val_every=0, val_steps=1, save_every=0, log_every=1,
+               eval_limit=1)
 FINETUNE_TYPES = ("all", "rmsnorm", "no_embeddings", "lora")
 
 
@@ -1079,6 +1087,8 @@ def finetune(ckpt_dir: Optional[str] = None, resume=None, out_dir: Optional[str]
                                  rope_freqs)
     if val_loader is not None and step == cfg.max_steps:
         validate()
+    for v in run.variants:
+        v.trained(run, llama, step)
     runs.plot_losses(run)
     if cfg.sample_prompts != []:
         sample_after_training(run, llama, optimizer, dtype)

@@ -429,6 +429,8 @@ def log_step(run: Run, step: int, **metrics):
     m = {k: v for k, v in metrics.items() if v is not None}
     if "val_loss" in m:
         print(f"step {step:5d} | val loss {m['val_loss']:.4f}")
+    elif "loss" not in m:  # scores of the trained model (finetune --eval_tasks)
+        print(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in m.items()))
     else:
         mfu = f" | mfu {m['mfu']:.1f}%" if "mfu" in m else ""
         print(f"step {step:5d}/{run.cfg.max_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | norm {m['norm']:.3f} | "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU lane in one command: the CUDA tests (tests/test_cuda.py and tests/test_devices.py's CUDA
-# cases), then bench.py's GPU rows (8B-shape bf16 decode against the measured roof, prefill; 1B-shape
-# finetune tokens/s and MFU), into one markdown report.
+# cases), then bench.py's GPU rows (8B-shape bf16 decode against the measured roof, prefill; the cost
+# of verifying 5 tokens and a 1B-shape draft's step, for speculative decoding; 1B-shape finetune
+# tokens/s and MFU), into one markdown report.
 #
 #   bash scripts/gpu_wheels.sh             # first, here: wheels of what the GPU image lacks, in .whl/
 #   bash scripts/gpu_check.sh              # on a CUDA machine (meant to fit 8 minutes on one H100/H200)
@@ -50,6 +51,8 @@ failed=0
 echo >> "$report"
 echo "## bench.py" >> "$report"
 "$py" bench.py --device "$device" --shape "$decode_shape" --dtypes bf16 --sections roof,decode,prefill \
+    "${timing[@]}" --markdown "$report" || failed=1
+"$py" bench.py --device "$device" --shape "$decode_shape" --dtypes bf16 --sections speculative \
     "${timing[@]}" --markdown "$report" || failed=1
 "$py" bench.py --device "$device" --shape "$train_shape" --dtypes bf16 --sections finetune \
     "${timing[@]}" "${train[@]}" --markdown "$report" || failed=1

@@ -283,12 +283,36 @@ def test_a_quantized_model_equals_a_dense_model_of_its_dequantized_weights(tiny_
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
 
 
-def test_int4_with_fp32_activations_on_cpu_says_it_is_slow(tiny_ckpt, capsys):
-    load_checkpoint(tiny_ckpt, max_seq_len=64, device="cpu", dtype="fp32", quantize="int4")
-    assert "int4 matrices with fp32 activations run ~30x slower" in capsys.readouterr().err
-    load_checkpoint(tiny_ckpt, max_seq_len=64, device="cpu", quantize="int4")  # bf16: the fast path, no note
-    load_checkpoint(tiny_ckpt, max_seq_len=64, device="cpu", dtype="fp32", quantize="int8")
-    assert "slower" not in capsys.readouterr().err
+def test_int_products_in_an_fp32_model_on_cpu_say_their_decoding_rows_are_bf16(tiny_ckpt, capsys):
+    for mode in ("int4", "int8"):
+        load_checkpoint(tiny_ckpt, max_seq_len=64, device="cpu", dtype="fp32", quantize=mode)
+        assert "products take their decoding rows in bf16" in capsys.readouterr().err
+    load_checkpoint(tiny_ckpt, max_seq_len=64, device="cpu", quantize="int4")  # bf16 throughout: no note
+    assert "bf16" not in capsys.readouterr().err
+
+
+def test_an_fp32_models_decoding_rows_go_through_the_kernels_in_bf16(tiny_ckpt):
+    # a few rows without a gradient: rounded to bf16 for aten's kernel, the product back in fp32,
+    # equal to the dense product of the rounded rows; with a gradient (training) or many rows
+    # (a prompt) the rows stay fp32
+    v = quantize.Int4Values(torch.randint(0, 16, (64, 96), dtype=torch.uint8), torch.rand(64, 3) + 0.5,
+                            torch.randn(64, 3))
+    int4 = Int4Linear(96, 64, 32, torch.float32, layout="cpu")
+    int4.load_state_dict(Int4Linear.buffers_for(v, 32, "cpu", "cpu", torch.float32), assign=True)
+    int8 = Int8Linear(96, 64, torch.float32)
+    int8.load_state_dict(Int8Linear.buffers_for(torch.randn(64, 96), "cpu", torch.float32), assign=True)
+    for module in (int4, int8):
+        w = module.dequantize()
+        x = torch.randn(2, 96)
+        with torch.no_grad():
+            out = module(x)
+        rounded = x.bfloat16().float() @ w.T  # bf16 rows, scales and product: within bf16's 8 bits
+        assert out.dtype == torch.float32 and not torch.equal(out, x @ w.T)
+        assert (out - rounded).abs().max() <= 1e-2 * rounded.abs().max()
+        assert close(module(x), x @ w.T, torch.float32)  # grad enabled: fp32 rows
+        many = torch.randn(quantize.FEW_ROWS, 96)
+        with torch.no_grad():
+            assert close(module(many), many @ w.T, torch.float32)
 
 
 def test_a_quantized_model_defaults_to_bf16_activations_on_cpu(tiny_ckpt):

@@ -18,9 +18,12 @@ A variant file imports neither llama31.py nor another variant: it takes modules 
 and configurations by duck typing (args.n_heads, model.layers, ...).
 """
 
+import importlib.util
 from typing import Callable, Optional
 
 import dialogs
+import runs
+from errors import ConfigError
 
 
 class Variant:
@@ -123,6 +126,9 @@ class Variant:
         puts it back (lora's adapters), or None."""
         return None
 
+    def trained(self, run, llama, step: int):
+        """After the last step, on every process: score the trained model (finetune --eval_tasks)."""
+
 
 # the variants themselves: each subclasses Variant, so they are imported once it is defined
 from variants import compiled, fsdp, fused, lora, matvec, quantize, speculative, tp  # noqa: E402
@@ -141,13 +147,48 @@ class Conversations(Variant):
                                chat_format, cfg.train_on_input, run.log)
 
 
-def for_loading(device, mode: Optional[str], group_size: int, adapters=None, extra=()) -> list:
+class EvalTasks(Variant):
+    """finetune --eval_tasks: lm-evaluation-harness's tasks scored on the trained model (harness.py,
+    as eval.py --tasks does), the scores a line of metrics.jsonl."""
+
+    def __init__(self, tasks: str, limit: Optional[int], include_path: Optional[str]):
+        self.tasks = tasks
+        self.limit = limit
+        self.include_path = include_path
+
+    @classmethod
+    def of(cls, cfg: dict) -> Optional["EvalTasks"]:
+        if not cfg["eval_tasks"]:
+            return None
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("--eval_tasks runs EleutherAI's lm-evaluation-harness, which is not installed: "
+                              "pip install lm-eval==0.4.13")
+        if cfg["fsdp"]:
+            raise ConfigError("--eval_tasks scores whole models, and --fsdp shards them; drop one, and run "
+                              "python eval.py --tasks on the saved checkpoint")
+        tasks = cfg["eval_tasks"]
+        return cls(",".join(tasks) if isinstance(tasks, (list, tuple)) else str(tasks), cfg["eval_limit"],
+                   cfg["eval_include_path"])
+
+    def trained(self, run, llama, step: int):
+        import harness  # lm-eval is imported only when asked for
+
+        llama.model.eval()  # dropout (LoRA's) off
+        results = harness.evaluate(llama, self.tasks, limit=self.limit, include_path=self.include_path,
+                                   batch_size=run.cfg.B)
+        llama.model.train()
+        if results is not None:  # rank 0
+            runs.log_step(run, step, **harness.scores(results))
+
+
+def for_loading(device, mode: Optional[str], group_size: int, ckpt, adapters=None, extra=()) -> list:
     """A load's variants: the CPU's one-row products, the caller's own (extra), quantization in
-    `mode` (int8, int4; None and "keep": a GGUF's own 4- and 8-bit tensors; "none": none), a LoRA
-    checkpoint's adapters (adapters_of)."""
+    `mode` (int8, int4; None and "keep": a GGUF's own 4- and 8-bit tensors, where ckpt, the
+    formats.Checkpoint, has some), a LoRA checkpoint's adapters (adapters_of)."""
     chosen = [matvec.OneRow()] if device.type == "cpu" else []
     chosen += list(extra)
-    if mode != "none":
+    kept = any(t in quantize.GGUF_KEEP for t in (getattr(ckpt, "tensor_types", None) or {}).values())
+    if mode in quantize.MODES or (mode != "none" and kept):
         chosen.append(quantize.Quantize(mode, group_size))
     return chosen + ([adapters] if adapters else [])
 
@@ -162,9 +203,10 @@ def for_sampling(parallel: bool, fuse: bool, compile: bool, draft=None, k: int =
 
 def for_finetune(cfg: dict, source, world_size: int, device, select: Callable) -> list:
     """A finetune run's variants from its settings (TrainConfig's, as a dict), each checked (a
-    ConfigError): conversations as data, LoRA adapters, FSDP. select(model, finetune_type) marks
+    ConfigError): conversations as data, LoRA adapters, FSDP, lm-eval's tasks after training.
+    select(model, finetune_type) marks
     what trains (FSDP wants it settled before it shards)."""
     talk = cfg["train_data"] is not None and dialogs.is_dialogs(cfg["train_data"])
     chosen = [Conversations() if talk else None, lora.Train.of(cfg, source),
-              fsdp.Sharded.of(cfg, world_size, device, select)]
+              fsdp.Sharded.of(cfg, world_size, device, select), EvalTasks.of(cfg)]
     return [v for v in chosen if v is not None]

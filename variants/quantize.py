@@ -92,11 +92,34 @@ def check_mode(mode: Optional[str], group_size: int) -> Optional[str]:
 def int8_matmul(x, q, scales, kernel: bool):
     """x @ (q * scales[:, None]).T: aten's CPU kernel, or the int8 matrix cast to x's dtype with the
     rows scaled after (the form torch.compile fuses into one pass on CUDA)."""
-    scales = scales if scales.dtype == x.dtype else scales.to(x.dtype)
     if kernel:
-        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), q, scales)
-        return out.reshape(*x.shape[:-1], q.shape[0])
-    return F.linear(x, q.to(x.dtype)) * scales
+        rows = kernel_rows(x.reshape(-1, x.shape[-1]))
+        out = torch.ops.aten._weight_int8pack_mm(rows, q, cast(scales, rows.dtype))
+        return out.reshape(*x.shape[:-1], q.shape[0]).to(x.dtype)
+    return F.linear(x, q.to(x.dtype)) * cast(scales, x.dtype)
+
+
+def kernel_rows(x):
+    """x's rows as aten's CPU int kernels take them. Made for bf16 (fp32 ones run ~10x slower), so
+    an fp32 model's few rows of a decode step go in bf16 and their product comes back in fp32: its
+    norms, attention and residual stream stay fp32. Only where no gradient flows (inference): a
+    training step, or QLoRA's, keeps its rows as they are."""
+    rows = x.contiguous()  # the kernels want rows in a row (a fused w13's half is not)
+    if rows.dtype == torch.bfloat16 or torch.is_grad_enabled():
+        return rows
+    return rows.to(torch.bfloat16)
+
+
+def cast(t: torch.Tensor, dtype) -> torch.Tensor:
+    """t in dtype; a parameter's copy kept on the tensor (redone when t changes), since a decode
+    step would otherwise convert every matrix's scales on every product."""
+    if t.dtype == dtype or torch.compiler.is_compiling():
+        return t.to(dtype)
+    kept = getattr(t, "_cast", None)
+    if kept is None or kept[0] != (dtype, t._version):
+        kept = ((dtype, t._version), t.to(dtype))
+        t._cast = kept
+    return kept[1]
 
 
 # aten's CPU int kernels are made for a few rows of bf16 activations: with fp32 ones their time
@@ -207,15 +230,17 @@ class Int4Linear(nn.Module):
         return {"weight": packed.to(device), "scales_and_zeros": sz.to(device, dtype)}
 
     def forward(self, x):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels want rows in a row (a fused w13's half is not)
-        sz = self.scales_and_zeros if self.scales_and_zeros.dtype == x.dtype else self.scales_and_zeros.to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
         if self.layout == "cpu" and kernel_fits(x2):
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz)
+            rows = kernel_rows(x2)
+            sz = cast(self.scales_and_zeros, rows.dtype)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size, sz)
         elif self.layout == "cuda":
-            out = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, sz)
+            sz = cast(self.scales_and_zeros, x.dtype)
+            out = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.weight, self.group_size, sz)
         else:
             out = by_blocks(x2, self)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantize(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
         """Rows lo..hi of the matrix in fp32 (all of it by default). CUDA's tiles are not undone
@@ -490,10 +515,11 @@ class Quantize(Variant):
 
     def swap(self, model: nn.Module, ckpt, device, dtype):
         plan = self.planned(len(model.layers), ckpt)
-        if dtype == torch.float32 and torch.device(device).type == "cpu" and any(s[0] == "int4" for s in plan.values()):
-            # aten's int4 CPU kernel is ~30x slower on an fp32 row than on a bf16 one (torch 2.13)
-            print("note: int4 matrices with fp32 activations run ~30x slower on a CPU than with bf16 ones; --dtype "
-                  "bf16 is the fast path, --quantize none the exact one", file=sys.stderr)
+        if dtype == torch.float32 and torch.device(device).type == "cpu" and plan:
+            # aten's CPU int kernels are ~10-30x slower on fp32 rows than on bf16 ones (kernel_rows)
+            print("note: in an fp32 model on a CPU the int8/int4 products take their decoding rows in bf16 "
+                  "(the kernels' fast path; a prompt's many rows stay fp32); --quantize none is exact fp32",
+                  file=sys.stderr)
         swap_modules(model, plan, device, dtype)
 
     def convert(self, model: nn.Module, key: str, value, device, dtype) -> Optional[Dict[str, torch.Tensor]]:

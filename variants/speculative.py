@@ -71,6 +71,7 @@ class Speculative(Variant):
         self.draft = draft
         self.k = k
         self.cached: List[int] = []  # the tokens whose keys the draft's cache holds, from position 0
+        self.caches = None  # the draft decoder's caches, installed once
         self.stats = {"proposed": 0, "accepted": 0, "verifications": 0}
 
     def sampling(self, llama):
@@ -85,18 +86,21 @@ class Speculative(Variant):
         return f"; speculative (k={self.k}): {rate:.0%} of proposals accepted, {per:.2f} tokens a verification"
 
     def propose(self, seq: List[int], k: int, temperature: float, top_p: float, generator):
-        """k tokens drafted after seq, each with the draft's distribution (temperature 0: none)."""
-        model = self.draft.model
-        if model.layers[0].attention.cache is None:
-            model.setup_caches(1, model.args.max_seq_len)
+        """k tokens drafted after seq, each with the draft's distribution (temperature 0: none).
+        The draft runs through its decoder (compiled, with --compile), its caches installed at
+        first use and kept."""
+        draft = self.draft
+        if self.caches is None:
+            self.caches = draft.decoder.caches(1, draft.model.args.max_seq_len)
+            self.caches.__enter__()  # never left: the draft's cache outlives each generation
             self.cached = []
         done = next((i for i, (a, b) in enumerate(zip(self.cached, seq)) if a != b), min(len(self.cached), len(seq)))
         done = min(done, len(seq) - 1)  # the last token is fed again, for the logits after it
         feed = seq[done:]
         proposals, drafted = [], []
         for _ in range(k):
-            tokens = torch.tensor([feed], device=model.norm.weight.device)
-            logits = model.forward_inference(tokens, done, last=1)[0, -1]
+            tokens = torch.tensor([feed], device=draft.model.norm.weight.device)
+            logits = draft.decoder.logits(tokens, done)[0]
             if temperature == 0:
                 x = int(logits.argmax())
             else:
