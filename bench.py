@@ -41,6 +41,12 @@ per-round ratios with their range in brackets):
   llamacpp  CPU decode tokens/s against llama.cpp (llama-cpp-python, when installed) on the same
             GGUF file and threads: the demo as run by default (fp32), kept int4 (bf16) and compiled;
             a random Q4_0 file of the shape (Llama 3 vocabulary); products a token and the roof
+  serve     serve.py (a process of its own, the demo GGUF as it serves it by default: fp32, 16
+            slots, the same threads): aggregate decode tokens/s of 1, 4 and 16 concurrent streamed
+            completions of 2 x new_tokens tokens each, the streams' decode tokens (after
+            each one's first) over the time from the first first token to the last token; against
+            one stream; time to the first token p50/p99 at each; in-process generate_stream for
+            reference (llama.cpp's server with parallel slots is not run here)
   speculative  CPU: the demo's decode tokens/s as `python llama31.py` runs it (fp32, its 4-bit
             matrices dequantized) against its 4-bit matrices kept (fp32 with bf16 rows; bf16) and
             against speculative decoding with its own 4-bit matrices as the draft (k = 2..6), on
@@ -63,6 +69,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from contextlib import contextmanager, nullcontext
@@ -93,7 +100,8 @@ SHAPES = {
 }
 for _shape in SHAPES.values():
     _shape.update(use_scaled_rope=True, rope_theta=500000.0)  # Llama 3.1's RoPE
-SECTIONS = ("roof", "decode", "prefill", "finetune", "lora", "load", "chat", "quant", "llamacpp", "speculative")
+SECTIONS = ("roof", "decode", "prefill", "finetune", "lora", "load", "chat", "quant", "llamacpp",
+            "speculative", "serve")
 
 
 def sync(device):
@@ -829,6 +837,99 @@ def chat_rows(args, name, dev, sections, P):
              f"demo model, goal <= 1.5x")]
 
 
+SERVE_STREAMS = (1, 4, 16)
+
+
+@contextmanager
+def serving(path, slots: int, max_seq_len: int):
+    """python serve.py on a free port of 127.0.0.1 with this process's thread count; its URL."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.Popen([sys.executable, "serve.py", "--ckpt_dir", str(path), "--port", "0",
+                             "--max_batch_size", str(slots), "--max_seq_len", str(max_seq_len),
+                             "--device", "cpu", "--dtype", "fp32", "--quantize", "none"],
+                            cwd=Path(__file__).resolve().parent, env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stderr:
+            if " at http://" in line:
+                break
+        else:
+            raise RuntimeError("serve.py did not start")
+        yield line.split(" at ")[1].split("/v1")[0]
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def serve_round(url: str, streams: int, prompt: str, n: int, ttft: list) -> float:
+    """streams streamed completions of n tokens each sent at once; the aggregate decode tok/s (each
+    stream's n - 1 tokens after its first, from the first first token to the last token); each
+    one's time to its first token appended to ttft."""
+    import httpx
+
+    go = threading.Barrier(streams)
+    times = [None] * streams
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
+
+    def one(i):
+        with httpx.Client(timeout=600) as http:
+            go.wait()
+            sent = time.perf_counter()
+            first = None
+            with http.stream("POST", url + "/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        first = first or time.perf_counter()  # no echo: the first token's chunk
+            times[i] = (sent, first, time.perf_counter())  # the finish chunk comes with the last
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ttft.extend(first - sent for sent, first, _ in times)
+    return streams * (n - 1) / (max(t[2] for t in times) - min(t[1] for t in times))
+
+
+def percentile(xs, q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+
+
+def serve_rows(args, name, dev, sections, P):
+    """serve.py's continuous batching on the demo GGUF: aggregate decode tok/s at 1, 4 and 16
+    concurrent streams, rounds interleaved; time to first token p50/p99 at each."""
+    if name != P.dtypes[0]:
+        return []
+    if dev.type != "cpu":
+        return [("serve", name, "CPU only", "", "", "")]
+    path = runs.find_demo_gguf()
+    n = 2 * P.new_tokens  # 64 by default
+    llama = Llama.build(path, max_seq_len=512, max_batch_size=1, device=dev, dtype="fp32",
+                        quantize="none")
+    ids = llama.tokenizer.encode(DEMO_PROMPT, bos=False, eos=False)
+    ttft = {k: [] for k in SERVE_STREAMS}
+    with serving(path, max(SERVE_STREAMS), 512) as url:  # it idles while in-process runs
+        cases = {"in-process": lambda: decode_rate_of(Llama(llama.model, _Ids()), ids, n)}
+        cases.update({k: (lambda k=k: serve_round(url, k, DEMO_PROMPT, n, ttft[k]))
+                      for k in SERVE_STREAMS})
+        r = interleaved(cases, P.repeats)
+    alone = median(r["in-process"])
+    rows = []
+    for k in SERVE_STREAMS:
+        timed = ttft[k][k:]  # the warm-up round's left out
+        first = (f"first token p50 {percentile(timed, 0.5) * 1000:.0f} ms, "
+                 f"p99 {percentile(timed, 0.99) * 1000:.0f} ms")
+        if k == 1:
+            rows.append(("serve decode tok/s, 1 stream (vs in-process)", "fp32", fmt(median(r[1])),
+                         fmt(alone), ratio(r, 1, "in-process"),
+                         f"{first}; in-process: generate_stream; demo GGUF, {n} tokens"))
+        else:
+            rows.append((f"serve decode tok/s, {k} streams (vs 1)", "fp32", fmt(median(r[k])), fmt(median(r[1])),
+                         ratio(r, k, 1), first + ("; goal >= 6x; llama.cpp's server with 16 slots not "
+                                                  "measured (not installed)" if k == 16 else "")))
+    return rows
+
+
 def prefill_rows(args, name, dev, sections, P):
     return [] if "decode" in sections else decode_rows(args, name, dev, sections, P)  # done with decode
 
@@ -999,7 +1100,7 @@ def speculative_rows(args, name, dev, sections, P):
 
 SECTION_ROWS = {"roof": roof_rows, "decode": decode_rows, "prefill": prefill_rows, "finetune": finetune_rows,
                 "lora": lora_rows, "load": load_rows, "chat": chat_rows, "quant": quant_rows,
-                "llamacpp": llamacpp_rows, "speculative": speculative_rows}
+                "llamacpp": llamacpp_rows, "speculative": speculative_rows, "serve": serve_rows}
 
 
 # -----------------------------------------------------------------------------
@@ -1056,12 +1157,12 @@ def main(shape: str = "90m", dtypes="fp32,bf16", device: str = "cpu", prompt_len
          train_repeats: int = 5, sections=None, compile: bool = True, threads: int = 0,
          seed: int = 0, markdown: str = "", layers: int = 0, tp: int = 0):
     """Print the benchmark table. dtypes and sections are comma-separated lists (sections: roof,
-    decode, prefill, finetune, lora, load, chat, quant, llamacpp, speculative; default all, none
-    with --tp). layers: keep
-    only the shape's first N blocks (0: all), for a width whose whole depth does not fit the
-    machine. tp N: decode tok/s and each process's peak RSS of the shape sampled tensor parallel
-    on N processes (torchrun) against one. compile: also time llama31 under torch.compile (decode
-    step, finetune step); --nocompile skips those rows and their compile time.
+    decode, prefill, finetune, lora, load, chat, quant, llamacpp, speculative, serve; default
+    all, none with --tp). layers: keep only the shape's first N blocks (0: all), for a width whose
+    whole depth does not fit the machine. tp N: decode tok/s and each process's peak RSS of the
+    shape sampled tensor parallel on N processes (torchrun) against one. compile: also time
+    llama31 under torch.compile (decode step, finetune step); --nocompile skips those rows and
+    their compile time.
     threads sets torch's CPU threads (0: torch's default). markdown: also append the table, in
     Markdown under a line naming the shape and machine, to this file (scripts/gpu_check.sh)."""
     import transformers
