@@ -58,6 +58,7 @@ per-round ratios with their range in brackets):
             (memory-mapped pages of the file included), from one Meta-layout file of the weights
 """
 
+import dataclasses
 import gc
 import importlib.metadata
 import importlib.util
@@ -939,7 +940,7 @@ def tp_worker(ckpt_dir: str, dtype: str, device: str, prompt_len: int, new_token
     decoding; rank 0 prints, as JSON, every process's RSS before loading and peak after, and the rates."""
     dev, parallel = runs.start(device)
     if parallel:
-        tensor_parallel.agree(None)
+        runs.agree(None)
     before = baseline_rss_kb()
     llama = llama31.load_checkpoint(ckpt_dir, None, dev, dtype, extra=[tensor_parallel.TensorParallel()] if parallel
                                     else [], tokenizer=False, max_seq_len=prompt_len + new_tokens, max_batch_size=1)
@@ -956,7 +957,7 @@ def tp_worker(ckpt_dir: str, dtype: str, device: str, prompt_len: int, new_token
         ranks = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(ranks, mine)
     print(json.dumps({"ranks": ranks, "rates": rates}))
-    tensor_parallel.finish()
+    runs.finish()
 
 
 def bench_tp(args: ModelArgs, dtype_name: str, dev, processes: int, P) -> dict:
@@ -1045,6 +1046,7 @@ def bench_speculative_demo(dev, P):
 
 def verify_cost(args: ModelArgs, dtype, dev, P, k: int = 4):
     """Seconds of one decode step and of verifying k + 1 tokens in one pass, at the prompt's end."""
+    args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, P.prompt_len + k + 1))
     model = build_ours(args, dtype, dev, P.seed)
     model.setup_caches(1, args.max_seq_len)
     g = torch.Generator().manual_seed(P.seed)
