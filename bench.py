@@ -83,7 +83,8 @@ import chat
 import formats
 import llama31
 import runs
-from llama31 import Draft, Llama, ModelArgs, Transformer
+from llama31 import Llama, ModelArgs, Transformer
+from variants import Draft
 from variants import compiled, lora, matvec, quantize
 from variants import tp as tensor_parallel
 from tokenizer import Tokenizer, find_tokenizer_model, gguf_vocab_fields

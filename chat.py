@@ -12,6 +12,7 @@ from typing import Iterator, List, Optional
 import torch
 
 import llama31
+import variants
 import runs
 from errors import ConfigError
 from tokenizer import llama3_system_prompt
@@ -125,7 +126,7 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tools=Non
     the answers."""
     device, parallel = runs.start(device)
     device = llama31.check_device(device or llama31.default_device())
-    draft = llama31.draft_of(draft_ckpt_dir, draft_quantize, speculate_k, ckpt_dir is None and quantize is None)
+    draft = variants.draft_of(draft_ckpt_dir, draft_quantize, speculate_k, ckpt_dir is None and quantize is None)
     if ckpt_dir is None:
         ckpt_dir, quantize = runs.demo_checkpoint(quantize, drafted=draft is not None)
     llama31.check_sampling_args(temperature, top_p, max_gen_len)

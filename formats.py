@@ -1277,6 +1277,12 @@ class DistributedShardedDataLoader:
                  f) for f, n in zip(self.files, self.shard_ntoks)]
         return max(tops, key=lambda t: t[0])
 
+    def check_vocab(self, vocab_size: int):
+        top, shard = self.largest_token()
+        if top >= vocab_size:
+            raise ConfigError(f"{shard} holds token id {top}, outside this model's vocabulary of "
+                              f"{vocab_size}; tokenize the data with the model's tokenizer")
+
     def next_batch(self):
         if self.current_position + self.step_tokens + 1 > len(self.tokens):
             self._seek((self.current_shard + 1) % len(self.files), 0)

@@ -505,22 +505,6 @@ def rope_divisors(args: ModelArgs) -> torch.Tensor:
     return rope_frequencies(replace(args, use_scaled_rope=False)) / rope_frequencies(args)
 
 
-def check_draft(ckpt_dir, draft_dir, tokenizer_path=None):
-    """A draft must write and read tokens as the model does: the same vocabulary (size, special
-    tokens, and the ids of a probe text). Said in one line before any weight is read."""
-    own = draft_dir == ckpt_dir  # the model's own weights, quantized: its tokenizer too
-    sources = [(ckpt_dir, tokenizer_path), (draft_dir, tokenizer_path if own else None)]
-    tokenizers = [read_checkpoint(d, tokenizer_path=p, tokenizer=True)[1].tokenizer
-                  for d, p in sources]
-    probe = "Speculative decoding: 12345 tokens, ¿señal? 深い <|eot_id|>"
-    ours, theirs = ((t.n_words, t.special_tokens, t.encode(probe, bos=True, eos=True))
-                    for t in tokenizers)
-    if ours != theirs:
-        raise ConfigError(f"the draft {draft_dir} has another vocabulary than {ckpt_dir} "
-                          f"({theirs[0]} tokens against {ours[0]}, or other ids); use a draft with "
-                          f"the model's tokenizer (Llama 3.2 1B drafts for Llama 3.1 8B and 70B)")
-
-
 def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None,
                     quantize: Optional[str] = None, group_size: int = 32, extra=(),
                     tokenizer: bool = True, **overrides) -> "Llama":
@@ -553,8 +537,7 @@ def load_checkpoint(path, tokenizer_path=None, device=None, dtype=None,
 def load_model(ckpt_dir, max_seq_len: int = 2048, max_batch_size: int = 4, device=None, dtype=None,
                vocab_size: Optional[int] = None,
                rope_scale_factor: Optional[float] = None) -> Transformer:
-    """load_checkpoint's model alone, in full precision, without its tokenizer (vocab_size: its
-    size)."""
+    """load_checkpoint's model alone, full precision, no tokenizer (vocab_size: its size)."""
     return load_checkpoint(ckpt_dir, None, device, dtype, "none", tokenizer=False,
                            max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                            vocab_size=vocab_size, rope_scale_factor=rope_scale_factor).model
@@ -653,15 +636,6 @@ class Decoder:
         return self.model.forward_inference(tokens, start_pos, last=1)[:, -1]
 
 
-@dataclass
-class Draft:
-    """Speculative decoding's draft model (variants/speculative.py): its checkpoint (None: the
-    model's own), how it loads (quantize, as --quantize), how many tokens it proposes at once."""
-    ckpt_dir: Optional[str] = None
-    quantize: Optional[str] = None
-    k: int = 4
-
-
 class Llama:
     """A loaded model with its tokenizer (and its chat format, if known): what sampling needs."""
 
@@ -677,26 +651,15 @@ class Llama:
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, rope_scale_factor: Optional[float] = None,
               compile: bool = False, quantize: Optional[str] = None, group_size: int = 32,
-              parallel: bool = False, fuse: bool = True, draft: Optional[Draft] = None) -> "Llama":
+              parallel: bool = False, fuse: bool = True, draft=None) -> "Llama":
         """Load tokenizer and weights (load_checkpoint) of a Meta or HF directory or a .gguf file
         on device (default: the best there is) in dtype (default bf16 on CUDA, else fp32), to
         sample (variants.for_sampling): parallel, under torchrun, tensor parallel; else fuse,
         wq wk wv and w1 w3 as one product each; compile, through torch.compile; draft: a draft
         model proposes tokens (speculative decoding), loaded first, its vocabulary checked."""
-        drafter = None
-        if draft is not None:
-            if parallel:
-                raise ConfigError("speculative decoding runs in one process; drop --draft_ckpt_dir "
-                                  "and --draft_quantize under torchrun")
-            own = draft.ckpt_dir is None
-            draft_dir = ckpt_dir if own else draft.ckpt_dir
-            check_draft(ckpt_dir, draft_dir, tokenizer_path)
-            # in the model's activations' dtype (fp32 on a CPU: its int products take bf16 rows),
-            # compiled with it (then bf16 on a CPU: Inductor's int kernels take bf16 rows only)
-            dev = check_device(device or default_device())
-            drafted = torch.bfloat16 if compile and dev.type == "cpu" else resolve_dtype(dtype, dev)
-            drafter = Llama.build(draft_dir, tokenizer_path if own else None, max_seq_len, 1, dev,
-                                  drafted, rope_scale_factor, compile, draft.quantize)
+        drafter = None if draft is None else variants.load_draft(
+            draft, Llama.build, ckpt_dir, tokenizer_path, max_seq_len, device, dtype,
+            rope_scale_factor, compile, parallel)
         chosen = variants.for_sampling(parallel, fuse, compile, drafter, draft and draft.k)
         llama = load_checkpoint(ckpt_dir, tokenizer_path, device, dtype, quantize, group_size,
                                 chosen, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
@@ -856,10 +819,7 @@ def training_data(run: runs.Run, tokenizer: Tokenizer, chat_format, vocab_size: 
     if val_data:
         val_loader = DistributedShardedDataLoader(val_data, cfg.B, cfg.T, run.info.rank, world)
     for loader in [loader for loader in (train_loader, val_loader) if loader is not None]:
-        top, shard = loader.largest_token()
-        if top >= vocab_size:
-            raise ConfigError(f"{shard} holds token id {top}, outside this model's vocabulary of "
-                              f"{vocab_size}; tokenize the data with the model's tokenizer")
+        loader.check_vocab(vocab_size)
     return train_loader, val_loader
 
 
@@ -1144,7 +1104,8 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     device, parallel = runs.start(device)  # first: under torchrun only rank 0 prints
     device = check_device(device or default_device())
     demo = ckpt_dir is None
-    draft = draft_of(draft_ckpt_dir, draft_quantize, speculate_k, demo and quantize is None)
+    draft = variants.draft_of(draft_ckpt_dir, draft_quantize, speculate_k,
+                              demo and quantize is None)
     if demo:
         ckpt_dir, quantize = runs.demo_checkpoint(quantize, drafted=draft is not None)
     chat = demo if chat is None else chat
@@ -1167,26 +1128,12 @@ def sample(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
                        compile)
 
 
-def draft_of(ckpt_dir: Optional[str], quantize: Optional[str], k: int,
-             demo: bool = False) -> Optional[Draft]:
-    """--draft_ckpt_dir, --draft_quantize and --speculate_k as a Draft; None when neither is
-    given, or k is 0. The demo, dequantized, is drafted by its own 4-bit matrices unless told."""
-    check_number("speculate_k", k, int, 0)
-    variants.check_quantize(quantize, 32)
-    if k == 0 or (ckpt_dir is None and quantize is None and not demo):
-        return None
-    return Draft(None if ckpt_dir is None else str(ckpt_dir), quantize or "keep", k)
-
-
 def main(argv=None):
     """python llama31.py [--ckpt_dir ...] samples; python llama31.py finetune [...] finetunes."""
     argv = sys.argv[1:] if argv is None else argv
-    command = sample
-    name = "llama31.py"
+    command, name = sample, "llama31.py"
     if argv[:1] == ["finetune"]:
-        command = finetune
-        name = "llama31.py finetune"
-        argv = argv[1:]
+        command, name, argv = finetune, "llama31.py finetune", argv[1:]
         if "--help" in argv or "-h" in argv:
             print(finetune.__doc__ + "\n\nsettings (TrainConfig):\n" +
                   "\n".join(f"  --{f.name} (default {f.default!r})" for f in fields(TrainConfig)))

@@ -11,10 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import llama31
+import variants
 from conftest import make_checkpoint
 from errors import ConfigError
-from llama31 import Draft, Llama, ModelArgs, Transformer
+from llama31 import Llama, ModelArgs, Transformer
+from variants import Draft
 from variants import speculative
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,16 +196,16 @@ def test_a_draft_with_another_vocabulary_is_refused_before_any_weight_loads(ckpt
     broken.mkdir()
     (broken / "params.json").write_text((ckpts / "draft" / "params.json").read_text())
     (broken / "consolidated.00.pth").write_bytes(b"not a checkpoint")
-    llama31.check_draft(ckpts / "model", broken)
+    variants.check_draft(ckpts / "model", broken)
 
 
 def test_the_draft_settings_and_the_demos_own_draft():
     with pytest.raises(ConfigError, match="--speculate_k must be an integer >= 0, got -1"):
-        llama31.draft_of("d", None, -1)
-    assert llama31.draft_of(None, None, 4) is None and llama31.draft_of("d", "int8", 0) is None  # k 0: none
-    assert llama31.draft_of(None, "int4", 2) == Draft(None, "int4", 2)  # the model's own weights in int4
-    assert llama31.draft_of("d", None, 3) == Draft("d", "keep", 3)
-    assert llama31.draft_of(None, None, 4, demo=True) == Draft(None, "keep", 4)  # the demo's default
+        variants.draft_of("d", None, -1)
+    assert variants.draft_of(None, None, 4) is None and variants.draft_of("d", "int8", 0) is None  # k 0: none
+    assert variants.draft_of(None, "int4", 2) == Draft(None, "int4", 2)  # the model's own weights in int4
+    assert variants.draft_of("d", None, 3) == Draft("d", "keep", 3)
+    assert variants.draft_of(None, None, 4, demo=True) == Draft(None, "keep", 4)  # the demo's default
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ and configurations by duck typing (args.n_heads, model.layers, ...).
 import importlib.util
 from typing import Callable, Optional
 
+import torch
+
 import dialogs
 import runs
 from errors import ConfigError
@@ -135,6 +137,8 @@ from variants import compiled, fsdp, fused, lora, matvec, quantize, speculative,
 
 check_quantize = quantize.check_mode  # --quantize and --group_size, said before anything loads
 adapters_of = lora.checkpoint  # the LoRA step directory a --ckpt_dir names, as a variant; else None
+Draft = speculative.Draft  # Llama.build's draft
+check_draft = speculative.check_draft  # a draft's vocabulary against the model's, before weights
 
 
 class Conversations(Variant):
@@ -199,6 +203,33 @@ def for_sampling(parallel: bool, fuse: bool, compile: bool, draft=None, k: int =
     chosen = [tp.TensorParallel()] if parallel else [fused.Fused()] if fuse else []
     chosen += [compiled.Compiled()] if compile else []
     return chosen + ([speculative.Speculative(draft, k)] if draft is not None else [])
+
+
+def draft_of(ckpt_dir: Optional[str], quantize: Optional[str], k: int, demo: bool = False):
+    """--draft_ckpt_dir, --draft_quantize and --speculate_k as a Draft; None when neither is
+    given, or k is 0. The demo, dequantized, is drafted by its own 4-bit matrices unless told."""
+    runs.check_number("speculate_k", k, int, 0)
+    check_quantize(quantize, 32)
+    if k == 0 or (ckpt_dir is None and quantize is None and not demo):
+        return None
+    return Draft(None if ckpt_dir is None else str(ckpt_dir), quantize or "keep", k)
+
+
+def load_draft(draft, build: Callable, ckpt_dir, tokenizer_path, max_seq_len: int, device, dtype,
+               rope_scale_factor, compile: bool, parallel: bool):
+    """The draft as a Llama (build: Llama.build) for one stream, its vocabulary checked first: in
+    the model's activations' dtype (fp32 on a CPU: its int products take bf16 rows), compiled
+    with it (then bf16 on a CPU: Inductor's int kernels take bf16 rows only)."""
+    if parallel:
+        raise ConfigError("speculative decoding runs in one process; drop --draft_ckpt_dir and "
+                          "--draft_quantize under torchrun")
+    own = draft.ckpt_dir is None
+    draft_dir = ckpt_dir if own else draft.ckpt_dir
+    check_draft(ckpt_dir, draft_dir, tokenizer_path)
+    dev = runs.check_device(device or runs.default_device())
+    drafted = torch.bfloat16 if compile and dev.type == "cpu" else runs.resolve_dtype(dtype, dev)
+    return build(draft_dir, tokenizer_path if own else None, max_seq_len, 1, dev, drafted,
+                 rope_scale_factor, compile, draft.quantize)
 
 
 def for_finetune(cfg: dict, source, world_size: int, device, select: Callable) -> list:

@@ -17,15 +17,42 @@ Nothing accepted is computed again.
 
 One stream (a batch of one prompt); llama31.Llama.generate_stream hands such a generation to
 stream() when a Speculative variant is set (the `speculator` of a Llama). The draft is a Llama with
-the model's tokenizer (the vocabulary is checked before any weight loads: llama31.check_draft).
+the model's tokenizer (the vocabulary is checked before any weight loads: check_draft).
 Imports nothing from llama31.py.
 """
 
+from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
 import torch
 
+import formats
+from errors import ConfigError
 from variants import Variant
+
+
+@dataclass
+class Draft:
+    """The draft model (Llama.build's draft): its checkpoint (None: the model's own), how it loads
+    (quantize, as --quantize), how many tokens it proposes at once."""
+    ckpt_dir: Optional[str] = None
+    quantize: Optional[str] = None
+    k: int = 4
+
+
+def check_draft(ckpt_dir, draft_dir, tokenizer_path=None):
+    """A draft must write and read tokens as the model does: the same vocabulary (size, special
+    tokens, and the ids of a probe text). Said in one line before any weight is read."""
+    own = draft_dir == ckpt_dir  # the model's own weights, quantized: its tokenizer too
+    sources = [(ckpt_dir, tokenizer_path), (draft_dir, tokenizer_path if own else None)]
+    tokenizers = [formats.read(d, p, tokenizer=True).tokenizer for d, p in sources]
+    probe = "Speculative decoding: 12345 tokens, ¿señal? 深い <|eot_id|>"
+    ours, theirs = ((t.n_words, t.special_tokens, t.encode(probe, bos=True, eos=True))
+                    for t in tokenizers)
+    if ours != theirs:
+        raise ConfigError(f"the draft {draft_dir} has another vocabulary than {ckpt_dir} "
+                          f"({theirs[0]} tokens against {ours[0]}, or other ids); use a draft with "
+                          f"the model's tokenizer (Llama 3.2 1B drafts for Llama 3.1 8B and 70B)")
 
 
 def top_p_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
