@@ -843,12 +843,13 @@ SERVE_STREAMS = (1, 4, 16)
 
 
 @contextmanager
-def serving(path, slots: int, max_seq_len: int):
-    """python serve.py on a free port of 127.0.0.1 with this process's thread count; its URL."""
+def serving(path, slots: int, max_seq_len: int, *flags: str):
+    """python serve.py on a free port of 127.0.0.1 with this process's thread count (and flags);
+    its URL."""
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.Popen([sys.executable, "serve.py", "--ckpt_dir", str(path), "--port", "0",
                              "--max_batch_size", str(slots), "--max_seq_len", str(max_seq_len),
-                             "--device", "cpu", "--dtype", "fp32", "--quantize", "none"],
+                             "--device", "cpu", "--dtype", "fp32", "--quantize", "none", *flags],
                             cwd=Path(__file__).resolve().parent, env=env, stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True)
     try:
@@ -899,7 +900,8 @@ def percentile(xs, q: float) -> float:
 
 def serve_rows(args, name, dev, sections, P):
     """serve.py's continuous batching on the demo GGUF: aggregate decode tok/s at 1, 4 and 16
-    concurrent streams, rounds interleaved; time to first token p50/p99 at each."""
+    concurrent streams, rounds interleaved; time to first token p50/p99 at each; one stream
+    alone drafted by the demo's own 4-bit matrices (--draft_quantize keep)."""
     if name != P.dtypes[0]:
         return []
     if dev.type != "cpu":
@@ -910,8 +912,12 @@ def serve_rows(args, name, dev, sections, P):
                         quantize="none")
     ids = llama.tokenizer.encode(DEMO_PROMPT, bos=False, eos=False)
     ttft = {k: [] for k in SERVE_STREAMS}
-    with serving(path, max(SERVE_STREAMS), 512) as url:  # it idles while in-process runs
-        cases = {"in-process": lambda: decode_rate_of(Llama(llama.model, _Ids()), ids, n)}
+    drafted_ttft = []
+    # each server idles while the other (or the in-process model) runs
+    with serving(path, max(SERVE_STREAMS), 512) as url, \
+            serving(path, max(SERVE_STREAMS), 512, "--draft_quantize", "keep") as drafted:
+        cases = {"in-process": lambda: decode_rate_of(Llama(llama.model, _Ids()), ids, n),
+                 "drafted": lambda: serve_round(drafted, 1, DEMO_PROMPT, n, drafted_ttft)}
         cases.update({k: (lambda k=k: serve_round(url, k, DEMO_PROMPT, n, ttft[k]))
                       for k in SERVE_STREAMS})
         r = interleaved(cases, P.repeats)
@@ -925,6 +931,9 @@ def serve_rows(args, name, dev, sections, P):
             rows.append(("serve decode tok/s, 1 stream (vs in-process)", "fp32", fmt(median(r[1])),
                          fmt(alone), ratio(r, 1, "in-process"),
                          f"{first}; in-process: generate_stream; demo GGUF, {n} tokens"))
+            rows.append(("serve decode tok/s, 1 stream drafted by its own int4 (vs plain)", "fp32",
+                         fmt(median(r["drafted"])), fmt(median(r[1])), ratio(r, "drafted", 1),
+                         "speculative decoding, k=4, greedy"))
         else:
             rows.append((f"serve decode tok/s, {k} streams (vs 1)", "fp32", fmt(median(r[k])), fmt(median(r[1])),
                          ratio(r, k, 1), first + ("; goal >= 6x; llama.cpp's server with 16 slots not "

@@ -42,8 +42,10 @@ from starlette.exceptions import HTTPException
 
 import llama31
 import runs
+import variants
 from errors import ConfigError
 from tokenizer import llama3_system_prompt
+from variants.speculative import verify
 
 # -----------------------------------------------------------------------------
 # the engine: continuous batching over the KV cache's rows, in one thread
@@ -68,6 +70,7 @@ class Job:
     generated: int = 0  # the engine's state from here on
     position: int = 0  # how many positions the job's cache row holds
     last: int = 0  # the token to feed next
+    tokens: List[int] = ()  # the prompt and the tokens taken (a draft's context)
     generator: Optional[torch.Generator] = None
     text: Optional["TextStream"] = None
 
@@ -150,6 +153,9 @@ class Engine:
         self.finished = 0
         self.cancelled = 0
         self.model.setup_caches(max_batch_size, self.max_seq_len)
+        self.speculator = llama.speculator  # a draft (--draft_*): a job decoding alone uses it
+        if self.speculator is not None:
+            self.speculator.draft.model.setup_caches(1, self.max_seq_len)
         self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
         self.thread.start()
 
@@ -163,9 +169,10 @@ class Engine:
             self.wake.notify()
 
     def status(self) -> dict:
+        speculative = {} if self.speculator is None else {"speculative": dict(self.speculator.stats)}
         return {"slots": len(self.slots), "busy": sum(job is not None for job in self.slots),
                 "waiting": len(self.waiting), "finished": self.finished,
-                "cancelled": self.cancelled}
+                "cancelled": self.cancelled, **speculative}
 
     def close(self):
         with self.wake:
@@ -173,6 +180,8 @@ class Engine:
             self.wake.notify()
         self.thread.join()
         self.model.clear_caches()
+        if self.speculator is not None:
+            self.speculator.draft.model.clear_caches()
 
     def run(self):
         while True:
@@ -211,6 +220,7 @@ class Engine:
             self.slots[slot] = job
             job.generator = torch.Generator(self.model.norm.weight.device).manual_seed(job.seed)
             job.text = TextStream(self.token_bytes, job.stop)
+            job.tokens = list(job.prompt)
             prompt = torch.tensor([job.prompt], device=self.model.norm.weight.device)
             with self.model.cache_rows(slot, slot + 1):
                 last = 0 if job.prompt_logprobs else 1  # every position's logits, or the last's
@@ -234,6 +244,8 @@ class Engine:
         busy = [slot for slot, job in enumerate(self.slots) if job is not None]
         if not busy:
             return
+        if self.speculator is not None and len(busy) == 1 and not self.waiting:
+            return self.speculate(busy[0])
         rows = self.slots[:busy[-1] + 1]
         tokens = [[job.last if job else self.tokenizer.pad_id] for job in rows]
         starts = [job.position if job else 0 for job in rows]
@@ -243,15 +255,42 @@ class Engine:
         for slot in busy:
             job = self.slots[slot]
             job.position += 1
-            self.take(slot, job, logits[slot], greedy[slot])
+            self.take(slot, job, logits[slot], greedy[slot] if job.temperature == 0 else None)
 
-    def take(self, slot: int, job: Job, logits, greedy: Optional[int] = None):
-        """Sample the job's next token from its logits (vocab,), send it, finish if it ends."""
-        if job.temperature > 0:
+    def speculate(self, slot: int):
+        """A decode step for a job alone in the engine, proposed by the draft: up to k tokens
+        drafted, scored in one pass of the job's cache row, the kept ones (the accepted and one
+        of the model's: variants/speculative.py's rule) taken as one decode step each takes its
+        token. The draft's cache catches up on what it has not seen (other jobs ran meanwhile)."""
+        job = self.slots[slot]
+        spec = self.speculator
+        k = max(0, min(spec.k, job.max_tokens - job.generated - 1,
+                       self.max_seq_len - job.position - 1))
+        proposals, drafted = [], []
+        if k:
+            proposals, drafted = spec.propose(job.tokens, k, job.temperature, job.top_p,
+                                              job.generator)
+        tokens = torch.tensor([[job.last] + proposals], device=self.model.norm.weight.device)
+        with self.model.cache_rows(slot, slot + 1):
+            logits = self.model.forward_inference(tokens, job.position, last=k + 1)[0]
+        kept = verify(proposals, drafted, logits, job.temperature, job.top_p, job.generator)
+        spec.stats["proposed"] += k
+        spec.stats["accepted"] += len(kept) - 1
+        spec.stats["verifications"] += 1
+        for i, token in enumerate(kept):
+            job.position += 1
+            self.take(slot, job, logits[i], token)
+            if self.slots[slot] is not job:  # it ended (a stop, its length)
+                break
+
+    def take(self, slot: int, job: Job, logits, token: Optional[int] = None):
+        """The job's next token (token, or else one sampled from its logits (vocab,)): send it,
+        finish if it ends. logits: the model's after the job's tokens so far (logprobs)."""
+        if token is None and job.temperature > 0:
             token = llama31.next_tokens(logits[None], job.temperature, job.top_p,
                                         job.generator).item()
-        else:
-            token = int(logits.argmax()) if greedy is None else greedy
+        elif token is None:
+            token = int(logits.argmax())
         logprob = None
         if job.logprobs is not None:
             logprob = token_logprobs(logits.log_softmax(dim=-1), token, job.logprobs)
@@ -259,6 +298,7 @@ class Engine:
             return self.finish(slot, job, "stop", stop_token=token)
         job.generated += 1
         job.last = token
+        job.tokens.append(token)
         text, stopped = job.text.add(token)
         self.send(job, Step(job.index, token, text, logprob))
         if stopped:
@@ -1056,13 +1096,18 @@ def serve(ckpt_dir: Optional[str] = None, host: str = "127.0.0.1", port: int = 8
           api_key: Optional[str] = None, model_name: Optional[str] = None,
           tokenizer_path: Optional[str] = None, quantize: Optional[str] = None,
           group_size: int = 32, device: Optional[str] = None, dtype: Optional[str] = None,
-          rope_scale_factor: Optional[float] = None, max_body_mb: int = 8):
+          rope_scale_factor: Optional[float] = None, max_body_mb: int = 8,
+          draft_ckpt_dir: Optional[str] = None, draft_quantize: Optional[str] = None,
+          speculate_k: int = 4):
     """Serve a model with OpenAI's API at http://HOST:PORT/v1 (chat and text completions, streamed
     or not; tool calls with Llama 3 models): max_batch_size requests decode together, max_queue
     more wait (past that: 429). Binds 127.0.0.1 unless --host says otherwise. --api_key (or
     LLAMA31_API_KEY) makes every route but /health want `Authorization: Bearer KEY`. --model_name:
     the id clients send (default: the checkpoint's name). --port 0: any free port. Without
-    --ckpt_dir, the demo model. One process: not under torchrun (no tensor parallel serving)."""
+    --ckpt_dir, the demo model. --draft_ckpt_dir D and/or --draft_quantize Q (as llama31.py's):
+    a request decoding alone is drafted, --speculate_k tokens at a time (speculative decoding);
+    with others, it decodes in their batch. One process: not under torchrun (no tensor parallel
+    serving)."""
     if runs.launched():
         raise ConfigError("serve.py runs in one process; serving tensor parallel under torchrun "
                           "is not implemented: run python serve.py")
@@ -1075,13 +1120,14 @@ def serve(ckpt_dir: Optional[str] = None, host: str = "127.0.0.1", port: int = 8
     if api_key is not None and not isinstance(api_key, str):  # fire reads 1234 as a number
         raise ConfigError(f"--api_key {api_key!r} was read as a number, not text; quote it "
                           f"(--api_key '\"{api_key}\"') or set LLAMA31_API_KEY")
+    draft = variants.draft_of(draft_ckpt_dir, draft_quantize, speculate_k)
     listen = bind(host, port)
     if ckpt_dir is None:
-        ckpt_dir, quantize = runs.demo_checkpoint(quantize)
+        ckpt_dir, quantize = runs.demo_checkpoint(quantize, drafted=draft is not None)
     t0 = time.time()
     llama = llama31.Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device,
                                 dtype, rope_scale_factor, quantize=quantize,
-                                group_size=group_size)
+                                group_size=group_size, draft=draft)
     name = model_name or Path(str(ckpt_dir).rstrip("/")).stem
     engine = Engine(llama, max_batch_size, max_queue)
     where = f"http://{host}:{listen.getsockname()[1]}/v1"

@@ -22,8 +22,10 @@ import torch
 import uvicorn
 
 import serve
+from errors import ConfigError
 from llama31 import Llama
 from tokenizer import ChatFormat, llama3_system_prompt
+from variants import Draft
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -285,6 +287,79 @@ def test_past_the_queue_a_request_gets_429_with_retry_after(ckpt_dir):
                     assert r.status_code == 429 and r.headers["retry-after"] == "1"
                     assert r.json()["error"]["code"] == "queue_full"
                     assert httpx.get(server.url + "/health").json()["cancelled"] == 0
+
+
+# -----------------------------------------------------------------------------
+# speculative decoding: a request decoding alone is drafted
+
+
+@pytest.fixture(scope="module")
+def drafted(ckpt_dir):
+    """The random checkpoint drafted by its own int4 matrices (--draft_quantize int4), served."""
+    llama = Llama.build(ckpt_dir, max_seq_len=256, max_batch_size=8, device="cpu", dtype="fp32",
+                        draft=Draft(None, "int4", 4))
+    with running(llama) as server:
+        yield server
+
+
+def test_a_drafted_request_gets_the_models_greedy_reply_and_logprobs(drafted, reference):
+    c = client(drafted)
+    made = 0
+    for text, n in [("Hello there", 10), ("Say something.", 17), ("Count to three.", 1)]:
+        got = c.chat.completions.create(**hi(text, max_tokens=n, temperature=0, logprobs=True,
+                                             top_logprobs=2))
+        prompt = reference.chat_format.encode_dialog(reference.tokenizer,
+                                                     [{"role": "user", "content": text}])
+        want = reference.generate([prompt], n, temperature=0)[0]
+        assert got.choices[0].message.content == reference.tokenizer.decode(want)
+        assert got.usage.completion_tokens == len(want) == n
+        logits = reference.model.forward_inference(torch.tensor([prompt + want[:-1]]))[0]
+        rows = logits[len(prompt) - 1:].log_softmax(-1)
+        for entry, token, row in zip(got.choices[0].logprobs.content, want, rows):
+            assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
+            assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
+                row.topk(2).values.tolist(), abs=1e-4)
+        made += n
+    stats = httpx.get(drafted.url + "/health").json()["speculative"]
+    # every token but each reply's first (the prefill's) came from a verifying pass, several a pass
+    assert stats["verifications"] < made - 3 and stats["accepted"] > 0
+
+
+def test_drafted_replies_stop_at_a_stop_string_and_sampling_repeats_with_a_seed(drafted):
+    c = client(drafted)
+    full = c.chat.completions.create(**hi(max_tokens=16, temperature=0)).choices[0].message.content
+    stop = full[5:8]
+    cut = c.chat.completions.create(**hi(max_tokens=16, temperature=0, stop=stop))
+    assert cut.choices[0].message.content == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    ask = hi(max_tokens=12, temperature=0.9, top_p=0.95, seed=3)
+    first = c.chat.completions.create(**ask).choices[0]
+    again = c.chat.completions.create(**ask).choices[0]
+    assert first.message.content == again.message.content and first.finish_reason == "length"
+
+
+def test_drafted_and_batched_requests_together_each_get_what_they_get_alone(drafted):
+    asks = [hi(f"Tell me about {w}.", max_tokens=6 + 5 * i, temperature=0)
+            for i, w in enumerate(["cats", "the sea", "numbers"])]
+
+    async def run(asks):
+        async with openai.AsyncOpenAI(base_url=drafted.url + "/v1", api_key="none",
+                                      max_retries=0) as c:
+            return await asyncio.gather(*(stream_chat(c, a) for a in asks))
+
+    alone = [asyncio.run(run([a]))[0] for a in asks]  # drafted, each alone
+    together = asyncio.run(run(asks))  # batched while others run, drafted once alone
+    for ask, a, t in zip(asks, alone, together):
+        assert t[2] == "length" and len(t[1]) == ask["max_tokens"]
+        same_or_a_tie(a, t)
+    assert httpx.get(drafted.url + "/health").json()["busy"] == 0
+
+
+def test_serve_py_refuses_bad_draft_settings_before_loading():
+    with pytest.raises(ConfigError, match="unknown quantize 'int9'"):
+        serve.serve(draft_quantize="int9")
+    with pytest.raises(ConfigError, match="--speculate_k must be an integer >= 0"):
+        serve.serve(draft_quantize="int8", speculate_k=-2)
 
 
 # -----------------------------------------------------------------------------
