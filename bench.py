@@ -1027,7 +1027,7 @@ def demo_answers(llama: Llama, prompts: list, n: int):
 def bench_speculative_demo(dev, P):
     """The demo's chat questions answered greedily by each way of running it, round by round."""
     path = runs.find_demo_gguf()
-    default = "dequantized fp32 (the default)"
+    default = "dequantized fp32, no draft (--speculate_k 0)"
     configs = {default: dict(quantize="none", dtype="fp32"),
                "int4 fp32 with bf16 rows (--quantize keep --dtype fp32)": dict(quantize="keep", dtype="fp32"),
                "int4 bf16 (--quantize keep)": dict(quantize="keep", dtype="bf16")}
@@ -1084,13 +1084,13 @@ def speculative_rows(args, name, dev, sections, P):
     if dev.type == "cpu":
         r, default, about = bench_speculative_demo(dev, P)
         for config, (same, speculator) in about.items():
-            note = "same greedy answers as the default" if same else "other greedy answers than the default"
+            note = "same greedy answers as with no draft" if same else "other greedy answers than with no draft"
             if speculator is not None:
                 note += speculator.summary().replace("; speculative", ";")
             if config != default:
                 note += "; goal for the demo's own draft: 2x"
             dtype = "bf16" if config.startswith("int4 bf16") else "fp32"
-            rows.append((f"demo decode tok/s, {config} (vs the default)", dtype,
+            rows.append((f"demo decode tok/s, {config} (vs no draft)", dtype,
                          fmt(median(r[config])), fmt(median(r[default])), ratio(r, config, default), note))
     k = 4
     r = verify_cost(args, runs.DTYPES[name], dev, P, k)

@@ -18,7 +18,10 @@ def test_bench_prints_every_row(capsys):
                  "decode tok/s int8 (vs dense)", "decode tok/s int4 (vs dense)", "demo GGUF decode tok/s",
                  "demo GGUF load peak RSS / weights",
                  "demo decode tok/s, dequantized fp32 (the default) (vs llama.cpp)",
-                 "demo decode tok/s, int4 bf16 (--quantize keep) (vs llama.cpp)"):
+                 "demo decode tok/s, int4 bf16 (--quantize keep) (vs llama.cpp)",
+                 "demo decode tok/s, dequantized fp32 + its own int4 draft, k=4 (vs no draft)",
+                 "tiny verify 5 tokens / one decode step", "serve decode tok/s, 16 streams (vs 1)",
+                 "serve decode tok/s, 1 stream drafted by its own int4 (vs plain)"):
         assert any(m.startswith(name) for m in metrics), name
         assert name in out
     for metric, dtype, ours, hf, ratio, _ in rows:
