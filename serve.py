@@ -18,6 +18,7 @@ each request, hands it to the engine as Jobs, and sends back what the engine rep
 import asyncio
 import codecs
 import hmac
+import itertools
 import json
 import math
 import os
@@ -45,7 +46,6 @@ import runs
 import variants
 from errors import ConfigError
 from tokenizer import llama3_system_prompt
-from variants.speculative import verify
 
 # -----------------------------------------------------------------------------
 # the engine: continuous batching over the KV cache's rows, in one thread
@@ -67,12 +67,23 @@ class Job:
     index: int = 0  # which choice of its request
     emit: Callable = print
     cancelled: bool = False  # set by the HTTP side when the client is gone
-    generated: int = 0  # the engine's state from here on
-    position: int = 0  # how many positions the job's cache row holds
-    last: int = 0  # the token to feed next
-    tokens: List[int] = ()  # the prompt and the tokens taken (a draft's context)
+    tokens: List[int] = ()  # the engine's state from here on: the prompt and the tokens taken
     generator: Optional[torch.Generator] = None
     text: Optional["TextStream"] = None
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - len(self.prompt)
+
+    @property
+    def position(self) -> int:
+        """How many positions the job's cache row holds: all its tokens but the last taken."""
+        return len(self.tokens) - 1
+
+    @property
+    def last(self) -> int:
+        """The token to feed next."""
+        return self.tokens[-1]
 
 
 @dataclass
@@ -228,7 +239,6 @@ class Engine:
             if job.prompt_logprobs:
                 self.send(job, Prompt(job.index, prompt_logprobs(logits[0], job.prompt,
                                                                  job.logprobs or 0)))
-            job.position = len(job.prompt)
             if job.max_tokens == 0:
                 self.finish(slot, job, "length")
             else:
@@ -254,7 +264,6 @@ class Engine:
         greedy = logits.argmax(dim=-1).tolist()
         for slot in busy:
             job = self.slots[slot]
-            job.position += 1
             self.take(slot, job, logits[slot], greedy[slot] if job.temperature == 0 else None)
 
     def speculate(self, slot: int):
@@ -266,19 +275,10 @@ class Engine:
         spec = self.speculator
         k = max(0, min(spec.k, job.max_tokens - job.generated - 1,
                        self.max_seq_len - job.position - 1))
-        proposals, drafted = [], []
-        if k:
-            proposals, drafted = spec.propose(job.tokens, k, job.temperature, job.top_p,
-                                              job.generator)
-        tokens = torch.tensor([[job.last] + proposals], device=self.model.norm.weight.device)
         with self.model.cache_rows(slot, slot + 1):
-            logits = self.model.forward_inference(tokens, job.position, last=k + 1)[0]
-        kept = verify(proposals, drafted, logits, job.temperature, job.top_p, job.generator)
-        spec.stats["proposed"] += k
-        spec.stats["accepted"] += len(kept) - 1
-        spec.stats["verifications"] += 1
+            kept, logits = spec.round(self.model, job.tokens, job.position, k, job.temperature,
+                                      job.top_p, job.generator)
         for i, token in enumerate(kept):
-            job.position += 1
             self.take(slot, job, logits[i], token)
             if self.slots[slot] is not job:  # it ended (a stop, its length)
                 break
@@ -286,18 +286,14 @@ class Engine:
     def take(self, slot: int, job: Job, logits, token: Optional[int] = None):
         """The job's next token (token, or else one sampled from its logits (vocab,)): send it,
         finish if it ends. logits: the model's after the job's tokens so far (logprobs)."""
-        if token is None and job.temperature > 0:
+        if token is None:
             token = llama31.next_tokens(logits[None], job.temperature, job.top_p,
                                         job.generator).item()
-        elif token is None:
-            token = int(logits.argmax())
         logprob = None
         if job.logprobs is not None:
             logprob = token_logprobs(logits.log_softmax(dim=-1), token, job.logprobs)
         if token in job.stop_tokens:
             return self.finish(slot, job, "stop", stop_token=token)
-        job.generated += 1
-        job.last = token
         job.tokens.append(token)
         text, stopped = job.text.add(token)
         self.send(job, Step(job.index, token, text, logprob))
@@ -340,8 +336,13 @@ def prompt_logprobs(logits, prompt: List[int], k: int) -> list:
     for lo in range(0, len(prompt) - 1, 256):
         hi = min(lo + 256, len(prompt) - 1)
         logprobs = logits[lo:hi].log_softmax(dim=-1)
-        for i in range(hi - lo):
-            out.append(token_logprobs(logprobs[i], prompt[lo + i + 1], k))
+        targets = torch.tensor(prompt[lo + 1:hi + 1], device=logprobs.device)
+        chosen = logprobs.gather(-1, targets[:, None])[:, 0].tolist()
+        top = [[]] * (hi - lo)
+        if k:  # one topk and one copy to Python a chunk, not a position
+            best = logprobs.topk(k)
+            top = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+        out += list(zip(chosen, top))
     return out
 
 
@@ -754,8 +755,10 @@ class ChatReply(Reply):
             c = self.choices[event.index]
             c.add(event)
             if held[c.index] and not isinstance(event, Done):
-                text = ((self.forced or "") + c.text).lstrip()
-                if not text or self.forced or text[0] in "{[" or text.startswith("<|python_tag|>"):
+                if self.forced:
+                    continue  # a call, forced: read at the end
+                text = c.text.lstrip()  # forced is "" here: the model may call
+                if not text or text[0] in "{[" or text.startswith("<|python_tag|>"):
                     continue  # a call, perhaps: read at the end
                 held[c.index] = False
             logprobs = None
@@ -891,7 +894,8 @@ class Server:
         return JSONResponse(reply.response())
 
     def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        # as Tokenizer.decode([token]) reads it; "" for an id past the tokenizer's (token_bytes)
+        return self.engine.token_bytes(token).decode("utf-8", errors="replace")
 
     def chat_logprobs(self, entries) -> dict:
         def one(token, logprob):
@@ -903,7 +907,7 @@ class Server:
     def text_logprobs(self, entries) -> dict:
         """The completions API's shape: tokens, token_logprobs, top_logprobs, text_offset."""
         texts = [self.token_text(t) for t, _, _ in entries]
-        offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+        offsets = list(itertools.accumulate(map(len, texts), initial=0))[:len(texts)]
         return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in entries],
                 "top_logprobs": [None if top is None else {self.token_text(t): v for t, v in top}
                                  for _, _, top in entries], "text_offset": offsets}

@@ -43,8 +43,9 @@ class Draft:
 def check_draft(ckpt_dir, draft_dir, tokenizer_path=None):
     """A draft must write and read tokens as the model does: the same vocabulary (size, special
     tokens, and the ids of a probe text). Said in one line before any weight is read."""
-    own = draft_dir == ckpt_dir  # the model's own weights, quantized: its tokenizer too
-    sources = [(ckpt_dir, tokenizer_path), (draft_dir, tokenizer_path if own else None)]
+    if draft_dir == ckpt_dir:  # the model's own weights, quantized: its tokenizer, nothing to check
+        return
+    sources = [(ckpt_dir, tokenizer_path), (draft_dir, None)]
     tokenizers = [formats.read(d, p, tokenizer=True).tokenizer for d, p in sources]
     probe = "Speculative decoding: 12345 tokens, ¿señal? 深い <|eot_id|>"
     ours, theirs = ((t.n_words, t.special_tokens, t.encode(probe, bos=True, eos=True))
@@ -134,6 +135,20 @@ class Speculative(Variant):
         self.cached = (seq + proposals)[:done]
         return proposals, drafted
 
+    def round(self, model, seq: List[int], done: int, k: int, temperature: float, top_p: float,
+              generator) -> tuple:
+        """One round after seq, whose first `done` tokens model's cache holds: up to k tokens
+        proposed, scored with seq's uncached rest in one pass, the kept ones (verify) counted in
+        stats. Returns (kept, the model's logits (k + 1, vocab) after seq and each proposal)."""
+        proposals, drafted = self.propose(seq, k, temperature, top_p, generator) if k else ([], [])
+        tokens = torch.tensor([seq[done:] + proposals], device=model.norm.weight.device)
+        logits = model.forward_inference(tokens, done, last=k + 1)[0]
+        kept = verify(proposals, drafted, logits, temperature, top_p, generator)
+        self.stats["proposed"] += k
+        self.stats["accepted"] += len(kept) - 1
+        self.stats["verifications"] += 1
+        return kept, logits
+
     @torch.inference_mode()
     def stream(self, llama, prompt: List[int], max_gen_len: int, total_len: int, temperature: float,
                top_p: float, generator, cache_from: Optional[int], stops: bool) -> Iterator[List[Optional[int]]]:
@@ -151,13 +166,7 @@ class Speculative(Variant):
             with self.draft.decoder.caches(1, total_len):  # the draft's, for this generation
                 while True:
                     k = max(0, min(self.k, max_gen_len - made - 1, total_len - len(seq) - 1))
-                    proposals, drafted = self.propose(seq, k, temperature, top_p, generator) if k else ([], [])
-                    tokens = torch.tensor([seq[done:] + proposals], device=model.norm.weight.device)
-                    logits = model.forward_inference(tokens, done, last=k + 1)[0]
-                    kept = verify(proposals, drafted, logits, temperature, top_p, generator)
-                    self.stats["proposed"] += k
-                    self.stats["accepted"] += len(kept) - 1
-                    self.stats["verifications"] += 1
+                    kept, _ = self.round(model, seq, done, k, temperature, top_p, generator)
                     done = len(seq) + len(kept) - 1  # the last kept token is not in the cache yet
                     for x in kept:
                         seq.append(x)
