@@ -70,7 +70,7 @@ class HarnessLM(TemplateLM):
             # llama31.py's own run (as __main__), and a second llama31 module would load
             from llama31 import Llama
 
-            device = processes(device)
+            device = runs.start(device)[0]  # under torchrun: a whole model a process, rank 0 prints
             llama = Llama.build(ckpt_dir, tokenizer_path, max_length or formats.HF_MAX_POSITION_EMBEDDINGS,
                                 self.batch_size, device, dtype, quantize=quantize, group_size=group_size)
         args = llama.model.args
@@ -78,11 +78,13 @@ class HarnessLM(TemplateLM):
         self.max_length = min(max_length or formats.hf_max_positions(args.to_params()), args.max_seq_len)
         self.add_bos = llama.tokenizer.add_bos if add_bos_token is None else bool(add_bos_token)
         self.special = frozenset(self.tok.special_tokens.values())
-        self.template = chat_template or checkpoint_template(ckpt_dir) or format_template(llama.chat_format)
+        self.bos_text = self.tok.decode([self.tok.bos_id])
+        where, kind = located(ckpt_dir)
+        self.template = chat_template or checkpoint_template(where, kind) or format_template(llama.chat_format)
         # generation ends where HF's would for these files: a copy of llama whose tokenizer stops there
         self.sampler = copy.copy(llama)
         self.sampler.tokenizer = copy.copy(llama.tokenizer)
-        self.sampler.tokenizer.stop_tokens = checkpoint_stops(ckpt_dir, llama.tokenizer)
+        self.sampler.tokenizer.stop_tokens = checkpoint_stops(where, kind, llama.tokenizer)
         self.seed = seed
         self._device = llama.model.norm.weight.device
         if dist.is_available() and dist.is_initialized():
@@ -118,10 +120,6 @@ class HarnessLM(TemplateLM):
     def tok_decode(self, ids) -> str:
         """HF's decode(ids, skip_special_tokens=True)."""
         return self.tok.decode([i for i in ids if i not in self.special])
-
-    @property
-    def bos_text(self) -> str:
-        return self.tok.decode([self.tok.bos_id])
 
     # -- scoring
 
@@ -285,12 +283,6 @@ class HarnessLM(TemplateLM):
 model_registry.register("llama31", target="harness:HarnessLM")
 
 
-def processes(device):
-    """The device of this process. Under torchrun: torchrun's process group, each process a whole
-    model on its own device (not tensor parallel), only rank 0 printing."""
-    return runs.start(device)[0]
-
-
 # -----------------------------------------------------------------------------
 # what HF's path reads from a checkpoint's files: its chat template and the tokens generation stops at
 
@@ -303,10 +295,9 @@ def located(path):
         return None, None
 
 
-def checkpoint_template(path) -> Optional[str]:
-    """The Jinja chat template a checkpoint carries: a GGUF's tokenizer.chat_template, an HF
-    directory's chat_template.jinja or tokenizer_config.json's; None for others."""
-    where, kind = located(path)
+def checkpoint_template(where, kind) -> Optional[str]:
+    """The Jinja chat template a checkpoint (located) carries: a GGUF's tokenizer.chat_template, an
+    HF directory's chat_template.jinja or tokenizer_config.json's; None for others."""
     if kind == "gguf":
         return formats.gguf_fields(where).get("chat_template")
     if kind == "hf" and (where / "chat_template.jinja").is_file():
@@ -317,11 +308,10 @@ def checkpoint_template(path) -> Optional[str]:
     return None
 
 
-def checkpoint_stops(path, tokenizer) -> List[int]:
-    """The tokens HF's generate stops at for a checkpoint: a GGUF's EOS, an HF directory's
-    generation_config.json eos_token_id (else config.json's); for others every stop token of the
-    tokenizer, as the generation_config.json export.py writes."""
-    where, kind = located(path)
+def checkpoint_stops(where, kind, tokenizer) -> List[int]:
+    """The tokens HF's generate stops at for a checkpoint (located): a GGUF's EOS, an HF
+    directory's generation_config.json eos_token_id (else config.json's); for others every stop
+    token of the tokenizer, as the generation_config.json export.py writes."""
     if kind == "gguf":
         return [tokenizer.eos_id]
     for name in ("generation_config.json", "config.json") if kind == "hf" else ():

@@ -31,6 +31,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+import bench  # noqa: E402
 import formats  # noqa: E402
 import runs  # noqa: E402
 from harness import HarnessLM  # noqa: E402
@@ -52,15 +53,10 @@ BODIES = {
 }
 
 
-# bench.py's shapes
-SHAPES = {"tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=1.3),
-          "90m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, multiple_of=1024, ffn_dim_multiplier=1.3)}
-
-
 def random_checkpoint(shape: str, root: Path) -> Path:
     """Random weights of a shape, in Meta's layout and exported to HF's (with the tokenizer)."""
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(**SHAPES[shape], vocab_size=128256, use_scaled_rope=True))
+    model = Transformer(ModelArgs(**{**bench.SHAPES[shape], "vocab_size": 128256}))
     params = model.args.to_params()
     formats.save_meta(model.state_dict(), params, root / "meta", torch.float32)
     formats.save_hf(model.state_dict(), params, root / "hf", torch.float32)
