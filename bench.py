@@ -1009,7 +1009,6 @@ def tp_rows(args, name, dev, processes, P):
     return rows
 
 
-
 def demo_answers(llama: Llama, prompts: list, n: int):
     """(decode tok/s over every prompt's answer together, the answers' token ids), greedy."""
     tokens, seconds, answers = 0, 0.0, []

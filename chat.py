@@ -122,8 +122,8 @@ def chat(ckpt_dir: Optional[str] = None, system: Optional[str] = None, tools=Non
     (--system follows it); a tool call the model makes is shown as one line, `tool call: {json}`,
     and `/tool TEXT` sends TEXT as the tool's answer (nothing is run here). Without --ckpt_dir, the
     demo model, drafted by its own 4-bit matrices. --draft_ckpt_dir D, --draft_quantize Q,
-    --speculate_k K: speculative decoding, as for sampling (python llama31.py --help). Under torchrun, tensor parallel: rank 0 reads the lines and prints
-    the answers."""
+    --speculate_k K: speculative decoding, as for sampling (python llama31.py --help). Under
+    torchrun, tensor parallel: rank 0 reads the lines and prints the answers."""
     device, parallel = runs.start(device)
     device = llama31.check_device(device or llama31.default_device())
     draft = variants.draft_of(draft_ckpt_dir, draft_quantize, speculate_k, ckpt_dir is None and quantize is None)

@@ -848,7 +848,7 @@ class TrainConfig:
     lora_rank: int = 8  # lora: adapters on a frozen base (variants/lora.py)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: str = "wq,wk,wv,wo"
+    lora_targets: str = ",".join(variants.lora.DEFAULT_TARGETS)
     quantize: str = "none"  # int8 or int4 with lora: QLoRA's frozen quantized base
     train_on_input: bool = False  # dialogs: every token a target, not the assistant's alone
     stop_after: Optional[int] = None  # stop early, at this step; the schedule ends at max_steps

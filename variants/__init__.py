@@ -235,8 +235,7 @@ def load_draft(draft, build: Callable, ckpt_dir, tokenizer_path, max_seq_len: in
 def for_finetune(cfg: dict, source, world_size: int, device, select: Callable) -> list:
     """A finetune run's variants from its settings (TrainConfig's, as a dict), each checked (a
     ConfigError): conversations as data, LoRA adapters, FSDP, lm-eval's tasks after training.
-    select(model, finetune_type) marks
-    what trains (FSDP wants it settled before it shards)."""
+    select(model, finetune_type) marks what trains (FSDP wants it settled before it shards)."""
     talk = cfg["train_data"] is not None and dialogs.is_dialogs(cfg["train_data"])
     chosen = [Conversations() if talk else None, lora.Train.of(cfg, source),
               fsdp.Sharded.of(cfg, world_size, device, select), EvalTasks.of(cfg)]
